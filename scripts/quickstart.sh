@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Fresh machine → a depth-pruned SmolLM2-135M in runs/quickstart, with its perplexity before/after.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export SECATEURS_DATA_DIR=${SECATEURS_DATA_DIR:-$(cd .. && pwd)/shared/data}
+OUT=${OUT:-runs/quickstart}
+secateurs prune smollm2-135m --unit block --criterion ppl+ --remove 6 --out "$OUT" --overwrite
+secateurs eval ppl smollm2-135m --dataset wikitext2 --max-windows 64
+secateurs eval ppl "$OUT" --dataset wikitext2 --max-windows 64

@@ -1,0 +1,266 @@
+"""The public Python API; the CLI is a thin layer over these functions.
+
+    model, tokenizer = load_model("smollm2-135m")
+    result = prune(model, tokenizer, criterion="ppl+", unit="block", remove=6, out="pruned/")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from secateurs import __version__
+from secateurs.adapters import adapter_for
+from secateurs.checkpoint import check_output_dir, save_checkpoint, write_json
+from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.data import CalibrationConfig
+from secateurs.errors import ConfigError
+from secateurs.plan import (
+    Plan,
+    check_scores,
+    count_to_remove,
+    lowest_unprotected,
+    parse_protected,
+    resolve_protected,
+)
+from secateurs.surgery import apply_plan
+from secateurs.units import Unit, check_unit_kind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CriterionSpec:
+    """A criterion name as given ("ppl+"), split into the registered name and protection."""
+
+    name: str
+    protected: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, text: str, protect: str | tuple[int, ...] | None = None) -> CriterionSpec:
+        """``NAME+`` protects Shortened LLaMA's blocks; an explicit ``protect`` always wins."""
+        plus = text.endswith("+")
+        name = CRITERIA.canonical(text.rstrip("+"))
+        if protect is None:
+            protect = "sl" if plus else "none"
+        return cls(name, parse_protected(protect))
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scores of one unit kind by one criterion, with what is needed to reproduce them."""
+
+    criterion: str
+    unit: str
+    values: tuple[float, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    seconds: float = 0.0
+    removed_before: tuple[tuple[int, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["values"] = list(self.values)
+        data["removed_before"] = [list(u) for u in self.removed_before]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScoreResult:
+        data = dict(data)
+        data["values"] = tuple(data["values"])
+        data["removed_before"] = tuple(tuple(u) for u in data.get("removed_before", ()))
+        return cls(**data)
+
+
+def score_units(
+    model: PreTrainedModel,
+    tokenizer: Tokenizer | None,
+    criterion: str = "ppl",
+    unit: str = "block",
+    *,
+    calibration: CalibrationConfig | torch.Tensor | None = None,
+    data_root: str | os.PathLike | None = None,
+    removed: tuple[Unit, ...] = (),
+    batch_size: int = 1,
+    progress: bool = True,
+    **options: Any,
+) -> ScoreResult:
+    """Score every layer's ``unit`` ("block", "attn", "mlp") with ``criterion``."""
+    check_unit_kind(unit)
+    name = CRITERIA.canonical(criterion.rstrip("+"))
+    scorer = CRITERIA.get(name)(**options)
+    if unit not in scorer.units:
+        raise ConfigError(f"Criterion {name!r} cannot score {unit!r} units.")
+    calib_tokens, calib_record = _calibration(scorer.needs_calibration, calibration, tokenizer, data_root)
+    ctx = ScoringContext(model.eval(), adapter_for(model), calib_tokens, batch_size, removed, progress)
+    start = time.perf_counter()
+    values = scorer.score(ctx, unit).to(torch.float64)
+    live = torch.tensor([i for i in range(len(values)) if Unit(i, unit) not in removed])
+    check_scores(values[live], name)
+    return ScoreResult(
+        name, unit, tuple(values.tolist()), scorer.options(), calib_record,
+        time.perf_counter() - start, tuple(tuple(u) for u in removed),
+    )
+
+
+def _calibration(
+    needed: bool,
+    calibration: CalibrationConfig | torch.Tensor | None,
+    tokenizer: Tokenizer | None,
+    data_root: str | os.PathLike | None,
+) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    if not needed:
+        return None, None
+    if isinstance(calibration, torch.Tensor):
+        return calibration, {"source": "tensor", "n_samples": len(calibration), "seq_len": calibration.shape[1]}
+    config = calibration or CalibrationConfig()
+    if tokenizer is None:
+        raise ConfigError("A tokenizer is needed to build calibration samples.")
+    return config.load(tokenizer, data_root), asdict(config)
+
+
+def plan_from_scores(
+    scores: ScoreResult, num_layers: int, count: int, protected: tuple[int, ...] = ()
+) -> Plan:
+    """Remove the ``count`` lowest-scoring units of ``scores.unit`` outside ``protected``."""
+    protected = resolve_protected(protected, num_layers)
+    if len(scores.values) != num_layers:
+        raise ConfigError(f"Scores cover {len(scores.values)} layers but the model has {num_layers}.")
+    chosen = lowest_unprotected(torch.tensor(scores.values), count, protected)
+    return Plan.of_units(num_layers, [Unit(i, scores.unit) for i in chosen], protected)
+
+
+@dataclass
+class PruneResult:
+    model: PreTrainedModel
+    plan: Plan
+    scores: list[ScoreResult]
+    record: dict[str, Any]
+    out: Path | None = None
+
+
+def prune(
+    model: PreTrainedModel,
+    tokenizer: Tokenizer | None,
+    *,
+    criterion: str = "ppl+",
+    unit: str = "block",
+    ratio: float | None = None,
+    remove: int | None = None,
+    protect: str | tuple[int, ...] | None = None,
+    iterative: bool = False,
+    calibration: CalibrationConfig | None = None,
+    data_root: str | os.PathLike | None = None,
+    scores: ScoreResult | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    source: str | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> PruneResult:
+    """Score, plan and remove depth units of ``model`` (in place); save to ``out`` if given.
+
+    ``ratio`` is a fraction of the layers' units of kind ``unit``; ``remove`` a count.
+    ``iterative`` re-scores after each removal, with removed units masked.
+    """
+    if out is not None:
+        check_output_dir(out, overwrite)  # before any costly work
+    spec = CriterionSpec.parse(criterion, protect)
+    adapter = adapter_for(model)
+    num_layers = adapter.num_layers(model)
+    protected = resolve_protected(spec.protected, num_layers)
+    count = count_to_remove(num_layers, ratio=ratio, remove=remove)
+    params_before = count_parameters(model)
+    score_kwargs = dict(calibration=calibration, data_root=data_root, progress=progress, **options)
+    start = time.perf_counter()
+    if iterative:
+        plan, history = _iterative_plan(model, tokenizer, spec.name, unit, count, protected, score_kwargs)
+    else:
+        history = [scores or score_units(model, tokenizer, spec.name, unit, **score_kwargs)]
+        _check_reused(history[0], spec.name, unit)
+        plan = plan_from_scores(history[0], num_layers, count, protected)
+    scoring_seconds = time.perf_counter() - start
+    apply_plan(model, plan, adapter)
+    record = _record(model, plan, spec, history, iterative, params_before, scoring_seconds, source)
+    if out is not None:
+        save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
+    return PruneResult(model, plan, history, record, Path(out) if out else None)
+
+
+def _check_reused(scores: ScoreResult, name: str, unit: str) -> None:
+    if (scores.criterion, scores.unit) != (name, unit):
+        raise ConfigError(
+            f"Saved scores are for {scores.criterion}/{scores.unit}, not {name}/{unit}."
+        )
+
+
+def _iterative_plan(model, tokenizer, name, unit, count, protected, score_kwargs):
+    removed: list[Unit] = []
+    history = []
+    calibration = score_kwargs.pop("calibration")
+    if CRITERIA.get(name).needs_calibration and not isinstance(calibration, torch.Tensor):
+        calibration = (calibration or CalibrationConfig()).load(tokenizer, score_kwargs.get("data_root"))
+    for _ in range(count):
+        result = score_units(
+            model, tokenizer, name, unit, calibration=calibration, removed=tuple(removed), **score_kwargs
+        )
+        excluded = set(protected) | {u.layer for u in removed}
+        (choice,) = lowest_unprotected(torch.tensor(result.values), 1, excluded)
+        removed.append(Unit(choice, unit))
+        history.append(result)
+        log.info("iterative: removed %s %d (step %d/%d)", unit, choice, len(removed), count)
+    num_layers = adapter_for(model).num_layers(model)
+    return Plan.of_units(num_layers, removed, protected), history
+
+
+def count_parameters(model: PreTrainedModel) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if platform.system() == "Darwin" else 1)
+
+
+def versions() -> dict[str, str]:
+    return {
+        "secateurs": __version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+    }
+
+
+def _record(model, plan, spec, history, iterative, params_before, seconds, source) -> dict[str, Any]:
+    return {
+        "secateurs_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_model": source,
+        "model_type": model.config.model_type,
+        "plan": plan.to_dict(),
+        "criterion": {
+            "name": spec.name, "protected": list(plan.protected), "iterative": iterative,
+            "options": history[0].options,
+        },
+        "calibration": history[0].calibration,
+        "scores": [s.to_dict() for s in history],
+        "parameters": {"before": params_before, "after": count_parameters(model)},
+        "timings": {"scoring_s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)},
+        "versions": versions(),
+    }
+
+
+def save_scores(scores: ScoreResult, path: str | os.PathLike, extra: dict | None = None) -> None:
+    write_json(Path(path), {**scores.to_dict(), **(extra or {}), "versions": versions()})

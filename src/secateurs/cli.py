@@ -1,0 +1,80 @@
+"""The ``secateurs`` command: one entry point; each subcommand is a small class in ``commands/``.
+
+Options may come from a YAML recipe (``--config recipe.yaml``); flags given on the command line
+override the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from secateurs.commands import COMMANDS, Command
+from secateurs.errors import ConfigError, SecateursError
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="secateurs", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups = {(): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
+    leaves: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    for path, command in sorted(COMMANDS.items()):
+        for depth in range(1, len(path)):
+            prefix = path[:depth]
+            if prefix not in groups:
+                group = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                groups[prefix] = group.add_subparsers(dest=f"sub{depth}", required=True, metavar="WHAT")
+        leaf = groups[path[:-1]].add_parser(path[-1], help=command.help, description=command.help)
+        leaf.add_argument("--config", type=Path, help="YAML recipe; command-line flags override it")
+        command.add_arguments(leaf)
+        leaf.set_defaults(_command=command, _path=path)
+        leaves[path] = leaf
+    return parser, leaves
+
+
+def apply_recipe(parser: argparse.ArgumentParser, recipe: Path) -> None:
+    """Use the recipe's keys as defaults of ``parser`` (flags on the command line still win)."""
+    if not recipe.is_file():
+        raise ConfigError(f"Recipe {recipe} does not exist.")
+    values = yaml.safe_load(recipe.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"Recipe {recipe} must be a mapping of option: value.")
+    known = {action.dest for action in parser._actions}
+    normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(normalised) - known)
+    if unknown:
+        raise ConfigError(f"Recipe {recipe}: unknown options {unknown}; known: {sorted(known - {'help'})}.")
+    parser.set_defaults(**normalised)
+    for action in parser._actions:  # a recipe may supply required positionals / options
+        if action.dest in normalised:
+            action.required = False
+            if action.nargs is None and not action.option_strings:
+                action.nargs = "?"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, leaves = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.config is not None:
+            leaf = leaves[args._path]
+            apply_recipe(leaf, args.config)
+            args = parser.parse_args(argv)
+        command: Command = args._command
+        return command.run(args) or 0
+    except SecateursError as err:
+        print(f"secateurs: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

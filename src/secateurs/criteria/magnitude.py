@@ -1,0 +1,33 @@
+"""``magnitude``: Σ|W|^p over the unit's weight matrices (no data needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from secateurs.criteria import CRITERIA
+from secateurs.criteria.base import Criterion, ScoringContext
+from secateurs.errors import ConfigError
+
+
+@CRITERIA.register("magnitude")
+class Magnitude(Criterion):
+    name = "magnitude"
+    needs_calibration = False
+    summary = "Σ|W|^p over the unit's weight matrices (p=1 default)"
+
+    def __init__(self, p: float = 1.0) -> None:
+        if p <= 0:
+            raise ConfigError(f"magnitude: p must be positive, got {p}.")
+        self.p = float(p)
+
+    def options(self) -> dict[str, float]:
+        return {"p": self.p}
+
+    @torch.no_grad()
+    def score(self, ctx: ScoringContext, unit: str) -> torch.Tensor:
+        scores = []
+        for layer in range(ctx.num_layers()):
+            modules = ctx.adapter.unit_modules(ctx.model, layer, unit)
+            matrices = [p for m in modules for p in m.parameters() if p.ndim == 2]
+            scores.append(sum(float(w.abs().pow(self.p).sum()) for w in matrices))
+        return torch.tensor(scores, dtype=torch.float64)

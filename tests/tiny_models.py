@@ -1,0 +1,66 @@
+"""Tiny random models of every supported family, built from configs (no downloads).
+
+Shapes are chosen to exercise GQA (4 query heads over 2 KV heads), explicit ``head_dim``,
+biases, q/k norms, sliding-window layer types and fused projections.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+VOCAB = 128
+LAYERS = 6
+
+_IDS = dict(bos_token_id=1, eos_token_id=2)
+_COMMON = dict(
+    vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=False, **_IDS
+)
+_DECODER = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+    num_key_value_heads=2, **_COMMON,
+)
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(_DECODER, tie_word_embeddings=True),
+    "mistral": dict(_DECODER, sliding_window=None),
+    "qwen2": dict(_DECODER),
+    "qwen3": dict(_DECODER, head_dim=16),
+    "gemma": dict(_DECODER, head_dim=8),
+    "gemma2": dict(_DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
+    "gemma3_text": dict(_DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
+    "phi3": dict(_DECODER, pad_token_id=0),
+    "opt": dict(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+        word_embed_proj_dim=32, pad_token_id=1, **_COMMON,
+    ),
+    "bloom": dict(hidden_size=32, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, **_IDS),
+    "gpt2": dict(n_embd=32, n_layer=LAYERS, n_head=4, n_positions=128, vocab_size=VOCAB, **_IDS),
+    "gpt_neox": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+        rotary_pct=0.5, **_COMMON,
+    ),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
+    """A random tiny model in eval mode, float32, with deterministic (eager) attention."""
+    config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    _randomise_norms(model)
+    return model.eval()
+
+
+def _randomise_norms(model: PreTrainedModel) -> None:
+    """Norm weights start at exactly 1 (or 0 for Gemma); perturb them so bugs cannot hide."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.add_(0.1 * torch.randn_like(param))
+
+
+def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
