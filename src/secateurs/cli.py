@@ -57,18 +57,31 @@ def apply_recipe(parser: argparse.ArgumentParser, recipe: Path) -> None:
                 action.nargs = "?"
 
 
+def recipe_target(argv: list[str]) -> tuple[tuple[str, ...] | None, Path | None]:
+    """The subcommand path and ``--config`` file named in ``argv`` (before full parsing)."""
+    recipe = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            recipe = Path(argv[i + 1])
+        elif arg.startswith("--config="):
+            recipe = Path(arg.split("=", 1)[1])
+    words = tuple(a for a in argv if not a.startswith("-"))
+    path = next((p for p in sorted(COMMANDS, key=len, reverse=True) if words[: len(p)] == p), None)
+    return path, recipe
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, leaves = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
     try:
-        if args.config is not None:
-            leaf = leaves[args._path]
-            apply_recipe(leaf, args.config)
-            args = parser.parse_args(argv)
+        path, recipe = recipe_target(argv)
+        if recipe is not None and path is not None:
+            apply_recipe(leaves[path], recipe)  # must precede parsing: it may supply required args
+        args = parser.parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
         command: Command = args._command
         return command.run(args) or 0
     except SecateursError as err:

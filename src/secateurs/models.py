@@ -79,9 +79,14 @@ def resolve_model(spec: str | os.PathLike) -> str:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a directory without config.json: not an HF model.")
         return str(path)
-    if path.exists() or text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1):
+    if path.exists() or not _looks_like_hub_id(text):
         raise ModelNotFoundError(f"No model at {path}: not an HF directory nor a .gguf file.")
-    return text  # a hub id; loading reports whether the hub can be reached
+    return text  # loading reports whether the hub can be reached
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """Hub ids are "name" or "org/name"; anything else that does not exist is a missing path."""
+    return not text.startswith((".", "/", "~")) and text.count("/") <= 1
 
 
 def dequantized_dir(gguf: Path) -> Path:
