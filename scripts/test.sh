@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
 . .venv/bin/activate
 export SECATEURS_DATA_DIR=${SECATEURS_DATA_DIR:-$(cd .. && pwd)/shared/data}
+# Tiny test models run fastest on one thread (thread start-up dominates their tiny matmuls).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m pytest -q "$@"

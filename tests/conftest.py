@@ -40,5 +40,7 @@ def data_dir(tmp_path):
     (root / "ptb").mkdir()
     lines = [" \n", " = w5 w6 = \n", " \n"] + [word_text(30, seed=s) + " \n" for s in range(20)]
     (root / "wikitext-2-raw" / "wiki.test.raw").write_text("".join(lines))
-    (root / "ptb" / "ptb.valid.txt").write_text("".join(f" {word_text(12, s)}\n" for s in range(40)))
+    (root / "ptb" / "ptb.valid.txt").write_text(
+        "".join(f" {word_text(12, s)}\n" for s in range(40))
+    )
     return root

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import LAYERS, tiny_model, tokens
-from transformers import AutoModelForCausalLM, AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs import checkpoint
 from secateurs.adapters import adapter_for
@@ -24,17 +23,27 @@ from secateurs.errors import (
 from secateurs.models import load_model
 from secateurs.plan import SL_PROTECTED, Plan, resolve_protected
 from secateurs.units import masked
+from tiny_models import LAYERS, tiny_model, tokens
 
 
 def calib_config(path):
     return CalibrationConfig(source=str(path), n_samples=4, seq_len=16, seed=0)
 
 
-def test_prune_saves_plain_checkpoint_equal_to_masked_original(tmp_path, tokenizer, calibration_file):
+def test_prune_saves_plain_checkpoint_equal_to_masked_original(
+    tmp_path, tokenizer, calibration_file
+):
     model = tiny_model("llama")
     original = copy.deepcopy(model)
-    result = prune(model, tokenizer, criterion="ppl", remove=2, calibration=calib_config(calibration_file),
-                   out=tmp_path / "out", progress=False)
+    result = prune(
+        model,
+        tokenizer,
+        criterion="ppl",
+        remove=2,
+        calibration=calib_config(calibration_file),
+        out=tmp_path / "out",
+        progress=False,
+    )
     x = tokens()
     with masked(original, adapter_for(original), result.plan.units), torch.no_grad():
         expected = original(x).logits
@@ -53,8 +62,16 @@ def test_prune_saves_plain_checkpoint_equal_to_masked_original(tmp_path, tokeniz
 def test_same_seed_same_calibration_same_plan(tokenizer, calibration_file):
     plans = []
     for _ in range(2):
-        plans.append(prune(tiny_model("llama"), tokenizer, criterion="block-influence", remove=2,
-                           calibration=calib_config(calibration_file), progress=False).plan)
+        plans.append(
+            prune(
+                tiny_model("llama"),
+                tokenizer,
+                criterion="block-influence",
+                remove=2,
+                calibration=calib_config(calibration_file),
+                progress=False,
+            ).plan
+        )
     assert plans[0] == plans[1]
 
 
@@ -64,8 +81,15 @@ def test_iterative_prune_removes_identity_blocks_first(tokenizer, calibration_fi
         for layer in (1, 3):
             model.model.layers[layer].self_attn.o_proj.weight.zero_()
             model.model.layers[layer].mlp.down_proj.weight.zero_()
-    result = prune(model, tokenizer, criterion="block-influence", remove=2, iterative=True,
-                   calibration=calib_config(calibration_file), progress=False)
+    result = prune(
+        model,
+        tokenizer,
+        criterion="block-influence",
+        remove=2,
+        iterative=True,
+        calibration=calib_config(calibration_file),
+        progress=False,
+    )
     assert result.plan.blocks == (1, 3)
     assert len(result.scores) == 2  # one scoring per step
 
@@ -86,14 +110,17 @@ def test_plan_from_scores_skips_protected():
     assert plan.blocks == (1, 3)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(ratio=0.0), "Ratio must be in"),
-    (dict(ratio=1.0), "Ratio must be in"),
-    (dict(remove=0), "positive"),
-    (dict(remove=LAYERS), "only 5 of 6 are removable"),
-    (dict(remove=1, ratio=0.5), "exactly one"),
-    (dict(remove=1, criterion="magnitude+"), "only 0 of 6"),  # SL protects all 6 of 6 layers
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(ratio=0.0), "Ratio must be in"),
+        (dict(ratio=1.0), "Ratio must be in"),
+        (dict(remove=0), "positive"),
+        (dict(remove=LAYERS), "only 5 of 6 are removable"),
+        (dict(remove=1, ratio=0.5), "exactly one"),
+        (dict(remove=1, criterion="magnitude+"), "only 0 of 6"),  # SL protects all 6 of 6 layers
+    ],
+)
 def test_bad_amounts_fail_before_work(kwargs, message, tokenizer):
     kwargs.setdefault("criterion", "magnitude")
     with pytest.raises(ConfigError, match=message):
@@ -122,8 +149,14 @@ def test_unknown_unit_kind(tokenizer):
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    config = AutoConfig.for_model("bert", vocab_size=32, hidden_size=8, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=8)
+    config = AutoConfig.for_model(
+        "bert",
+        vocab_size=32,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+    )
     with pytest.raises(UnsupportedModelError, match="llama.*qwen3|Supported model types"):
         adapter_for(config)
 
@@ -152,7 +185,9 @@ def test_empty_or_missing_calibration(tmp_path, tokenizer):
     with pytest.raises(DataError, match="no text"):
         score_units(tiny_model("llama"), tokenizer, "ppl", calibration=calib_config(empty))
     with pytest.raises(DataError, match="does not exist"):
-        score_units(tiny_model("llama"), tokenizer, "ppl", calibration=calib_config(tmp_path / "nope.jsonl"))
+        score_units(
+            tiny_model("llama"), tokenizer, "ppl", calibration=calib_config(tmp_path / "nope.jsonl")
+        )
     short = tmp_path / "short.txt"
     short.write_text("w5 w6 w7")
     with pytest.raises(DataError, match="longer than 16 tokens"):

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from tiny_models import LAYERS, tiny_model, tokens
 
 from secateurs.api import score_units
 from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import calibration_loss
 from secateurs.units import Unit
+from tiny_models import LAYERS, tiny_model, tokens
 
 IDENTITY_LAYER, QUIET_ATTN = 2, 4
 
@@ -37,7 +37,9 @@ def calib():
 
 
 def scores(model, criterion, unit, calib, **kw):
-    return torch.tensor(score_units(model, None, criterion, unit, calibration=calib, progress=False, **kw).values)
+    return torch.tensor(
+        score_units(model, None, criterion, unit, calibration=calib, progress=False, **kw).values
+    )
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "block-influence"])
@@ -65,11 +67,18 @@ def test_silent_attention_branch_scores_zero(model, calib, criterion):
 def test_magnitude_is_the_sum_of_absolute_weights(llama):
     values = scores(llama, "magnitude", "mlp", None)
     mlp = llama.model.layers[3].mlp
-    expected = sum(float(m.weight.detach().abs().sum()) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    expected = sum(
+        float(m.weight.detach().abs().sum()) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    )
     assert values[3] == pytest.approx(expected, rel=1e-9)
     squared = scores(llama, "magnitude", "mlp", None, p=2)
-    assert squared[3] == pytest.approx(sum(float(m.weight.detach().pow(2).sum()) for m in (
-        mlp.gate_proj, mlp.up_proj, mlp.down_proj)), rel=1e-9)
+    assert squared[3] == pytest.approx(
+        sum(
+            float(m.weight.detach().pow(2).sum())
+            for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        ),
+        rel=1e-9,
+    )
 
 
 def test_taylor_uses_signed_gradient_sum(llama, calib):
@@ -90,8 +99,9 @@ def test_masked_units_stay_masked_while_scoring(model, calib):
     """Iterative pruning masks removed units: an identity block can't hide a real one."""
     base = scores(model, "block-influence", "block", calib)
     removed = (Unit(0, "block"),)
-    result = score_units(model, None, "block-influence", "block", calibration=calib,
-                         removed=removed, progress=False)
+    result = score_units(
+        model, None, "block-influence", "block", calibration=calib, removed=removed, progress=False
+    )
     assert result.values[0] == pytest.approx(0.0, abs=1e-7)  # a masked block is identity
     assert result.values[IDENTITY_LAYER] == pytest.approx(0.0, abs=1e-6)
     assert not torch.allclose(torch.tensor(result.values[1:]), base[1:])

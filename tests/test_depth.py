@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from tiny_models import LAYERS, TINY_CONFIGS, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
@@ -17,6 +16,7 @@ from secateurs.models import load_model
 from secateurs.plan import Plan
 from secateurs.surgery import apply_plan
 from secateurs.units import masked
+from tiny_models import LAYERS, TINY_CONFIGS, tiny_model, tokens
 
 MODEL_TYPES = sorted(TINY_CONFIGS)
 PLANS = {
@@ -52,8 +52,12 @@ def test_pruned_equals_masked(original, plan_name):
 def test_generate_with_cache_matches_without(original, plan_name):
     pruned = apply_plan(copy.deepcopy(original), PLANS[plan_name])
     prompt = tokens(batch=1, length=5)
-    cached = pruned.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=True)
-    fresh = pruned.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
+    cached = pruned.generate(
+        prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=True
+    )
+    fresh = pruned.generate(
+        prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False
+    )
     assert cached.shape == (1, 13)
     assert torch.equal(cached, fresh)
 
@@ -90,7 +94,9 @@ def test_branches_reload_exactly_with_secateurs(original, plan_name, tmp_path, t
     reloaded, _ = load_model(tmp_path / "out")
     torch.testing.assert_close(logits(reloaded, x), logits(pruned, x), rtol=0, atol=1e-6)
     # The removed branches' weights are really gone from the checkpoint.
-    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in pruned.parameters())
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(
+        p.numel() for p in pruned.parameters()
+    )
 
 
 def test_tied_embeddings_stay_tied(tmp_path, tokenizer):

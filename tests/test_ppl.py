@@ -4,19 +4,23 @@ import math
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
 
 from secateurs.data import DATA_DIR_ENV, load_eval_text
 from secateurs.errors import ConfigError, DataError
 from secateurs.evaluate.ppl import PPLProtocol, perplexity, windows_of
+from tiny_models import VOCAB, tiny_model
 
 IDS = list(range(10, 31))  # 21 tokens
 
 
 def test_stream_bos_is_prepended_once_and_remainder_dropped():
     windows = windows_of(IDS, PPLProtocol(seq_len=5, bos="stream"), bos_id=1)
-    assert windows.tolist() == [[1, 10, 11, 12, 13], [14, 15, 16, 17, 18], [19, 20, 21, 22, 23],
-                                [24, 25, 26, 27, 28]]
+    assert windows.tolist() == [
+        [1, 10, 11, 12, 13],
+        [14, 15, 16, 17, 18],
+        [19, 20, 21, 22, 23],
+        [24, 25, 26, 27, 28],
+    ]
 
 
 def test_window_bos_starts_every_window():
@@ -46,7 +50,9 @@ def test_uniform_model_has_perplexity_equal_to_vocab_size(tokenizer, data_dir):
     model = tiny_model("llama")
     with torch.no_grad():
         model.lm_head.weight.zero_()  # every logit 0 → uniform prediction
-    result = perplexity(model, tokenizer, PPLProtocol("wikitext2", seq_len=16), data_dir, progress=False)
+    result = perplexity(
+        model, tokenizer, PPLProtocol("wikitext2", seq_len=16), data_dir, progress=False
+    )
     assert result.ppl == pytest.approx(VOCAB, rel=1e-5)
     assert result.windows == result.total_windows and result.tokens == result.windows * 15
 

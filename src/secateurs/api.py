@@ -1,7 +1,7 @@
 """The public Python API; the CLI is a thin layer over these functions.
 
-    model, tokenizer = load_model("smollm2-135m")
-    result = prune(model, tokenizer, criterion="ppl+", unit="block", remove=6, out="pruned/")
+model, tokenizer = load_model("smollm2-135m")
+result = prune(model, tokenizer, criterion="ppl+", unit="block", remove=6, out="pruned/")
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from secateurs.data import CalibrationConfig
 from secateurs.errors import ConfigError
 from secateurs.plan import (
     Plan,
+    WidthPlan,
     check_scores,
     count_to_remove,
     lowest_unprotected,
@@ -37,6 +38,7 @@ from secateurs.plan import (
 )
 from secateurs.surgery import apply_plan
 from secateurs.units import Unit, check_unit_kind
+from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers, prune_width
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,8 @@ class ScoreResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoreResult:
-        data = dict(data)
+        names = {f.name for f in fields(cls)}
+        data = {key: value for key, value in data.items() if key in names}  # drop run metadata
         data["values"] = tuple(data["values"])
         data["removed_before"] = tuple(tuple(u) for u in data.get("removed_before", ()))
         return cls(**data)
@@ -103,15 +106,24 @@ def score_units(
     scorer = CRITERIA.get(name)(**options)
     if unit not in scorer.units:
         raise ConfigError(f"Criterion {name!r} cannot score {unit!r} units.")
-    calib_tokens, calib_record = _calibration(scorer.needs_calibration, calibration, tokenizer, data_root)
-    ctx = ScoringContext(model.eval(), adapter_for(model), calib_tokens, batch_size, removed, progress)
+    calib_tokens, calib_record = _calibration(
+        scorer.needs_calibration, calibration, tokenizer, data_root
+    )
+    ctx = ScoringContext(
+        model.eval(), adapter_for(model), calib_tokens, batch_size, removed, progress
+    )
     start = time.perf_counter()
     values = scorer.score(ctx, unit).to(torch.float64)
     live = torch.tensor([i for i in range(len(values)) if Unit(i, unit) not in removed])
     check_scores(values[live], name)
     return ScoreResult(
-        name, unit, tuple(values.tolist()), scorer.options(), calib_record,
-        time.perf_counter() - start, tuple(tuple(u) for u in removed),
+        name,
+        unit,
+        tuple(values.tolist()),
+        scorer.options(),
+        calib_record,
+        time.perf_counter() - start,
+        tuple(tuple(u) for u in removed),
     )
 
 
@@ -124,7 +136,11 @@ def _calibration(
     if not needed:
         return None, None
     if isinstance(calibration, torch.Tensor):
-        return calibration, {"source": "tensor", "n_samples": len(calibration), "seq_len": calibration.shape[1]}
+        return calibration, {
+            "source": "tensor",
+            "n_samples": len(calibration),
+            "seq_len": calibration.shape[1],
+        }
     config = calibration or CalibrationConfig()
     if tokenizer is None:
         raise ConfigError("A tokenizer is needed to build calibration samples.")
@@ -137,7 +153,9 @@ def plan_from_scores(
     """Remove the ``count`` lowest-scoring units of ``scores.unit`` outside ``protected``."""
     protected = resolve_protected(protected, num_layers)
     if len(scores.values) != num_layers:
-        raise ConfigError(f"Scores cover {len(scores.values)} layers but the model has {num_layers}.")
+        raise ConfigError(
+            f"Scores cover {len(scores.values)} layers but the model has {num_layers}."
+        )
     chosen = lowest_unprotected(torch.tensor(scores.values), count, protected)
     return Plan.of_units(num_layers, [Unit(i, scores.unit) for i in chosen], protected)
 
@@ -145,7 +163,7 @@ def plan_from_scores(
 @dataclass
 class PruneResult:
     model: PreTrainedModel
-    plan: Plan
+    plan: Plan | WidthPlan
     scores: list[ScoreResult]
     record: dict[str, Any]
     out: Path | None = None
@@ -168,13 +186,54 @@ def prune(
     overwrite: bool = False,
     source: str | None = None,
     progress: bool = True,
+    allocation: str = "uniform",
+    layers: str | tuple[int, int] | None = None,
+    min_ratio: float = 0.0,
+    max_ratio: float = 0.9,
+    round_to: int = 1,
+    uniform_widths: bool = False,
+    include_embeddings: bool = False,
     **options: Any,
 ) -> PruneResult:
-    """Score, plan and remove depth units of ``model`` (in place); save to ``out`` if given.
+    """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.
 
-    ``ratio`` is a fraction of the layers' units of kind ``unit``; ``remove`` a count.
-    ``iterative`` re-scores after each removal, with removed units masked.
+    Depth (``unit`` "block", "attn", "mlp"): ``ratio`` is a fraction of the layers' units of
+    kind ``unit``; ``remove`` a count; ``iterative`` re-scores after each removal.
+    Width (``unit`` "heads", "channels", "width"): ``ratio`` is a fraction of the parameters
+    (non-embedding unless ``include_embeddings``), spread by ``allocation`` ("uniform" or
+    "global") over ``layers`` ("4:28"), within ``min_ratio``/``max_ratio`` per layer, channels
+    rounded to ``round_to``; see ``secateurs.width_api.prune_width``.
     """
+    if unit in WIDTH_UNITS:
+        if remove is not None or iterative or scores is not None:
+            raise ConfigError("Width pruning takes --ratio (of parameters) only.")
+        if ratio is None:
+            raise ConfigError("Width pruning needs a ratio: a fraction of the parameters.")
+        opts = WidthOptions(
+            unit,
+            ratio,
+            allocation,
+            parse_layers(layers),
+            min_ratio,
+            max_ratio,
+            round_to,
+            uniform_widths,
+            include_embeddings,
+        )
+        width = prune_width(
+            model,
+            tokenizer,
+            criterion=criterion,
+            options=opts,
+            calibration=calibration,
+            data_root=data_root,
+            out=out,
+            overwrite=overwrite,
+            source=source,
+            progress=progress,
+            **options,
+        )
+        return PruneResult(width.model, width.plan, [], width.record, width.out)
     if out is not None:
         check_output_dir(out, overwrite)  # before any costly work
     spec = CriterionSpec.parse(criterion, protect)
@@ -182,11 +241,21 @@ def prune(
     num_layers = adapter.num_layers(model)
     protected = resolve_protected(spec.protected, num_layers)
     count = count_to_remove(num_layers, ratio=ratio, remove=remove)
+    removable = num_layers - len(protected)
+    if unit == "block":
+        removable = min(removable, num_layers - 1)  # one block must remain
+    if count > removable:
+        raise ConfigError(
+            f"Asked to remove {count} {unit} units but only {removable} of {num_layers} are "
+            f"removable (protected: {list(protected)}; at least one block must remain)."
+        )
     params_before = count_parameters(model)
     score_kwargs = dict(calibration=calibration, data_root=data_root, progress=progress, **options)
     start = time.perf_counter()
     if iterative:
-        plan, history = _iterative_plan(model, tokenizer, spec.name, unit, count, protected, score_kwargs)
+        plan, history = _iterative_plan(
+            model, tokenizer, spec.name, unit, count, protected, score_kwargs
+        )
     else:
         history = [scores or score_units(model, tokenizer, spec.name, unit, **score_kwargs)]
         _check_reused(history[0], spec.name, unit)
@@ -211,10 +280,18 @@ def _iterative_plan(model, tokenizer, name, unit, count, protected, score_kwargs
     history = []
     calibration = score_kwargs.pop("calibration")
     if CRITERIA.get(name).needs_calibration and not isinstance(calibration, torch.Tensor):
-        calibration = (calibration or CalibrationConfig()).load(tokenizer, score_kwargs.get("data_root"))
+        calibration = (calibration or CalibrationConfig()).load(
+            tokenizer, score_kwargs.get("data_root")
+        )
     for _ in range(count):
         result = score_units(
-            model, tokenizer, name, unit, calibration=calibration, removed=tuple(removed), **score_kwargs
+            model,
+            tokenizer,
+            name,
+            unit,
+            calibration=calibration,
+            removed=tuple(removed),
+            **score_kwargs,
         )
         excluded = set(protected) | {u.layer for u in removed}
         (choice,) = lowest_unprotected(torch.tensor(result.values), 1, excluded)
@@ -238,12 +315,16 @@ def peak_rss_mb() -> float:
 
 def versions() -> dict[str, str]:
     return {
-        "secateurs": __version__, "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
+        "secateurs": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
     }
 
 
-def _record(model, plan, spec, history, iterative, params_before, seconds, source) -> dict[str, Any]:
+def _record(
+    model, plan, spec, history, iterative, params_before, seconds, source
+) -> dict[str, Any]:
     return {
         "secateurs_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -251,7 +332,9 @@ def _record(model, plan, spec, history, iterative, params_before, seconds, sourc
         "model_type": model.config.model_type,
         "plan": plan.to_dict(),
         "criterion": {
-            "name": spec.name, "protected": list(plan.protected), "iterative": iterative,
+            "name": spec.name,
+            "protected": list(plan.protected),
+            "iterative": iterative,
             "options": history[0].options,
         },
         "calibration": history[0].calibration,

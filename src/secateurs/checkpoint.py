@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from secateurs.errors import OutputExistsError
@@ -98,9 +97,12 @@ def save_checkpoint(
     from secateurs.surgery import skipped_branches
 
     skipped = skipped_branches(model)
+    layer_widths = width_structure(model)
     record = dict(record)
     record["structure"] = {"skipped_branches": [list(unit) for unit in skipped]}
-    record["loading"] = loading_note(bool(skipped))
+    if layer_widths:
+        record["structure"]["widths"] = layer_widths
+    record["loading"] = loading_note(bool(skipped), bool(layer_widths))
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -110,58 +112,150 @@ def save_checkpoint(
     return Path(out)
 
 
-def loading_note(needs_secateurs: bool) -> dict[str, Any]:
+def width_structure(model: PreTrainedModel) -> dict[str, list[int]] | None:
+    """Per-layer widths, if a model built from the config alone would have other shapes."""
+    from secateurs.adapters import adapter_for
+    from secateurs.width import widths
+
+    adapter = adapter_for(model)
+    if adapter.heads is None and adapter.channels is None:
+        return None
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(model.config)
+    actual = widths(model, adapter)
+    if actual == widths(fresh, adapter):
+        return None
+    return {
+        "heads": [w.heads for w in actual],
+        "kv_heads": [w.kv_heads for w in actual],
+        "channels": [w.channels for w in actual],
+    }
+
+
+def loading_note(needs_secateurs: bool, widths: bool = False) -> dict[str, Any]:
+    if widths:
+        return {
+            "plain_transformers": False,
+            "how": (
+                "Per-layer widths (attention heads / MLP channels) are not expressible in this "
+                "model's Hugging Face config: load with secateurs.load_model(dir), which rebuilds "
+                "each layer's shapes from secateurs.json. Plain from_pretrained fails on the shape "
+                "mismatch; vLLM and llama.cpp converters cannot load it (use --uniform-widths on "
+                "a family whose config has head_dim, e.g. LLaMA, for a portable checkpoint)."
+            ),
+        }
     if not needs_secateurs:
         return {
             "plain_transformers": True,
-            "how": "AutoModelForCausalLM.from_pretrained(dir) loads it exactly; so can other engines.",
+            "how": "AutoModelForCausalLM.from_pretrained(dir) loads it exactly; other engines too.",
         }
     return {
         "plain_transformers": False,
         "how": (
-            "Removed attention/MLP branches are not expressible in a Hugging Face config: load with "
-            "secateurs.load_model(dir). Plain from_pretrained would re-create the missing branches "
-            "with random weights; vLLM and llama.cpp converters cannot load it."
+            "Removed attention/MLP branches are not expressible in a Hugging Face config: load "
+            "with secateurs.load_model(dir). Plain from_pretrained would re-create the missing "
+            "branches with random weights; vLLM and llama.cpp converters cannot load it."
         ),
     }
 
 
-def load_checkpoint(location: str, dtype: torch.dtype | str = torch.float32) -> tuple[PreTrainedModel, Tokenizer]:
+def load_checkpoint(
+    location: str, dtype: torch.dtype | str = torch.float32
+) -> tuple[PreTrainedModel, Tokenizer]:
     """Load an HF directory or hub id; rebuild secateurs structure recorded beside it."""
-    skipped = read_record(location).get("structure", {}).get("skipped_branches", [])
-    tokenizer = AutoTokenizer.from_pretrained(location)
+    structure = read_record(location).get("structure", {})
+    skipped = structure.get("skipped_branches", [])
+    tokenizer = _tokenizer(location)
+    if structure.get("widths"):
+        return _load_with_widths(Path(location), skipped, structure["widths"], dtype), tokenizer
     if not skipped:
         return AutoModelForCausalLM.from_pretrained(location, dtype=dtype), tokenizer
     return _load_with_structure(Path(location), skipped, dtype), tokenizer
 
 
-def _load_with_structure(directory: Path, skipped: list[list], dtype: torch.dtype | str) -> PreTrainedModel:
-    from secateurs.surgery import skip_branch
-    from secateurs.adapters import adapter_for
-    from secateurs.units import Unit
+def _tokenizer(location: str) -> Tokenizer | None:
+    """The tokenizer beside a checkpoint; None for a local directory saved without one."""
+    path = Path(location)
+    if path.is_dir() and not any(path.glob("tokenizer*")):
+        return None
+    return AutoTokenizer.from_pretrained(location)
 
-    config = AutoConfig.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_config(config)
+
+def _load_with_widths(
+    directory: Path,
+    skipped: list[list],
+    layer_widths: dict[str, list[int]],
+    dtype: torch.dtype | str,
+) -> PreTrainedModel:
+    """Load through transformers (key renames, ties), cut every layer to its recorded widths,
+    then fill the weights transformers could not place because of their shapes.
+
+    Strict: every mismatched weight must be in the files with the recorded shape.
+    """
+    from safetensors.torch import load_file
+
+    from secateurs.adapters import adapter_for
+    from secateurs.surgery import skip_branch
+    from secateurs.units import Unit
+    from secateurs.width import layer_width, prune_layer
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True
+    )
     adapter = adapter_for(model)
     for layer, kind in skipped:
         skip_branch(model, adapter, Unit(int(layer), kind))
-    load_weights_exactly(model, directory)
-    if dtype not in ("auto", None):
-        model = model.to(dtype)
-    return model
-
-
-def load_weights_exactly(model: PreTrainedModel, directory: Path) -> None:
-    """Load every safetensors shard; only tied parameters may be absent from the files."""
+    for index, block in enumerate(adapter.layers(model)):
+        now = layer_width(adapter, block)
+        for kind, have, want in (
+            ("heads", now.kv_heads, layer_widths["kv_heads"][index]),
+            ("channels", now.channels, layer_widths["channels"][index]),
+        ):
+            if want < have:
+                prune_layer(model, adapter, index, kind, range(want, have))
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(directory.glob("*.safetensors")):
         state.update(load_file(shard))
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"{directory}: unexpected weights {result.unexpected_keys[:5]}")
-    model.tie_weights()
-    expected = model.state_dict()
-    loaded_ptrs = {expected[k].data_ptr() for k in state}
-    untied = [k for k in result.missing_keys if expected[k].data_ptr() not in loaded_ptrs]
-    if untied:
-        raise ValueError(f"{directory}: weights missing from the checkpoint: {untied[:5]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in [m[0] if isinstance(m, (tuple, list)) else m for m in info["mismatched_keys"]]:
+            if key not in state or key not in params or params[key].shape != state[key].shape:
+                raise ValueError(f"{directory}: weight {key} does not match the recorded widths.")
+            params[key].copy_(state[key].to(params[key].dtype))
+    return model
+
+
+def _load_with_structure(
+    directory: Path, skipped: list[list], dtype: torch.dtype | str
+) -> PreTrainedModel:
+    """Load through transformers (key renames, ties, dtype), then drop the recorded branches.
+
+    The removed branches' weights are absent from the files, so transformers initialises them
+    randomly; they are replaced at once, and any *other* missing weight is an error.
+    """
+    from secateurs.adapters import adapter_for
+    from secateurs.surgery import skip_branch
+    from secateurs.units import Unit
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, output_loading_info=True
+    )
+    adapter = adapter_for(model)
+    expected_missing = set()
+    for layer, kind in skipped:
+        unit = Unit(int(layer), kind)
+        prefix = f"{adapter.layers_path}.{unit.layer}."
+        for module, name in zip(
+            adapter.unit_modules(model, unit.layer, kind),
+            adapter.sub_block(kind, model.config).module_names(),
+            strict=True,
+        ):
+            expected_missing |= {f"{prefix}{name}.{p}" for p, _ in module.named_parameters()}
+        skip_branch(model, adapter, unit)
+    unexplained = sorted(set(info["missing_keys"]) - expected_missing)
+    if unexplained or info["unexpected_keys"]:
+        raise ValueError(
+            f"{directory}: checkpoint does not match its recorded structure "
+            f"(missing {unexplained[:5]}, unexpected {info['unexpected_keys'][:5]})."
+        )
+    return model

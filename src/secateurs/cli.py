@@ -18,7 +18,9 @@ from secateurs.commands import COMMANDS, Command
 from secateurs.errors import ConfigError, SecateursError
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
+def build_parser() -> tuple[
+    argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]
+]:
     parser = argparse.ArgumentParser(prog="secateurs", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     groups = {(): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
@@ -28,7 +30,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argpa
             prefix = path[:depth]
             if prefix not in groups:
                 group = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
-                groups[prefix] = group.add_subparsers(dest=f"sub{depth}", required=True, metavar="WHAT")
+                groups[prefix] = group.add_subparsers(
+                    dest=f"sub{depth}", required=True, metavar="WHAT"
+                )
         leaf = groups[path[:-1]].add_parser(path[-1], help=command.help, description=command.help)
         leaf.add_argument("--config", type=Path, help="YAML recipe; command-line flags override it")
         command.add_arguments(leaf)
@@ -48,7 +52,9 @@ def apply_recipe(parser: argparse.ArgumentParser, recipe: Path) -> None:
     normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(normalised) - known)
     if unknown:
-        raise ConfigError(f"Recipe {recipe}: unknown options {unknown}; known: {sorted(known - {'help'})}.")
+        raise ConfigError(
+            f"Recipe {recipe}: unknown options {unknown}; known: {sorted(known - {'help'})}."
+        )
     parser.set_defaults(**normalised)
     for action in parser._actions:  # a recipe may supply required positionals / options
         if action.dest in normalised:

@@ -33,7 +33,9 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise DataError(f"Data directory {path} does not exist (from --data-dir or ${DATA_DIR_ENV}).")
+        raise DataError(
+            f"Data directory {path} does not exist (from --data-dir or ${DATA_DIR_ENV})."
+        )
     return path
 
 
@@ -62,7 +64,10 @@ def _wikitext_local(root: Path, split: str) -> list[str]:
     if split != "test":
         raise DataError(f"Only the WikiText-2 test split is available locally, not {split!r}.")
     # HF rows: each line with its newline; whitespace-only lines become "".
-    return ["" if not line.strip() else line for line in _read_lines(root / "wikitext-2-raw" / "wiki.test.raw")]
+    return [
+        "" if not line.strip() else line
+        for line in _read_lines(root / "wikitext-2-raw" / "wiki.test.raw")
+    ]
 
 
 def _wikitext_hub(split: str) -> list[str]:
@@ -86,7 +91,9 @@ C4_EVAL_DOCS = 1100  # SparseGPT/Wanda join validation[:1100]
 def _c4_local(root: Path, split: str) -> list[str]:
     if split != "validation":
         raise DataError(f"Only a C4 validation subset is available locally, not {split!r}.")
-    rows = [json.loads(line)["text"] for line in _read_lines(root / "c4" / "c4_validation_2k.jsonl")]
+    rows = [
+        json.loads(line)["text"] for line in _read_lines(root / "c4" / "c4_validation_2k.jsonl")
+    ]
     return rows[:C4_EVAL_DOCS]
 
 
@@ -104,16 +111,38 @@ def _hub_column(path: str, name: str | None, split: str, column: str) -> list[st
     return list(datasets.load_dataset(path, name, split=split)[column])
 
 
-DATASETS.add("wikitext2", EvalDataset(
-    "wikitext2", "WikiText-2 raw (rows joined with blank lines)", "test", _wikitext_local, _wikitext_hub,
-), aliases=("wikitext", "wikitext-2"))
-DATASETS.add("ptb", EvalDataset(
-    "ptb", "Penn Treebank sentences (LLM-Pruner uses validation)", "validation", _ptb_local, _ptb_hub,
-))
-DATASETS.add("c4", EvalDataset(
-    "c4", f"C4-en validation, first {C4_EVAL_DOCS} docs joined with spaces", "validation",
-    _c4_local, _c4_hub, join=" ",
-))
+DATASETS.add(
+    "wikitext2",
+    EvalDataset(
+        "wikitext2",
+        "WikiText-2 raw (rows joined with blank lines)",
+        "test",
+        _wikitext_local,
+        _wikitext_hub,
+    ),
+    aliases=("wikitext", "wikitext-2"),
+)
+DATASETS.add(
+    "ptb",
+    EvalDataset(
+        "ptb",
+        "Penn Treebank sentences (LLM-Pruner uses validation)",
+        "validation",
+        _ptb_local,
+        _ptb_hub,
+    ),
+)
+DATASETS.add(
+    "c4",
+    EvalDataset(
+        "c4",
+        f"C4-en validation, first {C4_EVAL_DOCS} docs joined with spaces",
+        "validation",
+        _c4_local,
+        _c4_hub,
+        join=" ",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -124,7 +153,9 @@ class EvalText:
     source: str  # "local:<path>" or "hub"
 
 
-def load_eval_text(name: str, split: str | None = None, data_root: str | os.PathLike | None = None) -> EvalText:
+def load_eval_text(
+    name: str, split: str | None = None, data_root: str | os.PathLike | None = None
+) -> EvalText:
     """The joined evaluation text of dataset ``name``, from the data directory or the hub."""
     dataset = DATASETS.get(name)
     split = split or dataset.default_split
@@ -184,7 +215,9 @@ def _text_field(line: str, path: Path) -> str:
     return record["text"]
 
 
-def calibration_documents(source: str = "c4", data_root: str | os.PathLike | None = None) -> list[str]:
+def calibration_documents(
+    source: str = "c4", data_root: str | os.PathLike | None = None
+) -> list[str]:
     """Calibration documents: "c4" (the C4 sample minus the C4 eval docs) or a file path."""
     if source != "c4":
         return read_documents(Path(source).expanduser())
@@ -194,7 +227,9 @@ def calibration_documents(source: str = "c4", data_root: str | os.PathLike | Non
     docs = _records(root / C4_CALIBRATION)
     eval_urls = {r["url"] for r in _records(root / C4_VALIDATION)}
     kept = [r["text"] for r in docs if r.get("url") not in eval_urls]
-    log.info("C4 calibration: %d docs (%d dropped: also in C4 eval)", len(kept), len(docs) - len(kept))
+    log.info(
+        "C4 calibration: %d docs (%d dropped: also in C4 eval)", len(kept), len(docs) - len(kept)
+    )
     return kept
 
 
@@ -211,7 +246,9 @@ def _c4_calibration_from_hub() -> list[str]:
         import datasets
 
         files = {"train": "en/c4-train.00000-of-01024.json.gz"}
-        return list(datasets.load_dataset("allenai/c4", data_files=files, split="train[:5000]")["text"])
+        return list(
+            datasets.load_dataset("allenai/c4", data_files=files, split="train[:5000]")["text"]
+        )
     except Exception as err:
         raise DataError(
             f"No local data directory is set and C4 could not be loaded from the hub ({err}). "
@@ -257,6 +294,8 @@ class CalibrationConfig:
     seq_len: int = 128
     seed: int = 0
 
-    def load(self, tokenizer: Tokenizer, data_root: str | os.PathLike | None = None) -> torch.Tensor:
+    def load(
+        self, tokenizer: Tokenizer, data_root: str | os.PathLike | None = None
+    ) -> torch.Tensor:
         docs = calibration_documents(self.source, data_root)
         return sample_windows(tokenizer, docs, self.n_samples, self.seq_len, self.seed)

@@ -2,7 +2,7 @@
 
 
 class SecateursError(Exception):
-    """Base class: a user-facing problem with a clear message (the CLI prints it without a trace)."""
+    """Base class: a user-facing problem with a clear message (the CLI prints no traceback)."""
 
 
 class ConfigError(SecateursError, ValueError):

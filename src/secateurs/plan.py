@@ -39,7 +39,9 @@ def parse_protected(text: str | Sequence[int] | None) -> tuple[int, ...]:
         try:
             return tuple(int(part) for part in text.split(",") if part.strip())
         except ValueError as err:
-            raise ConfigError(f"--protect takes 'sl', 'none' or indices like '0,1,-1', not {text!r}.") from err
+            raise ConfigError(
+                f"--protect takes 'sl', 'none' or indices like '0,1,-1', not {text!r}."
+            ) from err
     return tuple(int(i) for i in text)
 
 
@@ -65,10 +67,14 @@ class Plan:
                 raise ConfigError(f"Plan {name} {bad} out of range for {self.num_layers} layers.")
             object.__setattr__(self, name, values)
         if len(self.blocks) >= self.num_layers:
-            raise ConfigError(f"Plan removes all {self.num_layers} blocks; at least one must remain.")
+            raise ConfigError(
+                f"Plan removes all {self.num_layers} blocks; at least one must remain."
+            )
         hit = sorted(set(self.protected) & set(self.blocks + self.attn + self.mlp))
         if hit:
-            raise ConfigError(f"Plan removes protected layers {hit} (protected: {list(self.protected)}).")
+            raise ConfigError(
+                f"Plan removes protected layers {hit} (protected: {list(self.protected)})."
+            )
         overlap = sorted(set(self.blocks) & set(self.attn + self.mlp))
         if overlap:
             raise ConfigError(f"Layers {overlap} are removed whole and by branch; pick one.")
@@ -88,14 +94,19 @@ class Plan:
         return not (self.blocks or self.attn or self.mlp)
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in data.items()})
 
     @classmethod
-    def of_units(cls, num_layers: int, units: Iterable[Unit], protected: Iterable[int] = ()) -> Plan:
+    def of_units(
+        cls, num_layers: int, units: Iterable[Unit], protected: Iterable[int] = ()
+    ) -> Plan:
         by_kind: dict[str, list[int]] = {kind: [] for kind in DEPTH_UNITS}
         for layer, kind in units:
             by_kind[check_unit_kind(kind)].append(layer)
@@ -144,3 +155,70 @@ def lowest_unprotected(values: torch.Tensor, count: int, excluded: Iterable[int]
     order = sorted(candidates, key=lambda i: (float(values[i]), i))
     return sorted(order[:count])
 
+
+@dataclass(frozen=True)
+class WidthPlan:
+    """Width units to remove, per layer: head groups (``heads``) and MLP ``channels``.
+
+    ``num_heads[l]`` / ``num_channels[l]`` are the layer's unit counts before pruning (0 where
+    the kind is not pruned). Indices refer to the original units. ``compensate``: FLAP bias
+    compensation of the removed units' mean contribution.
+    """
+
+    num_layers: int
+    heads: tuple[tuple[int, ...], ...]
+    channels: tuple[tuple[int, ...], ...]
+    num_heads: tuple[int, ...]
+    num_channels: tuple[int, ...]
+    compensate: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "channels"):
+            per_layer = tuple(
+                tuple(sorted({int(i) for i in units})) for units in getattr(self, name)
+            )
+            object.__setattr__(self, name, per_layer)
+            counts = getattr(self, f"num_{name}")
+            object.__setattr__(self, f"num_{name}", tuple(int(c) for c in counts))
+            if len(per_layer) != self.num_layers or len(counts) != self.num_layers:
+                raise ConfigError(f"WidthPlan {name} must list all {self.num_layers} layers.")
+            for layer, (units, count) in enumerate(zip(per_layer, counts, strict=True)):
+                self._check_layer(name, layer, units, count)
+
+    @staticmethod
+    def _check_layer(name: str, layer: int, units: tuple[int, ...], count: int) -> None:
+        bad = [i for i in units if not 0 <= i < count]
+        if bad:
+            raise ConfigError(f"WidthPlan layer {layer}: {name} {bad} out of range ({count}).")
+        if units and len(units) >= count:
+            raise ConfigError(
+                f"WidthPlan layer {layer}: removing all {count} {name} would empty the layer; "
+                "keep at least one (lower the ratio or the per-layer maximum)."
+            )
+
+    def removed(self, kind: str) -> tuple[tuple[int, ...], ...]:
+        return self.heads if kind == "heads" else self.channels
+
+    def kept(self, kind: str) -> tuple[int, ...]:
+        """Units kept per layer."""
+        counts = self.num_heads if kind == "heads" else self.num_channels
+        return tuple(c - len(r) for c, r in zip(counts, self.removed(kind), strict=True))
+
+    @property
+    def is_empty(self) -> bool:
+        return not any(self.heads) and not any(self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("heads", "channels"):
+            data[key] = [list(units) for units in data[key]]
+        for key in ("num_heads", "num_channels"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WidthPlan:
+        data = dict(data)
+        for key in ("heads", "channels"):
+            data[key] = tuple(tuple(units) for units in data[key])
+        return cls(**data)

@@ -55,7 +55,9 @@ class SkippedBranch(nn.Module):
         return f"kind={self.kind!r}, layer_idx={self.layer_idx}"
 
 
-def apply_plan(model: PreTrainedModel, plan: Plan, adapter: Adapter | None = None) -> PreTrainedModel:
+def apply_plan(
+    model: PreTrainedModel, plan: Plan, adapter: Adapter | None = None
+) -> PreTrainedModel:
     """Physically remove the plan's units from ``model`` (in place) and return it."""
     adapter = adapter or adapter_for(model)
     if adapter.num_layers(model) != plan.num_layers:

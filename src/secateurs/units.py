@@ -70,7 +70,7 @@ def _branch_zero_hook(branch: SubBlock):
 
 @contextmanager
 def masked(model: PreTrainedModel, adapter: Adapter, units: Iterable[Unit]) -> Iterator[None]:
-    """Run ``model`` as if ``units`` were removed (blocks → identity, branches → no contribution)."""
+    """Run ``model`` as if ``units`` were removed (block → identity, branch → no contribution)."""
     layers = adapter.layers(model)
     handles = []
     try:

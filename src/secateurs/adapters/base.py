@@ -11,9 +11,55 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from secateurs.errors import ConfigError
+from secateurs.errors import ConfigError, UnsupportedModelError
 
 SUB_BLOCKS = ("attn", "mlp")
+WIDTH_KINDS = ("heads", "channels")
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where a decoder layer's attention heads live, for width pruning (paths relative to a layer).
+
+    ``qkv`` names one fused projection instead of ``q``/``k``/``v``: ``fused="stacked"`` is
+    ``[Q heads | K heads | V heads]`` along its output (Phi-3, GPT-2), ``"interleaved"`` is
+    ``[q k v]`` per head (GPT-NeoX). ``conv1d``: GPT-2's ``Conv1D`` stores weights as (in, out).
+    ``head_dim_attr`` is the attention module's head size attribute. ``attrs`` maps attention
+    module attributes to the quantity they must hold after pruning ("heads", "kv_heads",
+    "q_width", or "config": a private config copy with this layer's head counts).
+    ``head_dim_key`` is None where the config derives head size from hidden/heads, so pruned
+    heads are not expressible in a plain config. ``bias_flag`` adds the output bias (FLAP).
+    """
+
+    attention: str
+    o: str
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    qkv: str = ""
+    fused: str = ""
+    conv1d: bool = False
+    head_dim_attr: str = "head_dim"
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str | None = "num_key_value_heads"
+    head_dim_key: str | None = "head_dim"
+    attrs: tuple[tuple[str, str], ...] = ()
+    bias_flag: str | None = None
+
+
+@dataclass(frozen=True)
+class ChannelLayout:
+    """Where MLP channels live: ``inputs`` are row-sliced (gate/up, fc1), ``output`` is
+    column-sliced (down, fc2). ``gate_up``: one fused ``[gate | up]`` projection (Phi-3).
+    ``size_key`` is the config key of the width (None: not expressible, e.g. BLOOM's 4·hidden).
+    """
+
+    output: str
+    inputs: tuple[str, ...] = ()
+    gate_up: str = ""
+    conv1d: bool = False
+    size_key: str | None = "intermediate_size"
+    bias_flag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -22,7 +68,8 @@ class SubBlock:
 
     ``output`` is the module whose output is (up to an output norm) the branch's contribution to
     the residual stream; ``companions`` are modules that serve only this branch (its pre-norm, a
-    Gemma 2 post-norm, OPT's ``fc1``) and leave with it. ``returns_tuple``: the output module returns ``(hidden, attn_weights)``.
+    Gemma 2 post-norm, OPT's ``fc1``) and leave with it. ``returns_tuple``: the output module
+    returns ``(hidden, attn_weights)``.
     ``residual_arg``: positional index of a residual the module adds itself (BLOOM), so its
     "zero contribution" is that residual, not zeros.
     """
@@ -47,6 +94,10 @@ class Adapter:
     mlp: SubBlock
     # Config fields holding one entry per layer; sliced when blocks are removed.
     per_layer_config_keys: tuple[str, ...] = ("layer_types", "no_rope_layers")
+    # Width pruning knowledge; None (with a reason) where the family lacks it.
+    heads: HeadLayout | None = None
+    channels: ChannelLayout | None = None
+    width_unsupported: str = ""
 
     # --- blocks -------------------------------------------------------------------------------
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
@@ -82,3 +133,16 @@ class Adapter:
 
     def supports(self, model_type: str) -> bool:
         return model_type in self.model_types
+
+    # --- width --------------------------------------------------------------------------------
+    def width_layout(self, kind: str) -> HeadLayout | ChannelLayout:
+        """The layout of width unit ``kind`` ("heads" or "channels"), or a clear error."""
+        if kind not in WIDTH_KINDS:
+            raise ConfigError(f"Unknown width unit {kind!r}; expected one of {WIDTH_KINDS}.")
+        layout = self.heads if kind == "heads" else self.channels
+        if layout is None:
+            why = f" ({self.width_unsupported})" if self.width_unsupported else ""
+            raise UnsupportedModelError(
+                f"Adapter {self.name!r} has no width support for {kind}{why}."
+            )
+        return layout

@@ -2,6 +2,11 @@
 
 from secateurs.adapters import register_adapter
 from secateurs.adapters.base import Adapter, SubBlock
+from secateurs.adapters.llama import CHANNELS as _LLAMA_CHANNELS
+from secateurs.adapters.llama import HEADS
+
+# Gemma MLPs have no bias flag: ``mlp_bias`` is not read, so FLAP cannot compensate channels.
+CHANNELS = _LLAMA_CHANNELS.__class__(_LLAMA_CHANNELS.output, _LLAMA_CHANNELS.inputs)
 
 GEMMA = register_adapter(
     Adapter(
@@ -10,6 +15,8 @@ GEMMA = register_adapter(
         layers_path="model.layers",
         attn=SubBlock("self_attn", companions=("input_layernorm",), returns_tuple=True),
         mlp=SubBlock("mlp", companions=("post_attention_layernorm",)),
+        heads=HEADS,
+        channels=CHANNELS,
     )
 )
 
@@ -26,5 +33,7 @@ GEMMA2 = register_adapter(
             returns_tuple=True,
         ),
         mlp=SubBlock("mlp", companions=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
+        heads=HEADS,
+        channels=CHANNELS,
     )
 )

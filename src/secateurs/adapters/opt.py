@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 from secateurs.adapters import register_adapter
-from secateurs.adapters.base import Adapter, SubBlock
+from secateurs.adapters.base import Adapter, ChannelLayout, HeadLayout, SubBlock
 
 
 @dataclass(frozen=True)
@@ -26,5 +26,17 @@ OPT = register_adapter(
         layers_path="model.decoder.layers",
         attn=SubBlock("self_attn", companions=("self_attn_layer_norm",), returns_tuple=True),
         mlp=SubBlock("fc2", companions=("fc1", "final_layer_norm")),
+        # head_dim = hidden / heads in OPT's config: pruned heads need secateurs to reload.
+        heads=HeadLayout(
+            "self_attn",
+            o="self_attn.out_proj",
+            q="self_attn.q_proj",
+            k="self_attn.k_proj",
+            v="self_attn.v_proj",
+            kv_heads_key=None,
+            head_dim_key=None,
+            attrs=(("num_heads", "heads"),),
+        ),
+        channels=ChannelLayout("fc2", inputs=("fc1",), size_key="ffn_dim"),
     )
 )

@@ -30,4 +30,13 @@ def register(cls: type[Command]) -> type[Command]:
 
 
 # Explicit imports: each module registers its command(s).
-from secateurs.commands import eval_ppl, ls, prune, score  # noqa: E402,F401
+from secateurs.commands import (  # noqa: E402,F401
+    bench,
+    eval_ppl,
+    eval_zeroshot,
+    ls,
+    prune,
+    recover,
+    report,
+    score,
+)

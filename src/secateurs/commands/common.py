@@ -15,7 +15,9 @@ from secateurs.models import DEFAULT_MODEL
 
 def add_model_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
     parser.add_argument(
-        "model", nargs="?" if not positional else None, default=DEFAULT_MODEL,
+        "model",
+        nargs="?" if not positional else None,
+        default=DEFAULT_MODEL,
         help=f"HF directory, hub id, .gguf file or alias ({DEFAULT_MODEL})",
     )
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, auto")
@@ -24,7 +26,8 @@ def add_model_args(parser: argparse.ArgumentParser, positional: bool = True) -> 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data-dir", default=None,
+        "--data-dir",
+        default=None,
         help="local data directory (default: $SECATEURS_DATA_DIR; else the HF hub)",
     )
 
@@ -32,22 +35,34 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     defaults = CalibrationConfig()
     group = parser.add_argument_group("calibration")
-    group.add_argument("--calibration", default=defaults.source, help="'c4' or a .txt/.jsonl/.json.gz file")
+    group.add_argument(
+        "--calibration", default=defaults.source, help="'c4' or a .txt/.jsonl/.json.gz file"
+    )
     group.add_argument("--n-samples", type=int, default=defaults.n_samples)
     group.add_argument("--calib-seq-len", type=int, default=defaults.seq_len)
     group.add_argument("--seed", type=int, default=defaults.seed)
 
 
 def add_criterion_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--unit", default="block", help="block, attn or mlp")
-    parser.add_argument("--criterion", default="ppl+", help="e.g. ppl, ppl+, taylor+, magnitude, block-influence")
     parser.add_argument(
-        "--protect", default=None,
+        "--unit",
+        default="block",
+        help="depth: block, attn, mlp; width: heads (KV groups), channels (MLP), width (both)",
+    )
+    parser.add_argument(
+        "--criterion", default="ppl+", help="e.g. ppl, ppl+, taylor+, magnitude, block-influence"
+    )
+    parser.add_argument(
+        "--protect",
+        default=None,
         help="layers never removed: 'sl' (0,1,2,3,L-2,L-1), 'none', or '0,1,-1'. "
         "Default: 'sl' for NAME+ criteria, 'none' otherwise",
     )
     parser.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="criterion option, repeatable (e.g. --option p=2)",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="calibration batch size")

@@ -17,11 +17,15 @@ class EvalPPL(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_model_args(parser)
-        parser.add_argument("--dataset", default="wikitext2", help="comma-separated: wikitext2,ptb,c4")
+        parser.add_argument(
+            "--dataset", default="wikitext2", help="comma-separated: wikitext2,ptb,c4"
+        )
         parser.add_argument("--split", default=None, help="default: the papers' split per dataset")
         parser.add_argument("--seq-len", type=int, default=128)
         parser.add_argument("--bos", default="stream", choices=BOS_POLICIES)
-        parser.add_argument("--max-windows", type=int, default=None, help="evaluate at most N windows")
+        parser.add_argument(
+            "--max-windows", type=int, default=None, help="evaluate at most N windows"
+        )
         parser.add_argument("--batch-size", type=int, default=8)
         parser.add_argument("--json", action="store_true", help="print results as JSON")
         add_data_args(parser)
@@ -40,6 +44,8 @@ class EvalPPL(Command):
         print(f"{'dataset':<10} {'ppl':>10} {'windows':>9} {'tokens':>9}  protocol")
         for name, r in results.items():
             p = r["protocol"]
-            print(f"{name:<10} {r['ppl']:>10.3f} {r['windows']:>9} {r['tokens']:>9}  "
-                  f"{p['split']}, seq_len={p['seq_len']}, bos={p['bos']}")
+            print(
+                f"{name:<10} {r['ppl']:>10.3f} {r['windows']:>9} {r['tokens']:>9}  "
+                f"{p['split']}, seq_len={p['seq_len']}, bos={p['bos']}"
+            )
         return 0

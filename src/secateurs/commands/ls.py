@@ -8,6 +8,7 @@ from secateurs.adapters import ARCHITECTURES
 from secateurs.commands import Command, register
 from secateurs.criteria import CRITERIA
 from secateurs.data import DATASETS
+from secateurs.evaluate.zeroshot import TASKS
 from secateurs.models import ALIASES
 
 
@@ -27,6 +28,9 @@ class List(Command):
         print("datasets (perplexity):")
         for name, dataset in DATASETS.items():
             print(f"  {name:<18} {dataset.description} [{dataset.default_split}]")
+        print("zero-shot tasks (lm-evaluation-harness; metric as in the papers):")
+        for name, task in TASKS.items():
+            print(f"  {name:<18} {task.metric}")
         print("model aliases:")
         for name, alias in ALIASES.items():
             print(f"  {name:<18} {alias.filename} from PyPI {alias.install.split()[-1]}")

@@ -38,8 +38,14 @@ class Score(Command):
         spec = CriterionSpec.parse(args.criterion, args.protect)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         result = score_units(
-            model, tokenizer, spec.name, args.unit, calibration=calibration_from(args),
-            data_root=args.data_dir, batch_size=args.batch_size, **criterion_options(args),
+            model,
+            tokenizer,
+            spec.name,
+            args.unit,
+            calibration=calibration_from(args),
+            data_root=args.data_dir,
+            batch_size=args.batch_size,
+            **criterion_options(args),
         )
         save_scores(result, args.out, {"source_model": str(args.model)})
         ranked = sorted(range(len(result.values)), key=lambda i: result.values[i])

@@ -6,6 +6,16 @@ from secateurs.registry import Registry
 CRITERIA: Registry[type[Criterion]] = Registry("criterion")
 
 # Explicit imports (no silent discovery): each module registers its criterion on import.
-from secateurs.criteria import block_influence, magnitude, ppl, taylor  # noqa: E402,F401
+from secateurs.criteria import (  # noqa: E402,F401
+    activation,
+    block_influence,
+    fluctuation,
+    hywia,
+    influence,
+    magnitude,
+    mini_llm,
+    ppl,
+    taylor,
+)
 
 __all__ = ["CRITERIA", "Criterion", "ScoringContext"]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from abc import ABC
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel
 from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
 from secateurs.units import Unit
+from secateurs.width import ParamSlice, group_slices, output_projection
 
 
 @dataclass
@@ -41,9 +43,27 @@ class ScoringContext:
     def bar(self, iterable: Any, desc: str, total: int | None = None) -> Any:
         return tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False)
 
+    # --- width units: what a width criterion needs, without module names ----------------------
+    def groups(self, layer: int, kind: str) -> list[ParamSlice]:
+        """Each ``kind`` group's weight/bias slices in ``layer`` (see ``ParamSlice.per_group``)."""
+        return group_slices(self.model, self.adapter, layer, kind)
+
+    def output_projection(self, layer: int, kind: str) -> tuple[torch.nn.Module, torch.Tensor]:
+        """(o_proj / down_proj of ``layer``, its input columns per group (groups, members))."""
+        return output_projection(self.model, self.adapter, layer, kind)
+
 
 class Criterion(ABC):
-    """Scores depth units. Subclasses declare what they can score and what they need."""
+    """Scores units. Subclasses declare what they can score (``units``) and what they need.
+
+    Depth units ("block", "attn", "mlp") are scored by ``score``: one value per layer. Width
+    units ("heads": KV head groups, "channels": MLP channels) by ``score_width``: per layer, one
+    value per group. A width criterion needs no module names: ``ctx.groups(layer, kind)`` gives
+    every group's weight slices (``ParamSlice.per_group(values)`` regroups any tensor shaped like
+    the weight, e.g. a gradient, to (groups, members, rest)), and ``capture_inputs`` /
+    ``input_statistics`` give the inputs X of each layer's output projection (o_proj /
+    down_proj), whose columns ``ctx.output_projection(layer, kind)[1]`` map to groups.
+    """
 
     name: ClassVar[str]
     units: ClassVar[frozenset[str]] = frozenset({"block", "attn", "mlp"})
@@ -55,9 +75,13 @@ class Criterion(ABC):
         if options:
             raise ConfigError(f"Criterion {self.name!r} takes no options {sorted(options)}.")
 
-    @abstractmethod
     def score(self, ctx: ScoringContext, unit: str) -> torch.Tensor:
-        """One importance score per layer for unit kind ``unit`` (shape ``(num_layers,)``)."""
+        """One importance score per layer for depth unit kind ``unit`` (shape ``(num_layers,)``)."""
+        raise ConfigError(f"Criterion {self.name!r} cannot score {unit!r} units.")
+
+    def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
+        """Per layer, one importance per ``kind`` group (shape ``(groups,)``; higher = keep)."""
+        raise ConfigError(f"Criterion {self.name!r} cannot score {kind!r} units.")
 
     def options(self) -> dict[str, Any]:
         """The options this instance was built with (recorded in results)."""
@@ -67,3 +91,88 @@ class Criterion(ABC):
 def calibration_loss(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of a batch of equal-length windows."""
     return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+
+AGGREGATIONS = ("sum", "mean", "max", "prod")
+
+
+def aggregate(parts: list[torch.Tensor], how: str = "sum") -> torch.Tensor:
+    """Combine per-slice group scores (each (groups,)) into one score per group."""
+    stacked = torch.stack([p.to(torch.float64) for p in parts])
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "max":
+        return stacked.max(0).values
+    if how == "prod":
+        return stacked.prod(0)
+    raise ConfigError(f"Unknown aggregation {how!r}; expected one of {', '.join(AGGREGATIONS)}.")
+
+
+@contextmanager
+def capture_inputs(
+    ctx: ScoringContext, kind: str, fn: Callable[[int, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call ``fn(layer, x)`` with every output-projection input x (tokens, in_features)."""
+    handles = []
+    try:
+        for layer in range(ctx.num_layers()):
+            module, _ = ctx.output_projection(layer, kind)
+
+            def hook(module: torch.nn.Module, args: tuple, layer: int = layer) -> None:
+                x = args[0]
+                fn(layer, x.detach().reshape(-1, x.shape[-1]))
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class InputStats:
+    """Per-column sums of an output projection's inputs over calibration tokens (float64)."""
+
+    total: torch.Tensor
+    squares: torch.Tensor
+    tokens: int = 0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.tokens
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance per column (FLAP's fluctuation)."""
+        return (self.squares / self.tokens - self.mean**2).clamp_min(0)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """‖X_j‖₂ over all calibration tokens (Wanda)."""
+        return self.squares.sqrt()
+
+
+@torch.no_grad()
+def input_statistics(ctx: ScoringContext, kind: str, desc: str) -> list[InputStats]:
+    """Run the calibration batches once and gather ``InputStats`` for every layer."""
+    stats: dict[int, InputStats] = {}
+
+    def add(layer: int, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        if layer not in stats:
+            stats[layer] = InputStats(torch.zeros_like(x[0]), torch.zeros_like(x[0]))
+        stats[layer].total += x.sum(0)
+        stats[layer].squares += (x * x).sum(0)
+        stats[layer].tokens += x.shape[0]
+
+    with capture_inputs(ctx, kind, add):
+        for batch in ctx.bar(ctx.batches(), desc):
+            ctx.model(input_ids=batch, use_cache=False)
+    return [stats[layer] for layer in range(ctx.num_layers())]
+
+
+def columns_per_group(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Sum a per-column vector over each group's columns: (in,) → (groups,)."""
+    return values[columns.to(values.device)].sum(-1)

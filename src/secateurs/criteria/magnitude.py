@@ -1,11 +1,15 @@
-"""``magnitude``: Σ|W|^p over the unit's weight matrices (no data needed)."""
+"""``magnitude``: Σ|W|^p over the unit's weights (no data needed).
+
+Depth units sum over their weight matrices; width groups over their rows/columns of every
+projection (biases included), e.g. p=1 (L1) or p=2 (squared L2: the same ranking as L2).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from secateurs.criteria import CRITERIA
-from secateurs.criteria.base import Criterion, ScoringContext
+from secateurs.criteria.base import Criterion, ScoringContext, aggregate
 from secateurs.errors import ConfigError
 
 
@@ -13,6 +17,7 @@ from secateurs.errors import ConfigError
 class Magnitude(Criterion):
     name = "magnitude"
     needs_calibration = False
+    units = frozenset({"block", "attn", "mlp", "heads", "channels"})
     summary = "Σ|W|^p over the unit's weight matrices (p=1 default)"
 
     def __init__(self, p: float = 1.0) -> None:
@@ -31,3 +36,14 @@ class Magnitude(Criterion):
             matrices = [p for m in modules for p in m.parameters() if p.ndim == 2]
             scores.append(sum(float(w.abs().pow(self.p).sum()) for w in matrices))
         return torch.tensor(scores, dtype=torch.float64)
+
+    @torch.no_grad()
+    def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
+        scores = []
+        for layer in range(ctx.num_layers()):
+            parts = [
+                s.per_group(s.param.detach().abs().pow(self.p)).sum((1, 2))
+                for s in ctx.groups(layer, kind)
+            ]
+            scores.append(aggregate(parts, "sum"))
+        return scores

@@ -82,7 +82,9 @@ def window_nll(model: PreTrainedModel, windows: torch.Tensor) -> tuple[float, in
     """Summed NLL of next-token predictions over a batch of windows, and the count predicted."""
     logits = model(input_ids=windows, use_cache=False).logits[:, :-1].float()
     targets = windows[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+    )
     return float(nll.sum()), nll.numel()
 
 
@@ -108,6 +110,11 @@ def perplexity(
     mean = nll_sum / count
     record = dict(asdict(protocol), split=text.split, source=text.source, text_tokens=len(ids))
     return PPLResult(
-        ppl=math.exp(mean), nll=mean, tokens=count, windows=len(windows), total_windows=total,
-        seconds=time.perf_counter() - start, protocol=record,
+        ppl=math.exp(mean),
+        nll=mean,
+        tokens=count,
+        windows=len(windows),
+        total_windows=total,
+        seconds=time.perf_counter() - start,
+        protocol=record,
     )

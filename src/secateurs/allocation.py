@@ -1,0 +1,193 @@
+"""How many width units each layer loses, for a target number of parameters.
+
+``uniform``: the same fraction of each unit kind in every pruned layer (heads rounded to whole
+KV groups per layer, channels to ``round_to``), the fraction chosen so that the parameters
+removed are closest to the target. ``global``: every unit of every pruned layer ranked together
+after per-layer, per-kind standardisation (FLAP), removed lowest first until the target is met.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from secateurs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Per-layer limits: fraction of a layer's units that may go, and channel rounding."""
+
+    min_ratio: float = 0.0
+    max_ratio: float = 0.9
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_ratio <= self.max_ratio < 1:
+            raise ConfigError(
+                f"Per-layer bounds need 0 <= min_ratio <= max_ratio < 1 (a layer must keep "
+                f"something); got min {self.min_ratio}, max {self.max_ratio}."
+            )
+        if self.round_to < 1:
+            raise ConfigError(f"round_to must be a positive multiple; got {self.round_to}.")
+
+    def limits(self, count: int, kind: str) -> tuple[int, int]:
+        """(least, most) units of a layer of ``count`` that may be removed."""
+        step = self.round_to if kind == "channels" else 1
+        most = min(math.floor(self.max_ratio * count), count - step)
+        least = min(math.ceil(self.min_ratio * count), most)
+        return least, max(most, 0)
+
+
+@dataclass(frozen=True)
+class UnitTable:
+    """Scores and per-unit parameter cost of one kind, for every layer (empty if not pruned)."""
+
+    kind: str
+    scores: tuple[torch.Tensor, ...]
+    costs: tuple[int, ...]
+
+    def count(self, layer: int) -> int:
+        return len(self.scores[layer])
+
+
+def allocate(
+    tables: Sequence[UnitTable],
+    target: int,
+    layers: Sequence[int],
+    mode: str,
+    bounds: Bounds,
+    uniform_widths: bool = False,
+) -> dict[str, list[tuple[int, ...]]]:
+    """Removed unit indices per kind and layer, aiming at ``target`` parameters removed."""
+    if mode not in ALLOCATIONS:
+        raise ConfigError(f"Unknown allocation {mode!r}; expected one of {ALLOCATIONS}.")
+    if mode == "uniform":
+        counts = _uniform_counts(tables, target, layers, bounds)
+    else:
+        counts = _global_counts(tables, target, layers, bounds)
+        if uniform_widths:
+            counts = _even_out(tables, counts, layers, bounds)
+    return {t.kind: _lowest(t, counts[t.kind]) for t in tables}
+
+
+def _lowest(table: UnitTable, counts: list[int]) -> list[tuple[int, ...]]:
+    chosen = []
+    for layer, n in enumerate(counts):
+        values = table.scores[layer]
+        order = sorted(range(len(values)), key=lambda i: (float(values[i]), i))
+        chosen.append(tuple(sorted(order[:n])))
+    return chosen
+
+
+def _uniform_count(count: int, fraction: float, kind: str, bounds: Bounds) -> int:
+    least, most = bounds.limits(count, kind)
+    if kind == "channels":
+        kept = round((count - fraction * count) / bounds.round_to) * bounds.round_to
+        n = count - max(kept, bounds.round_to)
+    else:
+        n = round(fraction * count)  # whole KV groups
+    return min(max(n, least), most)
+
+
+def _uniform_counts(tables, target, layers, bounds) -> dict[str, list[int]]:
+    def counts_at(f: float) -> dict[str, list[int]]:
+        return {
+            t.kind: [
+                _uniform_count(t.count(i), f, t.kind, bounds) if i in layers else 0
+                for i in range(len(t.scores))
+            ]
+            for t in tables
+        }
+
+    best = min((abs(_removed(tables, counts_at(s / 2000)) - target), s) for s in range(2000))
+    counts = counts_at(best[1] / 2000)
+    for t in tables:
+        _log_rounding(t, counts[t.kind], best[1] / 2000, layers)
+    return counts
+
+
+def _log_rounding(table: UnitTable, counts: list[int], fraction: float, layers) -> None:
+    if table.kind != "heads" or not layers:
+        return
+    total = table.count(layers[0])
+    n = counts[layers[0]]
+    if not math.isclose(n, fraction * total, abs_tol=1e-9):
+        log.info(
+            "uniform fraction %.3f of %d KV groups per layer rounded to whole groups: "
+            "%d removed per layer",
+            fraction,
+            total,
+            n,
+        )
+
+
+def _removed(tables: Sequence[UnitTable], counts: dict[str, list[int]]) -> int:
+    return sum(n * t.costs[i] for t in tables for i, n in enumerate(counts[t.kind]))
+
+
+def standardised(values: torch.Tensor) -> torch.Tensor:
+    """(s − mean) / std within one layer and kind (FLAP); a constant layer gives zeros."""
+    values = values.to(torch.float64)
+    std = values.std() if len(values) > 1 else torch.tensor(0.0, dtype=torch.float64)
+    if not torch.isfinite(std) or std == 0:
+        return torch.zeros_like(values)
+    return (values - values.mean()) / std
+
+
+def _global_counts(tables, target, layers, bounds) -> dict[str, list[int]]:
+    counts = {t.kind: [0] * len(t.scores) for t in tables}
+    candidates = []
+    for t in tables:
+        for layer in layers:
+            least, _ = bounds.limits(t.count(layer), t.kind)
+            counts[t.kind][layer] = least  # the per-layer minimum goes first
+            z = standardised(t.scores[layer])
+            ranked = sorted(range(len(z)), key=lambda i: (float(t.scores[layer][i]), i))
+            candidates += [(float(z[i]), t.kind, layer) for i in ranked[least:]]
+    removed = _removed(tables, counts)
+    costs = {t.kind: t.costs for t in tables}
+    limits = {(t.kind, i): bounds.limits(t.count(i), t.kind)[1] for t in tables for i in layers}
+    for _, kind, layer in sorted(candidates, key=lambda c: c[0]):
+        cost = costs[kind][layer]
+        if removed + cost / 2 > target:
+            continue  # would overshoot by more than it gains; a cheaper unit may still fit
+        if counts[kind][layer] < limits[(kind, layer)]:
+            counts[kind][layer] += 1
+            removed += cost
+    return _round_channels(tables, counts, layers, bounds)
+
+
+def _round_channels(tables, counts, layers, bounds) -> dict[str, list[int]]:
+    if bounds.round_to == 1 or "channels" not in counts:
+        return counts
+    table = next(t for t in tables if t.kind == "channels")
+    for layer in layers:
+        total = table.count(layer)
+        kept = total - counts["channels"][layer]
+        kept = max(round(kept / bounds.round_to) * bounds.round_to, bounds.round_to)
+        least, most = bounds.limits(total, "channels")
+        counts["channels"][layer] = min(max(total - kept, least), most)
+    return counts
+
+
+def _even_out(tables, counts, layers, bounds) -> dict[str, list[int]]:
+    """Spread each kind's global total evenly over the pruned layers (one width for all)."""
+    even = {}
+    for t in tables:
+        mean = sum(counts[t.kind][i] for i in layers) / max(len(layers), 1)
+        fraction = mean / t.count(layers[0]) if layers else 0.0
+        even[t.kind] = [
+            _uniform_count(t.count(i), fraction, t.kind, bounds) if i in layers else 0
+            for i in range(len(t.scores))
+        ]
+    log.info("--uniform-widths: global totals spread evenly over %d layers", len(layers))
+    return even

@@ -1,0 +1,82 @@
+"""``secateurs bench``: parameters, MACs, latency, throughput and peak memory, side by side."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from secateurs.checkpoint import write_json
+from secateurs.commands import Command, register
+from secateurs.errors import ConfigError
+from secateurs.evaluate.efficiency import (
+    BenchConfig,
+    benchmark,
+    format_table,
+    load_candidate,
+    random_candidates,
+)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,4,16; got {text!r}") from err
+
+
+@register
+class Bench(Command):
+    path = ("bench",)
+    help = "generation latency / throughput / peak memory of several models, interleaved"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        defaults = BenchConfig()
+        parser.add_argument("models", nargs="*", help="HF directories, hub ids, .gguf or aliases")
+        parser.add_argument("--batch-sizes", type=int_list, default=defaults.batch_sizes)
+        parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens)
+        parser.add_argument("--prompt-len", type=int, default=defaults.prompt_len)
+        parser.add_argument("--repeats", type=int, default=defaults.repeats)
+        parser.add_argument("--warmup", type=int, default=defaults.warmup)
+        parser.add_argument("--seed", type=int, default=defaults.seed)
+        parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+        parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+        parser.add_argument(
+            "--random-config",
+            action="append",
+            default=[],
+            metavar="NAME_OR_JSON",
+            help="also measure a random-weight model of this shape (llama-7b, smollm2-135m, "
+            "or a config.json); repeatable",
+        )
+        parser.add_argument(
+            "--plan-depth",
+            type=int_list,
+            default=(),
+            metavar="N[,M]",
+            help="with --random-config: also measure it with N (and M ...) blocks removed",
+        )
+        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+
+    def run(self, args: argparse.Namespace) -> int:
+        if not args.models and not args.random_config:
+            raise ConfigError("Give models to measure, or --random-config NAME.")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        config = BenchConfig(
+            args.batch_sizes, args.new_tokens, args.prompt_len, args.repeats, args.warmup, args.seed
+        )
+        candidates = [load_candidate(spec, args.dtype, device) for spec in args.models]
+        dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+        for name in args.random_config:
+            depths = (0, *args.plan_depth)
+            candidates += random_candidates(name, depths, dtype, device, args.seed)
+        result = benchmark(candidates, config)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            write_json(args.json, result)
+        print(format_table(result))
+        return 0

@@ -1,0 +1,57 @@
+"""``secateurs eval zeroshot``: zero-shot accuracy through lm-evaluation-harness."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from secateurs.commands import Command, register
+from secateurs.commands.common import add_data_args, add_model_args, print_json
+from secateurs.errors import ConfigError
+from secateurs.evaluate.zeroshot import PAPER_TASKS, format_table, zeroshot
+from secateurs.models import load_model, resolve_model
+from secateurs.report import save_results
+
+
+@register
+class EvalZeroShot(Command):
+    path = ("eval", "zeroshot")
+    help = "zero-shot accuracy (lm-eval) on boolq, piqa, hellaswag, winogrande, arc, openbookqa"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_model_args(parser)
+        parser.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated tasks")
+        parser.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+        parser.add_argument("--batch-size", type=int, default=8)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--json", action="store_true", help="print results as JSON")
+        parser.add_argument(
+            "--save",
+            action="store_true",
+            help="merge results into MODEL/results.json (key 'zeroshot') for 'secateurs report'",
+        )
+        add_data_args(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        location = Path(resolve_model(args.model))
+        if args.save and not location.is_dir():
+            raise ConfigError(f"--save needs a model directory; {args.model!r} is not one.")
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        result = zeroshot(
+            model,
+            tokenizer,
+            args.tasks,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            data_root=args.data_dir,
+            seed=args.seed,
+        )
+        if args.save:
+            save_results(location, "zeroshot", result.to_dict())
+        if args.json:
+            print_json({"model": str(args.model), "zeroshot": result.to_dict()})
+            return 0
+        limit = f"limit {args.limit} per task" if args.limit else "full splits"
+        print(f"zero-shot, {limit}, {result.protocol['source']}, {result.seconds:.0f}s")
+        print(format_table(result))
+        return 0

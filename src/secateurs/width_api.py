@@ -1,0 +1,271 @@
+"""Width pruning end to end: validate, score head groups / channels, allocate, cut, save.
+
+    model, tokenizer = load_model("smollm2-135m")
+    result = prune_width(model, tokenizer, criterion="fluctuation", unit="width", ratio=0.2,
+                         allocation="global", out="pruned/")
+
+``ratio`` is a fraction of the model's parameters excluding embeddings (unless
+``include_embeddings``); the achieved fraction is recorded exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from secateurs import __version__
+from secateurs.adapters import Adapter, adapter_for
+from secateurs.allocation import ALLOCATIONS, Bounds, UnitTable, allocate
+from secateurs.checkpoint import check_output_dir, save_checkpoint
+from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.errors import ConfigError
+from secateurs.plan import WidthPlan, check_scores
+from secateurs.width import (
+    add_output_bias,
+    check_compensation,
+    compensate,
+    prune_layer,
+    unit_cost,
+    update_config,
+    widths,
+)
+
+log = logging.getLogger(__name__)
+
+WIDTH_UNITS: dict[str, tuple[str, ...]] = {
+    "heads": ("heads",),
+    "channels": ("channels",),
+    "width": ("heads", "channels"),
+}
+
+
+@dataclass(frozen=True)
+class WidthOptions:
+    """How much to remove and where; validated on creation (before any work)."""
+
+    unit: str = "width"
+    ratio: float = 0.2
+    allocation: str = "uniform"
+    layers: tuple[int, int] | None = None  # [start, stop) of layers that may be pruned
+    min_ratio: float = 0.0
+    max_ratio: float = 0.9
+    round_to: int = 1
+    uniform_widths: bool = False
+    include_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.unit not in WIDTH_UNITS:
+            raise ConfigError(
+                f"Unknown width unit {self.unit!r}; expected one of {list(WIDTH_UNITS)}."
+            )
+        if not 0 < self.ratio < 1:
+            raise ConfigError(
+                f"Ratio must be a fraction of parameters in (0, 1); got {self.ratio}."
+            )
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(
+                f"Unknown allocation {self.allocation!r}; expected one of {ALLOCATIONS}."
+            )
+        if self.uniform_widths and self.allocation != "global":
+            raise ConfigError("uniform_widths rounds a global allocation; use allocation='global'.")
+        Bounds(self.min_ratio, self.max_ratio, self.round_to)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return WIDTH_UNITS[self.unit]
+
+    def layer_range(self, num_layers: int) -> list[int]:
+        start, stop = self.layers or (0, num_layers)
+        if not 0 <= start < stop <= num_layers:
+            raise ConfigError(f"Layer range {start}:{stop} is not inside 0:{num_layers}.")
+        return list(range(start, stop))
+
+
+def parse_layers(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``--layers 4:28`` → (4, 28); None means every layer."""
+    if text is None or isinstance(text, tuple):
+        return text
+    start, sep, stop = text.partition(":")
+    try:
+        return (int(start or 0), int(stop)) if sep else (int(start), int(start) + 1)
+    except ValueError as err:
+        raise ConfigError(f"--layers takes START:STOP (e.g. 4:28), not {text!r}.") from err
+
+
+@dataclass
+class WidthResult:
+    model: PreTrainedModel
+    plan: WidthPlan
+    record: dict[str, Any]
+    out: Path | None = None
+
+
+def prune_width(
+    model: PreTrainedModel,
+    tokenizer: Tokenizer | None,
+    *,
+    criterion: str = "fluctuation",
+    options: WidthOptions | None = None,
+    calibration: Any = None,
+    data_root: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    source: str | None = None,
+    progress: bool = True,
+    batch_size: int = 1,
+    **criterion_options: Any,
+) -> WidthResult:
+    """Score, allocate and remove head groups / MLP channels of ``model`` (in place)."""
+    opts = options or WidthOptions()
+    if out is not None:
+        check_output_dir(out, overwrite)
+    adapter = adapter_for(model)
+    scorer = _checked_scorer(model, adapter, criterion, opts, criterion_options)
+    layers = opts.layer_range(adapter.num_layers(model))
+    base, before = parameter_base(model, opts.include_embeddings), count_unique(model)
+    from secateurs.api import _calibration  # the depth path's calibration loader
+
+    tokens, calib_record = _calibration(scorer.needs_calibration, calibration, tokenizer, data_root)
+    ctx = ScoringContext(model.eval(), adapter, tokens, batch_size, (), progress)
+    start = time.perf_counter()
+    scores = {kind: scorer.score_width(ctx, kind) for kind in opts.kinds}
+    seconds = time.perf_counter() - start
+    plan = _plan(model, adapter, scores, opts, layers, round(opts.ratio * base), scorer)
+    means = ctx.extras.get("input_mean", {}) if plan.compensate else {}
+    apply_width_plan(model, plan, adapter, means)
+    record = _record(model, plan, scorer, opts, scores, calib_record, before, base, seconds, source)
+    record["criterion"]["details"] = criterion_details(ctx.extras)
+    if out is not None:
+        save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
+    return WidthResult(model, plan, record, Path(out) if out else None)
+
+
+def _checked_scorer(model, adapter: Adapter, criterion: str, opts: WidthOptions, options: dict):
+    name = CRITERIA.canonical(criterion.rstrip("+"))
+    scorer = CRITERIA.get(name)(**options)
+    for kind in opts.kinds:
+        adapter.width_layout(kind)  # adapter without width support → clear error
+        if kind not in scorer.units:
+            raise ConfigError(
+                f"Criterion {name!r} cannot score {kind!r}; it scores {sorted(scorer.units)}."
+            )
+        if getattr(scorer, "compensate", False):
+            check_compensation(model, adapter, kind)
+    return scorer
+
+
+def _plan(model, adapter, scores, opts: WidthOptions, layers, target, scorer) -> WidthPlan:
+    tables = []
+    for kind, per_layer in scores.items():
+        for values in per_layer:
+            check_scores(values, scorer.name)
+        costs = tuple(unit_cost(model, adapter, i, kind) for i in range(len(per_layer)))
+        tables.append(UnitTable(kind, tuple(per_layer), costs))
+    bounds = Bounds(opts.min_ratio, opts.max_ratio, opts.round_to)
+    removed = allocate(tables, target, layers, opts.allocation, bounds, opts.uniform_widths)
+    n = len(tables[0].scores)
+    empty: tuple[tuple[int, ...], ...] = tuple(() for _ in range(n))
+    counts = {t.kind: tuple(len(v) for v in t.scores) for t in tables}
+    return WidthPlan(
+        num_layers=n,
+        heads=tuple(removed.get("heads", empty)),
+        channels=tuple(removed.get("channels", empty)),
+        num_heads=counts.get("heads", (0,) * n),
+        num_channels=counts.get("channels", (0,) * n),
+        compensate=bool(getattr(scorer, "compensate", False)),
+    )
+
+
+def apply_width_plan(
+    model: PreTrainedModel,
+    plan: WidthPlan,
+    adapter: Adapter | None = None,
+    means: dict[str, list[torch.Tensor]] | None = None,
+) -> bool:
+    """Cut ``plan`` out of ``model`` in place; True if a plain config describes the result.
+
+    With ``plan.compensate``, ``means[kind][layer]`` (the output projection's mean input) is
+    folded into its bias first: b += W[:, removed] · mean[removed].
+    """
+    adapter = adapter or adapter_for(model)
+    original = widths(model, adapter)[0]
+    for kind in ("heads", "channels"):
+        removed = plan.removed(kind)
+        if not any(removed):
+            continue
+        if plan.compensate:
+            if kind not in (means or {}):
+                raise ConfigError(f"Compensation needs the {kind} input means from the criterion.")
+            add_output_bias(model, adapter, kind)
+        for layer, units in enumerate(removed):
+            if units and plan.compensate:
+                compensate(model, adapter, kind, layer, units, means[kind][layer])
+            if units:
+                prune_layer(model, adapter, layer, kind, units)
+    return update_config(model, adapter, original)
+
+
+def count_unique(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def parameter_base(model: PreTrainedModel, include_embeddings: bool) -> int:
+    """Parameters the ratio refers to: all, or all but token/position embeddings and lm_head."""
+    total = count_unique(model)
+    if include_embeddings:
+        return total
+    embedding = {
+        id(p): p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
+    head = model.get_output_embeddings()
+    if head is not None:
+        embedding.update({id(p): p for p in head.parameters()})
+    return total - sum(p.numel() for p in embedding.values())
+
+
+def criterion_details(extras: dict[str, Any]) -> dict[str, Any]:
+    """What a criterion left for inspection (e.g. HyWIA's fusion weights), minus bulky tensors."""
+    return {key: value for key, value in extras.items() if key != "input_mean"}
+
+
+def _record(model, plan, scorer, opts, scores, calib, before, base, seconds, source) -> dict:
+    from secateurs.api import peak_rss_mb, versions
+
+    after = count_unique(model)
+    achieved = (before - after) / base
+    log.info(
+        "removed %d parameters: %.4f of the %s (asked %.4f)",
+        before - after,
+        achieved,
+        "parameters" if opts.include_embeddings else "non-embedding parameters",
+        opts.ratio,
+    )
+    return {
+        "secateurs_version": __version__,
+        "source_model": source,
+        "model_type": model.config.model_type,
+        "width_plan": plan.to_dict(),
+        "criterion": {"name": scorer.name, "options": scorer.options()},
+        "width": asdict(opts),
+        "calibration": calib,
+        "width_scores": {k: [v.tolist() for v in per] for k, per in scores.items()},
+        "parameters": {
+            "before": before,
+            "after": after,
+            "base": base,
+            "base_excludes_embeddings": not opts.include_embeddings,
+            "asked_ratio": opts.ratio,
+            "achieved_ratio": achieved,
+        },
+        "timings": {"scoring_s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)},
+        "versions": versions(),
+    }

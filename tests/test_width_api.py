@@ -1,0 +1,188 @@
+"""Width pruning through the API: criteria, allocation, FLAP compensation, errors, generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from secateurs.adapters import adapter_for
+from secateurs.allocation import Bounds, UnitTable, allocate
+from secateurs.api import prune
+from secateurs.checkpoint import save_checkpoint
+from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.errors import ConfigError, SecateursError, UnsupportedModelError
+from secateurs.plan import WidthPlan
+from secateurs.width import width_masked, widths
+from secateurs.width_api import apply_width_plan
+from tiny_models import tiny_model, tokens
+
+WIDTH_CRITERIA = [name for name, cls in CRITERIA.items() if "heads" in cls.units]
+CALIB = tokens(4, 16, seed=3)
+
+
+@pytest.mark.parametrize("criterion", WIDTH_CRITERIA)
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_every_width_criterion_prunes_to_the_budget(criterion, allocation):
+    model = tiny_model("llama")
+    result = prune(
+        model,
+        None,
+        criterion=criterion,
+        unit="width",
+        ratio=0.3,
+        allocation=allocation,
+        calibration=CALIB,
+        progress=False,
+    )
+    params = result.record["parameters"]
+    assert abs(params["achieved_ratio"] - 0.3) < 0.05
+    assert params["before"] - params["after"] == round(params["achieved_ratio"] * params["base"])
+    assert WidthPlan.from_dict(result.plan.to_dict()) == result.plan
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings intact
+    assert torch.isfinite(model(input_ids=tokens()).logits).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"order": "first"},
+        {"order": "second"},
+        {"order": "mixed"},
+        {"order": "vector", "aggregation": "max"},
+        {"aggregation": "mean"},
+        {"aggregation": "prod"},
+    ],
+)
+def test_taylor_variants_score_every_group(options):
+    model = tiny_model("qwen2")
+    ctx = ScoringContext(model, adapter_for(model), CALIB, 2, progress=False)
+    for kind, count in (("heads", 2), ("channels", 64)):
+        scores = CRITERIA.get("taylor")(**options).score_width(ctx, kind)
+        assert len(scores) == 6 and all(s.shape == (count,) for s in scores)
+        assert all(torch.isfinite(s).all() for s in scores)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fluctuation_compensation_equals_mean_filled_masking(tmp_path):
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    ctx = ScoringContext(model, adapter, CALIB, 2, progress=False)
+    scorer = CRITERIA.get("fluctuation")()
+    removed = {}
+    for kind in ("heads", "channels"):
+        scores = scorer.score_width(ctx, kind)
+        removed[kind] = [tuple(s.argsort()[: len(s) // 4 or 1].tolist()) for s in scores]
+    means = ctx.extras["input_mean"]
+    ws = widths(model, adapter)
+    plan = WidthPlan(
+        6,
+        tuple(removed["heads"]),
+        tuple(removed["channels"]),
+        tuple(w.kv_heads for w in ws),
+        tuple(w.channels for w in ws),
+        compensate=True,
+    )
+    with torch.no_grad(), width_masked(model, adapter, removed, fill=means):
+        expected = model(input_ids=tokens()).logits
+    assert apply_width_plan(model, plan, adapter, means)
+    assert model.config.attention_bias and model.config.mlp_bias
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens()).logits, expected, atol=1e-5, rtol=1e-5)
+    save_checkpoint(model, None, tmp_path / "m", {})
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=tokens()).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2"])
+def test_generate_with_cache_equals_without(model_type):
+    model = tiny_model(model_type)
+    prune(
+        model,
+        None,
+        criterion="magnitude",
+        unit="width",
+        ratio=0.3,
+        allocation="global",
+        progress=False,
+    )
+    prompt = tokens(1, 5)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_ratio_finer_than_a_kv_group_rounds_instead_of_crashing(caplog):
+    model = tiny_model("llama")  # 2 KV groups per layer
+    result = prune(model, None, criterion="magnitude", unit="heads", ratio=0.1, progress=False)
+    assert all(k in (1, 2) for k in result.plan.kept("heads"))
+    assert model.config.num_attention_heads % model.config.num_key_value_heads == 0
+
+
+def test_uniform_widths_and_round_to_give_a_plain_config():
+    model = tiny_model("llama")
+    prune(
+        model,
+        None,
+        criterion="magnitude",
+        unit="channels",
+        ratio=0.3,
+        allocation="global",
+        uniform_widths=True,
+        round_to=8,
+        progress=False,
+    )
+    ws = widths(model, adapter_for(model))
+    assert len({w.channels for w in ws}) == 1 and ws[0].channels % 8 == 0
+    assert model.config.intermediate_size == ws[0].channels
+
+
+def test_global_allocation_respects_layer_range_and_bounds():
+    scores = tuple(torch.arange(10, dtype=torch.float64) * (i + 1) for i in range(4))
+    table = UnitTable("channels", scores, (3,) * 4)
+    removed = allocate([table], 12, [1, 2], "global", Bounds(0.1, 0.5))
+    assert removed["channels"][0] == () and removed["channels"][3] == ()
+    assert sum(len(r) for r in removed["channels"]) == 4
+    assert all(1 <= len(removed["channels"][i]) <= 5 for i in (1, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(ratio=1.5), ConfigError, "in (0, 1)"),
+        (dict(ratio=0.2, allocation="sideways"), ConfigError, "Unknown allocation"),
+        (dict(ratio=0.2, criterion="magnitud"), ConfigError, "Did you mean 'magnitude'"),
+        (dict(ratio=0.2, criterion="ppl"), ConfigError, "cannot score 'heads'"),
+        (dict(ratio=0.2, criterion="taylor", aggregation="median"), ConfigError, "aggregation"),
+        (dict(ratio=0.2, max_ratio=1.0), ConfigError, "keep something"),
+        (dict(ratio=0.2, layers="9:3"), ConfigError, "Layer range"),
+    ],
+)
+def test_bad_input_fails_before_any_work(kwargs, error, message):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = dict(criterion="magnitude", unit="width", progress=False)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        prune(model, None, **{**args, **kwargs})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unsupported_adapter_and_compensation_are_clear_errors():
+    with pytest.raises(UnsupportedModelError, match="ALiBi"):
+        prune(tiny_model("bloom"), None, criterion="magnitude", unit="heads", ratio=0.2)
+    with pytest.raises(UnsupportedModelError, match="compensat"):
+        prune(
+            tiny_model("mistral"),
+            None,
+            criterion="fluctuation",
+            unit="width",
+            ratio=0.2,
+            calibration=CALIB,
+        )
+
+
+def test_a_plan_that_empties_a_layer_is_rejected():
+    with pytest.raises(SecateursError, match="empty the layer"):
+        WidthPlan(1, ((0, 1),), ((),), (2,), (64,))
