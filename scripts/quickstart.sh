@@ -4,7 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export SECATEURS_DATA_DIR=${SECATEURS_DATA_DIR:-$(cd .. && pwd)/shared/data}
+# Evaluation/calibration data: $SECATEURS_DATA_DIR, else ../shared/data if present, else the hub.
+if [ -z "${SECATEURS_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
+  export SECATEURS_DATA_DIR=$(cd ../shared/data && pwd)
+fi
 OUT=${OUT:-runs/quickstart}
 secateurs prune smollm2-135m --unit block --criterion ppl+ --remove 6 --out "$OUT" --overwrite
 secateurs eval ppl smollm2-135m --dataset wikitext2 --max-windows 64
