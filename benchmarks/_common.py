@@ -13,10 +13,10 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def run_measured(command: list[str]) -> tuple[float, float]:
+def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Run ``command`` in a fresh process; return (wall seconds, peak RSS in MB) of that process."""
     start = time.perf_counter()
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})})
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:

@@ -130,6 +130,7 @@ def main() -> None:
     ]
     print(rows[-1], flush=True)
     removals = [int(n) for n in args.removals.split(",")]
+    scored: dict[str, tuple[ScoreResult, float, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for method in args.criteria.split(","):
             criterion, _, mode = method.partition(":")
@@ -140,10 +141,12 @@ def main() -> None:
                 )
                 plans = {n: Plan(num_layers, blocks=order[:n]) for n in removals}
                 values = None
-            else:
-                scores, seconds, peak = score_in_fresh_process(
-                    args.model, criterion, Path(folder), args
-                )
+            else:  # NAME and NAME+ share scores; "+" only changes the selection
+                if criterion.rstrip("+") not in scored:
+                    scored[criterion.rstrip("+")] = score_in_fresh_process(
+                        args.model, criterion, Path(folder), args
+                    )
+                scores, seconds, peak = scored[criterion.rstrip("+")]
                 plans = {
                     n: plan_from_scores(scores, num_layers, n, spec.protected) for n in removals
                 }
@@ -165,6 +168,10 @@ def main() -> None:
                 )
                 print({k: v for k, v in rows[-1].items() if k != "scores"}, flush=True)
                 del pruned
+            write_table(rows, args)  # after every method, so a cut-short run keeps its rows
+
+
+def write_table(rows: list[dict], args) -> None:
     columns = [
         ("method", "criterion"),
         ("removed", "blocks removed"),

@@ -135,6 +135,14 @@ def test_existing_output_gives_exit_code_2(model_dir, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_eval_ppl_save_merges_into_results_json(model_dir, data_dir):
+    flags = ["--seq-len", "16", "--max-windows", "2", "--data-dir", str(data_dir), "--save"]
+    assert main(["eval", "ppl", str(model_dir), "--dataset", "wikitext2", *flags]) == 0
+    assert main(["eval", "ppl", str(model_dir), "--dataset", "ptb", *flags]) == 0
+    saved = json.loads((model_dir / "results.json").read_text())["ppl"]
+    assert set(saved) == {"wikitext2", "ptb"} and saved["ptb"]["windows"] == 2
+
+
 def test_eval_ppl_json(model_dir, data_dir, capsys):
     assert (
         main(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -186,3 +188,35 @@ def test_unsupported_adapter_and_compensation_are_clear_errors():
 def test_a_plan_that_empties_a_layer_is_rejected():
     with pytest.raises(SecateursError, match="empty the layer"):
         WidthPlan(1, ((0, 1),), ((),), (2,), (64,))
+
+
+def test_compensation_applies_to_any_criterion_and_matches_mean_replacement():
+    """--compensate with a criterion that has no means of its own: the pruned model equals the
+    original with the removed inputs replaced by their calibration means."""
+    from secateurs.criteria.base import input_statistics
+
+    model = tiny_model("llama")
+    calib = tokens(batch=4, length=16, seed=5)
+    reference = copy.deepcopy(model)
+    result = prune(
+        model,
+        None,
+        unit="channels",
+        criterion="magnitude",
+        ratio=0.1,
+        compensate=True,
+        progress=False,
+        calibration=calib,
+    )
+    assert result.plan.compensate and result.record["width"]["compensate"] is True
+    ctx = ScoringContext(reference, adapter_for(reference), calib, 4, progress=False)
+    means = [s.mean for s in input_statistics(ctx, "channels", "means")]
+    x = tokens(seed=9)
+    removed = {"channels": result.plan.channels}
+    with (
+        torch.no_grad(),
+        width_masked(reference, adapter_for(reference), removed, {"channels": means}),
+    ):
+        expected = reference(x).logits
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=1e-5)

@@ -193,6 +193,7 @@ def prune(
     round_to: int = 1,
     uniform_widths: bool = False,
     include_embeddings: bool = False,
+    compensate: bool | None = None,
     **options: Any,
 ) -> PruneResult:
     """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.
@@ -219,6 +220,7 @@ def prune(
             round_to,
             uniform_widths,
             include_embeddings,
+            compensate,
         )
         width = prune_width(
             model,

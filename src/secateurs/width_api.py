@@ -27,6 +27,7 @@ from secateurs.adapters import Adapter, adapter_for
 from secateurs.allocation import ALLOCATIONS, Bounds, UnitTable, allocate
 from secateurs.checkpoint import check_output_dir, save_checkpoint
 from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.criteria.base import input_statistics
 from secateurs.errors import ConfigError
 from secateurs.plan import WidthPlan, check_scores
 from secateurs.width import (
@@ -61,6 +62,9 @@ class WidthOptions:
     round_to: int = 1
     uniform_widths: bool = False
     include_embeddings: bool = False
+    # Fold the removed units' mean contribution into the output bias (FLAP's compensation) for
+    # any criterion; None: the criterion's own default (on for fluctuation, off otherwise).
+    compensate: bool | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in WIDTH_UNITS:
@@ -134,12 +138,17 @@ def prune_width(
     base, before = parameter_base(model, opts.include_embeddings), count_unique(model)
     from secateurs.api import _calibration  # the depth path's calibration loader
 
-    tokens, calib_record = _calibration(scorer.needs_calibration, calibration, tokenizer, data_root)
+    compensating = _compensating(scorer, opts)  # compensation needs calibration means
+    needs_data = scorer.needs_calibration or compensating
+    tokens, calib_record = _calibration(needs_data, calibration, tokenizer, data_root)
     ctx = ScoringContext(model.eval(), adapter, tokens, batch_size, (), progress)
     start = time.perf_counter()
     scores = {kind: scorer.score_width(ctx, kind) for kind in opts.kinds}
+    if compensating:
+        ensure_input_means(ctx, opts.kinds)
     seconds = time.perf_counter() - start
-    plan = _plan(model, adapter, scores, opts, layers, round(opts.ratio * base), scorer)
+    target = round(opts.ratio * base)
+    plan = _plan(model, adapter, scores, opts, layers, target, scorer, compensating)
     means = ctx.extras.get("input_mean", {}) if plan.compensate else {}
     apply_width_plan(model, plan, adapter, means)
     record = _record(model, plan, scorer, opts, scores, calib_record, before, base, seconds, source)
@@ -158,12 +167,28 @@ def _checked_scorer(model, adapter: Adapter, criterion: str, opts: WidthOptions,
             raise ConfigError(
                 f"Criterion {name!r} cannot score {kind!r}; it scores {sorted(scorer.units)}."
             )
-        if getattr(scorer, "compensate", False):
+        if _compensating(scorer, opts):
             check_compensation(model, adapter, kind)
     return scorer
 
 
-def _plan(model, adapter, scores, opts: WidthOptions, layers, target, scorer) -> WidthPlan:
+def _compensating(scorer, opts: WidthOptions) -> bool:
+    if opts.compensate is not None:
+        return opts.compensate
+    return bool(getattr(scorer, "compensate", False))
+
+
+def ensure_input_means(ctx: ScoringContext, kinds: tuple[str, ...]) -> None:
+    """Mean inputs of each output projection, for compensation (one pass if not yet known)."""
+    means = ctx.extras.setdefault("input_mean", {})
+    for kind in kinds:
+        if kind not in means:
+            means[kind] = [s.mean for s in input_statistics(ctx, kind, "compensation: means")]
+
+
+def _plan(
+    model, adapter, scores, opts: WidthOptions, layers, target, scorer, compensate=None
+) -> WidthPlan:
     tables = []
     for kind, per_layer in scores.items():
         for values in per_layer:
@@ -181,7 +206,7 @@ def _plan(model, adapter, scores, opts: WidthOptions, layers, target, scorer) ->
         channels=tuple(removed.get("channels", empty)),
         num_heads=counts.get("heads", (0,) * n),
         num_channels=counts.get("channels", (0,) * n),
-        compensate=bool(getattr(scorer, "compensate", False)),
+        compensate=_compensating(scorer, opts) if compensate is None else compensate,
     )
 
 

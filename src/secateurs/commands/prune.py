@@ -38,6 +38,12 @@ def add_width_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--include-embeddings", action="store_true", help="--ratio counts embedding parameters too"
     )
+    group.add_argument(
+        "--compensate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fold removed units' mean output into the bias (FLAP); default: the criterion's",
+    )
 
 
 def _report_width(result) -> int:
@@ -106,6 +112,7 @@ class Prune(Command):
                 round_to=args.round_to,
                 uniform_widths=args.uniform_widths,
                 include_embeddings=args.include_embeddings,
+                compensate=args.compensate,
             )
         result = prune(
             model,
