@@ -63,6 +63,8 @@ def test_random_config_shapes_and_depth_plan():
 
 def test_kind_of_record():
     assert kind_of({}) == "dense"
+    width_record = {"width_plan": {"num_layers": 2, "heads": [[0], []], "channels": [[], []]}}
+    assert kind_of(width_record) == "width"
     assert kind_of({"plan": {"num_layers": 6, "blocks": [2], "protected": [0]}}) == "depth"
     assert kind_of({"plan": {"num_layers": 6, "blocks": [], "heads": {"0": [1]}}}) == "width"
 

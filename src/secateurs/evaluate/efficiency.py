@@ -428,6 +428,8 @@ DEPTH_KEYS = ("blocks", "attn", "mlp")
 
 def kind_of(record: dict[str, Any]) -> str:
     """ "dense", "depth" or "width" from a ``secateurs.json`` record (empty: dense)."""
+    if record.get("width_plan"):  # written by width pruning (secateurs.width_api)
+        return "width"
     plan = record.get("plan") or {}
     if any(plan.get(key) for key in DEPTH_KEYS):
         return "depth"
