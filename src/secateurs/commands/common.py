@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from secateurs.data import CalibrationConfig
 from secateurs.errors import ConfigError
-from secateurs.models import DEFAULT_MODEL
+from secateurs.models import DEFAULT_MODEL, resolve_model
 
 
 def add_model_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -87,3 +88,21 @@ def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def add_save_arg(parser: argparse.ArgumentParser, key: str) -> None:
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help=f"merge results into MODEL/results.json (key '{key}') for 'secateurs report'",
+    )
+
+
+def save_location(args: argparse.Namespace) -> Path | None:
+    """The model directory ``--save`` writes into (checked before any work), or None."""
+    if not args.save:
+        return None
+    location = Path(resolve_model(args.model))
+    if not location.is_dir():
+        raise ConfigError(f"--save needs a model directory; {args.model!r} is not one.")
+    return location

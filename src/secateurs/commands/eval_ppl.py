@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from secateurs.commands import Command, register
-from secateurs.commands.common import add_data_args, add_model_args, print_json
-from secateurs.errors import ConfigError
+from secateurs.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_save_arg,
+    print_json,
+    save_location,
+)
 from secateurs.evaluate.ppl import BOS_POLICIES, PPLProtocol, perplexity
-from secateurs.models import load_model, resolve_model
+from secateurs.models import load_model
 from secateurs.report import read_results, save_results
 
 
@@ -31,17 +35,11 @@ class EvalPPL(Command):
         )
         parser.add_argument("--batch-size", type=int, default=8)
         parser.add_argument("--json", action="store_true", help="print results as JSON")
-        parser.add_argument(
-            "--save",
-            action="store_true",
-            help="merge results into MODEL/results.json (key 'ppl') for 'secateurs report'",
-        )
+        add_save_arg(parser, "ppl")
         add_data_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        location = Path(resolve_model(args.model))
-        if args.save and not location.is_dir():
-            raise ConfigError(f"--save needs a model directory; {args.model!r} is not one.")
+        location = save_location(args)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         results = {}
         for dataset in [d.strip() for d in args.dataset.split(",") if d.strip()]:
@@ -49,7 +47,7 @@ class EvalPPL(Command):
                 dataset, args.split, args.seq_len, args.bos, args.max_windows, args.batch_size
             )
             results[dataset] = perplexity(model, tokenizer, protocol, args.data_dir).to_dict()
-        if args.save:
+        if location is not None:
             saved = {**read_results(location).get("ppl", {}), **results}
             save_results(location, "ppl", saved)
         if args.json:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from secateurs.commands import Command, register
-from secateurs.commands.common import add_data_args, add_model_args, print_json
-from secateurs.errors import ConfigError
+from secateurs.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_save_arg,
+    print_json,
+    save_location,
+)
 from secateurs.evaluate.zeroshot import PAPER_TASKS, format_table, zeroshot
-from secateurs.models import load_model, resolve_model
+from secateurs.models import load_model
 from secateurs.report import save_results
 
 
@@ -25,17 +29,11 @@ class EvalZeroShot(Command):
         parser.add_argument("--batch-size", type=int, default=8)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--json", action="store_true", help="print results as JSON")
-        parser.add_argument(
-            "--save",
-            action="store_true",
-            help="merge results into MODEL/results.json (key 'zeroshot') for 'secateurs report'",
-        )
+        add_save_arg(parser, "zeroshot")
         add_data_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        location = Path(resolve_model(args.model))
-        if args.save and not location.is_dir():
-            raise ConfigError(f"--save needs a model directory; {args.model!r} is not one.")
+        location = save_location(args)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         result = zeroshot(
             model,
@@ -46,7 +44,7 @@ class EvalZeroShot(Command):
             data_root=args.data_dir,
             seed=args.seed,
         )
-        if args.save:
+        if location is not None:
             save_results(location, "zeroshot", result.to_dict())
         if args.json:
             print_json({"model": str(args.model), "zeroshot": result.to_dict()})
