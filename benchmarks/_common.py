@@ -40,6 +40,8 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 def _cell(value) -> str:
     if value is None:
         return "–"
+    if isinstance(value, bool):  # before int: bool is an int
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.2f}" if abs(value) < 1e5 else f"{value:,.0f}"
     if isinstance(value, int):
