@@ -39,29 +39,20 @@ CRITERIA = [
 ]
 
 
+def run_block_command(command: str, model: str, criterion: str, out: Path, args, *extra: str):
+    """Run ``secateurs COMMAND`` on blocks with the benchmark's calibration, measured."""
+    return run_measured([
+        *secateurs_cli(), command, model, "--unit", "block", "--criterion", criterion,
+        *extra, "--out", str(out), "--overwrite", "--n-samples", str(args.n_samples),
+        "--calib-seq-len", "128", "--seed", str(args.seed),
+    ])  # fmt: skip
+
+
 def score_in_fresh_process(
     model: str, criterion: str, folder: Path, args
 ) -> tuple[ScoreResult, float, float]:
     out = folder / f"{criterion.replace('+', '_plus')}.json"
-    command = [
-        *secateurs_cli(),
-        "score",
-        model,
-        "--unit",
-        "block",
-        "--criterion",
-        criterion,
-        "--out",
-        str(out),
-        "--overwrite",
-        "--n-samples",
-        str(args.n_samples),
-        "--calib-seq-len",
-        "128",
-        "--seed",
-        str(args.seed),
-    ]
-    seconds, peak_mb = run_measured(command)
+    seconds, peak_mb = run_block_command("score", model, criterion, out, args)
     return ScoreResult.from_dict(json.loads(out.read_text())), seconds, peak_mb
 
 
@@ -71,28 +62,8 @@ def iterative_order(model: str, criterion: str, count: int, folder: Path, args):
     Greedy steps 1..k are the same for any total ≥ k, so one run serves every removal count.
     """
     out = folder / f"{criterion.replace('+', '_plus')}-iterative"
-    command = [
-        *secateurs_cli(),
-        "prune",
-        model,
-        "--unit",
-        "block",
-        "--criterion",
-        criterion,
-        "--iterative",
-        "--remove",
-        str(count),
-        "--out",
-        str(out),
-        "--overwrite",
-        "--n-samples",
-        str(args.n_samples),
-        "--calib-seq-len",
-        "128",
-        "--seed",
-        str(args.seed),
-    ]
-    seconds, peak_mb = run_measured(command)
+    extra = ("--iterative", "--remove", str(count))
+    seconds, peak_mb = run_block_command("prune", model, criterion, out, args, *extra)
     record = json.loads((out / "secateurs.json").read_text())
     order = [layer for layer, _ in record["scores"][-1]["removed_before"]]
     order += [b for b in record["plan"]["blocks"] if b not in order]

@@ -86,10 +86,11 @@ def skip_branch(model: PreTrainedModel, adapter: Adapter, unit: Unit) -> None:
 def remove_blocks(model: PreTrainedModel, adapter: Adapter, blocks: tuple[int, ...]) -> None:
     layers = adapter.layers(model)
     old_count = len(layers)
-    kept = [layer for i, layer in enumerate(layers) if i not in set(blocks)]
+    kept_indices = [i for i in range(old_count) if i not in set(blocks)]
+    kept = [layers[i] for i in kept_indices]
     adapter.set_layers(model, nn.ModuleList(kept))
     renumber_layers(adapter.layers(model))
-    update_layer_config(model, adapter, [i for i in range(old_count) if i not in set(blocks)])
+    update_layer_config(model, adapter, kept_indices)
     log.info("num_hidden_layers: %d -> %d (removed %s)", old_count, len(kept), list(blocks))
 
 
