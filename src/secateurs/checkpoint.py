@@ -1,68 +1,58 @@
 """Atomic saving and exact reloading of (pruned) checkpoints.
 
 A pruned model is saved as a standard HF directory plus ``secateurs.json`` (the run record).
-Removed blocks are plain config changes that any engine loads; removed branches are not
-expressible in HF configs, so the record's ``structure`` lets secateurs rebuild them exactly.
+Removed blocks are plain config changes that any engine loads. Removed branches and per-layer
+widths are not expressible in HF configs: their ``config.json`` gets a ``model_type`` and
+``architectures`` no other loader knows (``secateurs-pruned-llama``), so a plain
+``from_pretrained``, vLLM or a llama.cpp converter fails loudly instead of filling the missing
+branches with random weights; the original values are kept under ``secateurs_original`` and the
+record's ``structure`` lets ``secateurs.load_model`` rebuild the model exactly.
+
+Before writing, the model is compared with one built from its own config (on the meta device):
+any difference a reload would not repair (a layer-index dependent constant, a sparse/dense MLP
+pattern) is refused instead of being saved silently wrong.
+
+Heavy libraries are imported inside functions: the CLI imports this module to print ``--help``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers import PreTrainedTokenizerBase as Tokenizer
+from secateurs.errors import ModelFileError, UnsupportedModelError
+from secateurs.outputs import atomic_directory, check_disk_space, check_output_dir
 
-from secateurs.errors import OutputExistsError
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "secateurs.json"
+MARK_KEY = "secateurs_original"  # config.json: the real model_type / architectures
+MARK_PREFIX = "secateurs-pruned-"
 
-
-def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before any costly work) if ``out`` exists and may not be replaced."""
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"Output directory {path} exists; pass --overwrite to replace it.")
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"Output path {path} exists and is not a directory.")
-    return path
-
-
-@contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``out`` only if the block succeeds.
-
-    A crash or Ctrl-C inside the block leaves ``out`` as it was (absent, or the old contents).
-    """
-    target = check_output_dir(out, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield tmp
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+__all__ = [
+    "MARK_KEY",
+    "RECORD_FILE",
+    "atomic_directory",
+    "check_disk_space",
+    "check_output_dir",
+    "load_checkpoint",
+    "loading_note",
+    "read_config",
+    "read_record",
+    "save_checkpoint",
+    "write_json",
+]
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -73,6 +63,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def _jsonable(value: Any) -> Any:
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, (Path, torch.dtype)):
@@ -85,6 +77,61 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+# --- config.json --------------------------------------------------------------------------------
+
+
+def read_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a local model directory, as written (a clear error if it is not JSON)."""
+    path = Path(directory) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(
+            f"{path} is not valid JSON ({err}); the model files are damaged."
+        ) from err
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ModelFileError(f"{path} has no 'model_type': not a Hugging Face model config.")
+    return data
+
+
+def original_model_type(config: dict[str, Any]) -> str:
+    """The architecture's model type, also for configs marked by secateurs."""
+    return config.get(MARK_KEY, {}).get("model_type") or config["model_type"]
+
+
+def read_config(directory: str | os.PathLike) -> PretrainedConfig:
+    """The config of a local model directory, with secateurs' loud-failing mark undone."""
+    from transformers import AutoConfig
+
+    data = read_config_dict(directory)
+    if MARK_KEY not in data:
+        return AutoConfig.from_pretrained(directory)
+    original = data.pop(MARK_KEY)
+    data.pop("secateurs_load_with", None)
+    data.pop("model_type")
+    data["architectures"] = original.get("architectures")
+    config = AutoConfig.for_model(original["model_type"], **data)
+    config._name_or_path = str(directory)
+    return config
+
+
+def mark_config(directory: Path) -> None:
+    """Make ``config.json`` unloadable by anything but secateurs (see module docstring)."""
+    path = directory / "config.json"
+    data = json.loads(path.read_text())
+    original = {"model_type": data["model_type"], "architectures": data.get("architectures")}
+    data["model_type"] = MARK_PREFIX + original["model_type"]
+    data["architectures"] = [f"SecateursPruned{a}" for a in original["architectures"] or []]
+    data[MARK_KEY] = original
+    data["secateurs_load_with"] = (
+        "secateurs.load_model(dir): removed branches or per-layer widths (see secateurs.json)"
+    )
+    write_json(path, data)
+
+
+# --- saving -------------------------------------------------------------------------------------
+
+
 def save_checkpoint(
     model: PreTrainedModel,
     tokenizer: Tokenizer | None,
@@ -93,18 +140,24 @@ def save_checkpoint(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Save model, tokenizer and run record to ``out`` atomically."""
+    """Save model, tokenizer and run record to ``out`` atomically (one writer at a time)."""
     from secateurs.surgery import skipped_branches
 
+    check_output_dir(out, overwrite)  # before anything is built
     skipped = skipped_branches(model)
-    layer_widths = width_structure(model)
+    fresh = _model_from_own_config(model)
+    layer_widths = width_structure(model, fresh)
+    check_reloadable(model, fresh, skipped, bool(layer_widths))
     record = dict(record)
     record["structure"] = {"skipped_branches": [list(unit) for unit in skipped]}
     if layer_widths:
         record["structure"]["widths"] = layer_widths
-    record["loading"] = loading_note(bool(skipped), bool(layer_widths))
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    note = loading_note(bool(skipped), bool(layer_widths))
+    record["loading"] = note
+    with atomic_directory(out, overwrite=overwrite, needed=checkpoint_bytes(model)) as tmp:
         model.save_pretrained(tmp)
+        if not note["plain_transformers"]:
+            mark_config(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / RECORD_FILE, record)
@@ -112,7 +165,29 @@ def save_checkpoint(
     return Path(out)
 
 
-def width_structure(model: PreTrainedModel) -> dict[str, list[int]] | None:
+def checkpoint_bytes(model: PreTrainedModel) -> int:
+    """Bytes the weights take on disk (tied weights once), plus a margin for small files."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return int(sum(seen.values()) * 1.02) + (20 << 20)
+
+
+def _model_from_own_config(model: PreTrainedModel) -> PreTrainedModel | None:
+    """What a reload builds before loading weights: the model of the saved config, on meta."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = type(model.config).from_dict(model.config.to_dict())
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # an exotic config: the reload tests are then the only guard
+        log.warning("Could not build %s from its config to check it (%s)", config.model_type, err)
+        return None
+
+
+def width_structure(
+    model: PreTrainedModel, fresh: PreTrainedModel | None = None
+) -> dict[str, list[int]] | None:
     """Per-layer widths, if a model built from the config alone would have other shapes."""
     from secateurs.adapters import adapter_for
     from secateurs.width import widths
@@ -120,10 +195,9 @@ def width_structure(model: PreTrainedModel) -> dict[str, list[int]] | None:
     adapter = adapter_for(model)
     if adapter.heads is None and adapter.channels is None:
         return None
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(model.config)
+    fresh = fresh if fresh is not None else _model_from_own_config(model)
     actual = widths(model, adapter)
-    if actual == widths(fresh, adapter):
+    if fresh is None or actual == widths(fresh, adapter):
         return None
     return {
         "heads": [w.heads for w in actual],
@@ -132,79 +206,194 @@ def width_structure(model: PreTrainedModel) -> dict[str, list[int]] | None:
     }
 
 
-def loading_note(needs_secateurs: bool, widths: bool = False) -> dict[str, Any]:
-    if widths:
-        return {
-            "plain_transformers": False,
-            "how": (
-                "Per-layer widths (attention heads / MLP channels) are not expressible in this "
-                "model's Hugging Face config: load with secateurs.load_model(dir), which rebuilds "
-                "each layer's shapes from secateurs.json. Plain from_pretrained fails on the shape "
-                "mismatch; vLLM and llama.cpp converters cannot load it (use --uniform-widths on "
-                "a family whose config has head_dim, e.g. LLaMA, for a portable checkpoint)."
-            ),
-        }
-    if not needs_secateurs:
+def check_reloadable(
+    model: PreTrainedModel, fresh: PreTrainedModel | None, skipped: list, widths: bool
+) -> None:
+    """Refuse to save what a reload would rebuild differently (see module docstring)."""
+    if fresh is None:
+        return
+    problems = _parameter_mismatches(model, fresh, skipped, widths) + _constant_mismatches(
+        model, fresh
+    )
+    if problems:
+        raise UnsupportedModelError(
+            f"This pruned {model.config.model_type} model cannot be saved exactly: a reload "
+            f"would build it differently ({'; '.join(problems[:4])}). Nothing was written. "
+            "Please report this with the model's config."
+        )
+
+
+def _parameter_mismatches(
+    model: PreTrainedModel, fresh: PreTrainedModel, skipped: list, widths: bool
+) -> list[str]:
+    from secateurs.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    ours = {n: p.shape for n, p in model.named_parameters()}
+    theirs = {n: p.shape for n, p in fresh.named_parameters()}
+    removed = tuple(
+        f"{adapter.layers_path}.{layer}.{name}."
+        for layer, kind in skipped
+        for name in adapter.sub_block(kind, model.config).module_names()
+    )
+    problems = [f"{n} would be missing" for n in ours if n not in theirs]
+    problems += [
+        f"{n} would be added" for n in theirs if n not in ours and not n.startswith(removed)
+    ]
+    if not widths:
+        problems += [
+            f"{n} would have shape {tuple(theirs[n])}"
+            for n in ours
+            if n in theirs and theirs[n] != ours[n]
+        ]
+    return problems
+
+
+def _constant_mismatches(model: PreTrainedModel, fresh: PreTrainedModel) -> list[str]:
+    """Flags, strings and floats of layer modules that a reload would set differently (e.g.
+    GPT-2's ``scaling`` from the layer index, a sliding-window layer type)."""
+    theirs = dict(fresh.named_modules())
+    problems = []
+    for name, module in model.named_modules():
+        other = theirs.get(name)
+        if other is None or type(other) is not type(module):
+            continue
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or attr == "training" or not hasattr(other, attr):
+                continue
+            if not _same_constant(value, getattr(other, attr)):
+                problems.append(f"{name}.{attr} = {value!r}, reloaded {getattr(other, attr)!r}")
+    return problems
+
+
+def _same_constant(ours: Any, theirs: Any) -> bool:
+    """Compare only scalars whose meaning cannot be a width (widths are checked separately)."""
+    simple = (bool, str, float, type(None))
+    if not isinstance(ours, (*simple, int)) or not isinstance(theirs, (*simple, int)):
+        return True
+    if type(ours) is int and type(theirs) is int:
+        return True
+    if isinstance(ours, float) and isinstance(theirs, float):
+        return math.isclose(ours, theirs, rel_tol=1e-6)
+    return ours == theirs
+
+
+def loading_note(skipped_branches: bool, widths: bool = False) -> dict[str, Any]:
+    """What can load the checkpoint; printed by ``prune`` and kept in ``secateurs.json``."""
+    if not skipped_branches and not widths:
         return {
             "plain_transformers": True,
             "how": "AutoModelForCausalLM.from_pretrained(dir) loads it exactly; other engines too.",
         }
+    what = " and ".join(
+        part
+        for part, present in (
+            ("removed attention/MLP branches", skipped_branches),
+            ("per-layer widths (attention heads / MLP channels)", widths),
+        )
+        if present
+    )
     return {
         "plain_transformers": False,
         "how": (
-            "Removed attention/MLP branches are not expressible in a Hugging Face config: load "
-            "with secateurs.load_model(dir). Plain from_pretrained would re-create the missing "
-            "branches with random weights; vLLM and llama.cpp converters cannot load it."
+            f"It has {what}, which a Hugging Face config cannot express: load it with "
+            "secateurs.load_model(dir). Its config.json is marked (model_type "
+            f"'{MARK_PREFIX}…') so plain from_pretrained, vLLM and llama.cpp converters refuse "
+            "it instead of loading it wrong; export it for those engines."
         ),
     }
 
 
+# --- loading ------------------------------------------------------------------------------------
+
+
 def load_checkpoint(
-    location: str, dtype: torch.dtype | str = torch.float32
+    location: str, dtype: torch.dtype | str | None = None
 ) -> tuple[PreTrainedModel, Tokenizer]:
     """Load an HF directory or hub id; rebuild secateurs structure recorded beside it."""
-    structure = read_record(location).get("structure", {})
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    local = Path(location).is_dir()
+    if local:
+        check_safetensors(Path(location))
+    structure = read_record(location).get("structure", {}) if local else {}
     skipped = structure.get("skipped_branches", [])
+    kwargs = {"dtype": dtype, "config": read_config(location)} if local else {"dtype": dtype}
     tokenizer = _tokenizer(location)
     if structure.get("widths"):
-        return _load_with_widths(Path(location), skipped, structure["widths"], dtype), tokenizer
+        return _load_with_widths(Path(location), skipped, structure["widths"], kwargs), tokenizer
     if not skipped:
-        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype), tokenizer
-    return _load_with_structure(Path(location), skipped, dtype), tokenizer
+        return AutoModelForCausalLM.from_pretrained(location, **kwargs), tokenizer
+    return _load_with_structure(Path(location), skipped, kwargs), tokenizer
+
+
+def check_safetensors(directory: Path) -> None:
+    """Name a truncated or corrupt ``*.safetensors`` file before transformers trips on it."""
+    for path in sorted(directory.glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                if length <= 0 or 8 + length > size:
+                    raise ValueError("header cut off")
+                header = json.loads(handle.read(length))
+            end = max(
+                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelFileError(f"{path} is not a valid safetensors file ({err}).") from err
+        if 8 + length + end > size:
+            raise ModelFileError(
+                f"{path} is truncated: {size:,} bytes, its header needs {8 + length + end:,}. "
+                "Copy or download it again."
+            )
 
 
 def _tokenizer(location: str) -> Tokenizer | None:
     """The tokenizer beside a checkpoint; None for a local directory saved without one."""
+    from transformers import AutoTokenizer
+
     path = Path(location)
     if path.is_dir() and not any(path.glob("tokenizer*")):
         return None
     return AutoTokenizer.from_pretrained(location)
 
 
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """Silence transformers' LOAD REPORT of weights we replace anyway; we check the rest."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load_with_widths(
-    directory: Path,
-    skipped: list[list],
-    layer_widths: dict[str, list[int]],
-    dtype: torch.dtype | str,
+    directory: Path, skipped: list[list], layer_widths: dict[str, list[int]], kwargs: dict
 ) -> PreTrainedModel:
     """Load through transformers (key renames, ties), cut every layer to its recorded widths,
     then fill the weights transformers could not place because of their shapes.
 
     Strict: every mismatched weight must be in the files with the recorded shape.
     """
+    import torch
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     from secateurs.adapters import adapter_for
-    from secateurs.surgery import skip_branch
-    from secateurs.units import Unit
     from secateurs.width import layer_width, prune_layer
 
-    model, info = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True
-    )
+    with _quiet_load_report():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+        )
     adapter = adapter_for(model)
-    for layer, kind in skipped:
-        skip_branch(model, adapter, Unit(int(layer), kind))
+    _check_missing(directory, model, adapter, skipped, info)
     for index, block in enumerate(adapter.layers(model)):
         now = layer_width(adapter, block)
         for kind, have, want in (
@@ -220,27 +409,37 @@ def _load_with_widths(
     with torch.no_grad():
         for key in [m[0] if isinstance(m, (tuple, list)) else m for m in info["mismatched_keys"]]:
             if key not in state or key not in params or params[key].shape != state[key].shape:
-                raise ValueError(f"{directory}: weight {key} does not match the recorded widths.")
+                raise ModelFileError(
+                    f"{directory}: weight {key} does not match the recorded widths."
+                )
             params[key].copy_(state[key].to(params[key].dtype))
     return model
 
 
-def _load_with_structure(
-    directory: Path, skipped: list[list], dtype: torch.dtype | str
-) -> PreTrainedModel:
+def _load_with_structure(directory: Path, skipped: list[list], kwargs: dict) -> PreTrainedModel:
     """Load through transformers (key renames, ties, dtype), then drop the recorded branches.
 
     The removed branches' weights are absent from the files, so transformers initialises them
     randomly; they are replaced at once, and any *other* missing weight is an error.
     """
+    from transformers import AutoModelForCausalLM
+
     from secateurs.adapters import adapter_for
+
+    with _quiet_load_report():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory, output_loading_info=True, **kwargs
+        )
+    _check_missing(directory, model, adapter_for(model), skipped, info)
+    return model
+
+
+def _check_missing(directory: Path, model, adapter, skipped: list[list], info: dict) -> None:
+    """Replace the recorded removed branches; any other missing or unexpected weight is an
+    error (what transformers' load report would have shown)."""
     from secateurs.surgery import skip_branch
     from secateurs.units import Unit
 
-    model, info = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, output_loading_info=True
-    )
-    adapter = adapter_for(model)
     expected_missing = set()
     for layer, kind in skipped:
         unit = Unit(int(layer), kind)
@@ -254,8 +453,7 @@ def _load_with_structure(
         skip_branch(model, adapter, unit)
     unexplained = sorted(set(info["missing_keys"]) - expected_missing)
     if unexplained or info["unexpected_keys"]:
-        raise ValueError(
+        raise ModelFileError(
             f"{directory}: checkpoint does not match its recorded structure "
-            f"(missing {unexplained[:5]}, unexpected {info['unexpected_keys'][:5]})."
+            f"(missing {unexplained[:5]}, unexpected {sorted(info['unexpected_keys'])[:5]})."
         )
-    return model

@@ -27,3 +27,12 @@ class OutputExistsError(SecateursError, FileExistsError):
 
 class ScoreError(SecateursError, ValueError):
     """A criterion produced NaN/inf or otherwise unusable scores."""
+
+
+class OutputError(SecateursError, OSError):
+    """The output location cannot be written (read-only, disk full, another writer holds it)."""
+
+
+class ModelFileError(SecateursError, ValueError):
+    """A model's files are unreadable: config.json not JSON, truncated weights, non-finite
+    weights."""

@@ -3,6 +3,16 @@
 Surgery edits the model in place (no copy of the weights). After removing blocks every module's
 ``layer_idx`` is renumbered and per-layer config lists are sliced, so ``generate()`` with a KV
 cache addresses the right cache slot.
+
+Some families compute constants from a layer's *index* when the model is built, so a kept layer
+renumbered from 7 to 4 would be rebuilt differently on reload. Each such constant is kept exact:
+- per-layer lists (``layer_types``, ``no_rope_layers``, ``mlp_layer_types``) are sliced;
+- index lists (``mlp_only_layers``) are renumbered, a ``decoder_sparse_step`` pattern becomes an
+  explicit ``mlp_only_layers`` list, dense-prefix counts (``first_k_dense_replace``,
+  ``num_dense_layers``) count the kept dense layers;
+- GPT-2's ``scale_attn_by_inverse_layer_idx`` (scores divided by index + 1) is folded into the
+  query weights, so the layer's new index gives the old scaling.
+Anything else a reload would rebuild differently is refused when saving (``checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from secateurs.adapters import Adapter, adapter_for
+from secateurs.errors import UnsupportedModelError
 from secateurs.plan import Plan
 from secateurs.units import Unit, branch_zero, first_arg
 
@@ -88,6 +99,7 @@ def remove_blocks(model: PreTrainedModel, adapter: Adapter, blocks: tuple[int, .
     old_count = len(layers)
     kept_indices = [i for i in range(old_count) if i not in set(blocks)]
     kept = [layers[i] for i in kept_indices]
+    keep_inverse_layer_scaling(model, adapter, kept_indices)
     adapter.set_layers(model, nn.ModuleList(kept))
     renumber_layers(adapter.layers(model))
     update_layer_config(model, adapter, kept_indices)
@@ -102,15 +114,78 @@ def renumber_layers(layers: nn.ModuleList) -> None:
                 module.layer_idx = new_index
 
 
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "mlp_layer_types")
+DENSE_PREFIX_KEYS = ("first_k_dense_replace", "num_dense_layers")
+
+
 def update_layer_config(model: PreTrainedModel, adapter: Adapter, kept: list[int]) -> None:
+    """Keep every layer-index dependent config value right for the kept layers (see above)."""
     config = model.config
     old_count = config.num_hidden_layers
-    for key in adapter.per_layer_config_keys:
+    for key in dict.fromkeys((*adapter.per_layer_config_keys, *PER_LAYER_KEYS)):
         values = getattr(config, key, None)
         if isinstance(values, (list, tuple)) and len(values) == old_count:
             setattr(config, key, [values[i] for i in kept])
             log.info("config.%s sliced to the %d kept layers", key, len(kept))
+    _renumber_sparse_layers(config, kept)
+    for key in DENSE_PREFIX_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, key, sum(1 for old in kept if old < value))
     config.num_hidden_layers = len(kept)
+
+
+def _renumber_sparse_layers(config: Any, kept: list[int]) -> None:
+    """Qwen-MoE style: a layer is dense if listed in ``mlp_only_layers`` or off the
+    ``decoder_sparse_step`` pattern; write the kept dense layers as an explicit list."""
+    dense_list = getattr(config, "mlp_only_layers", None)
+    if dense_list is None:
+        return
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    experts = getattr(config, "num_experts", 1)
+    dense = {i for i in kept if i in dense_list or not (experts > 0 and (i + 1) % step == 0)}
+    config.mlp_only_layers = [new for new, old in enumerate(kept) if old in dense]
+    if hasattr(config, "decoder_sparse_step"):
+        config.decoder_sparse_step = 1
+
+
+def keep_inverse_layer_scaling(model: PreTrainedModel, adapter: Adapter, kept: list[int]) -> None:
+    """GPT-2 ``scale_attn_by_inverse_layer_idx``: scores are scaled by 1 / (index + 1), fixed
+    from the index at construction. Fold (new + 1) / (old + 1) into the query projection and
+    give the module the scaling of its new index, so memory and a reload agree exactly."""
+    if not getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
+        return
+    layout = adapter.heads
+    if layout is None or (layout.qkv and layout.fused != "stacked"):
+        raise UnsupportedModelError(
+            f"{adapter.name}: scale_attn_by_inverse_layer_idx needs the query projection's "
+            "location to keep each layer's scaling after block removal."
+        )
+    layers = adapter.layers(model)
+    for new, old in enumerate(kept):
+        attention = layers[old].get_submodule(layout.attention)
+        if new == old or isinstance(attention, SkippedBranch):
+            continue
+        factor = (new + 1) / (old + 1)
+        _scale_queries(layers[old], layout, attention, factor)
+        attention.scaling /= factor
+
+
+@torch.no_grad()
+def _scale_queries(block: nn.Module, layout: Any, attention: nn.Module, factor: float) -> None:
+    """Multiply the query projection (weight and bias) of one layer by ``factor``."""
+    if not layout.qkv:
+        projection = block.get_submodule(layout.q)
+        projection.weight.mul_(factor)
+        if projection.bias is not None:
+            projection.bias.mul_(factor)
+        return
+    projection = block.get_submodule(layout.qkv)
+    width = attention.num_heads * attention.head_dim  # query part of the stacked [Q | K | V]
+    weight = projection.weight
+    (weight[:, :width] if layout.conv1d else weight[:width]).mul_(factor)
+    if projection.bias is not None:
+        projection.bias[:width].mul_(factor)
 
 
 def _set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
