@@ -1,24 +1,40 @@
-"""secateurs: structured pruning of Hugging Face causal LMs, with honest numbers."""
+"""secateurs: structured pruning of Hugging Face causal LMs, with honest numbers.
+
+The public names are imported on first use, so ``import secateurs`` (and ``secateurs --help``)
+does not pay for torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from secateurs.api import CriterionSpec, PruneResult, ScoreResult, prune, score_units  # noqa: E402
-from secateurs.data import CalibrationConfig  # noqa: E402
-from secateurs.evaluate import PPLProtocol, perplexity  # noqa: E402
-from secateurs.models import load_model  # noqa: E402
-from secateurs.plan import Plan  # noqa: E402
-from secateurs.surgery import apply_plan  # noqa: E402
+_EXPORTS = {
+    "CalibrationConfig": "secateurs.data",
+    "CriterionSpec": "secateurs.api",
+    "PPLProtocol": "secateurs.evaluate.ppl",
+    "Plan": "secateurs.plan",
+    "PruneResult": "secateurs.api",
+    "ScoreResult": "secateurs.api",
+    "apply_plan": "secateurs.surgery",
+    "load_model": "secateurs.models",
+    "perplexity": "secateurs.evaluate.ppl",
+    "prune": "secateurs.api",
+    "score_units": "secateurs.api",
+}
 
-__all__ = [
-    "CalibrationConfig",
-    "CriterionSpec",
-    "PPLProtocol",
-    "Plan",
-    "PruneResult",
-    "ScoreResult",
-    "apply_plan",
-    "load_model",
-    "perplexity",
-    "prune",
-    "score_units",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'secateurs' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

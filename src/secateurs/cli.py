@@ -1,7 +1,9 @@
 """The ``secateurs`` command: one entry point; each subcommand is a small class in ``commands/``.
 
 Options may come from a YAML recipe (``--config recipe.yaml``); flags given on the command line
-override the recipe.
+override the recipe. Only the chosen subcommand's flags are built (its ``add_arguments`` may
+import what its defaults need), and command modules import heavy libraries (torch,
+transformers, lm-eval, peft, matplotlib, datasets) only when they run, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -12,16 +14,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from secateurs.commands import COMMANDS, Command
 from secateurs.errors import ConfigError, SecateursError
 
+DESCRIPTION = (
+    "Structured pruning of Hugging Face causal LMs: remove blocks, attention/MLP branches, "
+    "KV head groups or MLP channels by a chosen criterion, then recover, evaluate and report."
+)
+EPILOG = (
+    "First run: 'secateurs ls' lists criteria, architectures and datasets; "
+    "'secateurs prune smollm2-135m --remove 6 --out runs/d6' prunes the embedded SmolLM2-135M. "
+    "'secateurs COMMAND --help' for a command's options."
+)
 
-def build_parser() -> tuple[
-    argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]
-]:
-    parser = argparse.ArgumentParser(prog="secateurs", description=__doc__.splitlines()[0])
+
+def build_parser(
+    selected: tuple[str, ...] | None = None,
+) -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
+    """The parser; only ``selected``'s flags are added (all of them when ``selected`` is None)."""
+    parser = argparse.ArgumentParser(prog="secateurs", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     groups = {(): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
     leaves: dict[tuple[str, ...], argparse.ArgumentParser] = {}
@@ -29,13 +40,17 @@ def build_parser() -> tuple[
         for depth in range(1, len(path)):
             prefix = path[:depth]
             if prefix not in groups:
-                group = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                names = sorted(p[depth] for p in COMMANDS if len(p) > depth and p[:depth] == prefix)
+                group = groups[prefix[:-1]].add_parser(
+                    prefix[-1], help=f"{prefix[-1]}: {', '.join(names)}"
+                )
                 groups[prefix] = group.add_subparsers(
                     dest=f"sub{depth}", required=True, metavar="WHAT"
                 )
         leaf = groups[path[:-1]].add_parser(path[-1], help=command.help, description=command.help)
         leaf.add_argument("--config", type=Path, help="YAML recipe; command-line flags override it")
-        command.add_arguments(leaf)
+        if selected is None or path == selected:
+            command.add_arguments(leaf)
         leaf.set_defaults(_command=command, _path=path)
         leaves[path] = leaf
     return parser, leaves
@@ -43,6 +58,8 @@ def build_parser() -> tuple[
 
 def apply_recipe(parser: argparse.ArgumentParser, recipe: Path) -> None:
     """Use the recipe's keys as defaults of ``parser`` (flags on the command line still win)."""
+    import yaml
+
     if not recipe.is_file():
         raise ConfigError(f"Recipe {recipe} does not exist.")
     values = yaml.safe_load(recipe.read_text()) or {}
@@ -78,9 +95,9 @@ def recipe_target(argv: list[str]) -> tuple[tuple[str, ...] | None, Path | None]
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, leaves = build_parser()
     try:
         path, recipe = recipe_target(argv)
+        parser, leaves = build_parser(path or ())
         if recipe is not None and path is not None:
             apply_recipe(leaves[path], recipe)  # must precede parsing: it may supply required args
         args = parser.parse_args(argv)
@@ -93,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SecateursError as err:
         print(f"secateurs: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "secateurs: interrupted (outputs are left as they were, or complete)", file=sys.stderr
+        )
+        return 130
 
 
 if __name__ == "__main__":

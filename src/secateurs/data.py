@@ -7,19 +7,24 @@ caches or copies the data.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
 import os
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import PreTrainedTokenizerBase as Tokenizer
+from typing import IO, TYPE_CHECKING
 
 from secateurs.errors import DataError
 from secateurs.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +59,25 @@ class EvalDataset:
 DATASETS: Registry[EvalDataset] = Registry("dataset")
 
 
+def read_text(path: Path) -> str:
+    """The whole text of a (possibly gzipped) UTF-8 file, or a clear error naming it."""
+    opener: Callable[..., IO[str]] = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            return handle.read()
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}). Convert it, e.g. "
+            f"iconv -f latin1 -t utf-8 {path.name} > fixed.txt"
+        ) from err
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"Cannot read {path}: {err}") from err
+
+
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"Expected data file {path} is missing.")
-    return path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return read_text(path).splitlines(keepends=True)
 
 
 def _wikitext_local(root: Path, split: str) -> list[str]:
@@ -170,6 +190,42 @@ def load_eval_text(
     return EvalText(text, dataset.name, split, source)
 
 
+HUB_HOST = ("huggingface.co", 443)
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick check (at most ``timeout`` s, DNS included) that the HF hub can be reached."""
+    if any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in OFFLINE_ENV):
+        return False
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(HUB_HOST, timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)  # getaddrinfo ignores timeouts
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def require_data(what: str, data_root: str | os.PathLike | None = None) -> None:
+    """Before loading a model: fail at once if ``what`` needs the hub and the hub is out of
+    reach (instead of retrying for minutes after the load)."""
+    if data_dir(data_root) is not None or hub_reachable():
+        return
+    raise DataError(
+        f"{what} needs data: no local data directory is set (--data-dir or ${DATA_DIR_ENV}) and "
+        "the Hugging Face hub cannot be reached. Point --data-dir at a folder with the layout "
+        "described in docs/data.md."
+    )
+
+
 def _from_hub(dataset: EvalDataset, split: str) -> list[str]:
     try:
         return dataset.hub(split)
@@ -191,9 +247,7 @@ def read_documents(path: Path) -> list[str]:
     """Documents of a calibration/training file: .txt (blank-line separated), .jsonl, .json(.gz)."""
     if not path.is_file():
         raise DataError(f"Calibration file {path} does not exist.")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        raw = handle.read()
+    raw = read_text(path)
     stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     if stem_suffix in (".jsonl", ".json"):
         docs = [_text_field(line, path) for line in raw.splitlines() if line.strip()]
@@ -236,9 +290,14 @@ def calibration_documents(
 def _records(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"Expected data file {path} is missing.")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return [_json_line(line, path) for line in read_text(path).splitlines() if line.strip()]
+
+
+def _json_line(line: str, path: Path) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: a line is not valid JSON ({err}).") from err
 
 
 def _c4_calibration_from_hub() -> list[str]:
@@ -263,6 +322,8 @@ def sample_windows(
 
     Seeded with an explicit generator, so the same seed gives the same calibration set.
     """
+    import torch
+
     if n_samples <= 0 or seq_len <= 1:
         raise DataError(f"Need n_samples > 0 and seq_len > 1; got {n_samples}, {seq_len}.")
     generator = torch.Generator().manual_seed(seed)
@@ -282,6 +343,8 @@ def sample_windows(
 
 
 def _shuffled(count: int, generator: torch.Generator) -> Iterator[int]:
+    import torch
+
     yield from torch.randperm(count, generator=generator).tolist()
 
 

@@ -5,18 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from secateurs.checkpoint import write_json
 from secateurs.commands import Command, register
 from secateurs.errors import ConfigError
-from secateurs.evaluate.efficiency import (
-    BenchConfig,
-    benchmark,
-    format_table,
-    load_candidate,
-    random_candidates,
-)
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -32,14 +23,47 @@ class Bench(Command):
     help = "generation latency / throughput / peak memory of several models, interleaved"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from secateurs.evaluate.efficiency import BenchConfig
+
         defaults = BenchConfig()
-        parser.add_argument("models", nargs="*", help="HF directories, hub ids, .gguf or aliases")
-        parser.add_argument("--batch-sizes", type=int_list, default=defaults.batch_sizes)
-        parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens)
-        parser.add_argument("--prompt-len", type=int, default=defaults.prompt_len)
-        parser.add_argument("--repeats", type=int, default=defaults.repeats)
-        parser.add_argument("--warmup", type=int, default=defaults.warmup)
-        parser.add_argument("--seed", type=int, default=defaults.seed)
+        parser.add_argument(
+            "models", nargs="*", help="HF directories, hub ids, .gguf files or aliases to measure"
+        )
+        parser.add_argument(
+            "--batch-sizes",
+            type=int_list,
+            default=defaults.batch_sizes,
+            metavar="N,M,...",
+            help=f"batch sizes to measure (default: {','.join(map(str, defaults.batch_sizes))})",
+        )
+        parser.add_argument(
+            "--new-tokens",
+            type=int,
+            default=defaults.new_tokens,
+            help="tokens generated per sequence (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--prompt-len",
+            type=int,
+            default=defaults.prompt_len,
+            help="prompt tokens per sequence (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--repeats",
+            type=int,
+            default=defaults.repeats,
+            help="timed runs per model and batch size; the median is reported (default: "
+            "%(default)s)",
+        )
+        parser.add_argument(
+            "--warmup",
+            type=int,
+            default=defaults.warmup,
+            help="untimed runs first (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--seed", type=int, default=defaults.seed, help="prompt seed (default: %(default)s)"
+        )
         parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
         parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
         parser.add_argument(
@@ -55,12 +79,27 @@ class Bench(Command):
             type=int_list,
             default=(),
             metavar="N[,M]",
-            help="with --random-config: also measure it with N (and M ...) blocks removed",
+            help="with --random-config: also measure it with N (and M ...) blocks removed "
+            "(default: none)",
         )
-        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-        parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+        parser.add_argument(
+            "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+        )
+        parser.add_argument(
+            "--json", type=Path, help="also write the results to this JSON file (default: no file)"
+        )
 
     def run(self, args: argparse.Namespace) -> int:
+        import torch
+
+        from secateurs.evaluate.efficiency import (
+            BenchConfig,
+            benchmark,
+            format_table,
+            load_candidate,
+            random_candidates,
+        )
+
         if not args.models and not args.random_config:
             raise ConfigError("Give models to measure, or --random-config NAME.")
         if args.threads:

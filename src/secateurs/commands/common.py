@@ -7,19 +7,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from secateurs.data import CalibrationConfig
+from secateurs.data import CalibrationConfig, require_data
 from secateurs.errors import ConfigError
 from secateurs.models import DEFAULT_MODEL, resolve_model
 
 
-def add_model_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+def add_model_args(
+    parser: argparse.ArgumentParser, positional: bool = True, several: bool = False
+) -> None:
+    """MODEL (or several MODELs), --dtype and --device."""
+    what = f"HF directory, hub id, .gguf file or alias ({DEFAULT_MODEL})"
     parser.add_argument(
         "model",
-        nargs="?" if not positional else None,
+        nargs="+" if several else ("?" if not positional else None),
+        metavar="MODEL",
         default=DEFAULT_MODEL,
-        help=f"HF directory, hub id, .gguf file or alias ({DEFAULT_MODEL})",
+        help=f"one or more: {what}; evaluated one after another in this process"
+        if several
+        else what,
     )
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, auto")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
@@ -29,7 +34,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         default=None,
-        help="local data directory (default: $SECATEURS_DATA_DIR; else the HF hub)",
+        help="local data directory (layout: docs/data.md). Default: $SECATEURS_DATA_DIR if set, "
+        "else the Hugging Face hub",
     )
 
 
@@ -39,9 +45,21 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--calibration", default=defaults.source, help="'c4' or a .txt/.jsonl/.json.gz file"
     )
-    group.add_argument("--n-samples", type=int, default=defaults.n_samples)
-    group.add_argument("--calib-seq-len", type=int, default=defaults.seq_len)
-    group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument(
+        "--n-samples",
+        type=int,
+        default=defaults.n_samples,
+        help="windows (%(default)s)",
+    )
+    group.add_argument(
+        "--calib-seq-len",
+        type=int,
+        default=defaults.seq_len,
+        help="tokens per calibration window (%(default)s)",
+    )
+    group.add_argument(
+        "--seed", type=int, default=defaults.seed, help="sampling seed (%(default)s)"
+    )
 
 
 def add_criterion_args(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +91,15 @@ def calibration_from(args: argparse.Namespace) -> CalibrationConfig:
     return CalibrationConfig(args.calibration, args.n_samples, args.calib_seq_len, args.seed)
 
 
+def check_data_needs(args: argparse.Namespace) -> None:
+    """Before loading a model: C4 calibration needs a data directory or a reachable hub."""
+    if getattr(args, "calibration", None) == "c4":
+        require_data("C4 calibration", args.data_dir)
+
+
 def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
     options = {}
     for item in args.option if isinstance(args.option, list) else [args.option]:
         if isinstance(item, dict):
@@ -98,11 +124,12 @@ def add_save_arg(parser: argparse.ArgumentParser, key: str) -> None:
     )
 
 
-def save_location(args: argparse.Namespace) -> Path | None:
+def save_location(args: argparse.Namespace, model: str | None = None) -> Path | None:
     """The model directory ``--save`` writes into (checked before any work), or None."""
     if not args.save:
         return None
-    location = Path(resolve_model(args.model))
+    model = model or args.model
+    location = Path(resolve_model(model))
     if not location.is_dir():
-        raise ConfigError(f"--save needs a model directory; {args.model!r} is not one.")
+        raise ConfigError(f"--save needs a model directory; {model!r} is not one.")
     return location

@@ -12,9 +12,6 @@ from secateurs.commands.common import (
     print_json,
     save_location,
 )
-from secateurs.evaluate.zeroshot import PAPER_TASKS, format_table, zeroshot
-from secateurs.models import load_model
-from secateurs.report import save_results
 
 
 @register
@@ -23,6 +20,8 @@ class EvalZeroShot(Command):
     help = "zero-shot accuracy (lm-eval) on boolq, piqa, hellaswag, winogrande, arc, openbookqa"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from secateurs.evaluate.zeroshot import PAPER_TASKS
+
         add_model_args(parser)
         parser.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated tasks")
         parser.add_argument("--limit", type=int, default=None, help="at most N documents per task")
@@ -33,6 +32,10 @@ class EvalZeroShot(Command):
         add_data_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        from secateurs.evaluate.zeroshot import format_table, zeroshot
+        from secateurs.models import load_model
+        from secateurs.report import save_results
+
         location = save_location(args)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         result = zeroshot(

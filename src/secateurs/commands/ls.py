@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from secateurs.adapters import ARCHITECTURES
 from secateurs.commands import Command, register
-from secateurs.criteria import CRITERIA
-from secateurs.data import DATASETS
-from secateurs.evaluate.zeroshot import TASKS
-from secateurs.models import ALIASES
 
 
 @register
@@ -18,6 +13,12 @@ class List(Command):
     help = "list criteria, architectures, datasets and model aliases"
 
     def run(self, args: argparse.Namespace) -> int:
+        from secateurs.adapters import ARCHITECTURES
+        from secateurs.criteria import CRITERIA
+        from secateurs.data import DATASETS
+        from secateurs.evaluate.zeroshot import TASKS
+        from secateurs.models import ALIASES
+
         print("criteria (append '+' to protect Shortened LLaMA's blocks 0-3 and the last 2):")
         for name, cls in CRITERIA.items():
             units = ",".join(sorted(cls.units))

@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from secateurs.api import ScoreResult, prune
 from secateurs.checkpoint import check_output_dir, read_record
 from secateurs.commands import Command, register
 from secateurs.commands.common import (
@@ -15,12 +14,10 @@ from secateurs.commands.common import (
     add_data_args,
     add_model_args,
     calibration_from,
+    check_data_needs,
     criterion_options,
 )
-from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError
-from secateurs.models import load_model
-from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers
 
 
 def add_width_args(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +57,12 @@ def _report_width(result) -> int:
     return 0
 
 
+def _bytes(model) -> int:
+    from secateurs.checkpoint import checkpoint_bytes
+
+    return checkpoint_bytes(model)
+
+
 @register
 class Prune(Command):
     path = ("prune",)
@@ -85,6 +88,12 @@ class Prune(Command):
         add_data_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        from secateurs.api import ScoreResult, prune
+        from secateurs.criteria import CRITERIA
+        from secateurs.models import load_model
+        from secateurs.outputs import check_disk_space
+        from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers
+
         if args.ratio is None and args.remove is None:
             raise ConfigError("Say how much to remove: --ratio R or --remove N.")
         if args.unit in WIDTH_UNITS:  # validate width options before loading anything
@@ -101,7 +110,12 @@ class Prune(Command):
             )
         check_output_dir(args.out, args.overwrite)  # before loading or scoring anything
         scores = ScoreResult.from_dict(json.loads(args.scores.read_text())) if args.scores else None
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        if scores is None:
+            check_data_needs(args)
+        model, tokenizer = load_model(
+            args.model, dtype=args.dtype, device=args.device, require_adapter=True
+        )
+        check_disk_space(args.out, _bytes(model))  # the unpruned size bounds the output
         width = {}
         if args.unit in WIDTH_UNITS:
             width = dict(
@@ -142,5 +156,6 @@ class Prune(Command):
             f"parameters: {params['before']:,} -> {params['after']:,} "
             f"({1 - params['after'] / params['before']:.1%} fewer)"
         )
+        print(f"loading: {read_record(result.out).get('loading', {}).get('how', '')}")
         print(f"saved: {result.out}")
         return 0

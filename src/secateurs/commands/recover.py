@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from secateurs.commands import Command, register
 from secateurs.commands.common import add_data_args
 from secateurs.errors import ConfigError
-from secateurs.recover import DEFAULT_LR, METHODS, DistillSettings, LoraSettings, TrainConfig
-from secateurs.recover import recover as run_recovery
+
+if TYPE_CHECKING:  # imported when the command runs: peft/transformers are slow to import
+    from secateurs.recover import DistillSettings, LoraSettings, TrainConfig
+
+
+def _lib():
+    import secateurs.recover
+
+    return secateurs.recover
 
 
 @register
@@ -19,7 +27,7 @@ class Recover(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("pruned", help="pruned model directory (from 'secateurs prune')")
-        methods = ", ".join(METHODS.names())
+        methods = ", ".join(_lib().METHODS.names())
         parser.add_argument("--method", default="lora", help=f"one of: {methods}")
         parser.add_argument(
             "--data",
@@ -40,15 +48,17 @@ class Recover(Command):
         add_data_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        method = METHODS.canonical(args.method)
-        first = "distill" if method == "distill" else METHODS.get(method)[0]
-        train = _train_config(args, args.tokens, args.lr or DEFAULT_LR[first])
+        method = _lib().METHODS.canonical(args.method)
+        first = "distill" if method == "distill" else _lib().METHODS.get(method)[0]
+        train = _train_config(args, args.tokens, args.lr or _lib().DEFAULT_LR[first])
         lora_train = None
         if method == "cpt+lora":
             if args.lora_tokens is None:
                 raise ConfigError("cpt+lora needs a budget for each stage: add --lora-tokens N.")
-            lora_train = _train_config(args, args.lora_tokens, args.lora_lr or DEFAULT_LR["lora"])
-        result = run_recovery(
+            lora_train = _train_config(
+                args, args.lora_tokens, args.lora_lr or _lib().DEFAULT_LR["lora"]
+            )
+        result = _lib().recover(
             args.pruned,
             args.out,
             method=method,
@@ -79,7 +89,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seq-len", type=int, default=128)
     group.add_argument("--batch-size", type=int, default=8, help="per device")
     group.add_argument("--grad-accum", type=int, default=1)
-    lrs = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+    lrs = ", ".join(f"{k} {v:g}" for k, v in _lib().DEFAULT_LR.items())
     group.add_argument("--lr", type=float, default=None, help=f"default per method: {lrs}")
     group.add_argument(
         "--warmup", type=float, default=0.05, help="fraction of steps, or steps if >= 1"
@@ -104,7 +114,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_lora_args(parser: argparse.ArgumentParser) -> None:
-    defaults = LoraSettings()
+    defaults = _lib().LoraSettings()
     group = parser.add_argument_group("lora (lora, cpt+lora)")
     group.add_argument("--lora-tokens", type=int, default=None, help="cpt+lora: LoRA stage budget")
     group.add_argument("--lora-lr", type=float, default=None, help="cpt+lora: LoRA stage lr")
@@ -119,7 +129,7 @@ def _add_lora_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_distill_args(parser: argparse.ArgumentParser) -> None:
-    defaults = DistillSettings()
+    defaults = _lib().DistillSettings()
     group = parser.add_argument_group("distill")
     group.add_argument(
         "--teacher",
@@ -132,7 +142,7 @@ def _add_distill_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace, tokens: int, lr: float) -> TrainConfig:
-    return TrainConfig(
+    return _lib().TrainConfig(
         tokens=tokens,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
@@ -153,11 +163,11 @@ def _lora_settings(args: argparse.Namespace) -> LoraSettings:
     targets = args.lora_targets
     if targets != "all-linear":
         targets = tuple(t.strip() for t in str(targets).split(",") if t.strip())
-    return LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, targets)
+    return _lib().LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout, targets)
 
 
 def _distill_settings(args: argparse.Namespace) -> DistillSettings:
-    return DistillSettings(args.temperature, args.kl_weight, args.lm_weight)
+    return _lib().DistillSettings(args.temperature, args.kl_weight, args.lm_weight)
 
 
 def _summary(recovery: dict, out: Path | None) -> None:

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from secateurs.commands import Command, register
-from secateurs.report import build_report
 
 
 @register
@@ -29,6 +28,8 @@ class Report(Command):
         parser.add_argument("--title", default="secateurs report")
 
     def run(self, args: argparse.Namespace) -> int:
+        from secateurs.report import build_report
+
         page = build_report(args.runs, args.bench, args.out, title=args.title)
         print(f"report: {page}")
         return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from secateurs.api import CriterionSpec, save_scores, score_units
 from secateurs.commands import Command, register
 from secateurs.commands.common import (
     add_calibration_args,
@@ -16,7 +15,6 @@ from secateurs.commands.common import (
     criterion_options,
 )
 from secateurs.errors import OutputExistsError
-from secateurs.models import load_model
 
 
 @register
@@ -33,10 +31,17 @@ class Score(Command):
         add_data_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        from secateurs.api import CriterionSpec, save_scores, score_units
+        from secateurs.commands.common import check_data_needs
+        from secateurs.models import load_model
+
         if args.out.exists() and not args.overwrite:
             raise OutputExistsError(f"{args.out} exists; pass --overwrite to replace it.")
         spec = CriterionSpec.parse(args.criterion, args.protect)
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        check_data_needs(args)
+        model, tokenizer = load_model(
+            args.model, dtype=args.dtype, device=args.device, require_adapter=True
+        )
         result = score_units(
             model,
             tokenizer,

@@ -61,6 +61,29 @@ class PPLResult:
         return asdict(self)
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's config allows; None where it sets no limit (ALiBi)."""
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(seq_len: int, config, name: str = "the model") -> None:
+    """Refuse windows longer than the model's positions (an IndexError or a hang otherwise)."""
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(
+            f"--seq-len {seq_len} is longer than {name} supports ({limit} positions, "
+            f"config.{next(k for k in POSITION_KEYS if getattr(config, k, None) == limit)}); "
+            f"use --seq-len {limit} or less."
+        )
+
+
 def windows_of(ids: list[int], protocol: PPLProtocol, bos_id: int | None) -> torch.Tensor:
     """Non-overlapping windows (N, seq_len) of the token stream, remainder dropped."""
     if protocol.bos != "none" and bos_id is None:
@@ -96,6 +119,7 @@ def perplexity(
     progress: bool = True,
 ) -> PPLResult:
     """Perplexity of ``model`` on ``protocol.dataset`` (see module docstring)."""
+    check_seq_len(protocol.seq_len, model.config)
     text = load_eval_text(protocol.dataset, protocol.split, data_root)
     ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
     windows = windows_of(ids, protocol, tokenizer.bos_token_id)
