@@ -83,7 +83,8 @@ def test_report_has_tables_and_plots(tmp_path):
     assert "| cut | depth | 0.7 |" in text  # bench table
     pngs = sorted(p.name for p in page.parent.glob("*.png"))
     assert pngs == [
-        "importance_cut.png",
+        "importance_cut_ppl_block.png",
+        "importance_cut_taylor_block.png",
         "latency_vs_batch_bench.png",
         "ppl_vs_params.png",
         "throughput_vs_batch_bench.png",

@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 KIND_COLORS = {"dense": "black", "depth": "tab:blue", "width": "tab:orange"}
+FAR_ABOVE = 10.0  # a pruned PPL this many times its dense model's gets a warning
+
+
+def ppl_warning(model: str, dataset: str, ppl: float, dense: str, base: float) -> str:
+    """The warning for a pruned model whose PPL is far above its dense model's."""
+    return (
+        f"{model}: {dataset} PPL {ppl:,.2f} is {ppl / base:,.0f}x that of its dense model "
+        f"{dense} ({base:,.2f}). The pruned model has lost most of its ability: remove fewer "
+        "units, try another criterion, or recover it ('secateurs recover')."
+    )
 
 
 # --- results.json -------------------------------------------------------------------------------
@@ -68,8 +78,44 @@ class RunInfo:
         return "; ".join(parts) or "–"
 
     def ppl(self) -> dict[str, float]:
-        values = self.results.get("ppl", {})
-        return {k: float(v["ppl"] if isinstance(v, dict) else v) for k, v in values.items()}
+        return _ppl_values(self.results.get("ppl", {}))
+
+    def dense(self) -> RunInfo | None:
+        """The dense model this run was compared with by ``eval ppl --save`` (a pseudo-run)."""
+        entry = self.results.get("dense")
+        if not entry:
+            return None
+        results = {"parameters": entry.get("parameters"), "ppl": entry.get("ppl", {})}
+        return RunInfo(str(entry.get("model", "dense")), self.path, {}, results)
+
+
+def _ppl_values(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v["ppl"] if isinstance(v, dict) else v) for k, v in values.items()}
+
+
+def dense_points(runs: list[RunInfo]) -> list[RunInfo]:
+    """Dense models recorded beside pruned runs, once each, unless already a run."""
+    names = {r.name for r in runs}
+    found: dict[str, RunInfo] = {}
+    for run in runs:
+        dense = run.dense()
+        if dense is not None and dense.name not in names:
+            found.setdefault(dense.name, dense)
+    return list(found.values())
+
+
+def far_above_dense(runs: list[RunInfo]) -> list[str]:
+    """Warnings for runs whose PPL is more than ``FAR_ABOVE`` times their dense model's."""
+    warnings = []
+    for run in runs:
+        dense = run.dense()
+        if dense is None:
+            continue
+        for dataset, value in run.ppl().items():
+            base = dense.ppl().get(dataset)
+            if base and value > FAR_ABOVE * base:
+                warnings.append(ppl_warning(run.name, dataset, value, dense.name, base))
+    return warnings
 
 
 def load_runs(paths: list[Path]) -> list[RunInfo]:
@@ -119,23 +165,43 @@ def _pyplot():
     return plt
 
 
-def plot_importance(run: RunInfo, out: Path) -> Path | None:
-    """One panel per (criterion, unit) score set; removed units drawn in red."""
+def plot_importance(run: RunInfo, out: Path) -> list[Path]:
+    """One PNG per (criterion, unit) score set: the sensitivity of every unit, removed ones in
+    red, on a log scale (a symlog one if a score is ≤ 0) so that the few most important units
+    (e.g. block 0, whose removal costs orders of magnitude more) do not hide the rest."""
     scores = run.record.get("scores") or []
-    if not scores:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(scores), 1, figsize=(8, 2.6 * len(scores)), squeeze=False)
     removed = _removed_units(run.record.get("plan") or {})
-    for ax, entry in zip(axes[:, 0], scores, strict=True):
-        values, unit = entry["values"], entry.get("unit", "block")
-        colors = ["tab:red" if (i, unit) in removed else "tab:gray" for i in range(len(values))]
-        ax.bar(range(len(values)), values, color=colors)
-        ax.set_title(f"{run.name}: {entry.get('criterion', '?')} importance of each {unit}")
-        ax.set_xlabel(f"{unit} index")
-        ax.set_ylabel("score (higher = keep)")
-        ax.legend(handles=_legend_patches(), loc="best", fontsize="small")
-    return _save(fig, out / f"importance_{_slug(run.name)}.png")
+    return [_importance_figure(run, entry, removed, out) for entry in scores if entry["values"]]
+
+
+def _importance_figure(run: RunInfo, entry: dict, removed: set, out: Path) -> Path:
+    plt = _pyplot()
+    values, unit = [float(v) for v in entry["values"]], entry.get("unit", "block")
+    criterion = entry.get("criterion", "?")
+    gone = [i for i in range(len(values)) if (i, unit) in removed]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    colors = ["tab:red" if i in gone else "tab:gray" for i in range(len(values))]
+    ax.bar(range(len(values)), values, color=colors)
+    _sensitivity_scale(ax, values)
+    if gone:
+        threshold = max(values[i] for i in gone)
+        ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=0.8)
+    ax.set_title(f"{run.name}: {criterion} sensitivity of each {unit} ({len(gone)} removed)")
+    ax.set_xlabel(f"{unit} index")
+    ax.set_ylabel("score (higher = keep), log scale")
+    ax.legend(handles=_legend_patches(), loc="best", fontsize="small")
+    return _save(fig, out / f"importance_{_slug(run.name)}_{_slug(criterion)}_{unit}.png")
+
+
+def _sensitivity_scale(ax, values: list[float]) -> None:
+    """Log scale from just below the smallest score; symlog where scores reach zero or below."""
+    finite = [v for v in values if v == v and abs(v) != float("inf")]
+    if finite and min(finite) > 0:
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=min(finite) / 1.5, top=max(finite) * 1.5)
+        return
+    nonzero = [abs(v) for v in finite if v != 0]
+    ax.set_yscale("symlog", linthresh=min(nonzero) if nonzero else 1.0)
 
 
 def _legend_patches() -> list:
@@ -150,7 +216,10 @@ def _removed_units(plan: dict[str, Any]) -> set[tuple[int, str]]:
 
 
 def plot_ppl_vs_params(runs: list[RunInfo], out: Path) -> Path | None:
-    points = [(r, d, p) for r in runs if r.parameters for d, p in r.ppl().items()]
+    """PPL against parameters, one line per dataset, dense models (runs or recorded beside
+    pruned runs by ``eval ppl --save``) included and drawn as black stars."""
+    everything = runs + dense_points(runs)
+    points = [(r, d, p) for r in everything if r.parameters for d, p in r.ppl().items()]
     if not points:
         return None
     plt = _pyplot()
@@ -160,6 +229,9 @@ def plot_ppl_vs_params(runs: list[RunInfo], out: Path) -> Path | None:
         ax.plot([s[0] for s in series], [s[1] for s in series], "o-", label=dataset)
         for x, y, name in series:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    dense = [(r.parameters / 1e6, p) for r, _, p in points if r.kind == "dense"]
+    if dense:
+        ax.plot(*zip(*dense, strict=True), "*", color="black", markersize=12, label="dense")
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_yscale("log")
@@ -239,13 +311,16 @@ def build_report(
 
 
 def _runs_section(runs: list[RunInfo], out: Path) -> list[str]:
-    lines = ["## Runs\n", runs_table(runs), ""]
+    lines = ["## Runs\n", runs_table(runs + dense_points(runs)), ""]
+    for message in far_above_dense(runs):
+        log.warning(message)
+        lines += [f"> **Warning**: {message}", ""]
     ppl_plot = plot_ppl_vs_params(runs, out)
     if ppl_plot:
         lines += ["## Perplexity vs parameters\n", f"![PPL vs parameters]({ppl_plot.name})", ""]
-    importance = [p for p in (plot_importance(r, out) for r in runs) if p]
+    importance = [p for r in runs for p in plot_importance(r, out)]
     if importance:
-        lines += ["## Unit importance per criterion\n"]
+        lines += ["## Per-unit sensitivity, one plot per criterion (removed units in red)\n"]
         lines += [f"![importance]({p.name})\n" for p in importance]
     return lines
 

@@ -16,8 +16,7 @@ from typing import Any
 from secateurs.commands import Command, register
 from secateurs.commands.common import add_data_args, add_model_args, add_save_arg, print_json
 from secateurs.errors import ConfigError
-
-FAR_ABOVE = 10.0  # a pruned PPL this many times the dense PPL gets a warning
+from secateurs.report import FAR_ABOVE, ppl_warning
 
 
 @register
@@ -136,14 +135,6 @@ def _warnings(runs: dict[str, dict]) -> list[str]:
             if base and result["ppl"] > FAR_ABOVE * base:
                 out.append(ppl_warning(model, dataset, result["ppl"], dense, base))
     return out
-
-
-def ppl_warning(model: str, dataset: str, ppl: float, dense: str, base: float) -> str:
-    return (
-        f"{model}: {dataset} PPL {ppl:,.2f} is {ppl / base:,.0f}x that of its dense model "
-        f"{dense} ({base:,.2f}). The pruned model has lost most of its ability: remove fewer "
-        "units, try another criterion, or recover it ('secateurs recover')."
-    )
 
 
 def _save(location: Path, run: dict[str, Any], dense: str | None, runs: dict) -> None:
