@@ -175,19 +175,20 @@ def test_output_directories_follow_the_umask(tmp_path):
 def test_unwritable_output_is_refused_before_loading(model_dir, monkeypatch, capsys):
     _no_load(monkeypatch, prune_command)
     out = "/proc/self/secateurs-out/pruned"  # not writable, even for root
-    code = main(["prune", str(model_dir), "--criterion", "magnitude", "--remove", "1"] + [
-        "--out",
-        out,
-    ])
+    code = main(
+        ["prune", str(model_dir), "--criterion", "magnitude", "--remove", "1"]
+        + [
+            "--out",
+            out,
+        ]
+    )
     assert code == 2
     assert "/proc/self/secateurs-out" in capsys.readouterr().err
 
 
 def test_disk_full_names_path_and_space_before_writing(tmp_path, monkeypatch):
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: os.statvfs_result((0,) * 10))
-    monkeypatch.setattr(
-        outputs.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})()
-    )
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     with pytest.raises(OutputError, match=r"needs about 0\.\d\d GB; 0\.00 GB free") as info:
         save_checkpoint(tiny_model("llama"), None, tmp_path / "out", {})
     assert str(tmp_path / "out") in str(info.value)
@@ -235,10 +236,13 @@ def test_nan_weights_are_named_with_their_layer(model_dir, monkeypatch, capsys):
     save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelFileError, match=r"not finite.*layers\.2\.mlp.*\(layer 2, mlp\)"):
         load_model(model_dir)
-    code = main(["prune", str(model_dir), "--criterion", "magnitude", "--remove", "1"] + [
-        "--out",
-        str(model_dir.parent / "out"),
-    ])
+    code = main(
+        ["prune", str(model_dir), "--criterion", "magnitude", "--remove", "1"]
+        + [
+            "--out",
+            str(model_dir.parent / "out"),
+        ]
+    )
     assert code == 2 and "weights are not finite" in capsys.readouterr().err
 
 
@@ -316,7 +320,7 @@ def test_eval_several_models_warns_and_saves_the_dense_point(model_dir, data_dir
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         model.lm_head.weight.mul_(400.0)  # a model far worse than its source
-    save_checkpoint(model, None, pruned, {"source": str(model_dir)})
+    save_checkpoint(model, None, pruned, {"source_model": str(model_dir)})
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (pruned / name).write_bytes((model_dir / name).read_bytes())
     flags = ["--seq-len", "16", "--max-windows", "2", "--data-dir", str(data_dir), "--save"]
@@ -342,7 +346,9 @@ def test_prune_prints_the_right_loading_note(model_dir, tmp_path, unit, capsys):
     record = json.loads((out / "secateurs.json").read_text())
     assert f"loading: {record['loading']['how']}" in printed
     if unit == "block":
-        assert record["loading"]["plain_transformers"] and "from_pretrained(dir) loads it" in printed
+        assert (
+            record["loading"]["plain_transformers"] and "from_pretrained(dir) loads it" in printed
+        )
         assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     else:
         assert "removed attention/MLP branches" in printed and "secateurs.load_model" in printed
@@ -411,5 +417,5 @@ def test_data_dir_help_matches_the_readme(capsys):
         main(["eval", "ppl", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Default: $SECATEURS_DATA_DIR if set, else the Hugging Face hub" in text
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert "`--data-dir`, else `$SECATEURS_DATA_DIR`, else the Hugging Face hub" in readme

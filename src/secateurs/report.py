@@ -175,22 +175,39 @@ def plot_importance(run: RunInfo, out: Path) -> list[Path]:
 
 
 def _importance_figure(run: RunInfo, entry: dict, removed: set, out: Path) -> Path:
+    """Top: the scores (log). Bottom: each score's increase over the lowest one (log), which
+    spreads the near-threshold units where the pruning decision is made."""
     plt = _pyplot()
     values, unit = [float(v) for v in entry["values"]], entry.get("unit", "block")
     criterion = entry.get("criterion", "?")
     gone = [i for i in range(len(values)) if (i, unit) in removed]
-    fig, ax = plt.subplots(figsize=(8, 3.2))
     colors = ["tab:red" if i in gone else "tab:gray" for i in range(len(values))]
-    ax.bar(range(len(values)), values, color=colors)
-    _sensitivity_scale(ax, values)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    top.bar(range(len(values)), values, color=colors)
+    _sensitivity_scale(top, values)
+    top.set_ylabel("score (log)")
+    increase = _increase_over_lowest(values)
+    bottom.bar(range(len(values)), increase, color=colors)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("increase over lowest (log)")
     if gone:
-        threshold = max(values[i] for i in gone)
-        ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=0.8)
-    ax.set_title(f"{run.name}: {criterion} sensitivity of each {unit} ({len(gone)} removed)")
-    ax.set_xlabel(f"{unit} index")
-    ax.set_ylabel("score (higher = keep), log scale")
-    ax.legend(handles=_legend_patches(), loc="best", fontsize="small")
+        top.axhline(max(values[i] for i in gone), color="tab:red", linestyle="--", linewidth=0.8)
+        bottom.axhline(max(increase[i] for i in gone), color="tab:red", linestyle="--", lw=0.8)
+    top.set_title(
+        f"{run.name}: {criterion} sensitivity of each {unit} (higher = keep; {len(gone)} removed)"
+    )
+    bottom.set_xlabel(f"{unit} index")
+    top.legend(handles=_legend_patches(), loc="best", fontsize="small")
     return _save(fig, out / f"importance_{_slug(run.name)}_{_slug(criterion)}_{unit}.png")
+
+
+def _increase_over_lowest(values: list[float]) -> list[float]:
+    """``v - min`` with the lowest unit drawn at a floor (1% of the median increase)."""
+    finite = [v for v in values if v == v and abs(v) != float("inf")] or [0.0]
+    low = min(finite)
+    steps = sorted(v - low for v in finite if v > low)
+    floor = 0.01 * steps[len(steps) // 2] if steps else 1.0
+    return [max(v - low, floor) if v == v else floor for v in values]
 
 
 def _sensitivity_scale(ax, values: list[float]) -> None:

@@ -103,7 +103,8 @@ def _evaluate(model: str, protocols: list, args: argparse.Namespace) -> dict[str
     parameters = sum({p.data_ptr(): p.numel() for p in loaded.parameters()}.values())
     del loaded  # one model in memory at a time
     record = read_record(model) if Path(model).is_dir() else {}
-    return {"results": results, "parameters": parameters, "source": record.get("source")}
+    source = record.get("source_model") or record.get("source")
+    return {"results": results, "parameters": parameters, "source": source}
 
 
 def _dense_of(model: str, runs: dict[str, dict]) -> str | None:
