@@ -97,3 +97,29 @@ def test_report_command(tmp_path, capsys):
     dense, cut = _runs(tmp_path)
     assert main(["report", str(dense), str(cut), "--out", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "index.md").is_file() and "report:" in capsys.readouterr().out
+
+
+def test_report_draws_the_dense_point_and_warns_far_above_it(tmp_path, caplog):
+    dense, cut = _runs(tmp_path)
+    save_results(cut, "ppl", {"wikitext2": {"ppl": 2_188_335.0}})
+    save_results(
+        cut, "dense", {"model": "base-1m", "parameters": 1_000_000, "ppl": {"wikitext2": 12.5}}
+    )
+    page = build_report([cut], [], tmp_path / "report")
+    text = page.read_text()
+    assert "| base-1m | dense | – | 1.00 | 12.50 |" in text  # the dense point, from results.json
+    assert "> **Warning**: cut: wikitext2 PPL 2,188,335.00 is 175,067x" in text
+    assert "its dense model base-1m" in caplog.text
+
+
+def test_sensitivity_plot_spreads_the_units_near_the_threshold():
+    from secateurs.report import _increase_over_lowest, _pyplot, _sensitivity_scale
+
+    values = [1e5, 900.0, 61.0, 55.0, 56.5, 70.0]  # block 0 dwarfs the rest on a linear axis
+    increase = _increase_over_lowest(values)
+    assert increase[1:] == [845.0, 6.0, 0.01 * 15.0, 1.5, 15.0]  # lowest drawn at 1% of median
+    fig, ax = _pyplot().subplots()
+    _sensitivity_scale(ax, values)
+    assert ax.get_yscale() == "log" and ax.get_ylim()[0] < 55.0
+    _sensitivity_scale(ax, [0.0, -1.0, 2.0])
+    assert ax.get_yscale() == "symlog"

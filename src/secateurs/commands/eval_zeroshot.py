@@ -32,11 +32,13 @@ class EvalZeroShot(Command):
         add_data_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        from secateurs.data import require_data
         from secateurs.evaluate.zeroshot import format_table, zeroshot
         from secateurs.models import load_model
         from secateurs.report import save_results
 
         location = save_location(args)
+        require_data("eval zeroshot", args.data_dir)  # before loading the model
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         result = zeroshot(
             model,
