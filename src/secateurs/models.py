@@ -115,11 +115,14 @@ def dequantized_dir(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         release(target)
         return target
-    log.info("Dequantizing %s into %s (once)", gguf.name, target)
-    model, tokenizer = load_gguf(gguf)
-    with atomic_directory(target, overwrite=True) as tmp:  # releases the claim when done
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    try:
+        log.info("Dequantizing %s into %s (once)", gguf.name, target)
+        model, tokenizer = load_gguf(gguf)
+        with atomic_directory(target, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    finally:
+        release(target)
     return target
 
 
