@@ -182,3 +182,17 @@ def test_dense_prefix_counts_kept_dense_layers():
     Model.config.first_k_dense_replace = 3
     surgery.update_layer_config(Model, adapter, kept=[0, 2, 4, 5])
     assert Model.config.first_k_dense_replace == 2 and Model.config.num_hidden_layers == 4
+
+
+def test_heads_then_blocks_with_inverse_layer_scaling(tmp_path):
+    """The fold uses each layer's *current* query width, so it holds after head pruning too."""
+    model = _build("gpt2", dict(scale_attn_by_inverse_layer_idx=True))
+    adapter = adapter_for(model)
+    width_plan = _width_plan(model, "heads")  # heads pruned in layers 1 and 3
+    depth_plan = Plan.of_units(6, [Unit(0, "block"), Unit(2, "block")])  # 3 becomes 1
+    removed_widths = {"heads": width_plan.heads, "channels": width_plan.channels}
+    with width_masked(model, adapter, removed_widths), masked(model, adapter, depth_plan.units):
+        expected = _logits(model)
+    apply_width_plan(model, width_plan, adapter)
+    apply_plan(model, depth_plan, adapter)
+    _check_reload(model, expected, tmp_path / "out")

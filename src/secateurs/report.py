@@ -181,7 +181,9 @@ def _importance_figure(run: RunInfo, entry: dict, removed: set, out: Path) -> Pa
     values, unit = [float(v) for v in entry["values"]], entry.get("unit", "block")
     criterion = entry.get("criterion", "?")
     gone = [i for i in range(len(values)) if (i, unit) in removed]
+    protected = set((run.record.get("plan") or {}).get("protected") or [])
     colors = ["tab:red" if i in gone else "tab:gray" for i in range(len(values))]
+    colors = ["lightgray" if i in protected else c for i, c in enumerate(colors)]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
     top.bar(range(len(values)), values, color=colors)
     _sensitivity_scale(top, values)
@@ -224,7 +226,11 @@ def _sensitivity_scale(ax, values: list[float]) -> None:
 def _legend_patches() -> list:
     from matplotlib.patches import Patch
 
-    return [Patch(color="tab:red", label="removed"), Patch(color="tab:gray", label="kept")]
+    return [
+        Patch(color="tab:red", label="removed"),
+        Patch(color="tab:gray", label="kept"),
+        Patch(color="lightgray", label="protected"),
+    ]
 
 
 def _removed_units(plan: dict[str, Any]) -> set[tuple[int, str]]:
