@@ -48,6 +48,7 @@ VARIANTS = {
         "qwen2_moe",
         dict(decoder_sparse_step=2, mlp_only_layers=[0]),
     ),
+    "deepseek_v3-dense-prefix": ("deepseek_v3", dict(first_k_dense_replace=2)),
 }
 
 
