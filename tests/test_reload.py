@@ -197,3 +197,12 @@ def test_heads_then_blocks_with_inverse_layer_scaling(tmp_path):
     apply_width_plan(model, width_plan, adapter)
     apply_plan(model, depth_plan, adapter)
     _check_reload(model, expected, tmp_path / "out")
+
+
+def test_runtime_flags_are_not_mistaken_for_structure(tmp_path):
+    """Gradient checkpointing (recovery) changes how layers run, not what a reload builds."""
+    model = _build("llama", {})
+    model.gradient_checkpointing_enable()
+    apply_plan(model, _depth_plan(model, "block"))
+    save_checkpoint(model, None, tmp_path / "out", {})
+    assert (tmp_path / "out" / "config.json").is_file()

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 RECORD_FILE = "secateurs.json"
 MARK_KEY = "secateurs_original"  # config.json: the real model_type / architectures
 MARK_PREFIX = "secateurs-pruned-"
+# Module attributes that describe how a model runs now, not what a reload builds.
+RUNTIME_ATTRS = frozenset({"training", "gradient_checkpointing"})
 
 __all__ = [
     "MARK_KEY",
@@ -259,7 +261,7 @@ def _constant_mismatches(model: PreTrainedModel, fresh: PreTrainedModel) -> list
         if other is None or type(other) is not type(module):
             continue
         for attr, value in vars(module).items():
-            if attr.startswith("_") or attr == "training" or not hasattr(other, attr):
+            if attr.startswith("_") or attr in RUNTIME_ATTRS or not hasattr(other, attr):
                 continue
             if not _same_constant(value, getattr(other, attr)):
                 problems.append(f"{name}.{attr} = {value!r}, reloaded {getattr(other, attr)!r}")
