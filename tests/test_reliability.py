@@ -419,3 +419,9 @@ def test_data_dir_help_matches_the_readme(capsys):
     assert "Default: $SECATEURS_DATA_DIR if set, else the Hugging Face hub" in text
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert "`--data-dir`, else `$SECATEURS_DATA_DIR`, else the Hugging Face hub" in readme
+
+
+def test_eval_ppl_flags_match_the_library():
+    from secateurs.evaluate import ppl
+
+    assert eval_ppl_command.BOS_POLICIES == ppl.BOS_POLICIES

@@ -18,6 +18,8 @@ from secateurs.commands.common import add_data_args, add_model_args, add_save_ar
 from secateurs.errors import ConfigError
 from secateurs.report import FAR_ABOVE, ppl_warning
 
+BOS_POLICIES = ("stream", "window", "none")  # as secateurs.evaluate.ppl (torch: imported later)
+
 
 @register
 class EvalPPL(Command):
@@ -25,8 +27,6 @@ class EvalPPL(Command):
     help = "perplexity on wikitext2 / ptb / c4 (non-overlapping windows, remainder dropped)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from secateurs.evaluate.ppl import BOS_POLICIES
-
         add_model_args(parser, several=True)
         parser.add_argument(
             "--dataset", default="wikitext2", help="comma-separated: wikitext2,ptb,c4"
@@ -48,18 +48,20 @@ class EvalPPL(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from secateurs.data import require_data
-        from secateurs.evaluate.ppl import PPLProtocol
 
         models = [args.model] if isinstance(args.model, str) else list(args.model)
         datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
+        saves = _save_dirs(args, models)
+        # cheap checks first (no torch yet): data reachable, windows within the positions
+        require_data(f"eval ppl ({', '.join(datasets)})", args.data_dir)
+        for model in models:
+            _check_positions(model, args.seq_len)
+        from secateurs.evaluate.ppl import PPLProtocol
+
         protocols = [
             PPLProtocol(d, args.split, args.seq_len, args.bos, args.max_windows, args.batch_size)
             for d in datasets
         ]
-        saves = _save_dirs(args, models)
-        for model in models:
-            _check_positions(model, args.seq_len)
-        require_data(f"eval ppl ({', '.join(datasets)})", args.data_dir)  # before any load
         runs = {model: _evaluate(model, protocols, args) for model in models}
         warnings = _warnings(runs)
         for message in warnings:
@@ -82,13 +84,13 @@ def _save_dirs(args: argparse.Namespace, models: list[str]) -> dict[str, Path]:
 
 def _check_positions(model: str, seq_len: int) -> None:
     """--seq-len against config.json, before the weights are read (local models)."""
-    from secateurs.checkpoint import read_config
-    from secateurs.evaluate.ppl import check_seq_len
+    from secateurs.checkpoint import read_config_dict
     from secateurs.models import resolve_model
+    from secateurs.positions import check_seq_len
 
     location = Path(resolve_model(model))
     if location.is_dir():
-        check_seq_len(seq_len, read_config(location), model)
+        check_seq_len(seq_len, read_config_dict(location), model)
 
 
 def _evaluate(model: str, protocols: list, args: argparse.Namespace) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from secateurs.data import load_eval_text
 from secateurs.errors import ConfigError, DataError
+from secateurs.positions import check_seq_len, max_positions  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -59,29 +60,6 @@ class PPLResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
-def max_positions(config) -> int | None:
-    """The longest sequence the model's config allows; None where it sets no limit (ALiBi)."""
-    for key in POSITION_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def check_seq_len(seq_len: int, config, name: str = "the model") -> None:
-    """Refuse windows longer than the model's positions (an IndexError or a hang otherwise)."""
-    limit = max_positions(config)
-    if limit is not None and seq_len > limit:
-        raise ConfigError(
-            f"--seq-len {seq_len} is longer than {name} supports ({limit} positions, "
-            f"config.{next(k for k in POSITION_KEYS if getattr(config, k, None) == limit)}); "
-            f"use --seq-len {limit} or less."
-        )
 
 
 def windows_of(ids: list[int], protocol: PPLProtocol, bos_id: int | None) -> torch.Tensor:
