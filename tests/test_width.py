@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
 from secateurs.checkpoint import read_record, save_checkpoint
@@ -14,7 +14,14 @@ from secateurs.width import width_masked, widths
 from secateurs.width_api import apply_width_plan
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
 
-HEAD_TYPES = [t for t in TINY_CONFIGS if t != "bloom"]  # BLOOM: ALiBi, channels only
+
+def _has_heads(model_type: str) -> bool:
+    config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    return adapter_for(config).heads is not None
+
+
+# BLOOM (ALiBi), OLMo 2/3 (q/k norms over all heads), Falcon: channels only.
+HEAD_TYPES = [t for t in TINY_CONFIGS if _has_heads(t)]
 
 
 def _plan(model, heads: list, channels: list) -> WidthPlan:
@@ -73,7 +80,7 @@ def test_per_layer_widths_reload_with_secateurs(model_type, tmp_path):
     channels = [tuple(range(layer, w.channels, 2 + layer)) for layer in range(6)]
     heads = (
         []
-        if model_type == "bloom"
+        if model_type not in HEAD_TYPES
         else [((layer % w.kv_heads),) if layer % 2 else () for layer in range(6)]
     )
     _check(model_type, heads, channels, tmp_path, plain=False)

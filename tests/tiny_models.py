@@ -51,6 +51,32 @@ TINY_CONFIGS: dict[str, dict] = {
         rotary_pct=0.5,
         **_COMMON,
     ),
+    # Families added for 2026 (issue 14). Sliding windows shorter than the test sequences, so
+    # the per-layer attention pattern matters.
+    "olmo2": dict(_DECODER),
+    "olmo3": dict(_DECODER, sliding_window=4),
+    "granite": dict(
+        _DECODER,
+        residual_multiplier=0.5,
+        attention_multiplier=0.3,
+        embedding_multiplier=2.0,
+        logits_scaling=2.0,
+    ),
+    "smollm3": dict(_DECODER, pad_token_id=0, no_rope_layer_interval=3),
+    "stablelm": dict(_DECODER, use_parallel_residual=True, use_qkv_bias=True),
+    "cohere": dict(_DECODER, pad_token_id=0),
+    "starcoder2": dict(_DECODER),
+    "phi": dict(_DECODER, pad_token_id=0),
+    "gptj": dict(n_embd=32, n_layer=LAYERS, n_head=4, rotary_dim=4, n_positions=128, **_COMMON),
+    "falcon": dict(
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        **_COMMON,
+    ),
+    "exaone4": dict(_DECODER, sliding_window=4),
+    "glm4": dict(_DECODER, head_dim=8, pad_token_id=0),
 }
 
 

@@ -110,6 +110,7 @@ def update_layer_config(model: PreTrainedModel, adapter: Adapter, kept: list[int
         if isinstance(values, (list, tuple)) and len(values) == old_count:
             setattr(config, key, [values[i] for i in kept])
             log.info("config.%s sliced to the %d kept layers", key, len(kept))
+    adapter.remap_layer_config(config, kept)
     config.num_hidden_layers = len(kept)
 
 

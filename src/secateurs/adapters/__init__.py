@@ -34,6 +34,22 @@ def adapter_for(model_or_config: PreTrainedModel | PretrainedConfig) -> Adapter:
 
 
 # Explicit imports (no silent discovery): each module registers its adapter on import.
-from secateurs.adapters import bloom, gemma, gpt2, gpt_neox, llama, opt, phi3  # noqa: E402,F401
+from secateurs.adapters import (  # noqa: E402,F401
+    bloom,
+    exaone4,
+    falcon,
+    gemma,
+    glm4,
+    gpt2,
+    gpt_neox,
+    granite,
+    llama,
+    olmo2,
+    opt,
+    parallel,
+    phi3,
+    stablelm,
+    starcoder2,
+)
 
 __all__ = ["ARCHITECTURES", "SUB_BLOCKS", "Adapter", "SubBlock", "adapter_for", "register_adapter"]

@@ -94,6 +94,8 @@ class Adapter:
     mlp: SubBlock
     # Config fields holding one entry per layer; sliced when blocks are removed.
     per_layer_config_keys: tuple[str, ...] = ("layer_types", "no_rope_layers")
+    # Config fields holding layer *indices* (Llama 4 ``moe_layers``); remapped to kept layers.
+    layer_index_config_keys: tuple[str, ...] = ()
     # Width pruning knowledge; None (with a reason) where the family lacks it.
     heads: HeadLayout | None = None
     channels: ChannelLayout | None = None
@@ -134,14 +136,34 @@ class Adapter:
     def supports(self, model_type: str) -> bool:
         return model_type in self.model_types
 
+    def remap_layer_config(self, config: PretrainedConfig, kept: list[int]) -> None:
+        """After block removal (``kept``: original indices of kept layers), rewrite config
+        fields that name layers by index, so a reload builds each kept layer as it was."""
+        position = {old: new for new, old in enumerate(kept)}
+        for key in self.layer_index_config_keys:
+            values = getattr(config, key, None)
+            if isinstance(values, (list, tuple)):
+                setattr(config, key, [position[i] for i in values if i in position])
+
+    def width_refusal(self, kind: str, config: PretrainedConfig | None) -> str:
+        """Why this config variant cannot prune width ``kind`` ("" if it can)."""
+        return ""
+
     # --- width --------------------------------------------------------------------------------
-    def width_layout(self, kind: str) -> HeadLayout | ChannelLayout:
-        """The layout of width unit ``kind`` ("heads" or "channels"), or a clear error."""
+    def width_layout(
+        self, kind: str, config: PretrainedConfig | None = None
+    ) -> HeadLayout | ChannelLayout:
+        """The layout of width unit ``kind`` ("heads" or "channels"), or a clear error.
+
+        With ``config``, variants of the family that cannot prune ``kind`` are refused too.
+        """
         if kind not in WIDTH_KINDS:
             raise ConfigError(f"Unknown width unit {kind!r}; expected one of {WIDTH_KINDS}.")
         layout = self.heads if kind == "heads" else self.channels
-        if layout is None:
-            why = f" ({self.width_unsupported})" if self.width_unsupported else ""
+        refusal = self.width_refusal(kind, config) if layout is not None else ""
+        if layout is None or refusal:
+            reason = refusal or self.width_unsupported
+            why = f" ({reason})" if reason else ""
             raise UnsupportedModelError(
                 f"Adapter {self.name!r} has no width support for {kind}{why}."
             )
