@@ -23,6 +23,8 @@ _DECODER = dict(
     **_COMMON,
 )
 
+_MOE = dict(_DECODER, intermediate_size=16, num_experts_per_tok=2)
+
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(_DECODER, tie_word_embeddings=True),
     "mistral": dict(_DECODER, sliding_window=None),
@@ -77,7 +79,28 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
     "exaone4": dict(_DECODER, sliding_window=4),
     "glm4": dict(_DECODER, head_dim=8, pad_token_id=0),
+    # Mixtures of experts: 8 routed experts of width 16, top-2.
+    "mixtral": dict(_MOE, num_local_experts=8),
+    "qwen2_moe": dict(  # a gated shared expert; top-k weights not renormalised
+        _MOE,
+        num_experts=8,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(  # every other layer dense, plus layer 0: the pattern follows indices
+        _MOE,
+        num_experts=8,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,
+        mlp_only_layers=[0],
+        head_dim=8,
+    ),
+    "gpt_oss": dict(_MOE, num_local_experts=8, head_dim=8, sliding_window=4, pad_token_id=0),
+    "olmoe": dict(_MOE, num_experts=8, pad_token_id=0),
 }
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe")
 
 
 def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:

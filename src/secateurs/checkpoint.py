@@ -103,6 +103,7 @@ def save_checkpoint(
     if layer_widths:
         record["structure"]["widths"] = layer_widths
     record["loading"] = loading_note(bool(skipped), bool(layer_widths))
+    _add_expert_structure(model, record)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -110,6 +111,16 @@ def save_checkpoint(
         write_json(tmp / RECORD_FILE, record)
     log.info("Saved to %s", out)
     return Path(out)
+
+
+def _add_expert_structure(model: PreTrainedModel, record: dict[str, Any]) -> None:
+    """Per-layer expert counts (MoE) that the config cannot describe, and how to load them."""
+    from secateurs.experts import expert_structure, experts_loading_note
+
+    experts = expert_structure(model)
+    if experts:
+        record["structure"]["experts"] = experts
+        record["loading"] = experts_loading_note()
 
 
 def width_structure(model: PreTrainedModel) -> dict[str, list[int]] | None:
@@ -166,6 +177,10 @@ def load_checkpoint(
     structure = read_record(location).get("structure", {})
     skipped = structure.get("skipped_branches", [])
     tokenizer = _tokenizer(location)
+    if structure.get("experts"):
+        from secateurs.experts import load_with_experts
+
+        return load_with_experts(Path(location), structure["experts"], dtype), tokenizer
     if structure.get("widths"):
         return _load_with_widths(Path(location), skipped, structure["widths"], dtype), tokenizer
     if not skipped:

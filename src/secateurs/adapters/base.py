@@ -63,6 +63,24 @@ class ChannelLayout:
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """Where a mixture-of-experts layer's routed experts live (paths relative to a layer).
+
+    ``router``: a module whose ``weight`` has one row per expert (and ``bias``, e.g. GPT-OSS);
+    its logits are ``F.linear(x, weight, bias)``. ``experts``: a module whose tensors stack the
+    experts along dim 0 (transformers 5's fused layout), or a ``ModuleList`` of experts.
+    ``count_key`` / ``top_k_key``: the config keys of the expert count and of top-k. Layers
+    without the router (dense layers of an interleaved model) are not MoE layers. Shared experts
+    are not routed and never touched.
+    """
+
+    router: str
+    experts: str
+    count_key: str = "num_local_experts"
+    top_k_key: str = "num_experts_per_tok"
+
+
+@dataclass(frozen=True)
 class SubBlock:
     """One residual branch (attention or MLP) of a decoder layer.
 
@@ -100,6 +118,8 @@ class Adapter:
     heads: HeadLayout | None = None
     channels: ChannelLayout | None = None
     width_unsupported: str = ""
+    # Routed experts (mixture-of-experts families); None for dense families.
+    experts: ExpertLayout | None = None
 
     # --- blocks -------------------------------------------------------------------------------
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
