@@ -19,13 +19,19 @@ from secateurs.commands.common import (
 )
 from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError
+from secateurs.experts_api import ExpertOptions
 from secateurs.models import load_model
 from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers
 
 
 def add_width_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("width (--unit heads|channels|width)")
-    group.add_argument("--allocation", default="uniform", choices=("uniform", "global"))
+    group = parser.add_argument_group("width (--unit heads|channels|width) and experts")
+    group.add_argument(
+        "--allocation",
+        default="uniform",
+        choices=("uniform", "global"),
+        help="uniform: same share per layer; global: rank all layers' units together",
+    )
     group.add_argument("--layers", default=None, help="layers that may be pruned, START:STOP")
     group.add_argument("--min-ratio", type=float, default=0.0, help="least fraction per layer")
     group.add_argument("--max-ratio", type=float, default=0.9, help="most fraction per layer")
@@ -60,6 +66,15 @@ def _report_width(result) -> int:
     return 0
 
 
+def _report_experts(result) -> int:
+    params = result.record["parameters"]
+    print(f"kept experts per MoE layer {list(result.plan.layers)}: {list(result.plan.kept())}")
+    print(f"parameters: {params['before']:,} -> {params['after']:,}")
+    print(f"loading: {read_record(result.out).get('loading', {}).get('how', '')}")
+    print(f"saved: {result.out}")
+    return 0
+
+
 @register
 class Prune(Command):
     path = ("prune",)
@@ -73,9 +88,12 @@ class Prune(Command):
             "--ratio",
             type=float,
             help="depth: fraction of units to remove; width (--unit heads|channels|width): "
-            "fraction of the parameters (non-embedding unless --include-embeddings)",
+            "fraction of the parameters (non-embedding unless --include-embeddings); "
+            "experts: fraction of the routed experts",
         )
-        amount.add_argument("--remove", type=int, help="number of units to remove")
+        amount.add_argument(
+            "--remove", type=int, help="number of units to remove (experts: per MoE layer)"
+        )
         parser.add_argument("--iterative", action="store_true", help="re-score after each removal")
         parser.add_argument("--scores", type=Path, help="reuse scores saved by 'secateurs score'")
         parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -99,6 +117,8 @@ class Prune(Command):
                 args.round_to,
                 args.uniform_widths,
             )
+        if args.unit == "experts":  # validate before loading anything
+            ExpertOptions(args.ratio, args.remove, args.allocation)
         check_output_dir(args.out, args.overwrite)  # before loading or scoring anything
         scores = ScoreResult.from_dict(json.loads(args.scores.read_text())) if args.scores else None
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -114,6 +134,8 @@ class Prune(Command):
                 include_embeddings=args.include_embeddings,
                 compensate=args.compensate,
             )
+        if args.unit == "experts":
+            width = dict(allocation=args.allocation)
         result = prune(
             model,
             tokenizer,
@@ -135,6 +157,8 @@ class Prune(Command):
         )
         if args.unit in WIDTH_UNITS:
             return _report_width(result)
+        if args.unit == "experts":
+            return _report_experts(result)
         params = result.record["parameters"]
         removed = ", ".join(f"{kind} {layer}" for layer, kind in result.plan.units)
         print(f"removed: {removed}")
