@@ -263,3 +263,38 @@ def test_cli_prunes_experts(tmp_path, tokenizer, calibration_file, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["num_local_experts"] == 6
     assert AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.gate.weight.shape[0] == 6
+
+
+def test_bench_and_report_on_a_pruned_moe(tmp_path, tokenizer, capsys):
+    from secateurs.evaluate.efficiency import linear_macs_per_token
+
+    model = tiny_model("mixtral")
+    dense_macs = linear_macs_per_token(model)
+    result = prune(
+        model,
+        tokenizer,
+        criterion="frequency",
+        unit="experts",
+        ratio=0.25,
+        allocation="global",
+        calibration=tokens(batch=4, length=16),
+        out=tmp_path / "pruned",
+        progress=False,
+    )
+    # Each token still runs top-2 experts: only the router's rows of removed experts go.
+    removed = sum(map(len, result.plan.removed))
+    assert linear_macs_per_token(result.model) == dense_macs - removed * 32
+    assert dense_macs > sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    bench = ["bench", str(tmp_path / "pruned"), "--batch-sizes", "1", "--new-tokens", "3"]
+    assert (
+        main([*bench, "--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "b.json")]) == 0
+    )
+    assert "| pruned | experts |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "pruned"), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.md").read_text()
+    assert (
+        "Expert usage per MoE layer" in page
+        and (tmp_path / "report" / "experts_pruned.png").is_file()
+    )

@@ -434,3 +434,28 @@ def observe_routing(
     finally:
         for handle in handles:
             handle.remove()
+
+
+# --- cost -------------------------------------------------------------------------------------
+def routed_expert_macs(model: nn.Module) -> int:
+    """Weight MACs per token of stacked routed experts (top-k of them) and non-Linear routers.
+
+    Removing experts leaves this unchanged (each token still runs top-k experts); it shrinks
+    the weights to store and load. Zero for dense models and ``ModuleList`` experts (whose
+    ``nn.Linear`` modules are counted with the others).
+    """
+    try:
+        adapter = adapter_for(model)
+    except UnsupportedModelError:
+        return 0
+    if adapter.experts is None:
+        return 0
+    k, total = top_k(model, adapter), 0
+    for layer in moe_layers(model, adapter):
+        router, experts = router_and_experts(model, adapter, layer)
+        count = int(router.weight.shape[0])
+        if not isinstance(router, nn.Linear):
+            total += router.weight.numel()
+        matrices = [t for _, t in stacked_tensors(experts, count) if t.ndim >= 3]
+        total += k * sum(t[0].numel() for t in matrices)
+    return total

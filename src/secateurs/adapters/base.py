@@ -156,6 +156,11 @@ class Adapter:
     def supports(self, model_type: str) -> bool:
         return model_type in self.model_types
 
+    def unit_kinds(self) -> tuple[str, ...]:
+        """Every unit kind this family can prune (depth always; width and experts if known)."""
+        optional = (("heads", self.heads), ("channels", self.channels), ("experts", self.experts))
+        return ("block", *SUB_BLOCKS, *(kind for kind, layout in optional if layout is not None))
+
     def remap_layer_config(self, config: PretrainedConfig, kept: list[int]) -> None:
         """After block removal (``kept``: original indices of kept layers), rewrite config
         fields that name layers by index, so a reload builds each kept layer as it was."""
