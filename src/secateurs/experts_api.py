@@ -26,7 +26,7 @@ from secateurs import __version__
 from secateurs.adapters import adapter_for
 from secateurs.checkpoint import check_output_dir, save_checkpoint
 from secateurs.criteria import CRITERIA, ScoringContext
-from secateurs.errors import ConfigError
+from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.experts import (
     ExpertPlan,
     apply_expert_plan,
@@ -150,8 +150,14 @@ def prune_experts(
     if out is not None:
         check_output_dir(out, overwrite)
     adapter = adapter_for(model)
-    expert_layout(adapter)  # a dense family → clear error before any work
+    layout = expert_layout(adapter)  # a dense family → clear error before any work
     scorer = _checked_scorer(criterion, criterion_options)
+    if scorer.needs_calibration and not layout.observable:
+        raise UnsupportedModelError(
+            f"{model.config.model_type}: its experts are not called with the routing "
+            f"(hidden, top-k ids, weights), so {scorer.name!r} cannot observe them; "
+            "use --criterion magnitude."
+        )
     from secateurs.api import _calibration, count_parameters
 
     tokens, calib_record = _calibration(scorer.needs_calibration, calibration, tokenizer, data_root)

@@ -45,6 +45,7 @@ from secateurs.adapters import (  # noqa: E402,F401
     gpt_oss,
     granite,
     llama,
+    llama4,
     mixtral,
     olmo2,
     olmoe,

@@ -78,6 +78,9 @@ class ExpertLayout:
     experts: str
     count_key: str = "num_local_experts"
     top_k_key: str = "num_experts_per_tok"
+    # Whether the experts module is called as experts(hidden, top_k_index, top_k_weights), so
+    # routing-based criteria (frequency, REAP) can observe it.
+    observable: bool = True
 
 
 @dataclass(frozen=True)
