@@ -128,6 +128,22 @@ def test_router_and_expert_tensors_are_sliced(original):
         torch.testing.assert_close(getattr(experts, name), tensor[keep], rtol=0, atol=0)
 
 
+def test_a_router_that_cannot_be_masked_fails_loudly():
+    model = tiny_model("mixtral")
+    router = model.model.layers[0].mlp.gate
+
+    def forward(self, hidden):  # logits from a copy of the weight: invisible to the mask
+        hidden = hidden.reshape(-1, 32)
+        logits = torch.nn.functional.linear(hidden, self.weight * 1.0)
+        top, index = torch.topk(logits.softmax(-1), 2, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), index
+
+    router.forward = forward.__get__(router)
+    masking = experts_masked(model, adapter_for(model), {0: (1,)})
+    with pytest.raises(UnsupportedModelError, match="cannot be masked"), masking:
+        logits(model)
+
+
 # --- bad input --------------------------------------------------------------------------------
 def test_removing_all_experts_or_below_top_k_is_refused():
     model = tiny_model("mixtral")

@@ -99,6 +99,7 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
     "gpt_oss": dict(_MOE, num_local_experts=8, head_dim=8, sliding_window=4, pad_token_id=0),
     "olmoe": dict(_MOE, num_experts=8, pad_token_id=0),
+    "flex_olmo": dict(_MOE, num_experts=8, pad_token_id=0),
     "llama4_text": dict(  # NoPE every 3rd layer, chunked attention shorter than the tests
         _MOE,
         num_local_experts=8,
@@ -109,7 +110,7 @@ TINY_CONFIGS: dict[str, dict] = {
         pad_token_id=0,
     ),
 }
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "llama4_text")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "flex_olmo", "llama4_text")
 
 
 def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:

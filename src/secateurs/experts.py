@@ -197,12 +197,31 @@ class _RouterMask(TorchFunctionMode):
     def __init__(self, masks: dict[int, torch.Tensor]) -> None:
         super().__init__()
         self.masks = masks  # id(router weight) -> (experts,) additive mask
+        self.hits: set[int] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is F.linear and len(args) > 1 and id(args[1]) in self.masks:
             out = out + self.masks[id(args[1])].to(out.device, out.dtype)
+            self.hits.add(id(args[1]))
         return out
+
+
+def _check_masked(mode: _RouterMask, key: int, layer: int):
+    """A forward hook on a masked router: fail loudly if its logits were not intercepted (a
+    router that casts or copies its weight first would otherwise run unmasked)."""
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        mode.hits.discard(key)
+
+    def post(module: nn.Module, args: tuple, output: Any) -> None:
+        if key not in mode.hits:
+            raise UnsupportedModelError(
+                f"Layer {layer}: the router did not compute its logits with F.linear on its own "
+                "weight, so its experts cannot be masked."
+            )
+
+    return pre, post
 
 
 @contextmanager
@@ -210,7 +229,7 @@ def experts_masked(
     model: PreTrainedModel, adapter: Adapter, removed: Mapping[int, Sequence[int]]
 ) -> Iterator[None]:
     """Run ``model`` as if ``removed[layer]`` experts were gone (never routed to)."""
-    masks = {}
+    masks, routers = {}, []
     for layer, experts in removed.items():
         if not experts:
             continue
@@ -218,8 +237,18 @@ def experts_masked(
         mask = torch.zeros(router.weight.shape[0])
         mask[torch.as_tensor(list(experts), dtype=torch.long)] = float("-inf")
         masks[id(router.weight)] = mask
-    with _RouterMask(masks):
-        yield
+        routers.append((layer, router))
+    mode = _RouterMask(masks)
+    handles = []
+    try:
+        for layer, router in routers:
+            pre, post = _check_masked(mode, id(router.weight), layer)
+            handles += [router.register_forward_pre_hook(pre), router.register_forward_hook(post)]
+        with mode:
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # --- surgery ----------------------------------------------------------------------------------

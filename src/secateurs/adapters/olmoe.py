@@ -15,3 +15,16 @@ OLMOE = register_adapter(
         experts=ExpertLayout("mlp.gate", "mlp.experts", count_key="num_experts"),
     )
 )
+
+# FlexOlmo: OLMo 2's output norms (no pre-norms) around an OLMoE-style MoE MLP.
+FLEX_OLMO = register_adapter(
+    Adapter(
+        name="flex_olmo",
+        model_types=("flex_olmo",),
+        layers_path="model.layers",
+        attn=SubBlock("self_attn", companions=("post_attention_layernorm",), returns_tuple=True),
+        mlp=SubBlock("mlp", companions=("post_feedforward_layernorm",)),
+        width_unsupported=OLMOE.width_unsupported,
+        experts=ExpertLayout("mlp.gate", "mlp.experts", count_key="num_experts"),
+    )
+)
