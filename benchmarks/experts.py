@@ -97,7 +97,7 @@ def main() -> None:
         ("params_m", "params (M)"),
         ("weight_mb", "weights (MB)"),
         ("macs_m", "MMACs/token"),
-        ("max_err", "max |Δlogit| vs masked"),
+        ("max_err", "max abs Δlogit vs masked"),
         ("latency_s", "latency 32 tok (s)"),
         ("speedup", "speedup"),
     ]

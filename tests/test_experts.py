@@ -325,3 +325,18 @@ def test_bench_and_report_on_a_pruned_moe(tmp_path, tokenizer, capsys):
         "Expert usage per MoE layer" in page
         and (tmp_path / "report" / "experts_pruned.png").is_file()
     )
+
+
+def test_group_limited_deepseek_router_is_refused(tokenizer):
+    from transformers import AutoConfig
+
+    from tiny_models import TINY_CONFIGS
+
+    overrides = dict(topk_method="group_limited_greedy", n_group=2, topk_group=1)
+    config = AutoConfig.for_model("deepseek_v2", **{**TINY_CONFIGS["deepseek_v2"], **overrides})
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError, match="group"):
+        prune(model, tokenizer, criterion="magnitude", unit="experts", remove=2)
+    layer = moe_layers(model, adapter_for(model))[0]
+    with pytest.raises(UnsupportedModelError, match="group"):
+        apply_expert_plan(model, ExpertPlan.of_removed(model, {layer: (1,)}))

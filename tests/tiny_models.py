@@ -100,6 +100,22 @@ TINY_CONFIGS: dict[str, dict] = {
     "gpt_oss": dict(_MOE, num_local_experts=8, head_dim=8, sliding_window=4, pad_token_id=0),
     "olmoe": dict(_MOE, num_experts=8, pad_token_id=0),
     "flex_olmo": dict(_MOE, num_experts=8, pad_token_id=0),
+    "deepseek_v2": dict(  # MLA attention; layers 0-1 dense (a pattern that follows indices)
+        _MOE,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        n_routed_experts=8,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        head_dim=4,
+        pad_token_id=0,
+    ),
     "llama4_text": dict(  # NoPE every 3rd layer, chunked attention shorter than the tests
         _MOE,
         num_local_experts=8,
@@ -110,7 +126,16 @@ TINY_CONFIGS: dict[str, dict] = {
         pad_token_id=0,
     ),
 }
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "flex_olmo", "llama4_text")
+MOE_TYPES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gpt_oss",
+    "olmoe",
+    "flex_olmo",
+    "deepseek_v2",
+    "llama4_text",
+)
 
 
 def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from secateurs.adapters import Adapter, adapter_for
 from secateurs.adapters.base import ExpertLayout
@@ -38,13 +38,17 @@ COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 # --- where experts live -----------------------------------------------------------------------
-def expert_layout(adapter: Adapter) -> ExpertLayout:
-    """The adapter's expert layout, or a clear error for a dense family."""
+def expert_layout(adapter: Adapter, config: PretrainedConfig | None = None) -> ExpertLayout:
+    """The adapter's expert layout, or a clear error for a dense family (or, with ``config``,
+    a variant whose experts cannot be removed)."""
     if adapter.experts is None:
         raise UnsupportedModelError(
             f"Adapter {adapter.name!r} ({', '.join(adapter.model_types)}) has no routed experts; "
             "--unit experts applies to mixture-of-experts models."
         )
+    refusal = adapter.experts_refusal(config) if config is not None else ""
+    if refusal:
+        raise UnsupportedModelError(f"{config.model_type}: experts cannot be removed ({refusal}).")
     return adapter.experts
 
 
@@ -318,6 +322,7 @@ def apply_expert_plan(
     count, so a plain load fails loudly on the shapes; ``secateurs.load_model`` rebuilds it.
     """
     adapter = adapter or adapter_for(model)
+    expert_layout(adapter, model.config)
     if adapter.num_layers(model) != plan.num_layers:
         raise ConfigError(
             f"Expert plan is for {plan.num_layers} layers; the model has "

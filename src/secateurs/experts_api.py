@@ -150,7 +150,7 @@ def prune_experts(
     if out is not None:
         check_output_dir(out, overwrite)
     adapter = adapter_for(model)
-    layout = expert_layout(adapter)  # a dense family → clear error before any work
+    layout = expert_layout(adapter, model.config)  # dense or unsupported → error before work
     scorer = _checked_scorer(criterion, criterion_options)
     if scorer.needs_calibration and not layout.observable:
         raise UnsupportedModelError(

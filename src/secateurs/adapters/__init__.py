@@ -36,6 +36,7 @@ def adapter_for(model_or_config: PreTrainedModel | PretrainedConfig) -> Adapter:
 # Explicit imports (no silent discovery): each module registers its adapter on import.
 from secateurs.adapters import (  # noqa: E402,F401
     bloom,
+    deepseek,
     exaone4,
     falcon,
     gemma,

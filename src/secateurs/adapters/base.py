@@ -173,6 +173,10 @@ class Adapter:
             if isinstance(values, (list, tuple)):
                 setattr(config, key, [position[i] for i in values if i in position])
 
+    def experts_refusal(self, config: PretrainedConfig) -> str:
+        """Why this config variant cannot remove experts ("" if it can)."""
+        return ""
+
     def width_refusal(self, kind: str, config: PretrainedConfig | None) -> str:
         """Why this config variant cannot prune width ``kind`` ("" if it can)."""
         return ""
