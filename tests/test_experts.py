@@ -340,3 +340,11 @@ def test_group_limited_deepseek_router_is_refused(tokenizer):
     layer = moe_layers(model, adapter_for(model))[0]
     with pytest.raises(UnsupportedModelError, match="group"):
         apply_expert_plan(model, ExpertPlan.of_removed(model, {layer: (1,)}))
+
+
+def test_cli_refuses_experts_on_a_dense_model_from_its_config(tmp_path, capsys):
+    source = tmp_path / "dense"
+    tiny_model("llama").config.save_pretrained(source)  # a config alone: no weights to load
+    args = ["prune", str(source), "--unit", "experts", "--criterion", "magnitude", "--remove", "1"]
+    assert main([*args, "--out", str(tmp_path / "o")]) != 0
+    assert "no routed experts" in capsys.readouterr().err

@@ -66,6 +66,19 @@ def _report_width(result) -> int:
     return 0
 
 
+def check_experts_config(model: str) -> None:
+    """Refuse --unit experts on a dense (or unsupported MoE) model from its config.json alone."""
+    if not (Path(model) / "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    from secateurs.adapters import adapter_for
+    from secateurs.experts import expert_layout
+
+    config = AutoConfig.from_pretrained(model)
+    expert_layout(adapter_for(config), config)
+
+
 def _report_experts(result) -> int:
     params = result.record["parameters"]
     print(f"kept experts per MoE layer {list(result.plan.layers)}: {list(result.plan.kept())}")
@@ -119,6 +132,7 @@ class Prune(Command):
             )
         if args.unit == "experts":  # validate before loading anything
             ExpertOptions(args.ratio, args.remove, args.allocation)
+            check_experts_config(args.model)
         check_output_dir(args.out, args.overwrite)  # before loading or scoring anything
         scores = ScoreResult.from_dict(json.loads(args.scores.read_text())) if args.scores else None
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
