@@ -31,6 +31,7 @@ from secateurs.experts import (
 )
 from secateurs.experts_api import ExpertOptions, allocate_experts
 from secateurs.models import load_model
+from secateurs.plan import Plan
 from tiny_models import MOE_TYPES, tiny_model, tokens
 
 # Llama 4 runs its experts on router-scaled copies of every token: no routing to observe.
@@ -348,3 +349,19 @@ def test_cli_refuses_experts_on_a_dense_model_from_its_config(tmp_path, capsys):
     args = ["prune", str(source), "--unit", "experts", "--criterion", "magnitude", "--remove", "1"]
     assert main([*args, "--out", str(tmp_path / "o")]) != 0
     assert "no routed experts" in capsys.readouterr().err
+
+
+def test_per_layer_experts_with_a_removed_branch_reload_exactly(tmp_path):
+    from secateurs.surgery import apply_plan
+
+    model = tiny_model("qwen2_moe")
+    apply_expert_plan(model, ExpertPlan.of_removed(model, per_layer_removal(model)))
+    apply_plan(model, Plan(6, attn=(2,), mlp=(4,)))
+    save_checkpoint(model, None, tmp_path / "m", {})
+    structure = read_record(tmp_path / "m")["structure"]
+    assert (
+        structure["skipped_branches"] == [[2, "attn"], [4, "mlp"]]
+        and "4" not in structure["experts"]
+    )
+    reloaded, _ = load_model(tmp_path / "m")
+    torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=1e-6)

@@ -180,7 +180,8 @@ def load_checkpoint(
     if structure.get("experts"):
         from secateurs.experts import load_with_experts
 
-        return load_with_experts(Path(location), structure["experts"], dtype), tokenizer
+        experts = structure["experts"]
+        return load_with_experts(Path(location), experts, dtype, skipped), tokenizer
     if structure.get("widths"):
         return _load_with_widths(Path(location), skipped, structure["widths"], dtype), tokenizer
     if not skipped:

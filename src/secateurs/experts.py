@@ -391,7 +391,10 @@ def cut_to_counts(model: PreTrainedModel, counts: Mapping[str, int]) -> None:
 
 
 def load_with_experts(
-    directory: Path, counts: Mapping[str, int], dtype: torch.dtype | str
+    directory: Path,
+    counts: Mapping[str, int],
+    dtype: torch.dtype | str,
+    skipped: Sequence[Sequence[Any]] = (),
 ) -> PreTrainedModel:
     """Load a checkpoint whose MoE layers keep different expert counts, strictly.
 
@@ -403,7 +406,7 @@ def load_with_experts(
 
     config = AutoConfig.from_pretrained(directory)
     base = AutoModelForCausalLM._model_mapping[type(config)]
-    cut = type(base.__name__, (base,), {"__init__": _cut_init(base, counts)})
+    cut = type(base.__name__, (base,), {"__init__": _cut_init(base, counts, skipped)})
     model, info = cut.from_pretrained(directory, dtype=dtype, output_loading_info=True)
     problems = {k: v for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
@@ -411,10 +414,15 @@ def load_with_experts(
     return model
 
 
-def _cut_init(base: type, counts: Mapping[str, int]):
+def _cut_init(base: type, counts: Mapping[str, int], skipped: Sequence[Sequence[Any]]):
+    from secateurs.surgery import skip_branch
+    from secateurs.units import Unit
+
     def __init__(self, config, *args, **kwargs):  # noqa: N807
         base.__init__(self, config, *args, **kwargs)
         cut_to_counts(self, counts)
+        for layer, kind in skipped:  # removed branches: no weights to load
+            skip_branch(self, adapter_for(self), Unit(int(layer), kind))
 
     return __init__
 
