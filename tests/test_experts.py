@@ -328,13 +328,20 @@ def test_bench_and_report_on_a_pruned_moe(tmp_path, tokenizer, capsys):
     )
 
 
-def test_group_limited_deepseek_router_is_refused(tokenizer):
+@pytest.mark.parametrize(
+    ("model_type", "overrides"),
+    [
+        ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1)),
+        ("deepseek_v3", dict(n_group=2, topk_group=1)),
+        ("glm4_moe", dict(n_group=4, topk_group=2)),
+    ],
+)
+def test_group_limited_routers_are_refused(model_type, overrides, tokenizer):
     from transformers import AutoConfig
 
     from tiny_models import TINY_CONFIGS
 
-    overrides = dict(topk_method="group_limited_greedy", n_group=2, topk_group=1)
-    config = AutoConfig.for_model("deepseek_v2", **{**TINY_CONFIGS["deepseek_v2"], **overrides})
+    config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModelError, match="group"):
         prune(model, tokenizer, criterion="magnitude", unit="experts", remove=2)

@@ -116,6 +116,35 @@ TINY_CONFIGS: dict[str, dict] = {
         head_dim=4,
         pad_token_id=0,
     ),
+    "deepseek_v3": dict(  # sigmoid router with a selection bias; one expert group
+        _MOE,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        n_routed_experts=8,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        head_dim=4,
+        pad_token_id=0,
+    ),
+    "glm4_moe": dict(
+        _MOE,
+        intermediate_size=64,
+        n_routed_experts=8,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        pad_token_id=0,
+    ),
     "llama4_text": dict(  # NoPE every 3rd layer, chunked attention shorter than the tests
         _MOE,
         num_local_experts=8,
@@ -149,11 +178,18 @@ def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
 
 
 def _randomise_norms(model: PreTrainedModel) -> None:
-    """Norm weights start at exactly 1 (or 0 for Gemma); perturb them so bugs cannot hide."""
+    """Norm weights start at exactly 1 (or 0 for Gemma); perturb them so bugs cannot hide.
+
+    Expert-selection biases (DeepSeek-V3, GLM-4-MoE) start at 0: make them large enough to
+    decide which experts are chosen, so masking must handle them.
+    """
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 1:
                 param.add_(0.1 * torch.randn_like(param))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer))
 
 
 def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:

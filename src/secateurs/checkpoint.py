@@ -266,12 +266,13 @@ def _load_with_structure(
             adapter.sub_block(kind, model.config).module_names(),
             strict=True,
         ):
-            expected_missing |= {f"{prefix}{name}.{p}" for p, _ in module.named_parameters()}
+            # state_dict: parameters and persistent buffers (a router's selection bias)
+            expected_missing |= {f"{prefix}{name}.{key}" for key in module.state_dict()}
         skip_branch(model, adapter, unit)
     unexplained = sorted(set(info["missing_keys"]) - expected_missing)
     if unexplained or info["unexpected_keys"]:
         raise ValueError(
             f"{directory}: checkpoint does not match its recorded structure "
-            f"(missing {unexplained[:5]}, unexpected {info['unexpected_keys'][:5]})."
+            f"(missing {unexplained[:5]}, unexpected {sorted(info['unexpected_keys'])[:5]})."
         )
     return model

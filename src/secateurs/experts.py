@@ -243,16 +243,31 @@ def experts_masked(
         masks[id(router.weight)] = mask
         routers.append((layer, router))
     mode = _RouterMask(masks)
-    handles = []
+    handles, biases = [], []
     try:
         for layer, router in routers:
             pre, post = _check_masked(mode, id(router.weight), layer)
             handles += [router.register_forward_pre_hook(pre), router.register_forward_hook(post)]
+            biases.append(_mask_choice_bias(adapter, router, removed[layer]))
         with mode:
             yield
     finally:
         for handle in handles:
             handle.remove()
+        for router, name, original in filter(None, biases):
+            setattr(router, name, original)
+
+
+def _mask_choice_bias(adapter: Adapter, router: nn.Module, experts: Sequence[int]):
+    """Set removed experts' selection bias to -inf; returns what to restore (or None)."""
+    name = expert_layout(adapter).choice_bias
+    if not name:
+        return None
+    original = getattr(router, name)
+    masked = original.clone()
+    masked[torch.as_tensor(list(experts), dtype=torch.long)] = float("-inf")
+    setattr(router, name, masked)
+    return router, name, original
 
 
 # --- surgery ----------------------------------------------------------------------------------

@@ -81,6 +81,9 @@ class ExpertLayout:
     # Whether the experts module is called as experts(hidden, top_k_index, top_k_weights), so
     # routing-based criteria (frequency, REAP) can observe it.
     observable: bool = True
+    # A router attribute holding a per-expert bias added only to choose experts (DeepSeek-V3's
+    # ``e_score_correction_bias``): masking an expert sets its entry to -inf as well.
+    choice_bias: str = ""
 
 
 @dataclass(frozen=True)
