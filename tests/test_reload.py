@@ -170,15 +170,15 @@ def test_sparse_step_becomes_explicit_dense_list():
     config = AutoConfig.for_model("qwen2_moe", num_hidden_layers=6)
     config.mlp_only_layers, config.decoder_sparse_step = [0], 2
     # old layers: 0 dense (listed), 1 sparse, 2 dense, 3 sparse, 4 dense, 5 sparse
-    surgery._renumber_sparse_layers(config, kept=[0, 2, 3, 5])
+    adapter_for(config).remap_layer_config(config, kept=[0, 2, 3, 5])
     assert config.mlp_only_layers == [0, 1] and config.decoder_sparse_step == 1
 
 
 def test_dense_prefix_counts_kept_dense_layers():
-    adapter = adapter_for(AutoConfig.for_model("llama"))
+    adapter = adapter_for(AutoConfig.for_model("deepseek_v3"))
 
     class Model:
-        config = AutoConfig.for_model("llama", num_hidden_layers=6)
+        config = AutoConfig.for_model("deepseek_v3", num_hidden_layers=6)
 
     Model.config.first_k_dense_replace = 3
     surgery.update_layer_config(Model, adapter, kept=[0, 2, 4, 5])

@@ -23,6 +23,8 @@ _DECODER = dict(
     **_COMMON,
 )
 
+_MOE = dict(_DECODER, intermediate_size=16, num_experts_per_tok=2)
+
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(_DECODER, tie_word_embeddings=True),
     "mistral": dict(_DECODER, sliding_window=None),
@@ -51,7 +53,118 @@ TINY_CONFIGS: dict[str, dict] = {
         rotary_pct=0.5,
         **_COMMON,
     ),
+    # Families added for 2026 (issue 14). Sliding windows shorter than the test sequences, so
+    # the per-layer attention pattern matters.
+    "olmo2": dict(_DECODER),
+    "olmo3": dict(_DECODER, sliding_window=4),
+    "granite": dict(
+        _DECODER,
+        residual_multiplier=0.5,
+        attention_multiplier=0.3,
+        embedding_multiplier=2.0,
+        logits_scaling=2.0,
+    ),
+    "smollm3": dict(_DECODER, pad_token_id=0, no_rope_layer_interval=3),
+    "stablelm": dict(_DECODER, use_parallel_residual=True, use_qkv_bias=True),
+    "cohere": dict(_DECODER, pad_token_id=0),
+    "starcoder2": dict(_DECODER),
+    "phi": dict(_DECODER, pad_token_id=0),
+    "gptj": dict(n_embd=32, n_layer=LAYERS, n_head=4, rotary_dim=4, n_positions=128, **_COMMON),
+    "falcon": dict(
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        **_COMMON,
+    ),
+    "exaone4": dict(_DECODER, sliding_window=4),
+    "glm4": dict(_DECODER, head_dim=8, pad_token_id=0),
+    # Mixtures of experts: 8 routed experts of width 16, top-2.
+    "mixtral": dict(_MOE, num_local_experts=8),
+    "qwen2_moe": dict(  # a gated shared expert; top-k weights not renormalised
+        _MOE,
+        num_experts=8,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(  # every other layer dense, plus layer 0: the pattern follows indices
+        _MOE,
+        num_experts=8,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,
+        mlp_only_layers=[0],
+        head_dim=8,
+    ),
+    "gpt_oss": dict(_MOE, num_local_experts=8, head_dim=8, sliding_window=4, pad_token_id=0),
+    "olmoe": dict(_MOE, num_experts=8, pad_token_id=0),
+    "flex_olmo": dict(_MOE, num_experts=8, pad_token_id=0),
+    "deepseek_v2": dict(  # MLA attention; layers 0-1 dense (a pattern that follows indices)
+        _MOE,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        n_routed_experts=8,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        head_dim=4,
+        pad_token_id=0,
+    ),
+    "deepseek_v3": dict(  # sigmoid router with a selection bias; one expert group
+        _MOE,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        n_routed_experts=8,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        head_dim=4,
+        pad_token_id=0,
+    ),
+    "glm4_moe": dict(
+        _MOE,
+        intermediate_size=64,
+        n_routed_experts=8,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        pad_token_id=0,
+    ),
+    "llama4_text": dict(  # NoPE every 3rd layer, chunked attention shorter than the tests
+        _MOE,
+        num_local_experts=8,
+        intermediate_size_mlp=64,
+        head_dim=8,
+        no_rope_layer_interval=3,
+        attention_chunk_size=4,
+        pad_token_id=0,
+    ),
 }
+MOE_TYPES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gpt_oss",
+    "olmoe",
+    "flex_olmo",
+    "deepseek_v2",
+    "llama4_text",
+)
 
 
 def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
@@ -65,11 +178,18 @@ def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
 
 
 def _randomise_norms(model: PreTrainedModel) -> None:
-    """Norm weights start at exactly 1 (or 0 for Gemma); perturb them so bugs cannot hide."""
+    """Norm weights start at exactly 1 (or 0 for Gemma); perturb them so bugs cannot hide.
+
+    Expert-selection biases (DeepSeek-V3, GLM-4-MoE) start at 0: make them large enough to
+    decide which experts are chosen, so masking must handle them.
+    """
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 1:
                 param.add_(0.1 * torch.randn_like(param))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer))
 
 
 def tokens(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:

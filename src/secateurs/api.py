@@ -205,6 +205,10 @@ def prune(
     "global") over ``layers`` ("4:28"), within ``min_ratio``/``max_ratio`` per layer, channels
     rounded to ``round_to``; see ``secateurs.width_api.prune_width``.
     """
+    if unit == "experts":  # mixture-of-experts models: secateurs.experts_api
+        run = dict(calibration=calibration, data_root=data_root, out=out, overwrite=overwrite)
+        run.update(source=source, progress=progress, **options)
+        return _prune_experts(model, tokenizer, criterion, (ratio, remove, allocation), run)
     if unit in WIDTH_UNITS:
         if remove is not None or iterative or scores is not None:
             raise ConfigError("Width pruning takes --ratio (of parameters) only.")
@@ -268,6 +272,15 @@ def prune(
     if out is not None:
         save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
     return PruneResult(model, plan, history, record, Path(out) if out else None)
+
+
+def _prune_experts(model, tokenizer, criterion, amount: tuple, run: dict) -> PruneResult:
+    """``unit="experts"``: see ``secateurs.experts_api.prune_experts``."""
+    from secateurs.experts_api import ExpertOptions, prune_experts
+
+    options = ExpertOptions(*amount)
+    result = prune_experts(model, tokenizer, criterion=criterion, options=options, **run)
+    return PruneResult(result.model, result.plan, [], result.record, result.out)
 
 
 def _check_reused(scores: ScoreResult, name: str, unit: str) -> None:

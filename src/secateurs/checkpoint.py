@@ -143,18 +143,22 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Save model, tokenizer and run record to ``out`` atomically (one writer at a time)."""
+    from secateurs.experts import expert_structure
     from secateurs.surgery import skipped_branches
 
     check_output_dir(out, overwrite)  # before anything is built
     skipped = skipped_branches(model)
     fresh = _model_from_own_config(model)
     layer_widths = width_structure(model, fresh)
-    check_reloadable(model, fresh, skipped, bool(layer_widths))
+    experts = expert_structure(model)
+    check_reloadable(model, fresh, skipped, bool(layer_widths) or bool(experts))
     record = dict(record)
     record["structure"] = {"skipped_branches": [list(unit) for unit in skipped]}
     if layer_widths:
         record["structure"]["widths"] = layer_widths
-    note = loading_note(bool(skipped), bool(layer_widths))
+    if experts:
+        record["structure"]["experts"] = experts
+    note = loading_note(bool(skipped), bool(layer_widths), bool(experts))
     record["loading"] = note
     with atomic_directory(out, overwrite=overwrite, needed=checkpoint_bytes(model)) as tmp:
         model.save_pretrained(tmp)
@@ -280,9 +284,11 @@ def _same_constant(ours: Any, theirs: Any) -> bool:
     return ours == theirs
 
 
-def loading_note(skipped_branches: bool, widths: bool = False) -> dict[str, Any]:
+def loading_note(
+    skipped_branches: bool, widths: bool = False, experts: bool = False
+) -> dict[str, Any]:
     """What can load the checkpoint; printed by ``prune`` and kept in ``secateurs.json``."""
-    if not skipped_branches and not widths:
+    if not skipped_branches and not widths and not experts:
         return {
             "plain_transformers": True,
             "how": "AutoModelForCausalLM.from_pretrained(dir) loads it exactly; other engines too.",
@@ -292,6 +298,7 @@ def loading_note(skipped_branches: bool, widths: bool = False) -> dict[str, Any]
         for part, present in (
             ("removed attention/MLP branches", skipped_branches),
             ("per-layer widths (attention heads / MLP channels)", widths),
+            ("per-layer expert counts (MoE)", experts),
         )
         if present
     )
@@ -324,6 +331,11 @@ def load_checkpoint(
     skipped = structure.get("skipped_branches", [])
     kwargs = {"dtype": dtype, "config": read_config(location)} if local else {"dtype": dtype}
     tokenizer = _tokenizer(location)
+    if structure.get("experts"):
+        from secateurs.experts import load_with_experts
+
+        experts = structure["experts"]
+        return load_with_experts(Path(location), experts, dtype, skipped), tokenizer
     if structure.get("widths"):
         return _load_with_widths(Path(location), skipped, structure["widths"], kwargs), tokenizer
     if not skipped:
@@ -451,7 +463,8 @@ def _check_missing(directory: Path, model, adapter, skipped: list[list], info: d
             adapter.sub_block(kind, model.config).module_names(),
             strict=True,
         ):
-            expected_missing |= {f"{prefix}{name}.{p}" for p, _ in module.named_parameters()}
+            # state_dict: parameters and persistent buffers (a router's selection bias)
+            expected_missing |= {f"{prefix}{name}.{key}" for key in module.state_dict()}
         skip_branch(model, adapter, unit)
     unexplained = sorted(set(info["missing_keys"]) - expected_missing)
     if unexplained or info["unexpected_keys"]:

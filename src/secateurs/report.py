@@ -223,6 +223,34 @@ def _sensitivity_scale(ax, values: list[float]) -> None:
     ax.set_yscale("symlog", linthresh=min(nonzero) if nonzero else 1.0)
 
 
+def plot_expert_usage(run: RunInfo, out: Path) -> Path | None:
+    """Experts × MoE layers heatmap of router usage (or the expert scores when usage was not
+    observed), with removed experts crossed out."""
+    record = run.record
+    values = record.get("expert_usage") or record.get("expert_scores")
+    if not values:
+        return None
+    plt = _pyplot()
+    layers = sorted(values, key=int)
+    grid = [values[layer] for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(grid[0]) + 2), 0.35 * len(layers) + 1.8))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    plan = record.get("expert_plan") or {}
+    removed = {
+        str(i): r for i, r in zip(plan.get("layers", []), plan.get("removed", []), strict=True)
+    }
+    for row, layer in enumerate(layers):
+        for expert in removed.get(layer, []):
+            ax.text(expert, row, "x", ha="center", va="center", color="tab:red", fontsize=9)
+    what = "router usage (share of tokens)" if record.get("expert_usage") else "expert score"
+    fig.colorbar(image, ax=ax, label=what)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"{run.name}: {what}; x = removed")
+    return _save(fig, out / f"experts_{_slug(run.name)}.png")
+
+
 def _legend_patches() -> list:
     from matplotlib.patches import Patch
 
@@ -345,6 +373,9 @@ def _runs_section(runs: list[RunInfo], out: Path) -> list[str]:
     if importance:
         lines += ["## Per-unit sensitivity, one plot per criterion (removed units in red)\n"]
         lines += [f"![importance]({p.name})\n" for p in importance]
+    experts = [p for p in (plot_expert_usage(r, out) for r in runs) if p]
+    if experts:
+        lines += ["## Expert usage per MoE layer\n", *[f"![experts]({p.name})\n" for p in experts]]
     return lines
 
 

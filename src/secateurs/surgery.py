@@ -115,7 +115,6 @@ def renumber_layers(layers: nn.ModuleList) -> None:
 
 
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "mlp_layer_types")
-DENSE_PREFIX_KEYS = ("first_k_dense_replace", "num_dense_layers")
 
 
 def update_layer_config(model: PreTrainedModel, adapter: Adapter, kept: list[int]) -> None:
@@ -127,26 +126,8 @@ def update_layer_config(model: PreTrainedModel, adapter: Adapter, kept: list[int
         if isinstance(values, (list, tuple)) and len(values) == old_count:
             setattr(config, key, [values[i] for i in kept])
             log.info("config.%s sliced to the %d kept layers", key, len(kept))
-    _renumber_sparse_layers(config, kept)
-    for key in DENSE_PREFIX_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            setattr(config, key, sum(1 for old in kept if old < value))
+    adapter.remap_layer_config(config, kept)
     config.num_hidden_layers = len(kept)
-
-
-def _renumber_sparse_layers(config: Any, kept: list[int]) -> None:
-    """Qwen-MoE style: a layer is dense if listed in ``mlp_only_layers`` or off the
-    ``decoder_sparse_step`` pattern; write the kept dense layers as an explicit list."""
-    dense_list = getattr(config, "mlp_only_layers", None)
-    if dense_list is None:
-        return
-    step = getattr(config, "decoder_sparse_step", 1) or 1
-    experts = getattr(config, "num_experts", 1)
-    dense = {i for i in kept if i in dense_list or not (experts > 0 and (i + 1) % step == 0)}
-    config.mlp_only_layers = [new for new, old in enumerate(kept) if old in dense]
-    if hasattr(config, "decoder_sparse_step"):
-        config.decoder_sparse_step = 1
 
 
 def keep_inverse_layer_scaling(model: PreTrainedModel, adapter: Adapter, kept: list[int]) -> None:

@@ -275,6 +275,7 @@ def prune_layer(
     model: PreTrainedModel, adapter: Adapter, layer: int, kind: str, removed: Sequence[int]
 ) -> LayerWidth:
     """Physically remove ``removed`` units of ``kind`` from ``layer``; returns the new width."""
+    adapter.width_layout(kind, model.config)  # a variant that cannot prune kind → clear error
     block = adapter.layers(model)[layer]
     width = layer_width(adapter, block)
     keep = _keep(width.count(kind), removed)

@@ -162,7 +162,7 @@ def _checked_scorer(model, adapter: Adapter, criterion: str, opts: WidthOptions,
     name = CRITERIA.canonical(criterion.rstrip("+"))
     scorer = CRITERIA.get(name)(**options)
     for kind in opts.kinds:
-        adapter.width_layout(kind)  # adapter without width support → clear error
+        adapter.width_layout(kind, model.config)  # no width support here → clear error
         if kind not in scorer.units:
             raise ConfigError(
                 f"Criterion {name!r} cannot score {kind!r}; it scores {sorted(scorer.units)}."

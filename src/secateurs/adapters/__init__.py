@@ -34,6 +34,28 @@ def adapter_for(model_or_config: PreTrainedModel | PretrainedConfig) -> Adapter:
 
 
 # Explicit imports (no silent discovery): each module registers its adapter on import.
-from secateurs.adapters import bloom, gemma, gpt2, gpt_neox, llama, opt, phi3  # noqa: E402,F401
+from secateurs.adapters import (  # noqa: E402,F401
+    bloom,
+    deepseek,
+    exaone4,
+    falcon,
+    gemma,
+    glm4,
+    gpt2,
+    gpt_neox,
+    gpt_oss,
+    granite,
+    llama,
+    llama4,
+    mixtral,
+    olmo2,
+    olmoe,
+    opt,
+    parallel,
+    phi3,
+    qwen_moe,
+    stablelm,
+    starcoder2,
+)
 
 __all__ = ["ARCHITECTURES", "SUB_BLOCKS", "Adapter", "SubBlock", "adapter_for", "register_adapter"]

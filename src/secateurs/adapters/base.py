@@ -63,6 +63,30 @@ class ChannelLayout:
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """Where a mixture-of-experts layer's routed experts live (paths relative to a layer).
+
+    ``router``: a module whose ``weight`` has one row per expert (and ``bias``, e.g. GPT-OSS);
+    its logits are ``F.linear(x, weight, bias)``. ``experts``: a module whose tensors stack the
+    experts along dim 0 (transformers 5's fused layout), or a ``ModuleList`` of experts.
+    ``count_key`` / ``top_k_key``: the config keys of the expert count and of top-k. Layers
+    without the router (dense layers of an interleaved model) are not MoE layers. Shared experts
+    are not routed and never touched.
+    """
+
+    router: str
+    experts: str
+    count_key: str = "num_local_experts"
+    top_k_key: str = "num_experts_per_tok"
+    # Whether the experts module is called as experts(hidden, top_k_index, top_k_weights), so
+    # routing-based criteria (frequency, REAP) can observe it.
+    observable: bool = True
+    # A router attribute holding a per-expert bias added only to choose experts (DeepSeek-V3's
+    # ``e_score_correction_bias``): masking an expert sets its entry to -inf as well.
+    choice_bias: str = ""
+
+
+@dataclass(frozen=True)
 class SubBlock:
     """One residual branch (attention or MLP) of a decoder layer.
 
@@ -94,10 +118,14 @@ class Adapter:
     mlp: SubBlock
     # Config fields holding one entry per layer; sliced when blocks are removed.
     per_layer_config_keys: tuple[str, ...] = ("layer_types", "no_rope_layers")
+    # Config fields holding layer *indices* (Llama 4 ``moe_layers``); remapped to kept layers.
+    layer_index_config_keys: tuple[str, ...] = ()
     # Width pruning knowledge; None (with a reason) where the family lacks it.
     heads: HeadLayout | None = None
     channels: ChannelLayout | None = None
     width_unsupported: str = ""
+    # Routed experts (mixture-of-experts families); None for dense families.
+    experts: ExpertLayout | None = None
 
     # --- blocks -------------------------------------------------------------------------------
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
@@ -134,14 +162,43 @@ class Adapter:
     def supports(self, model_type: str) -> bool:
         return model_type in self.model_types
 
+    def unit_kinds(self) -> tuple[str, ...]:
+        """Every unit kind this family can prune (depth always; width and experts if known)."""
+        optional = (("heads", self.heads), ("channels", self.channels), ("experts", self.experts))
+        return ("block", *SUB_BLOCKS, *(kind for kind, layout in optional if layout is not None))
+
+    def remap_layer_config(self, config: PretrainedConfig, kept: list[int]) -> None:
+        """After block removal (``kept``: original indices of kept layers), rewrite config
+        fields that name layers by index, so a reload builds each kept layer as it was."""
+        position = {old: new for new, old in enumerate(kept)}
+        for key in self.layer_index_config_keys:
+            values = getattr(config, key, None)
+            if isinstance(values, (list, tuple)):
+                setattr(config, key, [position[i] for i in values if i in position])
+
+    def experts_refusal(self, config: PretrainedConfig) -> str:
+        """Why this config variant cannot remove experts ("" if it can)."""
+        return ""
+
+    def width_refusal(self, kind: str, config: PretrainedConfig | None) -> str:
+        """Why this config variant cannot prune width ``kind`` ("" if it can)."""
+        return ""
+
     # --- width --------------------------------------------------------------------------------
-    def width_layout(self, kind: str) -> HeadLayout | ChannelLayout:
-        """The layout of width unit ``kind`` ("heads" or "channels"), or a clear error."""
+    def width_layout(
+        self, kind: str, config: PretrainedConfig | None = None
+    ) -> HeadLayout | ChannelLayout:
+        """The layout of width unit ``kind`` ("heads" or "channels"), or a clear error.
+
+        With ``config``, variants of the family that cannot prune ``kind`` are refused too.
+        """
         if kind not in WIDTH_KINDS:
             raise ConfigError(f"Unknown width unit {kind!r}; expected one of {WIDTH_KINDS}.")
         layout = self.heads if kind == "heads" else self.channels
-        if layout is None:
-            why = f" ({self.width_unsupported})" if self.width_unsupported else ""
+        refusal = self.width_refusal(kind, config) if layout is not None else ""
+        if layout is None or refusal:
+            reason = refusal or self.width_unsupported
+            why = f" ({reason})" if reason else ""
             raise UnsupportedModelError(
                 f"Adapter {self.name!r} has no width support for {kind}{why}."
             )

@@ -66,7 +66,8 @@ def add_criterion_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unit",
         default="block",
-        help="depth: block, attn, mlp; width: heads (KV groups), channels (MLP), width (both)",
+        help="depth: block, attn, mlp; width: heads (KV groups), channels (MLP), width (both); "
+        "experts (mixture-of-experts models)",
     )
     parser.add_argument(
         "--criterion", default="ppl+", help="e.g. ppl, ppl+, taylor+, magnitude, block-influence"

@@ -23,9 +23,10 @@ class List(Command):
         for name, cls in CRITERIA.items():
             units = ",".join(sorted(cls.units))
             print(f"  {name:<18} [{units}] {cls.summary}")
-        print("architectures (adapter: model types):")
+        print("architectures (adapter: model types [prunable units]):")
         for name, adapter in ARCHITECTURES.items():
-            print(f"  {name:<18} {', '.join(adapter.model_types)}")
+            units = ",".join(adapter.unit_kinds())
+            print(f"  {name:<18} {', '.join(adapter.model_types)} [{units}]")
         print("datasets (perplexity):")
         for name, dataset in DATASETS.items():
             print(f"  {name:<18} {dataset.description} [{dataset.default_split}]")

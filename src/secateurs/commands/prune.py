@@ -21,8 +21,13 @@ from secateurs.errors import ConfigError
 
 
 def add_width_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("width (--unit heads|channels|width)")
-    group.add_argument("--allocation", default="uniform", choices=("uniform", "global"))
+    group = parser.add_argument_group("width (--unit heads|channels|width) and experts")
+    group.add_argument(
+        "--allocation",
+        default="uniform",
+        choices=("uniform", "global"),
+        help="uniform: same share per layer; global: rank all layers' units together",
+    )
     group.add_argument("--layers", default=None, help="layers that may be pruned, START:STOP")
     group.add_argument("--min-ratio", type=float, default=0.0, help="least fraction per layer")
     group.add_argument("--max-ratio", type=float, default=0.9, help="most fraction per layer")
@@ -63,6 +68,27 @@ def _bytes(model) -> int:
     return checkpoint_bytes(model)
 
 
+def check_experts_config(model: str) -> None:
+    """Refuse --unit experts on a dense (or unsupported MoE) model from its config.json alone."""
+    if not (Path(model) / "config.json").is_file():
+        return
+    from secateurs.adapters import adapter_for
+    from secateurs.checkpoint import read_config
+    from secateurs.experts import expert_layout
+
+    config = read_config(model)
+    expert_layout(adapter_for(config), config)
+
+
+def _report_experts(result) -> int:
+    params = result.record["parameters"]
+    print(f"kept experts per MoE layer {list(result.plan.layers)}: {list(result.plan.kept())}")
+    print(f"parameters: {params['before']:,} -> {params['after']:,}")
+    print(f"loading: {read_record(result.out).get('loading', {}).get('how', '')}")
+    print(f"saved: {result.out}")
+    return 0
+
+
 @register
 class Prune(Command):
     path = ("prune",)
@@ -76,9 +102,12 @@ class Prune(Command):
             "--ratio",
             type=float,
             help="depth: fraction of units to remove; width (--unit heads|channels|width): "
-            "fraction of the parameters (non-embedding unless --include-embeddings)",
+            "fraction of the parameters (non-embedding unless --include-embeddings); "
+            "experts: fraction of the routed experts",
         )
-        amount.add_argument("--remove", type=int, help="number of units to remove")
+        amount.add_argument(
+            "--remove", type=int, help="number of units to remove (experts: per MoE layer)"
+        )
         parser.add_argument("--iterative", action="store_true", help="re-score after each removal")
         parser.add_argument("--scores", type=Path, help="reuse scores saved by 'secateurs score'")
         parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -90,6 +119,7 @@ class Prune(Command):
     def run(self, args: argparse.Namespace) -> int:
         from secateurs.api import ScoreResult, prune
         from secateurs.criteria import CRITERIA
+        from secateurs.experts_api import ExpertOptions
         from secateurs.models import load_model
         from secateurs.outputs import check_disk_space
         from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers
@@ -108,6 +138,9 @@ class Prune(Command):
                 args.round_to,
                 args.uniform_widths,
             )
+        if args.unit == "experts":  # validate before loading anything
+            ExpertOptions(args.ratio, args.remove, args.allocation)
+            check_experts_config(args.model)
         check_output_dir(args.out, args.overwrite)  # before loading or scoring anything
         scores = ScoreResult.from_dict(json.loads(args.scores.read_text())) if args.scores else None
         if scores is None:
@@ -128,6 +161,8 @@ class Prune(Command):
                 include_embeddings=args.include_embeddings,
                 compensate=args.compensate,
             )
+        if args.unit == "experts":
+            width = dict(allocation=args.allocation)
         result = prune(
             model,
             tokenizer,
@@ -149,6 +184,8 @@ class Prune(Command):
         )
         if args.unit in WIDTH_UNITS:
             return _report_width(result)
+        if args.unit == "experts":
+            return _report_experts(result)
         params = result.record["parameters"]
         removed = ", ".join(f"{kind} {layer}" for layer, kind in result.plan.units)
         print(f"removed: {removed}")

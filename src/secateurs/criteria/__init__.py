@@ -9,6 +9,7 @@ CRITERIA: Registry[type[Criterion]] = Registry("criterion")
 from secateurs.criteria import (  # noqa: E402,F401
     activation,
     block_influence,
+    experts,
     fluctuation,
     hywia,
     influence,

@@ -17,7 +17,7 @@ from secateurs.errors import ConfigError
 class Magnitude(Criterion):
     name = "magnitude"
     needs_calibration = False
-    units = frozenset({"block", "attn", "mlp", "heads", "channels"})
+    units = frozenset({"block", "attn", "mlp", "heads", "channels", "experts"})
     summary = "Σ|W|^p over the unit's weight matrices (p=1 default)"
 
     def __init__(self, p: float = 1.0) -> None:
@@ -47,3 +47,16 @@ class Magnitude(Criterion):
             ]
             scores.append(aggregate(parts, "sum"))
         return scores
+
+    @torch.no_grad()
+    def score_experts(self, ctx: ScoringContext) -> list[torch.Tensor]:
+        """Per MoE layer, Σ|W|^p over each expert's slice of every expert tensor."""
+        from secateurs.experts import expert_weights, moe_layers
+
+        return [
+            sum(
+                w.abs().pow(self.p).sum(1).to(torch.float64)
+                for w in expert_weights(ctx.model, ctx.adapter, layer)
+            )
+            for layer in moe_layers(ctx.model, ctx.adapter)
+        ]

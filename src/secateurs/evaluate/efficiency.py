@@ -61,9 +61,15 @@ def linear_macs_per_token(model: nn.Module) -> int:
     """Multiply-accumulates per token of every ``nn.Linear`` (decoder + LM head).
 
     Read from the modules' shapes, so removed blocks or branches and narrowed layers count
-    exactly. Attention scores (QKᵀ, AV) are not weights: see ``attention_macs``.
+    exactly. Stacked MoE experts count top-k experts per token (plus the router). Attention
+    scores (QKᵀ, AV) are not weights: see ``attention_macs``.
     """
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    from secateurs.experts import routed_expert_macs
+
+    linear = sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)
+    )
+    return linear + routed_expert_macs(model)
 
 
 def _heads(config: PretrainedConfig) -> tuple[int, int, int]:
@@ -430,6 +436,8 @@ def kind_of(record: dict[str, Any]) -> str:
     """ "dense", "depth" or "width" from a ``secateurs.json`` record (empty: dense)."""
     if record.get("width_plan"):  # written by width pruning (secateurs.width_api)
         return "width"
+    if record.get("expert_plan"):  # written by expert pruning (secateurs.experts_api)
+        return "experts"
     plan = record.get("plan") or {}
     if any(plan.get(key) for key in DEPTH_KEYS):
         return "depth"

@@ -1,0 +1,92 @@
+"""Expert criteria: how often the router picks each expert, and REAP's router-weighted norm.
+
+Both observe the routing on calibration data (``secateurs.experts.observe_routing``) and are
+pure tensor math over it: per MoE layer, one score per expert (higher = keep).
+
+- ``frequency``: the fraction of calibration tokens whose top-k includes the expert.
+- ``reap`` (REAP, Lasby et al. 2025): S_j = mean over the tokens routed to j of
+  g_j(x) · ‖E_j(x)‖₂, the router's gate weight times the norm of the expert's output; an expert
+  never picked scores 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from secateurs.criteria import CRITERIA
+from secateurs.criteria.base import Criterion, ScoringContext
+from secateurs.experts import Routing, moe_layers, num_experts, observe_routing
+
+
+def picks(r: Routing, count: int) -> torch.Tensor:
+    """How many of the batch's tokens picked each expert (top-k membership)."""
+    picked = r.indices.reshape(-1).to(torch.long).cpu()
+    picked = picked[(picked >= 0) & (picked < count)]  # some families pad with an out-of-range id
+    return torch.bincount(picked, minlength=count).to(torch.float64)
+
+
+class _RoutingCriterion(Criterion):
+    units = frozenset({"experts"})
+
+    @torch.no_grad()
+    def score_experts(self, ctx: ScoringContext) -> list[torch.Tensor]:
+        """Per MoE layer (in ``moe_layers`` order), one score per expert."""
+        layers = moe_layers(ctx.model, ctx.adapter)
+        sums = {
+            i: torch.zeros(num_experts(ctx.model, ctx.adapter, i), dtype=torch.float64)
+            for i in layers
+        }
+        counts = {i: torch.zeros_like(sums[i]) for i in layers}
+        usage = {i: torch.zeros_like(sums[i]) for i in layers}
+        tokens = dict.fromkeys(layers, 0)
+
+        def observe(r: Routing) -> None:
+            tokens[r.layer] += r.hidden.shape[0]
+            usage[r.layer] += picks(r, len(sums[r.layer]))
+            self.accumulate(r, sums[r.layer], counts[r.layer])
+
+        with observe_routing(ctx.model, ctx.adapter, observe):
+            for batch in ctx.bar(ctx.batches(), f"{self.name}: routing"):
+                ctx.model(input_ids=batch, use_cache=False)
+        ctx.extras["expert_usage"] = {  # for the report, whatever the criterion
+            str(i): (usage[i] / max(tokens[i], 1)).tolist() for i in layers
+        }
+        return [self.finish(sums[i], counts[i], tokens[i]) for i in layers]
+
+    def accumulate(self, r: Routing, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finish(self, sums: torch.Tensor, counts: torch.Tensor, tokens: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@CRITERIA.register("frequency", aliases=("router-frequency",))
+class RouterFrequency(_RoutingCriterion):
+    name = "frequency"
+    summary = "fraction of calibration tokens whose router top-k picks the expert"
+
+    def accumulate(self, r: Routing, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        sums += picks(r, len(sums))
+
+    def finish(self, sums: torch.Tensor, counts: torch.Tensor, tokens: int) -> torch.Tensor:
+        return sums / max(tokens, 1)
+
+
+@CRITERIA.register("reap")
+class Reap(_RoutingCriterion):
+    name = "reap"
+    summary = "REAP: mean over routed tokens of gate weight x expert output norm"
+
+    def accumulate(self, r: Routing, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        indices = r.indices.to(torch.long)
+        for expert in torch.unique(indices).tolist():
+            if not 0 <= expert < len(sums):
+                continue
+            tokens, slot = torch.where(indices == expert)
+            gate = r.weights[tokens, slot].to(torch.float64)
+            norm = r.expert_output(expert, r.hidden[tokens]).to(torch.float64).norm(dim=-1)
+            sums[expert] += float((gate * norm).sum())
+            counts[expert] += len(tokens)
+
+    def finish(self, sums: torch.Tensor, counts: torch.Tensor, tokens: int) -> torch.Tensor:
+        return torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))

@@ -1,0 +1,216 @@
+"""Expert pruning end to end: score every routed expert, allocate, cut, save.
+
+    model, tokenizer = load_model("path/to/moe")
+    result = prune_experts(model, tokenizer, criterion="reap", ratio=0.25, out="pruned/")
+
+``ratio`` is a fraction of the routed experts of the MoE layers; ``remove`` a count per layer
+(uniform). ``uniform`` removes the same count from every MoE layer (the checkpoint loads with
+plain transformers); ``global`` ranks all experts together after dividing each layer's scores by
+their mean, keeping at least top-k experts (and ``min_keep``) per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from secateurs import __version__
+from secateurs.adapters import adapter_for
+from secateurs.checkpoint import check_output_dir, save_checkpoint
+from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.errors import ConfigError, UnsupportedModelError
+from secateurs.experts import (
+    ExpertPlan,
+    apply_expert_plan,
+    expert_layout,
+    moe_layers,
+    num_experts,
+    top_k,
+)
+from secateurs.plan import check_scores
+
+log = logging.getLogger(__name__)
+
+EXPERT_ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    """How many experts go and where; validated on creation (before any work)."""
+
+    ratio: float | None = None
+    remove: int | None = None
+    allocation: str = "uniform"
+    min_keep: int = 0  # least experts kept per layer (top-k is always a floor too)
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.remove is None):
+            raise ConfigError("Expert pruning takes --ratio (of the experts) or --remove N.")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise ConfigError(f"Expert ratio must be in (0, 1); got {self.ratio}.")
+        if self.remove is not None and self.remove <= 0:
+            raise ConfigError(f"--remove must be a positive count of experts; got {self.remove}.")
+        if self.allocation not in EXPERT_ALLOCATIONS:
+            raise ConfigError(
+                f"Unknown allocation {self.allocation!r}; expected one of {EXPERT_ALLOCATIONS}."
+            )
+        if self.remove is not None and self.allocation != "uniform":
+            raise ConfigError("--remove N counts experts per layer: use --allocation uniform.")
+
+
+def allocate_experts(
+    scores: list[torch.Tensor], options: ExpertOptions, floor: int
+) -> list[tuple[int, ...]]:
+    """Experts to remove per MoE layer (lowest scores first; ties: lower index first)."""
+    counts = [len(s) for s in scores]
+    if options.allocation == "uniform":
+        return _uniform(scores, _per_layer_count(counts, options), floor)
+    total = round(options.ratio * sum(counts))
+    return _global(scores, total, floor)
+
+
+def _per_layer_count(counts: list[int], options: ExpertOptions) -> int:
+    if options.remove is not None:
+        return options.remove
+    n = round(options.ratio * min(counts))
+    if n == 0:
+        raise ConfigError(f"Ratio {options.ratio} of {min(counts)} experts removes none.")
+    return n
+
+
+def _lowest(values: torch.Tensor, count: int) -> tuple[int, ...]:
+    order = sorted(range(len(values)), key=lambda i: (float(values[i]), i))
+    return tuple(sorted(order[:count]))
+
+
+def _uniform(scores: list[torch.Tensor], n: int, floor: int) -> list[tuple[int, ...]]:
+    for values in scores:
+        if len(values) - n < floor:
+            raise ConfigError(
+                f"Removing {n} of {len(values)} experts per layer leaves {len(values) - n}; the "
+                f"router needs at least {floor} (top-k / --min-keep). Lower the amount."
+            )
+    return [_lowest(values, n) for values in scores]
+
+
+def _global(scores: list[torch.Tensor], total: int, floor: int) -> list[tuple[int, ...]]:
+    room = [len(v) - floor for v in scores]
+    if total <= 0 or total > sum(max(r, 0) for r in room):
+        raise ConfigError(
+            f"Cannot remove {total} experts while keeping {floor} per layer "
+            f"(at most {sum(max(r, 0) for r in room)} are removable)."
+        )
+    ranked = []
+    for layer, values in enumerate(scores):
+        mean = values.abs().mean()
+        norm = values / mean if mean > 0 else torch.zeros_like(values)
+        ranked += [(float(norm[e]), layer, e) for e in range(len(values))]
+    removed: list[list[int]] = [[] for _ in scores]
+    for _, layer, expert in sorted(ranked):
+        if sum(map(len, removed)) == total:
+            break
+        if len(removed[layer]) < room[layer]:
+            removed[layer].append(expert)
+    return [tuple(sorted(r)) for r in removed]
+
+
+@dataclass
+class ExpertResult:
+    model: PreTrainedModel
+    plan: ExpertPlan
+    record: dict[str, Any]
+    out: Path | None = None
+
+
+def prune_experts(
+    model: PreTrainedModel,
+    tokenizer: Tokenizer | None,
+    *,
+    criterion: str = "reap",
+    options: ExpertOptions | None = None,
+    calibration: Any = None,
+    data_root: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    source: str | None = None,
+    progress: bool = True,
+    batch_size: int = 1,
+    **criterion_options: Any,
+) -> ExpertResult:
+    """Score, allocate and remove routed experts of ``model`` (in place); save to ``out``."""
+    opts = options or ExpertOptions(ratio=0.25)
+    if out is not None:
+        check_output_dir(out, overwrite)
+    adapter = adapter_for(model)
+    layout = expert_layout(adapter, model.config)  # dense or unsupported → error before work
+    scorer = _checked_scorer(criterion, criterion_options)
+    if scorer.needs_calibration and not layout.observable:
+        raise UnsupportedModelError(
+            f"{model.config.model_type}: its experts are not called with the routing "
+            f"(hidden, top-k ids, weights), so {scorer.name!r} cannot observe them; "
+            "use --criterion magnitude."
+        )
+    from secateurs.api import _calibration, count_parameters
+
+    tokens, calib_record = _calibration(scorer.needs_calibration, calibration, tokenizer, data_root)
+    layers = moe_layers(model, adapter)
+    floor = max(top_k(model, adapter), opts.min_keep, 1)
+    before = count_parameters(model)
+    start = time.perf_counter()
+    ctx = ScoringContext(model.eval(), adapter, tokens, batch_size, (), progress)
+    scores = scorer.score_experts(ctx)
+    seconds = time.perf_counter() - start
+    for values in scores:
+        check_scores(values, scorer.name)
+    removed = allocate_experts(scores, opts, floor)
+    plan = ExpertPlan(
+        adapter.num_layers(model),
+        tuple(layers),
+        tuple(num_experts(model, adapter, i) for i in layers),
+        tuple(removed),
+        top_k(model, adapter),
+    )
+    apply_expert_plan(model, plan, adapter)
+    record = _record(model, plan, scorer, opts, scores, calib_record, before, seconds, source)
+    if "expert_usage" in ctx.extras:
+        record["expert_usage"] = ctx.extras["expert_usage"]
+    if out is not None:
+        save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
+    return ExpertResult(model, plan, record, Path(out) if out else None)
+
+
+def _checked_scorer(criterion: str, options: dict[str, Any]):
+    name = CRITERIA.canonical(criterion.rstrip("+"))
+    scorer = CRITERIA.get(name)(**options)
+    if "experts" not in scorer.units:
+        experts = sorted(n for n, c in CRITERIA.items() if "experts" in c.units)
+        raise ConfigError(f"Criterion {name!r} cannot score experts; use one of {experts}.")
+    return scorer
+
+
+def _record(model, plan, scorer, opts, scores, calib, before, seconds, source) -> dict[str, Any]:
+    from secateurs.api import count_parameters, peak_rss_mb, versions
+
+    after = count_parameters(model)
+    log.info("removed %d experts; parameters %d -> %d", sum(map(len, plan.removed)), before, after)
+    return {
+        "secateurs_version": __version__,
+        "source_model": source,
+        "model_type": model.config.model_type,
+        "expert_plan": plan.to_dict(),
+        "criterion": {"name": scorer.name, "options": scorer.options()},
+        "experts": asdict(opts),
+        "calibration": calib,
+        "expert_scores": {str(i): s.tolist() for i, s in zip(plan.layers, scores, strict=True)},
+        "parameters": {"before": before, "after": after},
+        "timings": {"scoring_s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)},
+        "versions": versions(),
+    }
