@@ -1,0 +1,170 @@
+"""Engine exports of (pruned) checkpoints: one small file per format, registered in ``EXPORTS``.
+
+    from secateurs.export import export
+    export("pruned/", to="gguf", out="pruned.gguf")
+
+Each format says, from the checkpoint's config and ``secateurs.json`` alone, whether it can
+express the model (and if not, why and which pruning flags would make it expressible) before
+any weight is loaded; then it writes atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from secateurs.checkpoint import atomic_directory, check_output_dir, write_json
+from secateurs.errors import OutputExistsError, SecateursError
+from secateurs.export import decilm, gguf_file, hf
+from secateurs.export.layout import Layout, check_model, layer_shapes, read_layout
+from secateurs.registry import Registry
+
+log = logging.getLogger(__name__)
+
+EXPORT_RECORD = "export.json"
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """How to check and write one output kind, and which engines load it."""
+
+    name: str
+    summary: str
+    engines: tuple[str, ...]
+    check: Callable[[Layout], None]
+    write: Callable[..., None]
+    single_file: bool = False
+
+
+EXPORTS: Registry[ExportFormat] = Registry("export format")
+for _fmt in (
+    ExportFormat(
+        "hf",
+        "plain Hugging Face checkpoint (uniform widths, no removed branches)",
+        (
+            "transformers",
+            "vLLM",
+            "SGLang",
+            "TensorRT-LLM",
+            "llama.cpp (its converter)",
+            "lm-eval --model hf",
+        ),
+        hf.check,
+        hf.write,
+    ),
+    ExportFormat(
+        "decilm",
+        "DeciLM / nemotron-nas block_configs (per-layer KV groups, MLP widths, no_op branches)",
+        ("vLLM", "SGLang", "TensorRT-LLM", "transformers (trust_remote_code)"),
+        decilm.check,
+        decilm.write,
+    ),
+    ExportFormat(
+        "gguf",
+        "GGUF file (llama arch if uniform, deci arch with per-layer arrays otherwise)",
+        ("llama.cpp", "llama-cpp-python", "engines built on llama.cpp (e.g. Ollama, LM Studio)"),
+        gguf_file.check,
+        gguf_file.write,
+        single_file=True,
+    ),
+):
+    EXPORTS.add(_fmt.name, _fmt)
+
+
+def check_export(directory: str | os.PathLike, to: str) -> tuple[ExportFormat, Layout]:
+    """The format and the checkpoint's layout, or a clear error, without loading weights."""
+    from secateurs.models import resolve_model
+
+    fmt = EXPORTS.get(to)
+    layout = read_layout(resolve_model(directory))
+    fmt.check(layout)
+    return fmt, layout
+
+
+def export(
+    directory: str | os.PathLike,
+    to: str,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    dtype: str = "f16",
+) -> Path:
+    """Write ``directory`` (a checkpoint, hub id or alias) as ``to`` into ``out``."""
+    from secateurs.models import load_model
+
+    fmt, layout = check_export(directory, to)
+    _check_out(Path(out), fmt, overwrite)
+    model, tokenizer = load_model(directory)
+    check_model(model, layout)
+    extra = {"dtype": dtype} if fmt.single_file else {}
+    if fmt.single_file:
+        _write_file(Path(out), lambda tmp: fmt.write(model, tokenizer, layout, tmp, **extra))
+    else:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            fmt.write(model, tokenizer, layout, tmp)
+            write_json(tmp / EXPORT_RECORD, export_record(fmt, directory, layout))
+    log.info("exported %s as %s to %s (loads in: %s)", directory, to, out, ", ".join(fmt.engines))
+    return Path(out)
+
+
+def export_record(fmt: ExportFormat, source: Any, layout: Layout) -> dict[str, Any]:
+    return {
+        "format": fmt.name,
+        "source": str(source),
+        "engines": list(fmt.engines),
+        "layers": [vars(s) for s in layout.layers],
+        "per_layer_config": hf.per_layer_config(layout),
+    }
+
+
+def _check_out(out: Path, fmt: ExportFormat, overwrite: bool) -> None:
+    if not fmt.single_file:
+        check_output_dir(out, overwrite)
+    elif out.exists() and (out.is_dir() or not overwrite):
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it (files only).")
+
+
+def _write_file(out: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary sibling, renamed into place only on success."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def engines_for(layout: Layout) -> dict[str, Any]:
+    """Per output kind: the engines that load it, or why that kind cannot express the model."""
+    kinds: dict[str, Any] = {}
+    for name, fmt in EXPORTS.items():
+        try:
+            fmt.check(layout)
+        except SecateursError as err:
+            kinds[name] = {"expressible": False, "why": str(err)}
+        else:
+            kinds[name] = {"expressible": True, "engines": list(fmt.engines)}
+    return kinds
+
+
+def engines_for_model(model: PreTrainedModel) -> dict[str, Any]:
+    """``engines_for`` a model in memory (what ``save_checkpoint`` records)."""
+    try:
+        layout = Layout(model.config.to_dict(), layer_shapes(model))
+    except SecateursError as err:  # no adapter for this family
+        return {"error": str(err)}
+    return engines_for(layout)
+
+
+__all__ = ["EXPORTS", "ExportFormat", "check_export", "engines_for", "engines_for_model", "export"]
