@@ -1,0 +1,263 @@
+"""Do our exports run in real engines, and compute what transformers computes?
+
+Builds llama.cpp from source once (the C++ tree inside the llama-cpp-python source distribution
+from PyPI; only libllama plus our small token-window scorer ``llama_nll.cpp``), prunes SmolLM2
+six ways with cheap criteria, exports each model as GGUF (f32 and f16) and DeciLM, and compares
+perplexity on the same WikiText-2 token windows:
+
+- transformers fp32 on the pruned checkpoint (``secateurs.load_model``): the reference;
+- llama.cpp on the GGUF export (token ids fed directly: no tokenizer in the comparison);
+- transformers on the DeciLM export with ``trust_remote_code`` (our shipped modeling code).
+
+    python benchmarks/engines.py [--cache DIR] [--windows 32] [--jobs 2]
+
+The llama.cpp build is cached in ``--cache`` (default $SECATEURS_LLAMACPP or
+~/.cache/secateurs/llamacpp); tests/test_export.py uses the same cache when that variable is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import markdown_table, secateurs_cli, write_results  # noqa: E402
+
+HERE = Path(__file__).parent
+SCORER = HERE / "llama_nll.cpp"
+CACHE_ENV = "SECATEURS_LLAMACPP"
+CMAKE_FLAGS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_COMMON=OFF",
+]
+
+# name -> `secateurs prune` arguments (None: the dense model itself)
+MODELS: dict[str, list[str] | None] = {
+    "dense": None,
+    "depth (6 blocks)": ["--unit", "block", "--criterion", "magnitude+", "--remove", "6"],
+    "uniform width 20%": ["--unit", "width", "--criterion", "magnitude", "--ratio", "0.2"],
+    "global width 20%": [
+        *("--unit", "width", "--criterion", "magnitude", "--ratio", "0.2"),
+        *("--allocation", "global"),
+    ],
+    "global width 20%, --target vllm": [
+        *("--unit", "width", "--criterion", "magnitude", "--ratio", "0.2"),
+        *("--allocation", "global", "--target", "vllm"),
+    ],
+    "attention removed (8)": ["--unit", "attn", "--criterion", "magnitude+", "--remove", "8"],
+    "MLP removed (4)": ["--unit", "mlp", "--criterion", "magnitude+", "--remove", "4"],
+}
+
+
+# --- llama.cpp build (cached) ------------------------------------------------------------------
+def cache_dir(explicit: str | None) -> Path:
+    root = explicit or os.environ.get(CACHE_ENV) or Path.home() / ".cache/secateurs/llamacpp"
+    return Path(root)
+
+
+def llama_source(cache: Path) -> Path:
+    """The llama.cpp tree of the newest llama-cpp-python sdist (downloaded once)."""
+    found = sorted(cache.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if found:
+        return found[-1]
+    cache.mkdir(parents=True, exist_ok=True)
+    if not sorted(cache.glob("llama_cpp_python-*.tar.gz")):
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*pip, "llama-cpp-python", "-d", str(cache)], check=True)
+    sdist = sorted(cache.glob("llama_cpp_python-*.tar.gz"))[-1]
+    with tarfile.open(sdist) as archive:
+        archive.extractall(cache, filter="data")
+    return sorted(cache.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
+
+
+def build_scorer(cache: Path, jobs: int) -> Path:
+    """libllama (nice'd, ``jobs`` compile jobs) and our scorer linked to it; cached."""
+    scorer = cache / "build" / "bin" / "llama_nll"
+    if scorer.is_file() and scorer.stat().st_mtime >= SCORER.stat().st_mtime:
+        return scorer
+    source, build = llama_source(cache), cache / "build"
+    nice = ["nice", "-n", "10"]
+    if not (build / "bin" / "libllama.so").is_file():
+        subprocess.run(
+            [*nice, "cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], check=True
+        )
+        subprocess.run(
+            [*nice, "cmake", "--build", str(build), "--target", "llama", "-j", str(jobs)],
+            check=True,
+        )
+    lib = build / "bin"
+    compile_ = ["g++", "-O2", "-std=c++17", f"-I{source / 'include'}"]
+    compile_ += [f"-I{source / 'ggml' / 'include'}", str(SCORER), f"-L{lib}"]
+    compile_ += ["-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}", "-o", str(scorer)]
+    subprocess.run([*nice, *compile_], check=True)
+    return scorer
+
+
+def llama_cpp_nll(scorer: Path, gguf: Path, tokens: Path, window: int, count: int) -> float:
+    """Mean next-token NLL of llama.cpp over the windows."""
+    run = subprocess.run(
+        ["nice", "-n", "10", str(scorer), str(gguf), str(tokens), str(window), str(count),
+         str(gguf.with_suffix(".logits"))],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    rows = [line.split() for line in run.stdout.splitlines() if line.strip()]
+    return sum(float(r[1]) for r in rows) / sum(int(r[2]) for r in rows)
+
+
+# --- models, exports, references ---------------------------------------------------------------
+def cli(*args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(["nice", "-n", "10", *secateurs_cli(), *args], check=True, env=env)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def build_model(name: str, args: list[str] | None, work: Path) -> str:
+    if args is None:
+        return "smollm2-135m"
+    out = work / "models" / slug(name)
+    if not (out / "config.json").is_file():
+        cli("prune", "smollm2-135m", *args, "--out", str(out), "--overwrite")
+    return str(out)
+
+
+def windows(count: int, seq_len: int, data_root: str | None) -> torch.Tensor:
+    from secateurs import load_model
+    from secateurs.data import load_eval_text
+    from secateurs.evaluate.ppl import PPLProtocol, windows_of
+
+    _, tokenizer = load_model("smollm2-135m")
+    ids = tokenizer(load_eval_text("wikitext2", None, data_root).text, add_special_tokens=False)
+    protocol = PPLProtocol(seq_len=seq_len, bos="stream")
+    return windows_of(ids["input_ids"], protocol, tokenizer.bos_token_id)[:count]
+
+
+def transformers_nll(model, batches: torch.Tensor) -> float:
+    from secateurs.evaluate.ppl import window_nll
+
+    torch.set_num_threads(1)
+    total, count = 0.0, 0
+    for i in range(0, len(batches), 8):
+        nll, n = window_nll(model.eval(), batches[i : i + 8])
+        total, count = total + nll, count + n
+    return total / count
+
+
+def reference_nll(location: str, batches: torch.Tensor) -> float:
+    from secateurs import load_model
+
+    model, _ = load_model(location)
+    return transformers_nll(model, batches)
+
+
+def decilm_nll(export: Path, batches: torch.Tensor) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype="float32")
+    return transformers_nll(model, batches)
+
+
+def export_all(location: str, stem: Path) -> dict[str, str | None]:
+    """Export to gguf f32/f16 and decilm; a refusal is recorded as its message."""
+    from secateurs.errors import SecateursError
+    from secateurs.export import export
+
+    results: dict[str, str | None] = {}
+    for key, to, out, dtype in (
+        ("gguf_f32", "gguf", stem.with_suffix(".f32.gguf"), "f32"),
+        ("gguf_f16", "gguf", stem.with_suffix(".f16.gguf"), "f16"),
+        ("decilm", "decilm", stem.with_suffix(".decilm"), "f16"),
+    ):
+        try:
+            export(location, to, out, overwrite=True, dtype=dtype)
+            results[key] = str(out)
+        except SecateursError as err:
+            results[key] = None
+            results[f"{key}_refused"] = str(err)
+    return results
+
+
+def measure(name: str, location: str, batches, tokens: Path, scorer: Path, work: Path) -> dict:
+    row: dict = {"model": name, "source": location}
+    start = time.perf_counter()
+    row["ppl_transformers"] = math.exp(reference_nll(location, batches))
+    paths = export_all(location, work / "exports" / slug(name))
+    row.update({k: v for k, v in paths.items() if k.endswith("_refused")})
+    for key in ("gguf_f32", "gguf_f16"):
+        if paths.get(key):
+            nll = llama_cpp_nll(scorer, Path(paths[key]), tokens, batches.shape[1], len(batches))
+            row[f"ppl_{key}"] = math.exp(nll)
+            row[f"delta_{key}_pct"] = 100 * (row[f"ppl_{key}"] / row["ppl_transformers"] - 1)
+    if paths.get("decilm"):
+        row["ppl_decilm"] = math.exp(decilm_nll(Path(paths["decilm"]), batches))
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", help=f"llama.cpp build cache (default ${CACHE_ENV})")
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/results/engines-work"))
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs")
+    parser.add_argument("--data-dir", default=os.environ.get("SECATEURS_DATA_DIR"))
+    parser.add_argument("--only", nargs="*", help="model names to run (default: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    scorer = build_scorer(cache_dir(args.cache), args.jobs)
+    args.work.mkdir(parents=True, exist_ok=True)
+    batches = windows(args.windows, args.seq_len, args.data_dir)
+    tokens = args.work / "tokens.i32"
+    batches.to(torch.int32).numpy().tofile(tokens)
+    rows = []
+    for name, prune_args in MODELS.items():
+        if args.only and name not in args.only:
+            continue
+        location = build_model(name, prune_args, args.work)
+        rows.append(measure(name, location, batches, tokens, scorer, args.work))
+    table = markdown_table(
+        rows,
+        [
+            ("model", "model"),
+            ("ppl_transformers", "transformers fp32 PPL"),
+            ("ppl_gguf_f32", "llama.cpp f32 PPL"),
+            ("delta_gguf_f32_pct", "Δ f32 %"),
+            ("ppl_gguf_f16", "llama.cpp f16 PPL"),
+            ("delta_gguf_f16_pct", "Δ f16 %"),
+            ("ppl_decilm", "DeciLM export PPL (transformers, remote code)"),
+        ],
+    )
+    protocol = {
+        "dataset": "wikitext2 test",
+        "windows": len(batches),
+        "seq_len": args.seq_len,
+        "bos": "stream",
+        "llama_cpp_threads": 1,
+        "tokens_fed_as_ids": True,
+    }
+    write_results("engines", {"protocol": protocol, "rows": rows}, table)
+
+
+if __name__ == "__main__":
+    main()
