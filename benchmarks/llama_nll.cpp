@@ -70,6 +70,11 @@ int main(int argc, char ** argv) {
     cparams.n_ubatch = window;
     cparams.n_threads = 1;
     cparams.n_threads_batch = 1;
+    // f32 KV cache (llama.cpp's default is f16): an f32 GGUF is compared at full precision
+    cparams.type_k = GGML_TYPE_F32;
+    cparams.type_v = GGML_TYPE_F32;
+    // plain attention: the CPU flash-attention kernel rounds Q·K through f16
+    cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     llama_context * ctx = llama_init_from_model(model, cparams);
     if (!ctx) {
         fprintf(stderr, "failed to create a context\n");

@@ -80,6 +80,7 @@ def allocate(
         if uniform_widths:
             kinds = {t.kind for t in tables} if uniform_widths is True else set(uniform_widths)
             counts = _even_out(tables, counts, layers, bounds, kinds)
+            counts.update(_rebalance(tables, counts, target, layers, bounds, kinds))
     return {t.kind: _lowest(t, counts[t.kind]) for t in tables}
 
 
@@ -181,6 +182,15 @@ def _round_channels(tables, counts, layers, bounds) -> dict[str, list[int]]:
         least, most = bounds.limits(total, "channels")
         counts["channels"][layer] = min(max(total - kept, least), most)
     return counts
+
+
+def _rebalance(tables, counts, target, layers, bounds, kinds) -> dict[str, list[int]]:
+    """Kinds left free re-allocated globally for what the evened-out kinds did not remove."""
+    free = [t for t in tables if t.kind not in kinds]
+    if not free:
+        return {}
+    fixed = _removed([t for t in tables if t.kind in kinds], counts)
+    return _global_counts(free, target - fixed, layers, bounds)
 
 
 def _even_out(tables, counts, layers, bounds, kinds=None) -> dict[str, list[int]]:

@@ -94,6 +94,7 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Save model, tokenizer and run record to ``out`` atomically."""
+    from secateurs.export import engines_for_model
     from secateurs.surgery import skipped_branches
 
     skipped = skipped_branches(model)
@@ -103,6 +104,7 @@ def save_checkpoint(
     if layer_widths:
         record["structure"]["widths"] = layer_widths
     record["loading"] = loading_note(bool(skipped), bool(layer_widths))
+    record["engines"] = engines_for_model(model)  # per output kind (secateurs export --to ...)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

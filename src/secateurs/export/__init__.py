@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from secateurs.checkpoint import atomic_directory, check_output_dir, write_json
 from secateurs.errors import OutputExistsError, SecateursError
 from secateurs.export import decilm, gguf_file, hf
-from secateurs.export.layout import Layout, check_model, layer_shapes, read_layout
+from secateurs.export.layout import LLAMA_FAMILY, Layout, check_model, layer_shapes, read_layout
 from secateurs.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,9 @@ def _write_file(out: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(name)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -160,11 +163,15 @@ def engines_for(layout: Layout) -> dict[str, Any]:
 
 def engines_for_model(model: PreTrainedModel) -> dict[str, Any]:
     """``engines_for`` a model in memory (what ``save_checkpoint`` records)."""
+    from secateurs.checkpoint import width_structure
+    from secateurs.surgery import skipped_branches
+
     try:
-        layout = Layout(model.config.to_dict(), layer_shapes(model))
+        plain = not skipped_branches(model) and width_structure(model) is None
+        layers = layer_shapes(model) if model.config.model_type in LLAMA_FAMILY else ()
     except SecateursError as err:  # no adapter for this family
         return {"error": str(err)}
-    return engines_for(layout)
+    return engines_for(Layout(model.config.to_dict(), layers, plain))
 
 
 __all__ = ["EXPORTS", "ExportFormat", "check_export", "engines_for", "engines_for_model", "export"]

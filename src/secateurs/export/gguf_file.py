@@ -168,7 +168,7 @@ def pre_tokenizer_name(backend: dict) -> str:
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     name = None
     if len(steps) == 1 and _is(steps[0], BYTE_LEVEL):
-        name = "gpt2"
+        name = "gpt-2"
     elif len(steps) == 2 and _is(steps[0], DIGITS) and _is(steps[1], BYTE_LEVEL):
         name = "smollm"
     if name is None:

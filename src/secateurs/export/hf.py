@@ -24,6 +24,8 @@ from secateurs.export.layout import Layout
 
 def per_layer_config(layout: Layout) -> dict[str, dict[str, Any]]:
     """transformers' ``per_layer_config`` schema: only what differs from the global config."""
+    if layout.plain or not layout.layers:
+        return {}
     c = layout.config
     base = {
         "num_attention_heads": c["num_attention_heads"],
@@ -51,7 +53,7 @@ def per_layer_config(layout: Layout) -> dict[str, dict[str, Any]]:
 
 
 def check(layout: Layout) -> None:
-    if layout.removed_branches or not layout.uniform or per_layer_config(layout):
+    if not layout.plain:
         raise UnsupportedModelError(
             "--to hf: this model has per-layer widths or removed branches, which a plain "
             "Hugging Face config cannot express (transformers reads per_layer_config on the "

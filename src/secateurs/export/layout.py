@@ -43,7 +43,8 @@ class Layout:
     """What an exporter needs to know about a checkpoint, without its weights."""
 
     config: dict[str, Any]
-    layers: tuple[LayerShape, ...]
+    layers: tuple[LayerShape, ...]  # empty for families other than LLaMA's
+    plain: bool = True  # the config alone describes every shape (no secateurs structure)
 
     @property
     def model_type(self) -> str:
@@ -83,6 +84,9 @@ def read_layout(directory: str | Path) -> Layout:
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     structure = read_record(directory).get("structure", {})
+    plain = not structure.get("widths") and not structure.get("skipped_branches")
+    if config.get("model_type") not in LLAMA_FAMILY:
+        return Layout(config, (), plain)
     n = int(config["num_hidden_layers"])
     widths = structure.get("widths") or _config_widths(config, n)
     skipped = {(int(layer), kind) for layer, kind in structure.get("skipped_branches", [])}
@@ -92,7 +96,7 @@ def read_layout(directory: str | Path) -> Layout:
         heads = int(widths["heads"][i]) if attn else 0
         kv = int(widths["kv_heads"][i]) if attn else 0
         layers.append(LayerShape(heads, kv, int(widths["channels"][i]) if mlp else 0))
-    return Layout(config, tuple(layers))
+    return Layout(config, tuple(layers), plain)
 
 
 def _config_widths(config: dict[str, Any], n: int) -> dict[str, list[int]]:
@@ -132,6 +136,8 @@ def layer_shapes(model: PreTrainedModel) -> tuple[LayerShape, ...]:
 
 def check_model(model: PreTrainedModel, layout: Layout) -> None:
     """The loaded weights have exactly the layout the exporter planned for."""
+    if not layout.layers:
+        return
     actual = layer_shapes(model)
     if actual != layout.layers:
         bad = next(i for i, (a, b) in enumerate(zip(actual, layout.layers, strict=True)) if a != b)
