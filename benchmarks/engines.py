@@ -49,18 +49,13 @@ CMAKE_FLAGS = [
 ]
 
 # name -> `secateurs prune` arguments (None: the dense model itself)
+WIDTH = ["--unit", "width", "--criterion", "fluctuation", "--ratio", "0.2"]  # FLAP: with biases
 MODELS: dict[str, list[str] | None] = {
     "dense": None,
     "depth (6 blocks)": ["--unit", "block", "--criterion", "magnitude+", "--remove", "6"],
-    "uniform width 20%": ["--unit", "width", "--criterion", "magnitude", "--ratio", "0.2"],
-    "global width 20%": [
-        *("--unit", "width", "--criterion", "magnitude", "--ratio", "0.2"),
-        *("--allocation", "global"),
-    ],
-    "global width 20%, --target vllm": [
-        *("--unit", "width", "--criterion", "magnitude", "--ratio", "0.2"),
-        *("--allocation", "global", "--target", "vllm"),
-    ],
+    "uniform width 20%": WIDTH,
+    "global width 20%": [*WIDTH, "--allocation", "global"],
+    "global width 20%, --target vllm": [*WIDTH, "--allocation", "global", "--target", "vllm"],
     "attention removed (8)": ["--unit", "attn", "--criterion", "magnitude+", "--remove", "8"],
     "MLP removed (4)": ["--unit", "mlp", "--criterion", "magnitude+", "--remove", "4"],
 }
@@ -136,7 +131,12 @@ def build_model(name: str, args: list[str] | None, work: Path) -> str:
         return "smollm2-135m"
     out = work / "models" / slug(name)
     if not (out / "config.json").is_file():
-        cli("prune", "smollm2-135m", *args, "--out", str(out), "--overwrite")
+        data = (
+            ["--data-dir", os.environ["SECATEURS_DATA_DIR"]]
+            if "SECATEURS_DATA_DIR" in os.environ
+            else []
+        )
+        cli("prune", "smollm2-135m", *args, *data, "--out", str(out), "--overwrite")
     return str(out)
 
 
