@@ -215,6 +215,37 @@ def test_gguf_of_a_uniform_model_is_plain_llama(tmp_path):
     assert shapes["blk.0.attn_norm.weight"] == (32,)
 
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
+def llama3_model() -> torch.nn.Module:
+    from tiny_models import TINY_CONFIGS
+
+    config = AutoConfig.for_model("llama", **TINY_CONFIGS["llama"], rope_parameters=LLAMA3_ROPE)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def test_gguf_llama3_rope_factors_are_transformers_frequency_ratios(tmp_path):
+    model = llama3_model()
+    directory = saved(model, tmp_path / "l3", bpe_tokenizer())
+    path = export(directory, "gguf", tmp_path / "m.gguf", dtype="f32")
+    tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(path).tensors}
+    d = 8  # head_dim
+    plain = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    scaled = model.model.rotary_emb.inv_freq.to(torch.float64)
+    expected = (plain / scaled).float().numpy()
+    assert not np.allclose(expected, 1.0)  # the scaling is exercised
+    np.testing.assert_allclose(tensors["rope_freqs.weight"], expected, rtol=1e-6)
+
+
 def test_gguf_refuses_layer0_without_attention(tmp_path):
     model = apply_plan(tiny_model("llama"), Plan(num_layers=6, attn=(0,)))
     directory = saved(model, tmp_path / "p", bpe_tokenizer())
@@ -329,10 +360,12 @@ def _scorer() -> Path | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_scorer() is None, reason=f"no llama.cpp build cached (${LLAMACPP_ENV})")
-@pytest.mark.parametrize("dense", [True, False])
-def test_llama_cpp_runs_our_gguf_with_transformers_logits(uniform_heads_dir, tmp_path, dense):
+@pytest.mark.parametrize("kind", ["dense", "pruned", "llama3-rope"])
+def test_llama_cpp_runs_our_gguf_with_transformers_logits(uniform_heads_dir, tmp_path, kind):
+    models = {"dense": lambda: tiny_model("llama"), "llama3-rope": llama3_model}
+    pruned = kind not in models
     directory = (
-        saved(tiny_model("llama"), tmp_path / "d", bpe_tokenizer()) if dense else uniform_heads_dir
+        uniform_heads_dir if pruned else saved(models[kind](), tmp_path / "d", bpe_tokenizer())
     )
     model, _ = load_model(directory)
     path = export(directory, "gguf", tmp_path / "m.gguf", dtype="f32")

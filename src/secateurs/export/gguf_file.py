@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import gguf
@@ -94,7 +95,7 @@ def ffn_lengths(layout: Layout) -> list[int]:
 
 def write_hparams(writer: gguf.GGUFWriter, layout: Layout, file_type: int) -> None:
     c = layout.config
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope = rope_settings(c)
     writer.add_name(str(c.get("_name_or_path") or c.get("_model_name_or_path") or "pruned"))
     writer.add_block_count(len(layout.layers))
     writer.add_context_length(int(c["max_position_embeddings"]))
@@ -105,7 +106,7 @@ def write_hparams(writer: gguf.GGUFWriter, layout: Layout, file_type: int) -> No
     writer.add_key_length(layout.head_dim)
     writer.add_value_length(layout.head_dim)
     writer.add_rope_dimension_count(layout.head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", c.get("rope_theta", 10000.0))))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(c["rms_norm_eps"]))
     writer.add_vocab_size(int(c["vocab_size"]))
     writer.add_file_type(int(file_type))
@@ -217,7 +218,36 @@ def gguf_tensors(
             raise UnsupportedModelError(f"--to gguf: no GGUF name for weight {key!r}.")
         out.append((name, _array(_permuted(key, tensor.detach().float(), layout), float_type)))
     out += zero_ffns(layout, names)
+    factors = llama3_rope_factors(layout)
+    if factors is not None:
+        out.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors))
     return out
+
+
+def rope_settings(config: dict) -> dict:
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    return rope
+
+
+def llama3_rope_factors(layout: Layout) -> np.ndarray | None:
+    """Llama-3 rope scaling as llama.cpp's per-frequency divisors (``rope_freqs``), or None.
+
+    transformers scales inverse frequency f by 1/factor for long wavelengths, keeps short ones,
+    and blends in between; llama.cpp divides each frequency by the stored factor.
+    """
+    rope = rope_settings(layout.config)
+    if rope.get("rope_type") != "llama3":
+        return None
+    d = layout.head_dim
+    freqs = 1.0 / float(rope["rope_theta"]) ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    wavelen = 2 * math.pi / freqs
+    old = float(rope["original_max_position_embeddings"])
+    factor, low, high = (float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    smooth = (old / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    factors = np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, blended))
+    return factors.astype(np.float32)
 
 
 def _permuted(key: str, tensor: torch.Tensor, layout: Layout) -> torch.Tensor:
