@@ -27,6 +27,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -162,11 +163,21 @@ def transformers_nll(model, batches: torch.Tensor) -> float:
     return total / count
 
 
-def reference_nll(location: str, batches: torch.Tensor) -> float:
+def reference(location: str, batches: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """transformers fp32: mean NLL, and the logits at the last position of the first window."""
     from secateurs import load_model
 
     model, _ = load_model(location)
-    return transformers_nll(model, batches)
+    with torch.no_grad():
+        last = model(batches[:1]).logits[0, -1]
+    return transformers_nll(model, batches), last
+
+
+def plain_nll(export: Path, batches: torch.Tensor) -> float:
+    """The hf export through plain ``from_pretrained`` (no secateurs code)."""
+    from transformers import AutoModelForCausalLM
+
+    return transformers_nll(AutoModelForCausalLM.from_pretrained(export, dtype="float32"), batches)
 
 
 def decilm_nll(export: Path, batches: torch.Tensor) -> float:
@@ -186,6 +197,7 @@ def export_all(location: str, stem: Path) -> dict[str, str | None]:
         ("gguf_f32", "gguf", stem.with_suffix(".f32.gguf"), "f32"),
         ("gguf_f16", "gguf", stem.with_suffix(".f16.gguf"), "f16"),
         ("decilm", "decilm", stem.with_suffix(".decilm"), "f16"),
+        ("hf", "hf", stem.with_suffix(".hf"), "f16"),
     ):
         try:
             export(location, to, out, overwrite=True, dtype=dtype)
@@ -199,16 +211,22 @@ def export_all(location: str, stem: Path) -> dict[str, str | None]:
 def measure(name: str, location: str, batches, tokens: Path, scorer: Path, work: Path) -> dict:
     row: dict = {"model": name, "source": location}
     start = time.perf_counter()
-    row["ppl_transformers"] = math.exp(reference_nll(location, batches))
+    nll, last = reference(location, batches)
+    row["ppl_transformers"] = math.exp(nll)
     paths = export_all(location, work / "exports" / slug(name))
     row.update({k: v for k, v in paths.items() if k.endswith("_refused")})
+    row["refused"] = ", ".join(k[: -len("_refused")] for k in paths if k.endswith("_refused"))
     for key in ("gguf_f32", "gguf_f16"):
         if paths.get(key):
             nll = llama_cpp_nll(scorer, Path(paths[key]), tokens, batches.shape[1], len(batches))
             row[f"ppl_{key}"] = math.exp(nll)
             row[f"delta_{key}_pct"] = 100 * (row[f"ppl_{key}"] / row["ppl_transformers"] - 1)
+            logits = torch.from_numpy(np.fromfile(Path(paths[key]).with_suffix(".logits"), "<f4"))
+            row[f"max_logit_diff_{key}"] = float((logits - last).abs().max())
     if paths.get("decilm"):
         row["ppl_decilm"] = math.exp(decilm_nll(Path(paths["decilm"]), batches))
+    if paths.get("hf"):
+        row["ppl_hf"] = math.exp(plain_nll(Path(paths["hf"]), batches))
     row["seconds"] = round(time.perf_counter() - start, 1)
     print(row, flush=True)
     return row
@@ -245,7 +263,10 @@ def main() -> None:
             ("delta_gguf_f32_pct", "Δ f32 %"),
             ("ppl_gguf_f16", "llama.cpp f16 PPL"),
             ("delta_gguf_f16_pct", "Δ f16 %"),
+            ("max_logit_diff_gguf_f32", "max |Δlogit| f32"),
             ("ppl_decilm", "DeciLM export PPL (transformers, remote code)"),
+            ("ppl_hf", "hf export PPL (plain from_pretrained)"),
+            ("refused", "refused (reason in JSON)"),
         ],
     )
     protocol = {
