@@ -173,6 +173,20 @@ def reference(location: str, batches: torch.Tensor) -> tuple[float, torch.Tensor
     return transformers_nll(model, batches), last
 
 
+def parameters(location: str) -> int:
+    """Parameters after pruning, from the run record (the dense model: counted)."""
+    from secateurs.checkpoint import read_record
+    from secateurs.models import resolve_model
+
+    recorded = read_record(resolve_model(location)).get("parameters", {}).get("after")
+    if recorded is not None:
+        return int(recorded)
+    from secateurs import load_model
+    from secateurs.width_api import count_unique
+
+    return count_unique(load_model(location)[0])
+
+
 def plain_nll(export: Path, batches: torch.Tensor) -> float:
     """The hf export through plain ``from_pretrained`` (no secateurs code)."""
     from transformers import AutoModelForCausalLM
@@ -213,6 +227,7 @@ def measure(name: str, location: str, batches, tokens: Path, scorer: Path, work:
     start = time.perf_counter()
     nll, last = reference(location, batches)
     row["ppl_transformers"] = math.exp(nll)
+    row["params_m"] = parameters(location) / 1e6
     paths = export_all(location, work / "exports" / slug(name))
     row.update({k: v for k, v in paths.items() if k.endswith("_refused")})
     row["refused"] = ", ".join(k[: -len("_refused")] for k in paths if k.endswith("_refused"))
@@ -230,6 +245,18 @@ def measure(name: str, location: str, batches, tokens: Path, scorer: Path, work:
     row["seconds"] = round(time.perf_counter() - start, 1)
     print(row, flush=True)
     return row
+
+
+def display(row: dict) -> dict:
+    """Small differences shown with their digits (the JSON keeps full precision)."""
+    shown = dict(row)
+    for key, form in (("delta_gguf_f32_pct", "+.4f"), ("delta_gguf_f16_pct", "+.4f")):
+        if key in row:
+            shown[key] = format(row[key], form)
+    for key in ("max_logit_diff_gguf_f32", "max_logit_diff_gguf_f16"):
+        if key in row:
+            shown[key] = f"{row[key]:.1e}"
+    return shown
 
 
 def main() -> None:
@@ -255,15 +282,17 @@ def main() -> None:
         location = build_model(name, prune_args, args.work)
         rows.append(measure(name, location, batches, tokens, scorer, args.work))
     table = markdown_table(
-        rows,
+        [display(row) for row in rows],
         [
             ("model", "model"),
+            ("params_m", "params (M)"),
             ("ppl_transformers", "transformers fp32 PPL"),
             ("ppl_gguf_f32", "llama.cpp f32 PPL"),
             ("delta_gguf_f32_pct", "Δ f32 %"),
             ("ppl_gguf_f16", "llama.cpp f16 PPL"),
             ("delta_gguf_f16_pct", "Δ f16 %"),
             ("max_logit_diff_gguf_f32", "max |Δlogit| f32"),
+            ("max_logit_diff_gguf_f16", "max |Δlogit| f16"),
             ("ppl_decilm", "DeciLM export PPL (transformers, remote code)"),
             ("ppl_hf", "hf export PPL (plain from_pretrained)"),
             ("refused", "refused (reason in JSON)"),
