@@ -163,6 +163,17 @@ def test_non_llama_families_are_refused_with_the_reason(tmp_path):
     check_export(directory, "hf")  # a plain, unpruned GPT-2 is a plain checkpoint
 
 
+def test_decilm_engines_narrow_for_inexact_widths_and_biases():
+    from secateurs.export.decilm import BROAD, ENGINES, engines
+    from secateurs.export.layout import LayerShape, Layout
+
+    config = {"hidden_size": 576, "num_attention_heads": 9}
+    exact = Layout(config, (LayerShape(9, 3, 1536), LayerShape(9, 3, 1280), LayerShape(0, 0, 0)))
+    assert engines(exact) == ENGINES  # 1536 and 1280: ffn_mult 4.0 and 3.333333 give them back
+    assert engines(Layout(config, (LayerShape(9, 3, 1216),))) == BROAD  # only vLLM reads it
+    assert engines(Layout({**config, "mlp_bias": True}, exact.layers)) == BROAD
+
+
 # --- gguf --------------------------------------------------------------------------------------
 def _fields(path: Path) -> tuple[dict, dict]:
     reader = gguf.GGUFReader(path)
@@ -298,9 +309,14 @@ def test_target_constraints_map_onto_allocation_options():
         "uniform_widths": False,
     }
     assert width_constraints("vllm", unit="width", allocation="global", round_to=48) == {
+        "compensate": None,
         "round_to": 192,
         "uniform_widths": ("heads",),
     }
+    sglang = width_constraints("sglang", unit="width", allocation="global")
+    assert sglang["round_to"] == 256 and sglang["compensate"] is False
+    with pytest.raises(ConfigError, match="no output biases"):
+        width_constraints("tensorrt-llm", unit="width", allocation="global", compensate=True)
     hf = width_constraints("hf", unit="width", allocation="global")
     assert hf["uniform_widths"] == ("heads", "channels")
     assert width_constraints("llama.cpp", unit="width", allocation="global")["round_to"] == 32

@@ -12,6 +12,8 @@ finding out at export time:
   GEMM tiles stay whole).
 - ``llama.cpp`` (GGUF ``deci``): per-layer heads and widths are fine; MLP widths on a multiple
   of 32, the block size of its Q4_0/Q8_0 quantization (use ``--round-to 256`` for k-quants).
+- ``sglang`` / ``tensorrt-llm`` (DeciLM too): as ``vllm``, but they build every MLP from
+  ``ffn_mult`` (widths on multiples of 256) and have no output biases (no FLAP compensation).
 
 A user's ``--round-to`` is combined with the target's (least common multiple).
 """
@@ -34,6 +36,7 @@ class Target:
     export: str  # the `secateurs export --to` format that serves it
     round_to: int  # MLP channels kept on a multiple of this
     uniform: tuple[str, ...]  # unit kinds that must have one width in every layer
+    biases: bool = True  # False: the engine has no output biases (no FLAP compensation)
 
 
 TARGETS: Registry[Target] = Registry("target")
@@ -41,6 +44,9 @@ for _target in (
     Target("hf", "hf", 1, ("heads", "channels")),
     Target("vllm", "decilm", 64, ("heads",)),
     Target("llama.cpp", "gguf", 32, ()),
+    # SGLang and TensorRT-LLM read only ffn_mult (widths on multiples of 256) and no biases
+    Target("sglang", "decilm", 256, ("heads",), biases=False),
+    Target("tensorrt-llm", "decilm", 256, ("heads",), biases=False),
 ):
     TARGETS.add(_target.name, _target)
 
@@ -53,6 +59,7 @@ def width_constraints(
     layers: Any = None,
     round_to: int = 1,
     uniform_widths: bool | tuple[str, ...] = False,
+    compensate: bool | None = None,
 ) -> dict[str, Any]:
     """``round_to`` and ``uniform_widths`` for ``prune(...)`` that satisfy ``target``.
 
@@ -60,6 +67,8 @@ def width_constraints(
     """
     if target is None:
         return {"round_to": round_to, "uniform_widths": uniform_widths}
+    if compensate and not TARGETS.get(target).biases:
+        raise ConfigError(f"--target {target}: the engine has no output biases; drop --compensate.")
     spec = TARGETS.get(target)
     kinds = {"heads": ("heads",), "channels": ("channels",)}.get(unit, ("heads", "channels"))
     needed = tuple(k for k in spec.uniform if k in kinds)
@@ -73,6 +82,7 @@ def width_constraints(
     else:
         needed = tuple(dict.fromkeys((*needed, *(uniform_widths or ()))))
     return {
+        "compensate": compensate if spec.biases else False,
         "round_to": math.lcm(round_to, spec.round_to),
         # uniform allocation already gives every layer one width
         "uniform_widths": needed if allocation == "global" and needed else False,

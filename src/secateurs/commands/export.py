@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from secateurs.commands import Command, register
-from secateurs.export import EXPORTS, export
+from secateurs.export import EXPORTS, check_export, export
 
 
 @register
@@ -28,7 +28,8 @@ class Export(Command):
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     def run(self, args: argparse.Namespace) -> int:
+        fmt, layout = check_export(args.model, args.to)
         out = export(args.model, args.to, args.out, overwrite=args.overwrite, dtype=args.dtype)
         print(f"exported: {out}")
-        print(f"loads in: {', '.join(EXPORTS.get(args.to).engines)}")
+        print(f"loads in: {', '.join(fmt.engines_for(layout))}")
         return 0

@@ -105,6 +105,7 @@ class Prune(Command):
                     layers=args.layers,
                     round_to=args.round_to,
                     uniform_widths=args.uniform_widths,
+                    compensate=args.compensate,
                 )
             )
             WidthOptions(

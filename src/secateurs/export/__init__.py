@@ -41,6 +41,11 @@ class ExportFormat:
     check: Callable[[Layout], None]
     write: Callable[..., None]
     single_file: bool = False
+    # the engines that load this particular model, where some engines accept less than others
+    narrow: Callable[[Layout], tuple[str, ...]] | None = None
+
+    def engines_for(self, layout: Layout) -> tuple[str, ...]:
+        return self.narrow(layout) if self.narrow is not None else self.engines
 
 
 EXPORTS: Registry[ExportFormat] = Registry("export format")
@@ -65,6 +70,7 @@ for _fmt in (
         ("vLLM", "SGLang", "TensorRT-LLM", "transformers (trust_remote_code)"),
         decilm.check,
         decilm.write,
+        narrow=decilm.engines,
     ),
     ExportFormat(
         "gguf",
@@ -110,7 +116,8 @@ def export(
         with atomic_directory(out, overwrite=overwrite) as tmp:
             fmt.write(model, tokenizer, layout, tmp)
             write_json(tmp / EXPORT_RECORD, export_record(fmt, directory, layout))
-    log.info("exported %s as %s to %s (loads in: %s)", directory, to, out, ", ".join(fmt.engines))
+    engines = ", ".join(fmt.engines_for(layout))
+    log.info("exported %s as %s to %s (loads in: %s)", directory, to, out, engines)
     return Path(out)
 
 
@@ -118,7 +125,7 @@ def export_record(fmt: ExportFormat, source: Any, layout: Layout) -> dict[str, A
     return {
         "format": fmt.name,
         "source": str(source),
-        "engines": list(fmt.engines),
+        "engines": list(fmt.engines_for(layout)),
         "layers": [vars(s) for s in layout.layers],
         "per_layer_config": hf.per_layer_config(layout),
     }
@@ -157,7 +164,7 @@ def engines_for(layout: Layout) -> dict[str, Any]:
         except SecateursError as err:
             kinds[name] = {"expressible": False, "why": str(err)}
         else:
-            kinds[name] = {"expressible": True, "engines": list(fmt.engines)}
+            kinds[name] = {"expressible": True, "engines": list(fmt.engines_for(layout))}
     return kinds
 
 

@@ -66,6 +66,24 @@ def check(layout: Layout) -> None:
             )
 
 
+ENGINES = ("vLLM", "SGLang", "TensorRT-LLM", "transformers (trust_remote_code)")
+# SGLang and TensorRT-LLM build every MLP from ffn_mult and without biases (SGLang skips bias
+# weights it has no parameter for: a bias would be silently dropped); vLLM reads
+# intermediate_size where ffn_mult is absent, and attention_bias / mlp_bias.
+BROAD = ("vLLM", "transformers (trust_remote_code)")
+
+
+def engines(layout: Layout) -> tuple[str, ...]:
+    """The engines that load this export: all, or only those reading widths and biases."""
+    exact = all(
+        exact_ffn_mult(s.channels, layout.hidden_size) is not None
+        for s in layout.layers
+        if s.has_mlp
+    )
+    biased = layout.config.get("attention_bias") or layout.config.get("mlp_bias")
+    return ENGINES if exact and not biased else BROAD
+
+
 def block_config(shape, num_heads: int, hidden_size: int) -> dict[str, Any]:
     """One layer's block config, in NVIDIA's schema (plus ``intermediate_size``)."""
     if shape.has_attention:
