@@ -257,6 +257,13 @@ def test_gguf_llama3_rope_factors_are_transformers_frequency_ratios(tmp_path):
     np.testing.assert_allclose(tensors["rope_freqs.weight"], expected, rtol=1e-6)
 
 
+def test_gguf_needs_the_tokenizer_and_says_so_before_loading(tmp_path, monkeypatch):
+    directory = saved(tiny_model("llama"), tmp_path / "no-tok")  # saved without a tokenizer
+    monkeypatch.setattr("secateurs.models.load_model", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ConfigError, match="tokenizer"):
+        export(directory, "gguf", tmp_path / "m.gguf")
+
+
 def test_gguf_refuses_layer0_without_attention(tmp_path):
     model = apply_plan(tiny_model("llama"), Plan(num_layers=6, attn=(0,)))
     directory = saved(model, tmp_path / "p", bpe_tokenizer())

@@ -21,7 +21,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from secateurs.checkpoint import atomic_directory, check_output_dir, write_json
-from secateurs.errors import OutputExistsError, SecateursError
+from secateurs.errors import ConfigError, OutputExistsError, SecateursError
 from secateurs.export import decilm, gguf_file, hf
 from secateurs.export.layout import LLAMA_FAMILY, Layout, check_model, layer_shapes, read_layout
 from secateurs.registry import Registry
@@ -43,6 +43,7 @@ class ExportFormat:
     single_file: bool = False
     # the engines that load this particular model, where some engines accept less than others
     narrow: Callable[[Layout], tuple[str, ...]] | None = None
+    needs_tokenizer: bool = False
 
     def engines_for(self, layout: Layout) -> tuple[str, ...]:
         return self.narrow(layout) if self.narrow is not None else self.engines
@@ -79,6 +80,7 @@ for _fmt in (
         gguf_file.check,
         gguf_file.write,
         single_file=True,
+        needs_tokenizer=True,
     ),
 ):
     EXPORTS.add(_fmt.name, _fmt)
@@ -89,8 +91,11 @@ def check_export(directory: str | os.PathLike, to: str) -> tuple[ExportFormat, L
     from secateurs.models import resolve_model
 
     fmt = EXPORTS.get(to)
-    layout = read_layout(resolve_model(directory))
+    location = Path(resolve_model(directory))
+    layout = read_layout(location)
     fmt.check(layout)
+    if fmt.needs_tokenizer and not any(location.glob("tokenizer*")):
+        raise ConfigError(f"--to {to} embeds the tokenizer, but {location} has none beside it.")
     return fmt, layout
 
 

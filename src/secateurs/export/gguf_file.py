@@ -46,6 +46,11 @@ ZERO_FFN = 1  # width of the stand-in FFN for a layer whose MLP was removed
 
 def check(layout: Layout) -> None:
     check_family(layout, "gguf")
+    if layout.config.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(
+            f"--to gguf: llama.cpp's LLaMA graphs use SiLU; this model uses "
+            f"{layout.config.get('hidden_act')!r}."
+        )
     if not layout.layers[0].has_attention:
         raise UnsupportedModelError(
             "--to gguf: layer 0 has no attention, but llama.cpp reads the head size from layer "
