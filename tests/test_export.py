@@ -174,6 +174,25 @@ def test_decilm_engines_narrow_for_inexact_widths_and_biases():
     assert engines(Layout({**config, "mlp_bias": True}, exact.layers)) == BROAD
 
 
+def test_ffn_mult_only_where_exact_and_unbiased():
+    from secateurs.export.decilm import decilm_config
+    from secateurs.export.layout import LayerShape, Layout
+
+    config = {"hidden_size": 576, "num_attention_heads": 9, "model_type": "llama"}
+    layers = (LayerShape(9, 3, 1536), LayerShape(9, 3, 1216), LayerShape(9, 3, 0))
+    ffns = [b["ffn"] for b in decilm_config(Layout(config, layers))["block_configs"]]
+    assert ffns[0] == {
+        "no_op": False,
+        "replace_with_linear": False,
+        "ffn_mult": 4.0,
+        "intermediate_size": 1536,
+    }
+    assert "ffn_mult" not in ffns[1] and ffns[1]["intermediate_size"] == 1216
+    assert ffns[2]["ffn_mult"] is None and ffns[2]["no_op"] is True
+    biased = decilm_config(Layout({**config, "attention_bias": True}, layers))["block_configs"]
+    assert "ffn_mult" not in biased[0]["ffn"]  # SGLang / TRT-LLM would drop the biases
+
+
 # --- gguf --------------------------------------------------------------------------------------
 def _fields(path: Path) -> tuple[dict, dict]:
     reader = gguf.GGUFReader(path)

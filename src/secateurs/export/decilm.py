@@ -80,12 +80,20 @@ def engines(layout: Layout) -> tuple[str, ...]:
         for s in layout.layers
         if s.has_mlp
     )
-    biased = layout.config.get("attention_bias") or layout.config.get("mlp_bias")
-    return ENGINES if exact and not biased else BROAD
+    return ENGINES if exact and not has_biases(layout) else BROAD
 
 
-def block_config(shape, num_heads: int, hidden_size: int) -> dict[str, Any]:
-    """One layer's block config, in NVIDIA's schema (plus ``intermediate_size``)."""
+def has_biases(layout: Layout) -> bool:
+    return bool(layout.config.get("attention_bias") or layout.config.get("mlp_bias"))
+
+
+def block_config(shape, num_heads: int, hidden_size: int, biased: bool) -> dict[str, Any]:
+    """One layer's block config, in NVIDIA's schema (plus ``intermediate_size``).
+
+    ``ffn_mult`` is written only where it gives the width exactly and the model has no biases:
+    engines that read only ``ffn_mult`` (SGLang, TensorRT-LLM) would drop a bias silently, and
+    without the key they fail loudly instead.
+    """
     if shape.has_attention:
         attention = {"no_op": False, "replace_with_linear": False}
         attention["n_heads_in_group"] = num_heads // shape.kv_heads
@@ -95,7 +103,7 @@ def block_config(shape, num_heads: int, hidden_size: int) -> dict[str, Any]:
         ffn = {"no_op": True, "replace_with_linear": False, "ffn_mult": None}
     else:
         ffn = {"no_op": False, "replace_with_linear": False}
-        mult = exact_ffn_mult(shape.channels, hidden_size)
+        mult = None if biased else exact_ffn_mult(shape.channels, hidden_size)
         if mult is not None:
             ffn["ffn_mult"] = mult
         ffn["intermediate_size"] = shape.channels
@@ -121,7 +129,10 @@ def decilm_config(layout: Layout) -> dict[str, Any]:
         # know nemotron-nas read every layer's own value from block_configs).
         num_key_value_heads=max((s.kv_heads for s in attn), default=1),
         intermediate_size=max((s.channels for s in layout.layers), default=0),
-        block_configs=[block_config(s, num_heads, layout.hidden_size) for s in layout.layers],
+        block_configs=[
+            block_config(s, num_heads, layout.hidden_size, has_biases(layout))
+            for s in layout.layers
+        ],
     )
     return config
 
