@@ -262,7 +262,7 @@ def display(row: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", help=f"llama.cpp build cache (default ${CACHE_ENV})")
-    parser.add_argument("--work", type=Path, default=Path("benchmarks/results/engines-work"))
+    parser.add_argument("--work", type=Path, help="pruned models and exports (default: CACHE/work)")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs")
@@ -271,6 +271,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     scorer = build_scorer(cache_dir(args.cache), args.jobs)
+    args.work = args.work or cache_dir(args.cache) / "work"
     args.work.mkdir(parents=True, exist_ok=True)
     batches = windows(args.windows, args.seq_len, args.data_dir)
     tokens = args.work / "tokens.i32"

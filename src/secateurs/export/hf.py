@@ -57,9 +57,9 @@ def check(layout: Layout) -> None:
         raise UnsupportedModelError(
             "--to hf: this model has per-layer widths or removed branches, which a plain "
             "Hugging Face config cannot express (transformers reads per_layer_config on the "
-            "config side only). Export --to decilm (vLLM, SGLang, TensorRT-LLM; transformers "
-            "with trust_remote_code) or --to gguf (llama.cpp), or prune for it: --target hf "
-            "(one width for all layers; no branch removal)."
+            "config side only). Export --to decilm (vLLM; transformers with "
+            "trust_remote_code) or --to gguf (llama.cpp), or prune for it: --target hf (one "
+            "width for all layers; no branch removal)."
         )
 
 
