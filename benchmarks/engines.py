@@ -1,13 +1,17 @@
 """Do our exports run in real engines, and compute what transformers computes?
 
 Builds llama.cpp from source once (the C++ tree inside the llama-cpp-python source distribution
-from PyPI; only libllama plus our small token-window scorer ``llama_nll.cpp``), prunes SmolLM2
-six ways with cheap criteria, exports each model as GGUF (f32 and f16) and DeciLM, and compares
+from PyPI; only libllama plus our two small tools ``llama_nll.cpp`` and ``llama_tokenize.cpp``),
+prunes SmolLM2 seven ways with cheap criteria, exports each model as GGUF (f32 and f16), DeciLM
+and plain HF (where expressible), and compares
 perplexity on the same WikiText-2 token windows:
 
 - transformers fp32 on the pruned checkpoint (``secateurs.load_model``): the reference;
 - llama.cpp on the GGUF export (token ids fed directly: no tokenizer in the comparison);
-- transformers on the DeciLM export with ``trust_remote_code`` (our shipped modeling code).
+- transformers on the DeciLM export with ``trust_remote_code`` (our shipped modeling code);
+- plain ``from_pretrained`` on the hf export.
+
+It also checks that llama.cpp tokenizes text with the GGUF's vocabulary as transformers does.
 
     python benchmarks/engines.py [--cache DIR] [--windows 32] [--jobs 2]
 
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import markdown_table, secateurs_cli, write_results  # noqa: E402
 
 HERE = Path(__file__).parent
-SCORER = HERE / "llama_nll.cpp"
+TOOLS = (HERE / "llama_nll.cpp", HERE / "llama_tokenize.cpp")
 CACHE_ENV = "SECATEURS_LLAMACPP"
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
@@ -83,12 +87,14 @@ def llama_source(cache: Path) -> Path:
     return sorted(cache.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
 
 
-def build_scorer(cache: Path, jobs: int) -> Path:
-    """libllama (nice'd, ``jobs`` compile jobs) and our scorer linked to it; cached."""
-    scorer = cache / "build" / "bin" / "llama_nll"
-    if scorer.is_file() and scorer.stat().st_mtime >= SCORER.stat().st_mtime:
-        return scorer
-    source, build = llama_source(cache), cache / "build"
+def build_tools(cache: Path, jobs: int) -> dict[str, Path]:
+    """libllama (nice'd, ``jobs`` compile jobs) and our tools linked to it; cached."""
+    build = cache / "build"
+    tools = {source.stem: build / "bin" / source.stem for source in TOOLS}
+    if all(tool.is_file() and tool.stat().st_mtime >= src.stat().st_mtime
+           for src, tool in zip(TOOLS, tools.values(), strict=True)):  # fmt: skip
+        return tools
+    source = llama_source(cache)
     nice = ["nice", "-n", "10"]
     if not (build / "bin" / "libllama.so").is_file():
         subprocess.run(
@@ -99,11 +105,25 @@ def build_scorer(cache: Path, jobs: int) -> Path:
             check=True,
         )
     lib = build / "bin"
-    compile_ = ["g++", "-O2", "-std=c++17", f"-I{source / 'include'}"]
-    compile_ += [f"-I{source / 'ggml' / 'include'}", str(SCORER), f"-L{lib}"]
-    compile_ += ["-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}", "-o", str(scorer)]
-    subprocess.run([*nice, *compile_], check=True)
-    return scorer
+    for src, tool in zip(TOOLS, tools.values(), strict=True):
+        compile_ = ["g++", "-O2", "-std=c++17", f"-I{source / 'include'}"]
+        compile_ += [f"-I{source / 'ggml' / 'include'}", str(src), f"-L{lib}"]
+        compile_ += ["-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}", "-o", str(tool)]
+        subprocess.run([*nice, *compile_], check=True)
+    return tools
+
+
+def same_tokens(tokenizer_tool: Path, gguf: Path, text: str, work: Path) -> dict:
+    """Does llama.cpp split ``text`` with the GGUF's vocabulary as transformers does?"""
+    from secateurs import load_model
+
+    _, tokenizer = load_model("smollm2-135m")
+    (work / "text.txt").write_text(text)
+    run = [str(tokenizer_tool), str(gguf), str(work / "text.txt"), str(work / "text.i32")]
+    subprocess.run(run, check=True, capture_output=True)
+    ours = np.fromfile(work / "text.i32", dtype="<i4").tolist()
+    theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return {"tokens": len(theirs), "identical": ours == theirs}
 
 
 def llama_cpp_nll(scorer: Path, gguf: Path, tokens: Path, window: int, count: int) -> float:
@@ -141,13 +161,27 @@ def build_model(name: str, args: list[str] | None, work: Path) -> str:
     return str(out)
 
 
+def load_text(data_root: str | None) -> str:
+    from secateurs.data import load_eval_text
+
+    return load_eval_text("wikitext2", None, data_root).text
+
+
+def dense_gguf(work: Path) -> Path:
+    path = work / "exports" / f"{slug('dense')}.f32.gguf"
+    if not path.is_file():
+        from secateurs.export import export
+
+        export("smollm2-135m", "gguf", path, overwrite=True, dtype="f32")
+    return path
+
+
 def windows(count: int, seq_len: int, data_root: str | None) -> torch.Tensor:
     from secateurs import load_model
-    from secateurs.data import load_eval_text
     from secateurs.evaluate.ppl import PPLProtocol, windows_of
 
     _, tokenizer = load_model("smollm2-135m")
-    ids = tokenizer(load_eval_text("wikitext2", None, data_root).text, add_special_tokens=False)
+    ids = tokenizer(load_text(data_root), add_special_tokens=False)
     protocol = PPLProtocol(seq_len=seq_len, bos="stream")
     return windows_of(ids["input_ids"], protocol, tokenizer.bos_token_id)[:count]
 
@@ -268,9 +302,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs")
     parser.add_argument("--data-dir", default=os.environ.get("SECATEURS_DATA_DIR"))
     parser.add_argument("--only", nargs="*", help="model names to run (default: all)")
+    parser.add_argument("--tokenizer-chars", type=int, default=200_000)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    scorer = build_scorer(cache_dir(args.cache), args.jobs)
+    tools = build_tools(cache_dir(args.cache), args.jobs)
+    scorer = tools["llama_nll"]
     args.work = args.work or cache_dir(args.cache) / "work"
     args.work.mkdir(parents=True, exist_ok=True)
     batches = windows(args.windows, args.seq_len, args.data_dir)
@@ -307,7 +343,15 @@ def main() -> None:
         "llama_cpp_threads": 1,
         "tokens_fed_as_ids": True,
     }
-    write_results("engines", {"protocol": protocol, "rows": rows}, table)
+    text = load_text(args.data_dir)[: args.tokenizer_chars]
+    tokenization = same_tokens(tools["llama_tokenize"], dense_gguf(args.work), text, args.work)
+    table += (
+        f"\n\nllama.cpp tokenization of the first {len(text):,} characters of WikiText-2 test "
+        f"with the dense GGUF's vocabulary ({tokenization['tokens']:,} tokens): "
+        f"{'identical to' if tokenization['identical'] else 'DIFFERENT from'} transformers'."
+    )
+    data = {"protocol": protocol, "rows": rows, "tokenization": tokenization}
+    write_results("engines", data, table)
 
 
 if __name__ == "__main__":
