@@ -3,8 +3,7 @@
 Builds llama.cpp from source once (the C++ tree inside the llama-cpp-python source distribution
 from PyPI; only libllama plus our two small tools ``llama_nll.cpp`` and ``llama_tokenize.cpp``),
 prunes SmolLM2 seven ways with cheap criteria, exports each model as GGUF (f32 and f16), DeciLM
-and plain HF (where expressible), and compares
-perplexity on the same WikiText-2 token windows:
+and plain HF (where expressible), and compares perplexity on the same WikiText-2 token windows:
 
 - transformers fp32 on the pruned checkpoint (``secateurs.load_model``): the reference;
 - llama.cpp on the GGUF export (token ids fed directly: no tokenizer in the comparison);

@@ -67,7 +67,8 @@ for _fmt in (
     ),
     ExportFormat(
         "decilm",
-        "DeciLM / nemotron-nas block_configs (per-layer KV groups, MLP widths, no_op branches)",
+        "DeciLM / nemotron-nas block_configs (per-layer KV groups, MLP widths, no_op branches; "
+        "SGLang and TensorRT-LLM only with widths on multiples of 256 and no biases)",
         ("vLLM", "SGLang", "TensorRT-LLM", "transformers (trust_remote_code)"),
         decilm.check,
         decilm.write,
