@@ -65,9 +65,12 @@ def allocate(
     layers: Sequence[int],
     mode: str,
     bounds: Bounds,
-    uniform_widths: bool = False,
+    uniform_widths: bool | tuple[str, ...] = False,
 ) -> dict[str, list[tuple[int, ...]]]:
-    """Removed unit indices per kind and layer, aiming at ``target`` parameters removed."""
+    """Removed unit indices per kind and layer, aiming at ``target`` parameters removed.
+
+    ``uniform_widths`` (global only): True, or the unit kinds, to spread evenly over layers.
+    """
     if mode not in ALLOCATIONS:
         raise ConfigError(f"Unknown allocation {mode!r}; expected one of {ALLOCATIONS}.")
     if mode == "uniform":
@@ -75,7 +78,9 @@ def allocate(
     else:
         counts = _global_counts(tables, target, layers, bounds)
         if uniform_widths:
-            counts = _even_out(tables, counts, layers, bounds)
+            kinds = {t.kind for t in tables} if uniform_widths is True else set(uniform_widths)
+            counts = _even_out(tables, counts, layers, bounds, kinds)
+            counts.update(_rebalance(tables, counts, target, layers, bounds, kinds))
     return {t.kind: _lowest(t, counts[t.kind]) for t in tables}
 
 
@@ -179,10 +184,21 @@ def _round_channels(tables, counts, layers, bounds) -> dict[str, list[int]]:
     return counts
 
 
-def _even_out(tables, counts, layers, bounds) -> dict[str, list[int]]:
+def _rebalance(tables, counts, target, layers, bounds, kinds) -> dict[str, list[int]]:
+    """Kinds left free re-allocated globally for what the evened-out kinds did not remove."""
+    free = [t for t in tables if t.kind not in kinds]
+    if not free:
+        return {}
+    fixed = _removed([t for t in tables if t.kind in kinds], counts)
+    return _global_counts(free, target - fixed, layers, bounds)
+
+
+def _even_out(tables, counts, layers, bounds, kinds=None) -> dict[str, list[int]]:
     """Spread each kind's global total evenly over the pruned layers (one width for all)."""
-    even = {}
+    even = dict(counts)
     for t in tables:
+        if kinds is not None and t.kind not in kinds:
+            continue
         mean = sum(counts[t.kind][i] for i in layers) / max(len(layers), 1)
         fraction = mean / t.count(layers[0]) if layers else 0.0
         even[t.kind] = [

@@ -101,18 +101,25 @@ def original_model_type(config: dict[str, Any]) -> str:
     return config.get(MARK_KEY, {}).get("model_type") or config["model_type"]
 
 
+def unmarked_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` as the architecture wrote it: secateurs' loud-failing mark undone."""
+    data = read_config_dict(directory)
+    if MARK_KEY in data:
+        original = data.pop(MARK_KEY)
+        data.pop("secateurs_load_with", None)
+        data["model_type"] = original["model_type"]
+        data["architectures"] = original.get("architectures")
+    return data
+
+
 def read_config(directory: str | os.PathLike) -> PretrainedConfig:
     """The config of a local model directory, with secateurs' loud-failing mark undone."""
     from transformers import AutoConfig
 
-    data = read_config_dict(directory)
-    if MARK_KEY not in data:
+    if MARK_KEY not in read_config_dict(directory):
         return AutoConfig.from_pretrained(directory)
-    original = data.pop(MARK_KEY)
-    data.pop("secateurs_load_with", None)
-    data.pop("model_type")
-    data["architectures"] = original.get("architectures")
-    config = AutoConfig.for_model(original["model_type"], **data)
+    data = unmarked_config_dict(directory)
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
     config._name_or_path = str(directory)
     return config
 
@@ -144,6 +151,7 @@ def save_checkpoint(
 ) -> Path:
     """Save model, tokenizer and run record to ``out`` atomically (one writer at a time)."""
     from secateurs.experts import expert_structure
+    from secateurs.export import engines_for_model
     from secateurs.surgery import skipped_branches
 
     check_output_dir(out, overwrite)  # before anything is built
@@ -160,6 +168,8 @@ def save_checkpoint(
         record["structure"]["experts"] = experts
     note = loading_note(bool(skipped), bool(layer_widths), bool(experts))
     record["loading"] = note
+    # per output kind (secateurs export --to ...): which engines can load it
+    record["engines"] = engines_for_model(model, plain=note["plain_transformers"])
     with atomic_directory(out, overwrite=overwrite, needed=checkpoint_bytes(model)) as tmp:
         model.save_pretrained(tmp)
         if not note["plain_transformers"]:

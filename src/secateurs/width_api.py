@@ -60,7 +60,7 @@ class WidthOptions:
     min_ratio: float = 0.0
     max_ratio: float = 0.9
     round_to: int = 1
-    uniform_widths: bool = False
+    uniform_widths: bool | tuple[str, ...] = False  # True, or the kinds to keep uniform
     include_embeddings: bool = False
     # Fold the removed units' mean contribution into the output bias (FLAP's compensation) for
     # any criterion; None: the criterion's own default (on for fluctuation, off otherwise).

@@ -34,6 +34,7 @@ from secateurs.commands import (  # noqa: E402,F401
     bench,
     eval_ppl,
     eval_zeroshot,
+    export,
     ls,
     prune,
     recover,

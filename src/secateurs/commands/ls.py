@@ -17,6 +17,7 @@ class List(Command):
         from secateurs.criteria import CRITERIA
         from secateurs.data import DATASETS
         from secateurs.evaluate.zeroshot import TASKS
+        from secateurs.export import EXPORTS
         from secateurs.models import ALIASES
 
         print("criteria (append '+' to protect Shortened LLaMA's blocks 0-3 and the last 2):")
@@ -33,6 +34,11 @@ class List(Command):
         print("zero-shot tasks (lm-evaluation-harness; metric as in the papers):")
         for name, task in TASKS.items():
             print(f"  {name:<18} {task.metric}")
+        print(
+            "export formats (secateurs export --to FORMAT; prune --target keeps them expressible):"
+        )
+        for name, fmt in EXPORTS.items():
+            print(f"  {name:<18} {fmt.summary}; loads in: {', '.join(fmt.engines)}")
         print("model aliases:")
         for name, alias in ALIASES.items():
             print(f"  {name:<18} {alias.filename} from PyPI {alias.install.split()[-1]}")

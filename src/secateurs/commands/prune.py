@@ -18,6 +18,7 @@ from secateurs.commands.common import (
     criterion_options,
 )
 from secateurs.errors import ConfigError
+from secateurs.targets import TARGETS, width_constraints
 
 
 def add_width_args(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,11 @@ def add_width_args(parser: argparse.ArgumentParser) -> None:
         "--uniform-widths",
         action="store_true",
         help="global scores, one width for every pruned layer (portable config)",
+    )
+    group.add_argument(
+        "--target",
+        choices=TARGETS.names(),
+        help="keep the pruned shapes servable by this engine (see docs/export.md)",
     )
     group.add_argument(
         "--include-embeddings", action="store_true", help="--ratio counts embedding parameters too"
@@ -126,8 +132,21 @@ class Prune(Command):
 
         if args.ratio is None and args.remove is None:
             raise ConfigError("Say how much to remove: --ratio R or --remove N.")
+        if args.target is not None and args.unit not in WIDTH_UNITS:
+            raise ConfigError("--target constrains width pruning (--unit heads|channels|width).")
         if args.unit in WIDTH_UNITS:  # validate width options before loading anything
             CRITERIA.canonical(args.criterion.rstrip("+"))
+            vars(args).update(
+                width_constraints(
+                    args.target,
+                    unit=args.unit,
+                    allocation=args.allocation,
+                    layers=args.layers,
+                    round_to=args.round_to,
+                    uniform_widths=args.uniform_widths,
+                    compensate=args.compensate,
+                )
+            )
             WidthOptions(
                 args.unit,
                 args.ratio if args.ratio is not None else -1.0,
