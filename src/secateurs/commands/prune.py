@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from secateurs.api import ScoreResult, prune
+from secateurs.api import DEFAULT_SHORTLIST, ScoreResult, prune
 from secateurs.checkpoint import check_output_dir, read_record
 from secateurs.commands import Command, register
 from secateurs.commands.common import (
@@ -60,6 +60,43 @@ def _report_width(result) -> int:
     return 0
 
 
+def _shortlist(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"--shortlist takes a count or 'all', not {text!r}"
+        ) from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--shortlist must be >= 0; got {value}")
+    return value
+
+
+def add_selection_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("explicit depth selection (no scoring)")
+    group.add_argument("--blocks", help="remove these blocks, e.g. 12,13,14,16,17,18")
+    group.add_argument("--attn", help="remove these layers' attention branches")
+    group.add_argument("--mlp", help="remove these layers' MLP branches")
+    group.add_argument("--plan", type=Path, help="a plan JSON (or another run's secateurs.json)")
+
+
+def depth_extras(args: argparse.Namespace) -> dict:
+    """Depth-only API arguments (explicit selection, sub-block budget, search, healing)."""
+    if args.unit in WIDTH_UNITS:
+        return {}
+    return dict(
+        blocks=args.blocks,
+        attn=args.attn,
+        mlp=args.mlp,
+        plan=args.plan,
+        params=args.params,
+        shortlist=args.shortlist,
+        heal=args.heal,
+    )
+
+
 @register
 class Prune(Command):
     path = ("prune",)
@@ -75,8 +112,28 @@ class Prune(Command):
             help="depth: fraction of units to remove; width (--unit heads|channels|width): "
             "fraction of the parameters (non-embedding unless --include-embeddings)",
         )
-        amount.add_argument("--remove", type=int, help="number of units to remove")
+        amount.add_argument(
+            "--remove",
+            type=int,
+            help="number of units to remove (--unit subblock: that many blocks' parameters)",
+        )
+        amount.add_argument(
+            "--params", type=int, help="--unit subblock: parameters to remove (attn/MLP branches)"
+        )
         parser.add_argument("--iterative", action="store_true", help="re-score after each removal")
+        parser.add_argument(
+            "--shortlist",
+            type=_shortlist,
+            default=DEFAULT_SHORTLIST,
+            help="greedy ppl search: candidates re-scored per step after the first "
+            f"(default {DEFAULT_SHORTLIST}; 'all' = exact greedy)",
+        )
+        parser.add_argument(
+            "--heal",
+            action="store_true",
+            help="fit a least-squares correction of removed blocks into the preceding down_proj",
+        )
+        add_selection_args(parser)
         parser.add_argument("--scores", type=Path, help="reuse scores saved by 'secateurs score'")
         parser.add_argument("--out", type=Path, required=True, help="output directory")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -85,8 +142,12 @@ class Prune(Command):
         add_data_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        if args.ratio is None and args.remove is None:
-            raise ConfigError("Say how much to remove: --ratio R or --remove N.")
+        explicit = any(x is not None for x in (args.blocks, args.attn, args.mlp, args.plan))
+        if args.ratio is None and args.remove is None and args.params is None and not explicit:
+            raise ConfigError(
+                "Say what to remove: --ratio R, --remove N, --params P, or an explicit "
+                "--blocks/--attn/--mlp/--plan."
+            )
         if args.unit in WIDTH_UNITS:  # validate width options before loading anything
             CRITERIA.canonical(args.criterion.rstrip("+"))
             WidthOptions(
@@ -131,12 +192,13 @@ class Prune(Command):
             source=str(args.model),
             batch_size=args.batch_size,
             **width,
+            **depth_extras(args),
             **criterion_options(args),
         )
         if args.unit in WIDTH_UNITS:
             return _report_width(result)
         params = result.record["parameters"]
-        removed = ", ".join(f"{kind} {layer}" for layer, kind in result.plan.units)
+        removed = ", ".join(f"{kind} {layer}" for layer, kind in result.plan.units) or "nothing"
         print(f"removed: {removed}")
         print(
             f"parameters: {params['before']:,} -> {params['after']:,} "

@@ -1,0 +1,175 @@
+"""Training-free healing after block removal, absorbed into a standard checkpoint.
+
+For each run of consecutive removed blocks a..b, the kept block p = a-1 before it has an MLP
+output projection (down_proj) whose output adds straight into the residual stream. On
+calibration windows we record that projection's inputs X (tokens, m) and the removed blocks'
+contribution D = h_out(b) - h_in(a) (tokens, d), and fit the damped least-squares correction
+
+    ΔW = argmin ||D - X ΔWᵀ||² + λ||ΔW||²,   λ = damp · mean(diag(XᵀX)),
+
+then add ΔW to down_proj's weight. The checkpoint keeps its shapes and config, so any engine
+loads it. Runs are healed in order, each fitted with the earlier ones already removed and healed.
+Because ΔW = 0 is a candidate, the fitted correction never increases the calibration
+reconstruction error ||D - X ΔWᵀ||².
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from secateurs.adapters import Adapter
+from secateurs.data import CalibrationConfig
+from secateurs.plan import Plan
+from secateurs.units import Unit, first_arg, masked
+
+log = logging.getLogger(__name__)
+
+HEAL_SAMPLES = (
+    64  # the fit has m unknowns per output; 10 windows × 128 tokens would under-determine it
+)
+DAMP = 0.01
+
+
+def heal_calibration(calibration: CalibrationConfig | torch.Tensor | None) -> Any:
+    """Healing's calibration: the scoring one, with at least ``HEAL_SAMPLES`` windows."""
+    if isinstance(calibration, torch.Tensor):
+        return calibration
+    config = calibration or CalibrationConfig()
+    return replace(config, n_samples=max(config.n_samples, HEAL_SAMPLES))
+
+
+def runs_of(blocks: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Maximal runs (first, last) of consecutive layer indices."""
+    runs: list[tuple[int, int]] = []
+    for layer in sorted(blocks):
+        if runs and runs[-1][1] == layer - 1:
+            runs[-1] = (runs[-1][0], layer)
+        else:
+            runs.append((layer, layer))
+    return runs
+
+
+def fit_correction(gram: torch.Tensor, cross: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """ΔW (d, m) minimising ||D − X ΔWᵀ||² + λ||ΔW||² from XᵀX (m, m) and XᵀD (m, d)."""
+    lam = damp * float(gram.diagonal().mean()) if damp > 0 else 0.0
+    system = gram + lam * torch.eye(len(gram), dtype=gram.dtype)
+    return torch.linalg.lstsq(system, cross).solution.T  # lstsq: safe when X is rank-deficient
+
+
+def output_projection(model: PreTrainedModel, adapter: Adapter, layer: int) -> nn.Module | None:
+    """The MLP output projection of ``layer``, or None where the adapter does not know it."""
+    if adapter.channels is None:
+        return None
+    return adapter.layers(model)[layer].get_submodule(adapter.channels.output)
+
+
+@torch.no_grad()
+def span_statistics(
+    model: PreTrainedModel,
+    adapter: Adapter,
+    tokens: torch.Tensor,
+    gone: list[Unit],
+    run: tuple[int, int],
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """XᵀX, XᵀD, DᵀD (float64) for a run of removed blocks, with ``gone`` masked."""
+    first, last = run
+    layers = adapter.layers(model)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        output_projection(model, adapter, first - 1).register_forward_pre_hook(
+            lambda m, args: seen.__setitem__("x", args[0])
+        ),
+        layers[first].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.__setitem__("h_in", first_arg(args, kwargs)),
+            with_kwargs=True,
+        ),
+        layers[last].register_forward_hook(
+            lambda m, args, out: seen.__setitem__(
+                "h_out", out[0] if isinstance(out, tuple) else out
+            )
+        ),
+    ]
+    stats: dict[str, torch.Tensor] = {}
+    try:
+        with masked(model, adapter, gone):
+            for begin in range(0, len(tokens), batch_size):
+                model(input_ids=tokens[begin : begin + batch_size], use_cache=False)
+                x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+                d = (seen["h_out"] - seen["h_in"]).reshape(x.shape[0], -1).double()
+                for key, value in (
+                    ("gram", x.T @ x),
+                    ("cross", x.T @ d),
+                    ("energy", (d * d).sum()),
+                ):
+                    stats[key] = stats[key] + value if key in stats else value
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats
+
+
+def residual_energy(stats: dict[str, torch.Tensor], delta: torch.Tensor) -> float:
+    """||D − X ΔWᵀ||² from the statistics: DᵀD − 2⟨ΔW, (XᵀD)ᵀ⟩ + ⟨ΔW, ΔW XᵀX⟩."""
+    return float(
+        stats["energy"]
+        - 2 * (delta * stats["cross"].T).sum()
+        + (delta @ stats["gram"] * delta).sum()
+    )
+
+
+@torch.no_grad()
+def heal_plan(
+    model: PreTrainedModel,
+    adapter: Adapter,
+    plan: Plan,
+    tokens: torch.Tensor,
+    damp: float = DAMP,
+) -> dict[str, Any]:
+    """Fit and add the correction of every run of removed blocks (before surgery; in place)."""
+    report: dict[str, Any] = {"method": "least-squares down_proj", "damp": damp,
+                              "samples": len(tokens), "runs": []}  # fmt: skip
+    branches = [u for u in plan.units if u.kind != "block"]
+    done: list[Unit] = []
+    for run in runs_of(plan.blocks):
+        entry = _heal_run(model, adapter, plan, tokens, [*branches, *done], run, damp)
+        report["runs"].append(entry)
+        done.extend(Unit(i, "block") for i in range(run[0], run[1] + 1))
+    return report
+
+
+def _heal_run(model, adapter, plan, tokens, gone, run, damp) -> dict[str, Any]:
+    first, last = run
+    entry: dict[str, Any] = {"blocks": [first, last], "into_layer": first - 1}
+    target = output_projection(model, adapter, first - 1) if first > 0 else None
+    if target is None or first - 1 in plan.mlp or adapter.channels.conv1d:
+        entry["skipped"] = "no kept MLP output projection before the run"
+        log.info("healing: run %s skipped (%s)", run, entry["skipped"])
+        return entry
+    stats = span_statistics(model, adapter, tokens, gone, run)
+    delta = fit_correction(stats["gram"], stats["cross"], damp)
+    entry["error_before"] = float(stats["energy"])
+    entry["error_after"] = residual_energy(stats, delta)
+    target.weight += delta.to(target.weight.dtype)
+    log.info("healing: blocks %d-%d into layer %d: error %.4g -> %.4g", first, last, first - 1,
+             entry["error_before"], entry["error_after"])  # fmt: skip
+    return entry
+
+
+def engines_note(plan: Plan) -> dict[str, Any]:
+    """Which engines can load the output of ``plan``."""
+    if not (plan.attn or plan.mlp):
+        return {"transformers": True, "vllm": True, "llama.cpp": True, "secateurs": True}
+    return {
+        "transformers": False,
+        "vllm": "via a DeciLM / nemotron-nas export (block_configs no_op)",
+        "llama.cpp": "via a GGUF 'deci' export",
+        "secateurs": True,
+        "why": "removed attention/MLP branches are not expressible in a plain HF config",
+    }
