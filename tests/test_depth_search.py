@@ -95,8 +95,16 @@ def test_subblock_search_meets_parameter_budget_and_equals_masked(tmp_path):
     model, ids = tiny_model("llama"), tokens(batch=4, length=12)
     original, adapter = copy.deepcopy(model), adapter_for(model)
     block = unit_params(model, adapter, Unit(0, "block"))
-    result = prune(model, None, criterion="ppl", unit="subblock", remove=2, calibration=ids,
-                   progress=False, out=tmp_path / "out")  # fmt: skip
+    result = prune(
+        model,
+        None,
+        criterion="ppl",
+        unit="subblock",
+        remove=2,
+        calibration=ids,
+        progress=False,
+        out=tmp_path / "out",
+    )
     removed = result.record["parameters"]["before"] - result.record["parameters"]["after"]
     smallest = min(unit_params(original, adapter, Unit(0, k)) for k in ("attn", "mlp"))
     assert abs(removed - 2 * block) <= smallest // 2
@@ -166,8 +174,9 @@ def test_healing_reproduces_an_exactly_linear_removed_block():
 
 def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_path):
     model, ids = tiny_model("llama"), tokens(batch=4, length=12)
-    result = prune(model, None, blocks="2,3,5", heal=True, calibration=ids, out=tmp_path / "h",
-                   progress=False)  # fmt: skip
+    result = prune(
+        model, None, blocks="2,3,5", heal=True, calibration=ids, out=tmp_path / "h", progress=False
+    )
     runs = result.record["healing"]["runs"]
     assert [r["blocks"] for r in runs] == [[2, 3], [5, 5]]
     assert all(r["error_after"] <= r["error_before"] for r in runs)

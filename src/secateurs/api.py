@@ -258,7 +258,7 @@ def prune(
     adapter = adapter_for(model)
     num_layers = adapter.num_layers(model)
     params_before = count_parameters(model)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     given = explicit_plan(num_layers, blocks, attn, mlp, plan)
     if given is not None:
         if scores is not None or iterative or any(x is not None for x in (ratio, remove, params)):
@@ -270,12 +270,26 @@ def prune(
     else:
         spec = CriterionSpec.parse(criterion, protect)
         chosen, history, search = _scored_plan(
-            model, tokenizer, spec, unit, num_layers,
-            dict(ratio=ratio, remove=remove, params=params, iterative=iterative,
-                 shortlist=shortlist, scores=scores, calibration=calibration,
-                 data_root=data_root, progress=progress, options=options),
-        )  # fmt: skip
+            model,
+            tokenizer,
+            spec,
+            unit,
+            num_layers,
+            dict(
+                ratio=ratio,
+                remove=remove,
+                params=params,
+                iterative=iterative,
+                shortlist=shortlist,
+                scores=scores,
+                calibration=calibration,
+                data_root=data_root,
+                progress=progress,
+                options=options,
+            ),
+        )
     scoring_seconds = time.perf_counter() - start
+    scoring_cpu = time.process_time() - cpu_start
     healing = None
     if heal:
         tokens = _calibration_tokens(heal_calibration(calibration), tokenizer, data_root)
@@ -286,6 +300,7 @@ def prune(
     )
     record["search"], record["healing"] = search, healing
     record["engines"] = engines_note(chosen)
+    record["timings"]["scoring_cpu_s"] = round(scoring_cpu, 3)  # robust to a busy machine
     if out is not None:
         save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
     return PruneResult(model, chosen, history, record, Path(out) if out else None)
@@ -305,9 +320,11 @@ def _scored_plan(model, tokenizer, spec, unit, num_layers, how):
         raise ConfigError("--params applies to --unit subblock; use --remove or --ratio.")
     count = _checked_count(unit, num_layers, protected, how["ratio"], how["remove"])
     score_kwargs = dict(
-        calibration=how["calibration"], data_root=how["data_root"], progress=how["progress"],
+        calibration=how["calibration"],
+        data_root=how["data_root"],
+        progress=how["progress"],
         **how["options"],
-    )  # fmt: skip
+    )
     if how["iterative"]:
         plan, history = _iterative_plan(
             model, tokenizer, spec.name, unit, count, protected, score_kwargs
@@ -350,17 +367,31 @@ def _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how):
     batch_size = int(options.pop("batch_size", 8))
     start = time.perf_counter()
     units, state = run_search(
-        model.eval(), adapter, tokens, unit, protected, budget, by, how["shortlist"],
-        batch_size, how["progress"],
-    )  # fmt: skip
+        model.eval(),
+        adapter,
+        tokens,
+        unit,
+        protected,
+        budget,
+        by,
+        how["shortlist"],
+        batch_size,
+        how["progress"],
+    )
     seconds = time.perf_counter() - start
     search = search_record(state, unit, num_layers, how["shortlist"])
     search["budget"] = {"value": budget, "counts": by}
     history = [
-        ScoreResult(spec.name, kind, tuple(values), {"search": True, "batch_size": batch_size},
-                    calib_record, seconds)
+        ScoreResult(
+            spec.name,
+            kind,
+            tuple(values),
+            {"search": True, "batch_size": batch_size},
+            calib_record,
+            seconds,
+        )
         for kind, values in search["first_step_scores"].items()
-    ]  # fmt: skip
+    ]
     return Plan.of_units(num_layers, units, protected), history, search
 
 

@@ -16,6 +16,7 @@ reconstruction error ||D - X ΔWᵀ||².
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +26,7 @@ from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
 from secateurs.data import CalibrationConfig
+from secateurs.layerwise import Stop
 from secateurs.plan import Plan
 from secateurs.units import Unit, first_arg, masked
 
@@ -100,7 +102,8 @@ def span_statistics(
     try:
         with masked(model, adapter, gone):
             for begin in range(0, len(tokens), batch_size):
-                model(input_ids=tokens[begin : begin + batch_size], use_cache=False)
+                with suppress(Stop):  # nothing after the run's last block is needed
+                    model(input_ids=tokens[begin : begin + batch_size], use_cache=False)
                 x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
                 d = (seen["h_out"] - seen["h_in"]).reshape(x.shape[0], -1).double()
                 for key, value in (
@@ -113,6 +116,11 @@ def span_statistics(
         for hook in hooks:
             hook.remove()
     return stats
+
+
+def _stop_with(seen: dict[str, torch.Tensor], output: Any) -> None:
+    seen["h_out"] = output[0] if isinstance(output, tuple) else output
+    raise Stop
 
 
 def residual_energy(stats: dict[str, torch.Tensor], delta: torch.Tensor) -> float:
@@ -133,8 +141,12 @@ def heal_plan(
     damp: float = DAMP,
 ) -> dict[str, Any]:
     """Fit and add the correction of every run of removed blocks (before surgery; in place)."""
-    report: dict[str, Any] = {"method": "least-squares down_proj", "damp": damp,
-                              "samples": len(tokens), "runs": []}  # fmt: skip
+    report: dict[str, Any] = {
+        "method": "least-squares down_proj",
+        "damp": damp,
+        "samples": len(tokens),
+        "runs": [],
+    }
     branches = [u for u in plan.units if u.kind != "block"]
     done: list[Unit] = []
     for run in runs_of(plan.blocks):
@@ -157,8 +169,14 @@ def _heal_run(model, adapter, plan, tokens, gone, run, damp) -> dict[str, Any]:
     entry["error_before"] = float(stats["energy"])
     entry["error_after"] = residual_energy(stats, delta)
     target.weight += delta.to(target.weight.dtype)
-    log.info("healing: blocks %d-%d into layer %d: error %.4g -> %.4g", first, last, first - 1,
-             entry["error_before"], entry["error_after"])  # fmt: skip
+    log.info(
+        "healing: blocks %d-%d into layer %d: error %.4g -> %.4g",
+        first,
+        last,
+        first - 1,
+        entry["error_before"],
+        entry["error_after"],
+    )
     return entry
 
 

@@ -24,7 +24,7 @@ from secateurs.adapters import Adapter
 from secateurs.units import Unit, first_arg, masked
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Raised by a hook to end a forward pass once everything needed was captured."""
 
 
@@ -144,7 +144,7 @@ class LayerRunner:
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 parts[index].append(first_arg(args, kwargs).detach())
                 if index == len(self.layers) - 1:
-                    raise _Stop
+                    raise Stop
 
             return hook
 
@@ -155,7 +155,7 @@ class LayerRunner:
             with self._from_layer(start, removed):
                 for rows, ids in self.batches():
                     self._current = self.inputs[start][rows] if start > 0 else None
-                    with suppress(_Stop):
+                    with suppress(Stop):
                         self.model(input_ids=ids, use_cache=False)
         finally:
             self._current = None
