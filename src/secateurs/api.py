@@ -28,7 +28,7 @@ from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.data import CalibrationConfig
 from secateurs.depth_api import SUBBLOCK, explicit_plan, run_search, search_budget, search_record
 from secateurs.errors import ConfigError
-from secateurs.healing import engines_note, heal_calibration, heal_plan
+from secateurs.healing import HEAL_SAMPLES, engines_note, heal_calibration, heal_plan
 from secateurs.plan import (
     Plan,
     WidthPlan,
@@ -205,6 +205,7 @@ def prune(
     params: int | None = None,
     shortlist: int | None = DEFAULT_SHORTLIST,
     heal: bool = False,
+    heal_samples: int = HEAL_SAMPLES,
     **options: Any,
 ) -> PruneResult:
     """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.
@@ -292,7 +293,9 @@ def prune(
     scoring_cpu = time.process_time() - cpu_start
     healing = None
     if heal:
-        tokens = _calibration_tokens(heal_calibration(calibration), tokenizer, data_root)
+        tokens = _calibration_tokens(
+            heal_calibration(calibration, heal_samples), tokenizer, data_root
+        )
         healing = heal_plan(model, adapter, chosen, tokens)
     apply_plan(model, chosen, adapter)
     record = _record(

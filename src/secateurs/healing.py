@@ -38,12 +38,13 @@ HEAL_SAMPLES = (
 DAMP = 0.01
 
 
-def heal_calibration(calibration: CalibrationConfig | torch.Tensor | None) -> Any:
-    """Healing's calibration: the scoring one, with at least ``HEAL_SAMPLES`` windows."""
+def heal_calibration(
+    calibration: CalibrationConfig | torch.Tensor | None, samples: int = HEAL_SAMPLES
+) -> Any:
+    """Healing's calibration: the scoring one's source and seed, with ``samples`` windows."""
     if isinstance(calibration, torch.Tensor):
         return calibration
-    config = calibration or CalibrationConfig()
-    return replace(config, n_samples=max(config.n_samples, HEAL_SAMPLES))
+    return replace(calibration or CalibrationConfig(), n_samples=samples)
 
 
 def runs_of(blocks: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -19,6 +19,7 @@ from secateurs.commands.common import (
 )
 from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError
+from secateurs.healing import HEAL_SAMPLES
 from secateurs.models import load_model
 from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers
 
@@ -94,6 +95,7 @@ def depth_extras(args: argparse.Namespace) -> dict:
         params=args.params,
         shortlist=args.shortlist,
         heal=args.heal,
+        heal_samples=args.heal_samples,
     )
 
 
@@ -132,6 +134,12 @@ class Prune(Command):
             "--heal",
             action="store_true",
             help="fit a least-squares correction of removed blocks into the preceding down_proj",
+        )
+        parser.add_argument(
+            "--heal-samples",
+            type=int,
+            default=HEAL_SAMPLES,
+            help=f"calibration windows for --heal (default {HEAL_SAMPLES})",
         )
         add_selection_args(parser)
         parser.add_argument("--scores", type=Path, help="reuse scores saved by 'secateurs score'")
