@@ -201,17 +201,65 @@ def test_cli_depth_flags(model_dir, calibration_file, tmp_path, capsys):
     from secateurs.cli import main
 
     calib = ["--calibration", str(calibration_file), "--n-samples", "4", "--calib-seq-len", "16"]
-    assert main(["prune", str(model_dir), "--blocks", "2,3", "--heal", "--heal-samples", "8", *calib,
-                 "--out", str(tmp_path / "a")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prune",
+                str(model_dir),
+                "--blocks",
+                "2,3",
+                "--heal",
+                "--heal-samples",
+                "8",
+                *calib,
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "a" / "secateurs.json").read_text())
     assert record["plan"]["blocks"] == [2, 3] and record["criterion"]["name"] == "explicit"
     assert record["healing"]["runs"][0]["into_layer"] == 1
-    assert main(["prune", str(model_dir), "--criterion", "ppl", "--iterative", "--remove", "2",
-                 "--shortlist", "1", *calib, "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prune",
+                str(model_dir),
+                "--criterion",
+                "ppl",
+                "--iterative",
+                "--remove",
+                "2",
+                "--shortlist",
+                "1",
+                *calib,
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     search = json.loads((tmp_path / "b" / "secateurs.json").read_text())["search"]
     assert search["scored_per_step"] == [LAYERS, 1] and search["shortlist"] == 1
-    assert main(["prune", str(model_dir), "--unit", "subblock", "--criterion", "ppl",
-                 "--params", "3000", *calib, "--out", str(tmp_path / "c")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prune",
+                str(model_dir),
+                "--unit",
+                "subblock",
+                "--criterion",
+                "ppl",
+                "--params",
+                "3000",
+                *calib,
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "c" / "secateurs.json").read_text())
     assert record["search"]["budget"] == {"value": 3000, "counts": "parameters"}
     code = main(
