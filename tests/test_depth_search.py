@@ -172,15 +172,24 @@ def test_healing_reproduces_an_exactly_linear_removed_block():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
 
 
-def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_path):
+@pytest.mark.parametrize("bias", [False, True])
+def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_path, bias):
     model, ids = tiny_model("llama"), tokens(batch=4, length=12)
     result = prune(
-        model, None, blocks="2,3,5", heal=True, calibration=ids, out=tmp_path / "h", progress=False
+        model,
+        None,
+        blocks="2,3,5",
+        heal=True,
+        heal_bias=bias,
+        calibration=ids,
+        out=tmp_path / "h",
+        progress=False,
     )
     runs = result.record["healing"]["runs"]
     assert [r["blocks"] for r in runs] == [[2, 3], [5, 5]]
     assert all(r["error_after"] <= r["error_before"] for r in runs)
     assert runs[0]["error_after"] < runs[0]["error_before"]  # the fit does something
+    assert result.model.config.mlp_bias is bias
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
     x = tokens()
     with torch.no_grad():

@@ -206,6 +206,7 @@ def prune(
     shortlist: int | None = DEFAULT_SHORTLIST,
     heal: bool = False,
     heal_samples: int = HEAL_SAMPLES,
+    heal_bias: bool = False,
     **options: Any,
 ) -> PruneResult:
     """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.
@@ -296,7 +297,7 @@ def prune(
         tokens = _calibration_tokens(
             heal_calibration(calibration, heal_samples), tokenizer, data_root
         )
-        healing = heal_plan(model, adapter, chosen, tokens)
+        healing = heal_plan(model, adapter, chosen, tokens, bias=heal_bias)
     apply_plan(model, chosen, adapter)
     record = _record(
         model, chosen, spec, history, iterative, params_before, scoring_seconds, source

@@ -29,6 +29,7 @@ from secateurs.data import CalibrationConfig
 from secateurs.layerwise import Stop
 from secateurs.plan import Plan
 from secateurs.units import Unit, first_arg, masked
+from secateurs.width import add_output_bias, bias_flag_supported
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,12 @@ def span_statistics(
     gone: list[Unit],
     run: tuple[int, int],
     batch_size: int = 8,
+    intercept: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """XᵀX, XᵀD, DᵀD (float64) for a run of removed blocks, with ``gone`` masked."""
+    """XᵀX, XᵀD, DᵀD (float64) for a run of removed blocks, with ``gone`` masked.
+
+    ``intercept`` appends a column of ones to X (its coefficient becomes a bias).
+    """
     first, last = run
     layers = adapter.layers(model)
     seen: dict[str, torch.Tensor] = {}
@@ -106,6 +111,8 @@ def span_statistics(
                 with suppress(Stop):  # nothing after the run's last block is needed
                     model(input_ids=tokens[begin : begin + batch_size], use_cache=False)
                 x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+                if intercept:
+                    x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
                 d = (seen["h_out"] - seen["h_in"]).reshape(x.shape[0], -1).double()
                 for key, value in (
                     ("gram", x.T @ x),
@@ -140,10 +147,17 @@ def heal_plan(
     plan: Plan,
     tokens: torch.Tensor,
     damp: float = DAMP,
+    bias: bool = False,
 ) -> dict[str, Any]:
-    """Fit and add the correction of every run of removed blocks (before surgery; in place)."""
+    """Fit and add the correction of every run of removed blocks (before surgery; in place).
+
+    ``bias``: also fit an intercept, added to down_proj's bias; where the projection has none,
+    the config's bias flag (LLaMA ``mlp_bias``) is turned on with zero biases elsewhere, and
+    where the config has no such flag the intercept is not fitted (recorded).
+    """
+    bias = bias and _bias_available(model, adapter)
     report: dict[str, Any] = {
-        "method": "least-squares down_proj",
+        "method": "least-squares down_proj" + (" + bias" if bias else ""),
         "damp": damp,
         "samples": len(tokens),
         "runs": [],
@@ -151,13 +165,27 @@ def heal_plan(
     branches = [u for u in plan.units if u.kind != "block"]
     done: list[Unit] = []
     for run in runs_of(plan.blocks):
-        entry = _heal_run(model, adapter, plan, tokens, [*branches, *done], run, damp)
+        entry = _heal_run(model, adapter, plan, tokens, [*branches, *done], run, damp, bias)
         report["runs"].append(entry)
         done.extend(Unit(i, "block") for i in range(run[0], run[1] + 1))
     return report
 
 
-def _heal_run(model, adapter, plan, tokens, gone, run, damp) -> dict[str, Any]:
+def _bias_available(model: PreTrainedModel, adapter: Adapter) -> bool:
+    if adapter.channels is None or adapter.channels.conv1d:
+        return False
+    if output_projection(model, adapter, 0).bias is not None:
+        return True
+    if not bias_flag_supported(model.config, adapter.channels.bias_flag):
+        log.info(
+            "healing: %s cannot express a down_proj bias; weights only", model.config.model_type
+        )
+        return False
+    add_output_bias(model, adapter, "channels")
+    return True
+
+
+def _heal_run(model, adapter, plan, tokens, gone, run, damp, bias=False) -> dict[str, Any]:
     first, last = run
     entry: dict[str, Any] = {"blocks": [first, last], "into_layer": first - 1}
     target = output_projection(model, adapter, first - 1) if first > 0 else None
@@ -165,10 +193,13 @@ def _heal_run(model, adapter, plan, tokens, gone, run, damp) -> dict[str, Any]:
         entry["skipped"] = "no kept MLP output projection before the run"
         log.info("healing: run %s skipped (%s)", run, entry["skipped"])
         return entry
-    stats = span_statistics(model, adapter, tokens, gone, run)
+    stats = span_statistics(model, adapter, tokens, gone, run, intercept=bias)
     delta = fit_correction(stats["gram"], stats["cross"], damp)
     entry["error_before"] = float(stats["energy"])
     entry["error_after"] = residual_energy(stats, delta)
+    if bias:
+        target.bias += delta[:, -1].to(target.bias.dtype)
+        delta = delta[:, :-1]
     target.weight += delta.to(target.weight.dtype)
     log.info(
         "healing: blocks %d-%d into layer %d: error %.4g -> %.4g",

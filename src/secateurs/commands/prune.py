@@ -96,6 +96,7 @@ def depth_extras(args: argparse.Namespace) -> dict:
         shortlist=args.shortlist,
         heal=args.heal,
         heal_samples=args.heal_samples,
+        heal_bias=args.heal_bias,
     )
 
 
@@ -140,6 +141,11 @@ class Prune(Command):
             type=int,
             default=HEAL_SAMPLES,
             help=f"calibration windows for --heal (default {HEAL_SAMPLES})",
+        )
+        parser.add_argument(
+            "--heal-bias",
+            action="store_true",
+            help="--heal also fits a down_proj bias (turns on LLaMA's mlp_bias)",
         )
         add_selection_args(parser)
         parser.add_argument("--scores", type=Path, help="reuse scores saved by 'secateurs score'")
