@@ -223,7 +223,13 @@ def main() -> None:
         "--spread-sizes", default="10,32", type=lambda s: [int(x) for x in s.split(",") if x]
     )
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--only-spread", action="store_true", help="the seed spread alone")
+    parser.add_argument("--name", default="depth", help="results/NAME.json and .md")
     args = parser.parse_args()
+    if args.only_spread:
+        dense, tokenizer = load_model(args.model)
+        write_table([], seed_spread(dense, tokenizer, args), args)
+        return
     torch.set_num_threads(1)
     dense, tokenizer = load_model(args.model)
     heal_tokens = CalibrationConfig(n_samples=HEAL_SAMPLES, seed=args.seed).load(
@@ -297,7 +303,7 @@ def write_table(rows: list[dict], spread: list[dict], args, details: dict | None
         "spread": spread,
         "methods": _DETAILS,
     }
-    write_results("depth", data, table)
+    write_results(args.name, data, table)
 
 
 if __name__ == "__main__":

@@ -172,8 +172,8 @@ def test_healing_reproduces_an_exactly_linear_removed_block():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_path, bias):
+@pytest.mark.parametrize(("bias", "target"), [(False, "local"), (True, "local"), (False, "dense")])
+def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_path, bias, target):
     model, ids = tiny_model("llama"), tokens(batch=4, length=12)
     result = prune(
         model,

@@ -207,6 +207,7 @@ def prune(
     heal: bool = False,
     heal_samples: int = HEAL_SAMPLES,
     heal_bias: bool = False,
+    heal_target: str = "local",
     **options: Any,
 ) -> PruneResult:
     """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.
@@ -297,7 +298,7 @@ def prune(
         tokens = _calibration_tokens(
             heal_calibration(calibration, heal_samples), tokenizer, data_root
         )
-        healing = heal_plan(model, adapter, chosen, tokens, bias=heal_bias)
+        healing = heal_plan(model, adapter, chosen, tokens, bias=heal_bias, target=heal_target)
     apply_plan(model, chosen, adapter)
     record = _record(
         model, chosen, spec, history, iterative, params_before, scoring_seconds, source

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
 from secateurs.data import CalibrationConfig
+from secateurs.errors import ConfigError
 from secateurs.layerwise import Stop
 from secateurs.plan import Plan
 from secateurs.units import Unit, first_arg, masked
@@ -37,6 +38,7 @@ HEAL_SAMPLES = (
     64  # the fit has m unknowns per output; 10 windows × 128 tokens would under-determine it
 )
 DAMP = 0.01
+HEAL_TARGETS = ("local", "dense")
 
 
 def heal_calibration(
@@ -82,10 +84,14 @@ def span_statistics(
     run: tuple[int, int],
     batch_size: int = 8,
     intercept: bool = False,
+    target: str = "local",
 ) -> dict[str, torch.Tensor]:
     """XᵀX, XᵀD, DᵀD (float64) for a run of removed blocks, with ``gone`` masked.
 
-    ``intercept`` appends a column of ones to X (its coefficient becomes a bias).
+    ``intercept`` appends a column of ones to X (its coefficient becomes a bias). ``target``:
+    "local" D is the run's own contribution on the pruned stream; "dense" D is the dense
+    model's stream after the run minus the pruned stream before it (it also corrects the drift
+    left by earlier removals).
     """
     first, last = run
     layers = adapter.layers(model)
@@ -106,24 +112,30 @@ def span_statistics(
     ]
     stats: dict[str, torch.Tensor] = {}
     try:
-        with masked(model, adapter, gone):
-            for begin in range(0, len(tokens), batch_size):
-                with suppress(Stop):  # nothing after the run's last block is needed
-                    model(input_ids=tokens[begin : begin + batch_size], use_cache=False)
-                x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
-                if intercept:
-                    x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
-                d = (seen["h_out"] - seen["h_in"]).reshape(x.shape[0], -1).double()
-                for key, value in (
-                    ("gram", x.T @ x),
-                    ("cross", x.T @ d),
-                    ("energy", (d * d).sum()),
-                ):
-                    stats[key] = stats[key] + value if key in stats else value
+        for begin in range(0, len(tokens), batch_size):
+            ids = tokens[begin : begin + batch_size]
+            if target == "dense":
+                _forward_until_stop(model, ids)
+                reference = seen["h_out"]
+            with masked(model, adapter, gone):
+                _forward_until_stop(model, ids)
+            if target != "dense":
+                reference = seen["h_out"]
+            x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+            if intercept:
+                x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
+            d = (reference - seen["h_in"]).reshape(x.shape[0], -1).double()
+            for key, value in (("gram", x.T @ x), ("cross", x.T @ d), ("energy", (d * d).sum())):
+                stats[key] = stats[key] + value if key in stats else value
     finally:
         for hook in hooks:
             hook.remove()
     return stats
+
+
+def _forward_until_stop(model: PreTrainedModel, ids: torch.Tensor) -> None:
+    with suppress(Stop):  # nothing after the run's last block is needed
+        model(input_ids=ids, use_cache=False)
 
 
 def _stop_with(seen: dict[str, torch.Tensor], output: Any) -> None:
@@ -148,6 +160,7 @@ def heal_plan(
     tokens: torch.Tensor,
     damp: float = DAMP,
     bias: bool = False,
+    target: str = "local",
 ) -> dict[str, Any]:
     """Fit and add the correction of every run of removed blocks (before surgery; in place).
 
@@ -155,17 +168,22 @@ def heal_plan(
     the config's bias flag (LLaMA ``mlp_bias``) is turned on with zero biases elsewhere, and
     where the config has no such flag the intercept is not fitted (recorded).
     """
+    if target not in HEAL_TARGETS:
+        raise ConfigError(f"Healing target must be one of {HEAL_TARGETS}; got {target!r}.")
     bias = bias and _bias_available(model, adapter)
     report: dict[str, Any] = {
         "method": "least-squares down_proj" + (" + bias" if bias else ""),
         "damp": damp,
+        "target": target,
         "samples": len(tokens),
         "runs": [],
     }
     branches = [u for u in plan.units if u.kind != "block"]
     done: list[Unit] = []
     for run in runs_of(plan.blocks):
-        entry = _heal_run(model, adapter, plan, tokens, [*branches, *done], run, damp, bias)
+        entry = _heal_run(
+            model, adapter, plan, tokens, [*branches, *done], run, (damp, bias, target)
+        )
         report["runs"].append(entry)
         done.extend(Unit(i, "block") for i in range(run[0], run[1] + 1))
     return report
@@ -185,7 +203,8 @@ def _bias_available(model: PreTrainedModel, adapter: Adapter) -> bool:
     return True
 
 
-def _heal_run(model, adapter, plan, tokens, gone, run, damp, bias=False) -> dict[str, Any]:
+def _heal_run(model, adapter, plan, tokens, gone, run, how) -> dict[str, Any]:
+    damp, bias, target = how
     first, last = run
     entry: dict[str, Any] = {"blocks": [first, last], "into_layer": first - 1}
     target = output_projection(model, adapter, first - 1) if first > 0 else None
@@ -193,7 +212,7 @@ def _heal_run(model, adapter, plan, tokens, gone, run, damp, bias=False) -> dict
         entry["skipped"] = "no kept MLP output projection before the run"
         log.info("healing: run %s skipped (%s)", run, entry["skipped"])
         return entry
-    stats = span_statistics(model, adapter, tokens, gone, run, intercept=bias)
+    stats = span_statistics(model, adapter, tokens, gone, run, intercept=bias, target=target)
     delta = fit_correction(stats["gram"], stats["cross"], damp)
     entry["error_before"] = float(stats["energy"])
     entry["error_after"] = residual_energy(stats, delta)

@@ -19,7 +19,7 @@ from secateurs.commands.common import (
 )
 from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError
-from secateurs.healing import HEAL_SAMPLES
+from secateurs.healing import HEAL_SAMPLES, HEAL_TARGETS
 from secateurs.models import load_model
 from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers
 
@@ -97,6 +97,7 @@ def depth_extras(args: argparse.Namespace) -> dict:
         heal=args.heal,
         heal_samples=args.heal_samples,
         heal_bias=args.heal_bias,
+        heal_target=args.heal_target,
     )
 
 
@@ -146,6 +147,12 @@ class Prune(Command):
             "--heal-bias",
             action="store_true",
             help="--heal also fits a down_proj bias (turns on LLaMA's mlp_bias)",
+        )
+        parser.add_argument(
+            "--heal-target",
+            default="local",
+            choices=HEAL_TARGETS,
+            help="local: the removed run's own contribution; dense: the dense model's stream",
         )
         add_selection_args(parser)
         parser.add_argument("--scores", type=Path, help="reuse scores saved by 'secateurs score'")
