@@ -275,3 +275,23 @@ def test_cli_depth_flags(model_dir, calibration_file, tmp_path, capsys):
         ["prune", str(model_dir), "--blocks", "1", "--remove", "2", "--out", str(tmp_path / "d")]
     )
     assert code != 0 and "explicit" in capsys.readouterr().err
+
+
+def test_search_records_first_step_scores_for_plots():
+    model, ids = tiny_model("llama"), tokens(batch=4, length=12)
+    result = prune(
+        model,
+        None,
+        criterion="ppl",
+        iterative=True,
+        remove=2,
+        protect="0,-1",
+        calibration=ids,
+        progress=False,
+    )
+    (scores,) = result.scores
+    assert scores.unit == "block" and len(scores.values) == LAYERS
+    assert math.isinf(scores.values[0]) and math.isinf(scores.values[-1])
+    assert all(math.isfinite(v) for v in scores.values[1:-1])
+    steps = result.record["search"]["steps"]
+    assert [len(s["nll"]) for s in steps] == [LAYERS - 2, 3]
