@@ -282,7 +282,7 @@ def write_table(rows: list[dict], spread: list[dict], args, details: dict | None
         f"{HEAL_SAMPLES} C4 windows; greedy searches re-score a shortlist of {args.shortlist} "
         "per step after the first. Scoring and evaluation in one run on one machine (1 thread)."
     )
-    table = f"{protocol}\n\n" + markdown_table(rows, columns)
+    table = f"{protocol}\n\n" + (markdown_table(rows, columns) if rows else "")
     if spread:
         spread_columns = [
             ("n_samples", "calibration windows"),
