@@ -26,7 +26,11 @@ from secateurs.adapters import adapter_for
 from secateurs.checkpoint import check_output_dir, save_checkpoint, write_json
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.data import CalibrationConfig
+from secateurs.defaults import DEFAULT_SHORTLIST, HEAL_SAMPLES
+from secateurs.depth_api import SUBBLOCK, explicit_plan, run_search, search_budget, search_record
 from secateurs.errors import ConfigError
+from secateurs.export import engines_for_model
+from secateurs.healing import heal_calibration, heal_plan
 from secateurs.plan import (
     Plan,
     WidthPlan,
@@ -194,6 +198,16 @@ def prune(
     uniform_widths: bool = False,
     include_embeddings: bool = False,
     compensate: bool | None = None,
+    blocks: str | tuple[int, ...] | None = None,
+    attn: str | tuple[int, ...] | None = None,
+    mlp: str | tuple[int, ...] | None = None,
+    plan: str | os.PathLike | dict | None = None,
+    params: int | None = None,
+    shortlist: int | None = DEFAULT_SHORTLIST,
+    heal: bool = False,
+    heal_samples: int = HEAL_SAMPLES,
+    heal_bias: bool = False,
+    heal_target: str = "local",
     **options: Any,
 ) -> PruneResult:
     """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.
@@ -204,6 +218,12 @@ def prune(
     (non-embedding unless ``include_embeddings``), spread by ``allocation`` ("uniform" or
     "global") over ``layers`` ("4:28"), within ``min_ratio``/``max_ratio`` per layer, channels
     rounded to ``round_to``; see ``secateurs.width_api.prune_width``.
+    Depth extras: ``unit="subblock"`` ranks attention and MLP branches together under a
+    parameter budget (``params``, or ``remove`` blocks' worth, or ``ratio`` of the layers'
+    parameters); ``ppl`` with ``iterative`` or ``subblock`` runs the greedy search of
+    ``secateurs.depth_search`` re-scoring a ``shortlist`` per step (None: all). ``blocks`` /
+    ``attn`` / ``mlp`` ("12,13") or ``plan`` (a plan or secateurs.json file) remove exactly
+    those units, no scoring. ``heal`` fits a least-squares correction (``secateurs.healing``).
     """
     if unit == "experts":  # mixture-of-experts models: secateurs.experts_api
         run = dict(calibration=calibration, data_root=data_root, out=out, overwrite=overwrite)
@@ -242,10 +262,89 @@ def prune(
         return PruneResult(width.model, width.plan, [], width.record, width.out)
     if out is not None:
         check_output_dir(out, overwrite)  # before any costly work
-    spec = CriterionSpec.parse(criterion, protect)
     adapter = adapter_for(model)
     num_layers = adapter.num_layers(model)
+    params_before = count_parameters(model)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    given = explicit_plan(num_layers, blocks, attn, mlp, plan)
+    if given is not None:
+        if scores is not None or iterative or any(x is not None for x in (ratio, remove, params)):
+            raise ConfigError(
+                "An explicit selection (blocks/attn/mlp/plan) takes no ratio, remove, params, "
+                "scores or iterative."
+            )
+        chosen, history, search, spec = given, [], None, CriterionSpec("explicit", ())
+    else:
+        spec = CriterionSpec.parse(criterion, protect)
+        chosen, history, search = _scored_plan(
+            model,
+            tokenizer,
+            spec,
+            unit,
+            num_layers,
+            dict(
+                ratio=ratio,
+                remove=remove,
+                params=params,
+                iterative=iterative,
+                shortlist=shortlist,
+                scores=scores,
+                calibration=calibration,
+                data_root=data_root,
+                progress=progress,
+                options=options,
+            ),
+        )
+    scoring_seconds = time.perf_counter() - start
+    scoring_cpu = time.process_time() - cpu_start
+    healing = None
+    if heal:
+        tokens = _calibration_tokens(
+            heal_calibration(calibration, heal_samples), tokenizer, data_root
+        )
+        healing = heal_plan(model, adapter, chosen, tokens, bias=heal_bias, target=heal_target)
+    apply_plan(model, chosen, adapter)
+    record = _record(
+        model, chosen, spec, history, iterative, params_before, scoring_seconds, source
+    )
+    record["search"], record["healing"] = search, healing
+    record["engines"] = engines_for_model(model)  # per output kind, as saving records it
+    record["timings"]["scoring_cpu_s"] = round(scoring_cpu, 3)  # robust to a busy machine
+    if out is not None:
+        save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
+    return PruneResult(model, chosen, history, record, Path(out) if out else None)
+
+
+def _calibration_tokens(calibration, tokenizer, data_root) -> torch.Tensor:
+    tokens, _ = _calibration(True, calibration, tokenizer, data_root)
+    return tokens
+
+
+def _scored_plan(model, tokenizer, spec, unit, num_layers, how):
+    """(plan, score history, search record) for a scored depth selection."""
     protected = resolve_protected(spec.protected, num_layers)
+    if unit == SUBBLOCK or (how["iterative"] and spec.name == "ppl"):
+        return _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how)
+    if how["params"] is not None:
+        raise ConfigError("--params applies to --unit subblock; use --remove or --ratio.")
+    count = _checked_count(unit, num_layers, protected, how["ratio"], how["remove"])
+    score_kwargs = dict(
+        calibration=how["calibration"],
+        data_root=how["data_root"],
+        progress=how["progress"],
+        **how["options"],
+    )
+    if how["iterative"]:
+        plan, history = _iterative_plan(
+            model, tokenizer, spec.name, unit, count, protected, score_kwargs
+        )
+        return plan, history, None
+    history = [how["scores"] or score_units(model, tokenizer, spec.name, unit, **score_kwargs)]
+    _check_reused(history[0], spec.name, unit)
+    return plan_from_scores(history[0], num_layers, count, protected), history, None
+
+
+def _checked_count(unit, num_layers, protected, ratio, remove) -> int:
     count = count_to_remove(num_layers, ratio=ratio, remove=remove)
     removable = num_layers - len(protected)
     if unit == "block":
@@ -255,23 +354,54 @@ def prune(
             f"Asked to remove {count} {unit} units but only {removable} of {num_layers} are "
             f"removable (protected: {list(protected)}; at least one block must remain)."
         )
-    params_before = count_parameters(model)
-    score_kwargs = dict(calibration=calibration, data_root=data_root, progress=progress, **options)
-    start = time.perf_counter()
-    if iterative:
-        plan, history = _iterative_plan(
-            model, tokenizer, spec.name, unit, count, protected, score_kwargs
+    return count
+
+
+def _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how):
+    if spec.name != "ppl":
+        raise ConfigError(
+            f"The greedy search ({unit}) scores by calibration PPL; criterion {spec.name!r} "
+            "cannot drive it (use ppl or ppl+)."
         )
-    else:
-        history = [scores or score_units(model, tokenizer, spec.name, unit, **score_kwargs)]
-        _check_reused(history[0], spec.name, unit)
-        plan = plan_from_scores(history[0], num_layers, count, protected)
-    scoring_seconds = time.perf_counter() - start
-    apply_plan(model, plan, adapter)
-    record = _record(model, plan, spec, history, iterative, params_before, scoring_seconds, source)
-    if out is not None:
-        save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
-    return PruneResult(model, plan, history, record, Path(out) if out else None)
+    if how["scores"] is not None:
+        raise ConfigError("Saved scores cannot drive a greedy search; drop --scores.")
+    adapter = adapter_for(model)
+    budget, by = search_budget(
+        model, adapter, unit, ratio=how["ratio"], remove=how["remove"], params=how["params"]
+    )
+    if by == "units":
+        budget = _checked_count(unit, num_layers, protected, how["ratio"], how["remove"])
+    tokens, calib_record = _calibration(True, how["calibration"], tokenizer, how["data_root"])
+    options = dict(how["options"])
+    batch_size = int(options.pop("batch_size", 8))
+    start = time.perf_counter()
+    units, state = run_search(
+        model.eval(),
+        adapter,
+        tokens,
+        unit,
+        protected,
+        budget,
+        by,
+        how["shortlist"],
+        batch_size,
+        how["progress"],
+    )
+    seconds = time.perf_counter() - start
+    search = search_record(state, unit, num_layers, how["shortlist"])
+    search["budget"] = {"value": budget, "counts": by}
+    history = [
+        ScoreResult(
+            spec.name,
+            kind,
+            tuple(values),
+            {"search": True, "batch_size": batch_size},
+            calib_record,
+            seconds,
+        )
+        for kind, values in search["first_step_scores"].items()
+    ]
+    return Plan.of_units(num_layers, units, protected), history, search
 
 
 def _prune_experts(model, tokenizer, criterion, amount: tuple, run: dict) -> PruneResult:
@@ -340,6 +470,7 @@ def versions() -> dict[str, str]:
 def _record(
     model, plan, spec, history, iterative, params_before, seconds, source
 ) -> dict[str, Any]:
+    first = history[0] if history else None
     return {
         "secateurs_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -350,9 +481,9 @@ def _record(
             "name": spec.name,
             "protected": list(plan.protected),
             "iterative": iterative,
-            "options": history[0].options,
+            "options": first.options if first else {},
         },
-        "calibration": history[0].calibration,
+        "calibration": first.calibration if first else None,
         "scores": [s.to_dict() for s in history],
         "parameters": {"before": params_before, "after": count_parameters(model)},
         "timings": {"scoring_s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)},

@@ -17,6 +17,7 @@ from secateurs.commands.common import (
     check_data_needs,
     criterion_options,
 )
+from secateurs.defaults import DEFAULT_SHORTLIST, HEAL_SAMPLES, HEAL_TARGETS
 from secateurs.errors import ConfigError
 from secateurs.targets import TARGETS, width_constraints
 
@@ -95,6 +96,48 @@ def _report_experts(result) -> int:
     return 0
 
 
+def _shortlist(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"--shortlist takes a count or 'all', not {text!r}"
+        ) from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--shortlist must be >= 0; got {value}")
+    return value
+
+
+def add_selection_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("explicit depth selection (no scoring)")
+    group.add_argument("--blocks", help="remove these blocks, e.g. 12,13,14,16,17,18")
+    group.add_argument("--attn", help="remove these layers' attention branches")
+    group.add_argument("--mlp", help="remove these layers' MLP branches")
+    group.add_argument("--plan", type=Path, help="a plan JSON (or another run's secateurs.json)")
+
+
+def depth_extras(args: argparse.Namespace) -> dict:
+    """Depth-only API arguments (explicit selection, sub-block budget, search, healing)."""
+    from secateurs.width_api import WIDTH_UNITS
+
+    if args.unit in WIDTH_UNITS or args.unit == "experts":
+        return {}
+    return dict(
+        blocks=args.blocks,
+        attn=args.attn,
+        mlp=args.mlp,
+        plan=args.plan,
+        params=args.params,
+        shortlist=args.shortlist,
+        heal=args.heal,
+        heal_samples=args.heal_samples,
+        heal_bias=args.heal_bias,
+        heal_target=args.heal_target,
+    )
+
+
 @register
 class Prune(Command):
     path = ("prune",)
@@ -112,9 +155,45 @@ class Prune(Command):
             "experts: fraction of the routed experts",
         )
         amount.add_argument(
-            "--remove", type=int, help="number of units to remove (experts: per MoE layer)"
+            "--remove",
+            type=int,
+            help="number of units to remove (experts: per MoE layer; --unit subblock: that many "
+            "blocks' parameters)",
+        )
+        amount.add_argument(
+            "--params", type=int, help="--unit subblock: parameters to remove (attn/MLP branches)"
         )
         parser.add_argument("--iterative", action="store_true", help="re-score after each removal")
+        parser.add_argument(
+            "--shortlist",
+            type=_shortlist,
+            default=DEFAULT_SHORTLIST,
+            help="greedy ppl search: candidates re-scored per step after the first "
+            f"(default {DEFAULT_SHORTLIST}; 'all' = exact greedy)",
+        )
+        parser.add_argument(
+            "--heal",
+            action="store_true",
+            help="fit a least-squares correction of removed blocks into the preceding down_proj",
+        )
+        parser.add_argument(
+            "--heal-samples",
+            type=int,
+            default=HEAL_SAMPLES,
+            help=f"calibration windows for --heal (default {HEAL_SAMPLES})",
+        )
+        parser.add_argument(
+            "--heal-bias",
+            action="store_true",
+            help="--heal also fits a down_proj bias (turns on LLaMA's mlp_bias)",
+        )
+        parser.add_argument(
+            "--heal-target",
+            default="local",
+            choices=HEAL_TARGETS,
+            help="local: the removed run's own contribution; dense: the dense model's stream",
+        )
+        add_selection_args(parser)
         parser.add_argument("--scores", type=Path, help="reuse scores saved by 'secateurs score'")
         parser.add_argument("--out", type=Path, required=True, help="output directory")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -130,8 +209,12 @@ class Prune(Command):
         from secateurs.outputs import check_disk_space
         from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers
 
-        if args.ratio is None and args.remove is None:
-            raise ConfigError("Say how much to remove: --ratio R or --remove N.")
+        explicit = any(x is not None for x in (args.blocks, args.attn, args.mlp, args.plan))
+        if args.ratio is None and args.remove is None and args.params is None and not explicit:
+            raise ConfigError(
+                "Say what to remove: --ratio R, --remove N, --params P, or an explicit "
+                "--blocks/--attn/--mlp/--plan."
+            )
         if args.target is not None and args.unit not in WIDTH_UNITS:
             raise ConfigError("--target constrains width pruning (--unit heads|channels|width).")
         if args.unit in WIDTH_UNITS:  # validate width options before loading anything
@@ -199,6 +282,7 @@ class Prune(Command):
             source=str(args.model),
             batch_size=args.batch_size,
             **width,
+            **depth_extras(args),
             **criterion_options(args),
         )
         if args.unit in WIDTH_UNITS:
@@ -206,7 +290,7 @@ class Prune(Command):
         if args.unit == "experts":
             return _report_experts(result)
         params = result.record["parameters"]
-        removed = ", ".join(f"{kind} {layer}" for layer, kind in result.plan.units)
+        removed = ", ".join(f"{kind} {layer}" for layer, kind in result.plan.units) or "nothing"
         print(f"removed: {removed}")
         print(
             f"parameters: {params['before']:,} -> {params['after']:,} "

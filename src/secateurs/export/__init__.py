@@ -191,14 +191,25 @@ def engines_for(layout: Layout) -> dict[str, Any]:
     return kinds
 
 
-def engines_for_model(model: PreTrainedModel, plain: bool) -> dict[str, Any]:
+def engines_for_model(model: PreTrainedModel, plain: bool | None = None) -> dict[str, Any]:
     """``engines_for`` a model in memory (what ``save_checkpoint`` records); ``plain``: its
-    config alone describes every shape."""
+    config alone describes every shape (found from the model if not given)."""
     try:
+        if plain is None:
+            plain = _describes_every_shape(model)
         layers = layer_shapes(model) if model.config.model_type in LLAMA_FAMILY else ()
     except SecateursError as err:  # no adapter for this family
         return {"error": str(err)}
     return engines_for(Layout(model.config.to_dict(), layers, plain))
+
+
+def _describes_every_shape(model: PreTrainedModel) -> bool:
+    from secateurs.checkpoint import width_structure
+    from secateurs.experts import expert_structure
+    from secateurs.surgery import skipped_branches
+
+    structure = (skipped_branches(model), width_structure(model), expert_structure(model))
+    return not any(structure)
 
 
 __all__ = ["EXPORTS", "ExportFormat", "check_export", "engines_for", "engines_for_model", "export"]

@@ -1,0 +1,298 @@
+"""Fast (layer-wise) depth scoring, greedy search, sub-block search, explicit plans, healing."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from secateurs.adapters import adapter_for
+from secateurs.api import prune
+from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.depth_api import explicit_plan, merge_branches
+from secateurs.depth_search import greedy_search, unit_params
+from secateurs.errors import ConfigError
+from secateurs.healing import fit_correction, heal_plan, runs_of
+from secateurs.layerwise import LayerRunner
+from secateurs.plan import Plan
+from secateurs.surgery import apply_plan
+from secateurs.units import Unit, masked
+from tiny_models import LAYERS, TINY_CONFIGS, tiny_model, tokens
+
+REMOVED = (Unit(2, "block"), Unit(4, "mlp"), Unit(1, "attn"))
+
+
+def ppl_scores(model, unit, removed, path, batch=5):
+    ctx = ScoringContext(
+        model, adapter_for(model), tokens(batch=batch, length=12), 2, removed, False
+    )
+    return CRITERIA.get("ppl")(path=path, batch_size=2).score(ctx, unit)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_fast_ppl_equals_masked_whole_model(model_type):
+    model = tiny_model(model_type)
+    for unit in ("block", "attn", "mlp"):
+        for removed in ((), REMOVED):
+            fast = ppl_scores(model, unit, removed, "fast")
+            reference = ppl_scores(model, unit, removed, "masked")
+            assert torch.equal(torch.isinf(fast), torch.isinf(reference))
+            live = torch.isfinite(reference)
+            torch.testing.assert_close(fast[live], reference[live], rtol=1e-5, atol=0)
+            assert reference[live].std() > 0  # the units differ, so equality means something
+
+
+def masked_nll(model, ids, units):
+    with masked(model, adapter_for(model), units), torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    return float(
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
+    )
+
+
+def test_runner_capture_from_a_layer_equals_full_capture():
+    model = tiny_model("gemma2")  # per-layer sliding-window masks
+    runner = LayerRunner(model, adapter_for(model), tokens(batch=3, length=10), batch_size=2)
+    runner.capture(())
+    runner.capture(REMOVED[:1], start=2)
+    partial = [t.clone() for t in runner.inputs]
+    runner.capture(REMOVED[:1])
+    for a, b in zip(partial, runner.inputs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def brute_force_greedy(model, ids, candidates, count):
+    removed = []
+    for _ in range(count):
+        live = [c for c in candidates if c not in removed]
+        removed.append(min(live, key=lambda c: (masked_nll(model, ids, [*removed, c]), c)))
+    return removed
+
+
+def test_exact_greedy_search_matches_brute_force():
+    model, ids = tiny_model("qwen2"), tokens(batch=4, length=12)
+    candidates = [Unit(i, "block") for i in range(LAYERS)]
+    runner = LayerRunner(model, adapter_for(model), ids, batch_size=3)
+    state = greedy_search(runner, candidates, {u: 1 for u in candidates}, 3, shortlist=None)
+    assert state.removed == brute_force_greedy(model, ids, candidates, 3)
+    assert math.isclose(state.base, masked_nll(model, ids, state.removed), rel_tol=1e-5)
+
+
+def test_shortlist_rescoring_counts():
+    model, ids = tiny_model("llama"), tokens(batch=4, length=12)
+    candidates = [Unit(i, "block") for i in range(1, LAYERS)]
+    runner = LayerRunner(model, adapter_for(model), ids)
+    state = greedy_search(runner, candidates, {u: 1 for u in candidates}, 3, shortlist=2)
+    assert [len(step["nll"]) for step in state.steps] == [5, 2, 2]
+    assert len(set(state.removed)) == 3 and all(u.layer >= 1 for u in state.removed)
+
+
+def test_subblock_search_meets_parameter_budget_and_equals_masked(tmp_path):
+    model, ids = tiny_model("llama"), tokens(batch=4, length=12)
+    original, adapter = copy.deepcopy(model), adapter_for(model)
+    block = unit_params(model, adapter, Unit(0, "block"))
+    result = prune(
+        model,
+        None,
+        criterion="ppl",
+        unit="subblock",
+        remove=2,
+        calibration=ids,
+        progress=False,
+        out=tmp_path / "out",
+    )
+    removed = result.record["parameters"]["before"] - result.record["parameters"]["after"]
+    smallest = min(unit_params(original, adapter, Unit(0, k)) for k in ("attn", "mlp"))
+    assert abs(removed - 2 * block) <= smallest // 2
+    assert result.record["search"]["budget"]["counts"] == "parameters"
+    plain = not (result.plan.attn or result.plan.mlp)
+    assert result.record["engines"]["hf"]["expressible"] is plain
+    x = tokens()
+    with masked(original, adapter, result.plan.units), torch.no_grad():
+        expected = original(x).logits
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_merge_branches_makes_blocks():
+    units = [Unit(3, "attn"), Unit(1, "mlp"), Unit(3, "mlp"), Unit(2, "block")]
+    assert merge_branches(units) == [Unit(1, "mlp"), Unit(2, "block"), Unit(3, "block")]
+
+
+def test_explicit_selection_needs_no_scoring(tmp_path):
+    model = tiny_model("llama")
+    result = prune(model, None, blocks="1,3", mlp="4", out=tmp_path / "a", progress=False)
+    assert result.plan == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
+    assert result.record["criterion"]["name"] == "explicit" and result.record["scores"] == []
+    again = explicit_plan(LAYERS, plan=tmp_path / "a" / "secateurs.json")
+    assert again == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
+    (tmp_path / "p.json").write_text(json.dumps({"num_layers": LAYERS, "attn": [2]}))
+    assert explicit_plan(LAYERS, plan=tmp_path / "p.json") == Plan(LAYERS, attn=(2,))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(blocks="1", remove=2), dict(blocks="1", plan={"blocks": [2]}), dict(blocks="1,x")],
+)
+def test_explicit_selection_bad_input(kwargs):
+    with pytest.raises(ConfigError):
+        prune(tiny_model("llama"), None, progress=False, **kwargs)
+
+
+def test_runs_of_consecutive_blocks():
+    assert runs_of((4, 5, 7, 12, 13, 14)) == [(4, 5), (7, 7), (12, 14)]
+
+
+def test_fit_correction_recovers_an_exact_linear_map():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=generator, dtype=torch.float64)
+    true = torch.randn(8, 16, generator=generator, dtype=torch.float64)
+    delta = fit_correction(x.T @ x, x.T @ (x @ true.T), damp=0.0)
+    torch.testing.assert_close(delta, true)
+
+
+def test_healing_reproduces_an_exactly_linear_removed_block():
+    """Block 2 adds M·x where x is block 1's down_proj input: healing must absorb it exactly."""
+    model, ids = tiny_model("llama"), tokens(batch=8, length=16)  # 128 tokens > 64 channels
+    adapter, layers = adapter_for(model), adapter_for(model).layers(model)
+    seen = {}
+    layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    linear = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)) * 0.1
+    layers[2].forward = lambda hidden, *a, **k: hidden + seen["x"] @ linear.T
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    report = heal_plan(model, adapter, Plan(LAYERS, blocks=(2,)), ids, damp=0.0)
+    assert report["runs"][0]["error_after"] < 1e-8 * report["runs"][0]["error_before"]
+    del layers[2].forward
+    apply_plan(model, Plan(LAYERS, blocks=(2,)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("bias", "target"), [(False, "local"), (True, "local"), (False, "dense")])
+def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_path, bias, target):
+    model, ids = tiny_model("llama"), tokens(batch=4, length=12)
+    result = prune(
+        model,
+        None,
+        blocks="2,3,5",
+        heal=True,
+        heal_bias=bias,
+        calibration=ids,
+        out=tmp_path / "h",
+        progress=False,
+    )
+    runs = result.record["healing"]["runs"]
+    assert [r["blocks"] for r in runs] == [[2, 3], [5, 5]]
+    assert all(r["error_after"] <= r["error_before"] for r in runs)
+    assert runs[0]["error_after"] < runs[0]["error_before"]  # the fit does something
+    assert result.model.config.mlp_bias is bias
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, result.model(x).logits, rtol=0, atol=1e-5)
+        unhealed = apply_plan(tiny_model("llama"), result.plan)
+        assert not torch.allclose(unhealed(x).logits, result.model(x).logits, atol=1e-4)
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_depth_flags(model_dir, calibration_file, tmp_path, capsys):
+    from secateurs.cli import main
+
+    calib = ["--calibration", str(calibration_file), "--n-samples", "4", "--calib-seq-len", "16"]
+    assert (
+        main(
+            [
+                "prune",
+                str(model_dir),
+                "--blocks",
+                "2,3",
+                "--heal",
+                "--heal-samples",
+                "8",
+                *calib,
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    record = json.loads((tmp_path / "a" / "secateurs.json").read_text())
+    assert record["plan"]["blocks"] == [2, 3] and record["criterion"]["name"] == "explicit"
+    assert record["healing"]["runs"][0]["into_layer"] == 1
+    assert (
+        main(
+            [
+                "prune",
+                str(model_dir),
+                "--criterion",
+                "ppl",
+                "--iterative",
+                "--remove",
+                "2",
+                "--shortlist",
+                "1",
+                *calib,
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
+    search = json.loads((tmp_path / "b" / "secateurs.json").read_text())["search"]
+    assert search["scored_per_step"] == [LAYERS, 1] and search["shortlist"] == 1
+    assert (
+        main(
+            [
+                "prune",
+                str(model_dir),
+                "--unit",
+                "subblock",
+                "--criterion",
+                "ppl",
+                "--params",
+                "3000",
+                *calib,
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
+    record = json.loads((tmp_path / "c" / "secateurs.json").read_text())
+    assert record["search"]["budget"] == {"value": 3000, "counts": "parameters"}
+    code = main(
+        ["prune", str(model_dir), "--blocks", "1", "--remove", "2", "--out", str(tmp_path / "d")]
+    )
+    assert code != 0 and "explicit" in capsys.readouterr().err
+
+
+def test_search_records_first_step_scores_for_plots():
+    model, ids = tiny_model("llama"), tokens(batch=4, length=12)
+    result = prune(
+        model,
+        None,
+        criterion="ppl",
+        iterative=True,
+        remove=2,
+        protect="0,-1",
+        calibration=ids,
+        progress=False,
+    )
+    (scores,) = result.scores
+    assert scores.unit == "block" and len(scores.values) == LAYERS
+    assert math.isinf(scores.values[0]) and math.isinf(scores.values[-1])
+    assert all(math.isfinite(v) for v in scores.values[1:-1])
+    steps = result.record["search"]["steps"]
+    assert [len(s["nll"]) for s in steps] == [LAYERS - 2, 3]
