@@ -182,6 +182,7 @@ def test_unsupported_adapter_and_compensation_are_clear_errors():
             unit="width",
             ratio=0.2,
             calibration=CALIB,
+            reconstruct=False,
         )
 
 
@@ -205,6 +206,7 @@ def test_compensation_applies_to_any_criterion_and_matches_mean_replacement():
         criterion="magnitude",
         ratio=0.1,
         compensate=True,
+        reconstruct=False,
         progress=False,
         calibration=calib,
     )

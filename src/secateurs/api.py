@@ -194,6 +194,9 @@ def prune(
     uniform_widths: bool = False,
     include_embeddings: bool = False,
     compensate: bool | None = None,
+    reconstruct: bool | None = None,
+    reconstruct_damping: float = 0.01,
+    reconstruct_samples: int = 64,
     **options: Any,
 ) -> PruneResult:
     """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.
@@ -221,6 +224,9 @@ def prune(
             uniform_widths,
             include_embeddings,
             compensate,
+            reconstruct,
+            reconstruct_damping,
+            reconstruct_samples,
         )
         width = prune_width(
             model,

@@ -44,6 +44,18 @@ def add_width_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="fold removed units' mean output into the bias (FLAP); default: the criterion's",
     )
+    group.add_argument(
+        "--reconstruct",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="re-fit kept output-projection columns by damped least squares (default: on)",
+    )
+    group.add_argument(
+        "--reconstruct-damping", type=float, default=0.01, help="ridge λ / mean diag of the Gram"
+    )
+    group.add_argument(
+        "--reconstruct-samples", type=int, default=64, help="calibration windows for the fit"
+    )
 
 
 def _report_width(result) -> int:
@@ -98,6 +110,9 @@ class Prune(Command):
                 args.max_ratio,
                 args.round_to,
                 args.uniform_widths,
+                reconstruct=args.reconstruct,
+                reconstruct_damping=args.reconstruct_damping,
+                reconstruct_samples=args.reconstruct_samples,
             )
         check_output_dir(args.out, args.overwrite)  # before loading or scoring anything
         scores = ScoreResult.from_dict(json.loads(args.scores.read_text())) if args.scores else None
@@ -113,6 +128,9 @@ class Prune(Command):
                 uniform_widths=args.uniform_widths,
                 include_embeddings=args.include_embeddings,
                 compensate=args.compensate,
+                reconstruct=args.reconstruct,
+                reconstruct_damping=args.reconstruct_damping,
+                reconstruct_samples=args.reconstruct_samples,
             )
         result = prune(
             model,
