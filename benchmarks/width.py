@@ -149,7 +149,8 @@ def prune_copy(dense, scored: dict, criterion: str, setting: dict, fit_tokens, a
     where the criterion has it by default (fluctuation)."""
     model = copy.deepcopy(dense)
     adapter = adapter_for(model)
-    opts = WidthOptions("width", reconstruct_damping=args.damping, **setting)
+    compensate = False if args.no_intercept else None
+    opts = WidthOptions("width", reconstruct_damping=args.damping, compensate=compensate, **setting)
     target = round(opts.ratio * parameter_base(model, False))
     scorer = CRITERIA.get(criterion)()
     layers = opts.layer_range(adapter.num_layers(model))
@@ -261,7 +262,8 @@ def save(results: dict, args, final: bool = False) -> None:
         "parameters, no retraining. PPL: WikiText-2 test / PTB, 128-token windows, no BOS, "
         "the first `windows` windows (0 = the full test set). Calibration: scoring "
         f"{args.n_samples} C4 windows × 128 tokens, reconstruction {args.fit_samples} windows, "
-        f"seed {args.seed}; damping {args.damping}. Scoring time and peak RSS (kernel high-water "
+        f"seed {args.seed}; damping {args.damping}"
+        f"{', no intercept' if args.no_intercept else ''}. Scoring time and peak RSS (kernel high-water "
         "mark of the scoring phase) measured in a fresh process per criterion, one thread; "
         "× inference: against one plain inference pass over the same batches."
     )
@@ -285,6 +287,7 @@ def main() -> None:
     parser.add_argument("--fit-samples", type=int, default=64, help="reconstruction windows")
     parser.add_argument("--damping", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-intercept", action="store_true", help="fit weights only, no bias")
     parser.add_argument("--name", default="width", help="results file stem")
     parser.add_argument("--resume", action="store_true", help="reuse cached scores and rows")
     parser.add_argument(

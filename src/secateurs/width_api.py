@@ -33,6 +33,7 @@ from secateurs.data import CalibrationConfig
 from secateurs.errors import ConfigError
 from secateurs.plan import WidthPlan, check_scores
 from secateurs.reconstruct import prune_and_reconstruct
+from secateurs.sensitivity import layer_sensitivity
 from secateurs.width import (
     add_output_bias,
     check_compensation,
@@ -78,6 +79,9 @@ class WidthOptions:
     reconstruct: bool | None = None
     reconstruct_damping: float = 0.01
     reconstruct_samples: int = 64  # calibration windows for the fit (at least the scoring ones)
+    # Global allocation sized by per-layer sensitivity measured on the calibration loss
+    # (``secateurs.sensitivity``); None: on where calibration data can be had.
+    sensitivity: bool | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in WIDTH_UNITS:
@@ -164,7 +168,8 @@ def prune_width(
     from secateurs.api import _calibration  # the depth path's calibration loader
 
     compensating = _compensating(scorer, opts) and not opts.reconstructing
-    needs_data = scorer.needs_calibration or compensating or opts.reconstructing
+    sensing = opts.allocation == "global" and bool(opts.sensitivity)
+    needs_data = scorer.needs_calibration or compensating or opts.reconstructing or sensing
     tokens, calib_record = _calibration(needs_data, calibration, tokenizer, data_root)
     ctx = ScoringContext(model.eval(), adapter, tokens, batch_size, (), progress)
     start = time.perf_counter()
@@ -173,7 +178,8 @@ def prune_width(
         ensure_input_means(ctx, opts.kinds)
     seconds = time.perf_counter() - start
     target = round(opts.ratio * base)
-    plan = _plan(model, adapter, scores, opts, layers, target, scorer, compensating)
+    sensitivity = layer_sensitivity(ctx, scores, layers, opts.ratio) if sensing else None
+    plan = _plan(model, adapter, scores, opts, layers, target, scorer, compensating, sensitivity)
     if opts.reconstructing:
         fit = _calibration(True, _fit_calibration(calibration, opts), tokenizer, data_root)[0]
         reconstruction = reconstruct_plan(model, plan, fit, opts, adapter, progress)
@@ -184,6 +190,7 @@ def prune_width(
     record = _record(model, plan, scorer, opts, scores, calib_record, before, base, seconds, source)
     record["criterion"]["details"] = criterion_details(ctx.extras)
     record["reconstruction"] = reconstruction
+    record["layer_sensitivity"] = sensitivity
     if out is not None:
         save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
     return WidthResult(model, plan, record, Path(out) if out else None)
@@ -192,12 +199,12 @@ def prune_width(
 def _resolved(opts: WidthOptions, calibration: Any, tokenizer: Tokenizer | None) -> WidthOptions:
     """Resolve ``reconstruct=None``: on by default, off where no calibration can be had (a
     data-free criterion called without a tokenizer or calibration tensor)."""
-    if opts.reconstruct is not None:
-        return opts
     able = isinstance(calibration, torch.Tensor) or tokenizer is not None
-    if RECONSTRUCT_DEFAULT and not able:
-        log.info("no calibration data (no tokenizer, no tensor): pruning without reconstruction")
-    return replace(opts, reconstruct=RECONSTRUCT_DEFAULT and able)
+    if not able and None in (opts.reconstruct, opts.sensitivity):
+        log.info("no calibration data (no tokenizer, no tensor): no reconstruction/sensitivity")
+    reconstruct = RECONSTRUCT_DEFAULT and able if opts.reconstruct is None else opts.reconstruct
+    sensitivity = able if opts.sensitivity is None else opts.sensitivity
+    return replace(opts, reconstruct=reconstruct, sensitivity=sensitivity)
 
 
 def _checked_scorer(model, adapter: Adapter, criterion: str, opts: WidthOptions, options: dict):
@@ -262,7 +269,15 @@ def ensure_input_means(ctx: ScoringContext, kinds: tuple[str, ...]) -> None:
 
 
 def _plan(
-    model, adapter, scores, opts: WidthOptions, layers, target, scorer, compensate=None
+    model,
+    adapter,
+    scores,
+    opts: WidthOptions,
+    layers,
+    target,
+    scorer,
+    compensate=None,
+    sensitivity=None,
 ) -> WidthPlan:
     tables = []
     for kind, per_layer in scores.items():
@@ -271,7 +286,9 @@ def _plan(
         costs = tuple(unit_cost(model, adapter, i, kind) for i in range(len(per_layer)))
         tables.append(UnitTable(kind, tuple(per_layer), costs))
     bounds = Bounds(opts.min_ratio, opts.max_ratio, opts.round_to)
-    removed = allocate(tables, target, layers, opts.allocation, bounds, opts.uniform_widths)
+    removed = allocate(
+        tables, target, layers, opts.allocation, bounds, opts.uniform_widths, sensitivity
+    )
     n = len(tables[0].scores)
     empty: tuple[tuple[int, ...], ...] = tuple(() for _ in range(n))
     counts = {t.kind: tuple(len(v) for v in t.scores) for t in tables}
