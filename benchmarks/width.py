@@ -39,6 +39,7 @@ from secateurs.data import CalibrationConfig  # noqa: E402
 from secateurs.evaluate.efficiency import PeakMemory, _proc_status_kb  # noqa: E402
 from secateurs.evaluate.ppl import PPLProtocol, perplexity  # noqa: E402
 from secateurs.models import load_model  # noqa: E402
+from secateurs.sensitivity import layer_sensitivity  # noqa: E402
 from secateurs.width_api import (  # noqa: E402
     WidthOptions,
     _plan,
@@ -60,8 +61,13 @@ CRITERIA_NAMES = [
 KINDS = ("heads", "channels")
 SETTINGS = {
     "llm-pruner": dict(ratio=0.2709, layers=(4, 28), allocation="uniform"),
+    "global-27": dict(ratio=0.2709, allocation="global"),  # LLM-Pruner's count, all layers
     "global-20": dict(ratio=0.20, allocation="global"),
     "global-35": dict(ratio=0.35, allocation="global"),
+    # the same without the learned per-layer sensitivity (FLAP-standardised global ranking)
+    "global-27-plain": dict(ratio=0.2709, allocation="global", sensitivity=False),
+    "global-20-plain": dict(ratio=0.20, allocation="global", sensitivity=False),
+    "global-35-plain": dict(ratio=0.35, allocation="global", sensitivity=False),
 }
 CACHE = Path("/tmp/secateurs-width-bench")  # scores, reused across runs (--resume)
 
@@ -155,12 +161,34 @@ def prune_copy(dense, scored: dict, criterion: str, setting: dict, fit_tokens, a
     scorer = CRITERIA.get(criterion)()
     layers = opts.layer_range(adapter.num_layers(model))
     compensate = None if fit_tokens is None else False
-    plan = _plan(model, adapter, scored["scores"], opts, layers, target, scorer, compensate)
+    sensitivity = None
+    if opts.allocation == "global" and opts.sensitivity is not False:
+        sensitivity = sensitivity_of(dense, scored, opts, layers, args)
+    plan = _plan(
+        model, adapter, scored["scores"], opts, layers, target, scorer, compensate, sensitivity
+    )
     if fit_tokens is None:
         apply_width_plan(model, plan, adapter, scored["extras"].get("input_mean"))
         return model, 0.0
     record = reconstruct_plan(model, plan, fit_tokens, opts, adapter)
     return model, record["seconds"]
+
+
+def sensitivity_of(dense, scored: dict, opts: WidthOptions, layers, args) -> dict:
+    """Per-layer sensitivity on the scoring calibration (cached per score set and ratio)."""
+    key = (id(scored), opts.ratio)
+    if key not in SENSITIVITY:
+        tokens = scored.setdefault("tokens", None)
+        if tokens is None:
+            tokens = scored["tokens"] = calibration(args.tokenizer, args)
+        ctx = ScoringContext(dense, adapter_for(dense), tokens, 1, progress=False)
+        start = time.perf_counter()
+        SENSITIVITY[key] = layer_sensitivity(ctx, scored["scores"], layers, opts.ratio)
+        scored["sensitivity_s"] = round(time.perf_counter() - start, 1)
+    return SENSITIVITY[key]
+
+
+SENSITIVITY: dict = {}
 
 
 COLUMNS = [
@@ -174,6 +202,7 @@ COLUMNS = [
     ("windows", "windows"),
     ("scoring_s", "scoring s"),
     ("reconstruct_s", "reconstruct s"),
+    ("sensitivity_s", "sensitivity s"),
     ("peak_mb", "scoring peak MB"),
     ("vs_inference", "× inference"),
 ]
@@ -198,6 +227,7 @@ def run(args) -> None:
     torch.set_num_threads(1)
     CACHE.mkdir(parents=True, exist_ok=True)
     dense, tokenizer = load_model(args.model)
+    args.tokenizer = tokenizer
     base, dense_params = parameter_base(dense, False), count_parameters(dense)
     results = load_previous(args)
     rows = results["rows"]
@@ -229,6 +259,7 @@ def run(args) -> None:
                         "windows": args.max_windows,
                         "scoring_s": round(scored["seconds"], 1),
                         "reconstruct_s": round(seconds, 1),
+                        "sensitivity_s": scored.get("sensitivity_s", 0.0),
                         "peak_mb": round(scored["phase_peak_mb"]),
                         "vs_inference": round(scored["phase_peak_mb"] / reference_mb, 3),
                     }
@@ -263,8 +294,9 @@ def save(results: dict, args, final: bool = False) -> None:
         "the first `windows` windows (0 = the full test set). Calibration: scoring "
         f"{args.n_samples} C4 windows × 128 tokens, reconstruction {args.fit_samples} windows, "
         f"seed {args.seed}; damping {args.damping}"
-        f"{', no intercept' if args.no_intercept else ''}. Scoring time and peak RSS (kernel high-water "
-        "mark of the scoring phase) measured in a fresh process per criterion, one thread; "
+        f"{', no intercept' if args.no_intercept else ''}. Scoring time and peak RSS "
+        "(kernel high-water mark of the scoring phase) measured in a fresh process per "
+        "criterion, one thread; "
         "× inference: against one plain inference pass over the same batches."
     )
     rows = sorted(results["rows"], key=lambda r: (r["setting"], r["criterion"], r["reconstruct"]))
