@@ -157,3 +157,25 @@ def test_no_reconstruct_and_bad_damping():
         progress=False,
     )
     assert result.record["reconstruction"] == {"enabled": False}
+
+
+def test_reconstruction_is_on_by_default_where_calibration_can_be_had():
+    with_data = prune_width(
+        tiny_model("llama"),
+        None,
+        criterion="magnitude",
+        options=WidthOptions(ratio=0.3),
+        calibration=tokens(**CALIBRATION),
+        progress=False,
+    )
+    assert with_data.record["width"]["reconstruct"] is True
+    assert with_data.record["reconstruction"]["enabled"] is True
+    data_free = prune_width(
+        tiny_model("llama"),
+        None,
+        criterion="magnitude",
+        options=WidthOptions(ratio=0.3),
+        progress=False,
+    )
+    assert data_free.record["width"]["reconstruct"] is False
+    assert data_free.record["reconstruction"] == {"enabled": False}
