@@ -197,6 +197,7 @@ def prune(
     reconstruct: bool | None = None,
     reconstruct_damping: float = 0.01,
     reconstruct_samples: int = 64,
+    sensitivity: bool | None = None,
     **options: Any,
 ) -> PruneResult:
     """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.
@@ -227,6 +228,7 @@ def prune(
             reconstruct,
             reconstruct_damping,
             reconstruct_samples,
+            sensitivity,
         )
         width = prune_width(
             model,

@@ -51,6 +51,12 @@ def add_width_args(parser: argparse.ArgumentParser) -> None:
         help="re-fit kept output-projection columns by damped least squares (default: on)",
     )
     group.add_argument(
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="global allocation sized by per-layer loss sensitivity (default: on)",
+    )
+    group.add_argument(
         "--reconstruct-damping", type=float, default=0.01, help="ridge λ / mean diag of the Gram"
     )
     group.add_argument(
@@ -113,6 +119,7 @@ class Prune(Command):
                 reconstruct=args.reconstruct,
                 reconstruct_damping=args.reconstruct_damping,
                 reconstruct_samples=args.reconstruct_samples,
+                sensitivity=args.sensitivity,
             )
         check_output_dir(args.out, args.overwrite)  # before loading or scoring anything
         scores = ScoreResult.from_dict(json.loads(args.scores.read_text())) if args.scores else None
@@ -131,6 +138,7 @@ class Prune(Command):
                 reconstruct=args.reconstruct,
                 reconstruct_damping=args.reconstruct_damping,
                 reconstruct_samples=args.reconstruct_samples,
+                sensitivity=args.sensitivity,
             )
         result = prune(
             model,
