@@ -235,7 +235,7 @@ def test_sensitivity_allocation_spares_the_sensitive_layer_and_meets_the_target(
     counts = [len(r) for r in removed["channels"]]
     assert counts[0] < counts[3] < counts[1] == counts[2]
     assert abs(sum(counts) * 10 - target) <= 10
-    assert all(r == tuple(range(n)) for r, n in zip(removed["channels"], counts))  # lowest
+    assert all(r == tuple(range(n)) for r, n in zip(removed["channels"], counts, strict=True))
 
 
 def test_global_allocation_learns_to_spare_a_layer_that_matters():
