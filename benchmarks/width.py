@@ -232,7 +232,7 @@ def run(args) -> None:
     results = load_previous(args)
     rows = results["rows"]
     done = {(r["setting"], r["criterion"], r["reconstruct"], r["windows"]) for r in rows}
-    if ("dense", "–", False, args.max_windows) not in done:
+    if not args.skip_dense and ("dense", "–", False, args.max_windows) not in done:
         rows.append(dense_row(dense, dense_params, tokenizer, args))
         save(results, args)
     fit = calibration(tokenizer, args, args.fit_samples)
@@ -322,6 +322,7 @@ def main() -> None:
     parser.add_argument("--no-intercept", action="store_true", help="fit weights only, no bias")
     parser.add_argument("--name", default="width", help="results file stem")
     parser.add_argument("--resume", action="store_true", help="reuse cached scores and rows")
+    parser.add_argument("--skip-dense", action="store_true", help="no dense row (known already)")
     parser.add_argument(
         "--criterion-options", default="{}", help='JSON per criterion, e.g. {"mini-llm": {...}}'
     )
