@@ -27,6 +27,7 @@ A ((in+1)²), S (out²) and G per layer, float32.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,8 @@ from secateurs.criteria.base import Criterion, ScoringContext, calibration_loss
 from secateurs.errors import ConfigError
 from secateurs.units import masked
 from secateurs.width import output_weight_columns
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class Influence(Criterion):
         intercept = self.intercept
         if intercept is None:
             intercept = can_add_intercept(ctx.model, ctx.adapter, kind)
+        _warn_if_underdetermined(curvature, kind)
         scores = []
         for (module, columns), f in zip(projections, curvature, strict=True):
             weight = output_weight_columns(module, conv1d).detach().to(torch.float64)
@@ -87,6 +91,20 @@ class Influence(Criterion):
             change = removal_loss_change(weight, columns, a, s, self.damping, g)
             scores.append(change.cpu())
         return scores
+
+
+def _warn_if_underdetermined(curvature: list[_Curvature], kind: str) -> None:
+    # With fewer tokens than inputs, any column is reproduced in-sample by the others, so the
+    # predicted compensation is over-optimistic (damping alone decides the scores).
+    tokens, inputs = curvature[0].tokens, curvature[0].inputs.shape[0]
+    if tokens < 2 * inputs:
+        log.warning(
+            "influence (%s): %d calibration tokens for %d inputs per projection; the predicted "
+            "re-fit is optimistic below ~2x as many tokens (use more calibration samples)",
+            kind,
+            tokens,
+            inputs,
+        )
 
 
 def removal_loss_change(
