@@ -161,34 +161,32 @@ def prune_copy(dense, scored: dict, criterion: str, setting: dict, fit_tokens, a
     scorer = CRITERIA.get(criterion)()
     layers = opts.layer_range(adapter.num_layers(model))
     compensate = None if fit_tokens is None else False
-    sensitivity = None
+    sensitivity, sensing_s = None, 0.0
     if opts.allocation == "global" and opts.sensitivity is not False:
-        sensitivity = sensitivity_of(dense, scored, opts, layers, args)
+        sensitivity, sensing_s = sensitivity_of(dense, scored, opts, layers, args)
     plan = _plan(
         model, adapter, scored["scores"], opts, layers, target, scorer, compensate, sensitivity
     )
     if fit_tokens is None:
         apply_width_plan(model, plan, adapter, scored["extras"].get("input_mean"))
-        return model, 0.0
+        return model, 0.0, sensing_s
     record = reconstruct_plan(model, plan, fit_tokens, opts, adapter)
-    return model, record["seconds"]
+    return model, record["seconds"], sensing_s
 
 
-def sensitivity_of(dense, scored: dict, opts: WidthOptions, layers, args) -> dict:
-    """Per-layer sensitivity on the scoring calibration (cached per score set and ratio)."""
-    key = (id(scored), opts.ratio)
-    if key not in SENSITIVITY:
-        tokens = scored.setdefault("tokens", None)
-        if tokens is None:
-            tokens = scored["tokens"] = calibration(args.tokenizer, args)
+def sensitivity_of(dense, scored: dict, opts: WidthOptions, layers, args) -> tuple[dict, float]:
+    """Per-layer sensitivity on the scoring calibration and its seconds (cached on disk per
+    score file and ratio)."""
+    out = CACHE / f"sensitivity-{scored['file']}-{opts.ratio}-{layers[0]}-{layers[-1]}.json"
+    if not out.exists():
+        tokens = calibration(args.tokenizer, args)
         ctx = ScoringContext(dense, adapter_for(dense), tokens, 1, progress=False)
         start = time.perf_counter()
-        SENSITIVITY[key] = layer_sensitivity(ctx, scored["scores"], layers, opts.ratio)
-        scored["sensitivity_s"] = round(time.perf_counter() - start, 1)
-    return SENSITIVITY[key]
-
-
-SENSITIVITY: dict = {}
+        values = layer_sensitivity(ctx, scored["scores"], layers, opts.ratio)
+        seconds = round(time.perf_counter() - start, 1)
+        out.write_text(json.dumps({"values": values, "seconds": seconds}))
+    cached = json.loads(out.read_text())
+    return cached["values"], cached["seconds"]
 
 
 COLUMNS = [
@@ -213,7 +211,7 @@ def scored_in_child(args, name: str) -> dict:
     out = CACHE / f"{name}-{args.n_samples}-{hashlib.sha1(options.encode()).hexdigest()[:8]}.pt"
     if not (args.resume and out.exists()):
         child(args, "--score-one", name, out, options)
-    return torch.load(out, weights_only=False)
+    return {**torch.load(out, weights_only=False), "file": out.stem}
 
 
 def reference_peak(args) -> float:
@@ -244,7 +242,7 @@ def run(args) -> None:
             for recon in (r == "on" for r in args.reconstruct.split(",")):
                 if (setting, name, recon, args.max_windows) in done:
                     continue
-                model, seconds = prune_copy(
+                model, seconds, sensing_s = prune_copy(
                     dense, scored, name, SETTINGS[setting], fit if recon else None, args
                 )
                 params = count_parameters(model)
@@ -259,7 +257,7 @@ def run(args) -> None:
                         "windows": args.max_windows,
                         "scoring_s": round(scored["seconds"], 1),
                         "reconstruct_s": round(seconds, 1),
-                        "sensitivity_s": scored.get("sensitivity_s", 0.0),
+                        "sensitivity_s": sensing_s,
                         "peak_mb": round(scored["phase_peak_mb"]),
                         "vs_inference": round(scored["phase_peak_mb"] / reference_mb, 3),
                     }
