@@ -1,157 +1,338 @@
-"""Width vs depth at the same parameter budget on SmolLM2-135M.
+"""Width pruning on SmolLM2-135M: every criterion, with and without reconstruction.
 
-Every width criterion × {uniform, global} allocation prunes ``--ratio`` of the non-embedding
-parameters; the depth baseline removes the number of blocks (``ppl+``) closest to the same
-count. Each method runs in a fresh process (peak RSS is that process's), then WikiText-2 / PTB
-perplexity is measured with the recorded protocol.
+Settings (``--settings``): ``llm-pruner`` is LLM-Pruner's configuration (27.09% of the
+non-embedding parameters, layers 4..27 only, uniform allocation: one of 3 KV groups and 523 of
+1536 channels per layer); ``global-20`` / ``global-35`` prune 20% / 35% over all layers with
+global allocation; ``sensitive-*`` the same with the learned per-layer sensitivity.
+
+Every criterion scores heads and channels once, in a fresh process whose peak RSS is its own
+(a fresh process running one plain inference pass over the same calibration batches is the
+memory reference); each score set is then allocated, cut from a copy of the dense model, with
+or without reconstruction, and evaluated without retraining. Rows are appended to the JSON as
+they finish, so a long run can be read (and resumed with ``--resume``) before it ends.
 
     python benchmarks/width.py --max-windows 64
+    python benchmarks/width.py --criteria fluctuation --settings llm-pruner --max-windows 0
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
-import subprocess
 import sys
-import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import markdown_table, run_measured, write_results  # noqa: E402
+import torch
 
-WIDTH_CRITERIA = ("magnitude", "activation", "taylor", "fluctuation")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import RESULTS, markdown_table, run_measured, write_results  # noqa: E402
+
+from secateurs.adapters import adapter_for  # noqa: E402
+from secateurs.api import count_parameters  # noqa: E402
+from secateurs.criteria import CRITERIA, ScoringContext  # noqa: E402
+from secateurs.data import CalibrationConfig  # noqa: E402
+from secateurs.evaluate.efficiency import PeakMemory, _proc_status_kb  # noqa: E402
+from secateurs.evaluate.ppl import PPLProtocol, perplexity  # noqa: E402
+from secateurs.models import load_model  # noqa: E402
+from secateurs.sensitivity import layer_sensitivity  # noqa: E402
+from secateurs.width_api import (  # noqa: E402
+    WidthOptions,
+    _plan,
+    apply_width_plan,
+    ensure_input_means,
+    parameter_base,
+    reconstruct_plan,
+)
+
+CRITERIA_NAMES = [
+    "magnitude",
+    "activation",
+    "taylor",
+    "fluctuation",
+    "mini-llm",
+    "hywia",
+    "influence",
+]
+KINDS = ("heads", "channels")
+SETTINGS = {
+    "llm-pruner": dict(ratio=0.2709, layers=(4, 28), allocation="uniform"),
+    "global-27": dict(ratio=0.2709, allocation="global"),  # LLM-Pruner's count, all layers
+    "global-20": dict(ratio=0.20, allocation="global"),
+    "global-35": dict(ratio=0.35, allocation="global"),
+    # the same without the learned per-layer sensitivity (FLAP-standardised global ranking)
+    "global-27-plain": dict(ratio=0.2709, allocation="global", sensitivity=False),
+    "global-20-plain": dict(ratio=0.20, allocation="global", sensitivity=False),
+    "global-35-plain": dict(ratio=0.35, allocation="global", sensitivity=False),
+}
+CACHE = Path("/tmp/secateurs-width-bench")  # scores, reused across runs (--resume)
+
+
+def calibration(tokenizer, args, n_samples: int | None = None) -> torch.Tensor:
+    config = CalibrationConfig("c4", n_samples or args.n_samples, 128, args.seed)
+    return config.load(tokenizer)
+
+
+@contextmanager
+def phase_peak(result: dict):
+    """Peak resident memory (MB) of the block alone: the kernel's high-water mark, reset at its
+    start (so model loading, whose transient copies can exceed any later phase, is excluded)."""
+    with PeakMemory(torch.device("cpu")).track():
+        yield
+    result["phase_peak_mb"] = _proc_status_kb("VmHWM") / 1024
+
+
+def score_one(args) -> None:
+    """Child process: score with one criterion and save the scores (no evaluation here)."""
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(args.model)
+    ctx = ScoringContext(model, adapter_for(model), calibration(tokenizer, args), 1, progress=False)
+    scorer = CRITERIA.get(args.score_one)(**json.loads(args.criterion_options))
+    memory: dict = {}
+    start = time.perf_counter()
+    with phase_peak(memory):
+        scores = {kind: scorer.score_width(ctx, kind) for kind in KINDS}
+    seconds = time.perf_counter() - start
+    ensure_input_means(ctx, KINDS)  # for FLAP's compensation; not part of scoring
+    extras = {k: v for k, v in ctx.extras.items() if k == "input_mean"}
+    torch.save({"scores": scores, "seconds": seconds, "extras": extras, **memory}, args.out)
+
+
+@torch.no_grad()
+def inference_one(args) -> None:
+    """Child process: the memory reference, one plain forward per calibration batch."""
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(args.model)
+    batches = calibration(tokenizer, args).split(1)
+    memory: dict = {}
+    with phase_peak(memory):
+        for batch in batches:
+            model(input_ids=batch, use_cache=False)
+    torch.save(memory, args.out)
+
+
+# glibc raises its mmap threshold as large buffers are freed, after which freed memory stays in
+# the heap and RSS counts allocator caching, not live data. Pinning the threshold in every
+# measured process, reference included, makes the peak reflect what the code holds.
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+
+
+def child(args, flag: str, value: str, out: Path, options: str = "{}") -> tuple[float, float]:
+    command = [
+        sys.executable,
+        __file__,
+        flag,
+        value,
+        "--out",
+        str(out),
+        "--model",
+        args.model,
+        "--n-samples",
+        str(args.n_samples),
+        "--seed",
+        str(args.seed),
+        "--criterion-options",
+        options,
+    ]
+    return run_measured(command, MEASURE_ENV)
+
+
+def evaluate(model, tokenizer, args) -> dict[str, float]:
+    windows = args.max_windows or None
+    protocol = lambda name: PPLProtocol(name, bos="none", max_windows=windows)  # noqa: E731
+    return {
+        n: perplexity(model, tokenizer, protocol(n), progress=False).ppl
+        for n in ("wikitext2", "ptb")
+    }
+
+
+def prune_copy(dense, scored: dict, criterion: str, setting: dict, fit_tokens, args):
+    """A pruned copy of ``dense``; with ``fit_tokens`` reconstructed, else FLAP's compensation
+    where the criterion has it by default (fluctuation)."""
+    model = copy.deepcopy(dense)
+    adapter = adapter_for(model)
+    compensate = False if args.no_intercept else None
+    opts = WidthOptions("width", reconstruct_damping=args.damping, compensate=compensate, **setting)
+    target = round(opts.ratio * parameter_base(model, False))
+    scorer = CRITERIA.get(criterion)()
+    layers = opts.layer_range(adapter.num_layers(model))
+    compensate = None if fit_tokens is None else False
+    sensitivity, sensing_s = None, 0.0
+    if opts.allocation == "global" and opts.sensitivity is not False:
+        sensitivity, sensing_s = sensitivity_of(dense, scored, opts, layers, args)
+    plan = _plan(
+        model, adapter, scored["scores"], opts, layers, target, scorer, compensate, sensitivity
+    )
+    if fit_tokens is None:
+        apply_width_plan(model, plan, adapter, scored["extras"].get("input_mean"))
+        return model, 0.0, sensing_s
+    record = reconstruct_plan(model, plan, fit_tokens, opts, adapter)
+    return model, record["seconds"], sensing_s
+
+
+def sensitivity_of(dense, scored: dict, opts: WidthOptions, layers, args) -> tuple[dict, float]:
+    """Per-layer sensitivity on the scoring calibration and its seconds (cached on disk per
+    score file and ratio)."""
+    out = CACHE / f"sensitivity-{scored['file']}-{opts.ratio}-{layers[0]}-{layers[-1]}.json"
+    if not out.exists():
+        tokens = calibration(args.tokenizer, args)
+        ctx = ScoringContext(dense, adapter_for(dense), tokens, 1, progress=False)
+        start = time.perf_counter()
+        values = layer_sensitivity(ctx, scored["scores"], layers, opts.ratio)
+        seconds = round(time.perf_counter() - start, 1)
+        out.write_text(json.dumps({"values": values, "seconds": seconds}))
+    cached = json.loads(out.read_text())
+    return cached["values"], cached["seconds"]
+
+
 COLUMNS = [
-    ("method", "method"),
-    ("allocation", "allocation"),
-    ("wikitext2", "WikiText-2 PPL"),
-    ("ptb", "PTB PPL"),
+    ("setting", "setting"),
+    ("criterion", "criterion"),
+    ("reconstruct", "reconstruct"),
+    ("achieved", "removed"),
     ("params", "params"),
-    ("achieved_ratio", "removed (non-emb.)"),
+    ("wikitext2", "WikiText-2"),
+    ("ptb", "PTB"),
+    ("windows", "windows"),
     ("scoring_s", "scoring s"),
-    ("peak_rss_mb", "peak RSS MB"),
+    ("reconstruct_s", "reconstruct s"),
+    ("sensitivity_s", "sensitivity s"),
+    ("peak_mb", "scoring peak MB"),
+    ("vs_inference", "× inference"),
 ]
 
 
-def one(spec: dict, out: Path) -> None:
-    """Prune and evaluate one method in this process; write its row as JSON to ``out``."""
-    from secateurs.api import prune
-    from secateurs.data import CalibrationConfig
-    from secateurs.evaluate.ppl import PPLProtocol, perplexity
-    from secateurs.models import load_model
-    from secateurs.width_api import count_unique, parameter_base
+def scored_in_child(args, name: str) -> dict:
+    options = json.dumps(json.loads(args.criterion_options).get(name, {}))
+    out = CACHE / f"{name}-{args.n_samples}-{hashlib.sha1(options.encode()).hexdigest()[:8]}.pt"
+    if not (args.resume and out.exists()):
+        child(args, "--score-one", name, out, options)
+    return {**torch.load(out, weights_only=False), "file": out.stem}
 
-    model, tokenizer = load_model(spec["model"])
-    calibration = CalibrationConfig(n_samples=spec["n_samples"])
-    row = {"method": spec["method"], "allocation": spec.get("allocation", "–")}
-    if spec["kind"] == "none":
-        record = {"parameters": {"after": count_unique(model)}, "timings": {"scoring_s": 0.0}}
-    elif spec["kind"] == "depth":
-        base = parameter_base(model, False)
-        record = prune(
-            model,
-            tokenizer,
-            criterion="ppl+",
-            unit="block",
-            remove=spec["remove"],
-            calibration=calibration,
-            progress=False,
-        ).record
-        record["parameters"]["achieved_ratio"] = (
-            record["parameters"]["before"] - record["parameters"]["after"]
-        ) / base
+
+def reference_peak(args) -> float:
+    out = CACHE / f"reference-{args.n_samples}.pt"
+    if not (args.resume and out.exists()):
+        child(args, "--inference-one", "1", out)
+    return torch.load(out)["phase_peak_mb"]
+
+
+def run(args) -> None:
+    torch.set_num_threads(1)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    dense, tokenizer = load_model(args.model)
+    args.tokenizer = tokenizer
+    base, dense_params = parameter_base(dense, False), count_parameters(dense)
+    results = load_previous(args)
+    rows = results["rows"]
+    done = {(r["setting"], r["criterion"], r["reconstruct"], r["windows"]) for r in rows}
+    if not args.skip_dense and ("dense", "–", False, args.max_windows) not in done:
+        rows.append(dense_row(dense, dense_params, tokenizer, args))
+        save(results, args)
+    fit = calibration(tokenizer, args, args.fit_samples)
+    reference_mb = reference_peak(args)
+    results["reference_mb"] = reference_mb
+    for name in args.criteria.split(","):
+        scored = scored_in_child(args, name)
+        for setting in args.settings.split(","):
+            for recon in (r == "on" for r in args.reconstruct.split(",")):
+                if (setting, name, recon, args.max_windows) in done:
+                    continue
+                model, seconds, sensing_s = prune_copy(
+                    dense, scored, name, SETTINGS[setting], fit if recon else None, args
+                )
+                params = count_parameters(model)
+                rows.append(
+                    {
+                        "setting": setting,
+                        "criterion": name,
+                        "reconstruct": recon,
+                        "achieved": round((dense_params - params) / base, 4),
+                        "params": params,
+                        **evaluate(model, tokenizer, args),
+                        "windows": args.max_windows,
+                        "scoring_s": round(scored["seconds"], 1),
+                        "reconstruct_s": round(seconds, 1),
+                        "sensitivity_s": sensing_s,
+                        "peak_mb": round(scored["phase_peak_mb"]),
+                        "vs_inference": round(scored["phase_peak_mb"] / reference_mb, 3),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                save(results, args)
+    save(results, args, final=True)
+
+
+def dense_row(dense, params: int, tokenizer, args) -> dict:
+    return {
+        "setting": "dense",
+        "criterion": "–",
+        "reconstruct": False,
+        "params": params,
+        **evaluate(dense, tokenizer, args),
+        "windows": args.max_windows,
+    }
+
+
+def load_previous(args) -> dict:
+    path = RESULTS / f"{args.name}.json"
+    if args.resume and path.exists():
+        return json.loads(path.read_text())
+    return {"rows": []}
+
+
+def save(results: dict, args, final: bool = False) -> None:
+    results["protocol"] = (
+        "SmolLM2-135M, width (KV head groups + MLP channels), ratio of non-embedding "
+        "parameters, no retraining. PPL: WikiText-2 test / PTB, 128-token windows, no BOS, "
+        "the first `windows` windows (0 = the full test set). Calibration: scoring "
+        f"{args.n_samples} C4 windows × 128 tokens, reconstruction {args.fit_samples} windows, "
+        f"seed {args.seed}; damping {args.damping}"
+        f"{', no intercept' if args.no_intercept else ''}. Scoring time and peak RSS "
+        "(kernel high-water mark of the scoring phase) measured in a fresh process per "
+        "criterion, one thread; "
+        "× inference: against one plain inference pass over the same batches."
+    )
+    rows = sorted(results["rows"], key=lambda r: (r["setting"], r["criterion"], r["reconstruct"]))
+    table = f"{results['protocol']}\n\n" + markdown_table(rows, COLUMNS)
+    if final:
+        write_results(args.name, results, table)
     else:
-        record = prune(
-            model,
-            tokenizer,
-            criterion=spec["method"],
-            unit="width",
-            ratio=spec["ratio"],
-            allocation=spec["allocation"],
-            calibration=calibration,
-            progress=False,
-        ).record
-    row.update(
-        params=record["parameters"]["after"],
-        achieved_ratio=record["parameters"].get("achieved_ratio"),
-        scoring_s=record["timings"]["scoring_s"],
-    )
-    for dataset in ("wikitext2", "ptb"):
-        protocol = PPLProtocol(dataset, seq_len=spec["seq_len"], max_windows=spec["max_windows"])
-        row[dataset] = perplexity(model, tokenizer, protocol, progress=False).ppl
-    out.write_text(json.dumps(row))
-
-
-def depth_blocks(model_name: str, ratio: float) -> int:
-    """Blocks whose removal is closest to ``ratio`` of the non-embedding parameters."""
-    from secateurs.adapters import adapter_for
-    from secateurs.models import load_model
-    from secateurs.width_api import parameter_base
-
-    model, _ = load_model(model_name)
-    layer = adapter_for(model).layers(model)[0]
-    per_block = sum(p.numel() for p in layer.parameters())
-    return max(1, round(ratio * parameter_base(model, False) / per_block))
-
-
-def specs(args: argparse.Namespace) -> list[dict]:
-    common = dict(
-        model=args.model,
-        seq_len=args.seq_len,
-        max_windows=args.max_windows,
-        n_samples=args.n_samples,
-        ratio=args.ratio,
-    )
-    rows = [dict(common, method="original", kind="none")]
-    for criterion in WIDTH_CRITERIA:
-        for allocation in ("uniform", "global"):
-            rows.append(dict(common, method=criterion, kind="width", allocation=allocation))
-    blocks = depth_blocks(args.model, args.ratio)
-    rows.append(dict(common, method=f"depth ppl+ ({blocks} blocks)", kind="depth", remove=blocks))
-    return rows
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=float, default=0.2)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--max-windows", type=int, default=64)
-    parser.add_argument("--n-samples", type=int, default=10, help="calibration windows (128 tok)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--criteria", default=",".join(CRITERIA_NAMES))
+    parser.add_argument("--settings", default="llm-pruner,global-20,global-35")
+    parser.add_argument("--reconstruct", default="on,off", help="on, off or on,off")
+    parser.add_argument("--max-windows", type=int, default=64, help="0: the full test sets")
+    parser.add_argument("--n-samples", type=int, default=10, help="scoring calibration windows")
+    parser.add_argument("--fit-samples", type=int, default=64, help="reconstruction windows")
+    parser.add_argument("--damping", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-intercept", action="store_true", help="fit weights only, no bias")
+    parser.add_argument("--name", default="width", help="results file stem")
+    parser.add_argument("--resume", action="store_true", help="reuse cached scores and rows")
+    parser.add_argument("--skip-dense", action="store_true", help="no dense row (known already)")
+    parser.add_argument(
+        "--criterion-options", default="{}", help='JSON per criterion, e.g. {"mini-llm": {...}}'
+    )
+    parser.add_argument("--score-one", help=argparse.SUPPRESS)
+    parser.add_argument("--inference-one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        one(json.loads(args.one), args.row_out)
-        return
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, spec in enumerate(specs(args)):
-            out = Path(tmp) / f"{i}.json"
-            command = [sys.executable, __file__, "--one", json.dumps(spec), "--row-out", str(out)]
-            try:
-                _, peak = run_measured(command)
-            except subprocess.CalledProcessError as err:
-                rows.append({"method": spec["method"], "error": str(err)})
-                continue
-            rows.append({**json.loads(out.read_text()), "peak_rss_mb": peak})
-            print(json.dumps(rows[-1]), flush=True)
-    protocol = {
-        "ratio_of": "non-embedding parameters",
-        "ratio": args.ratio,
-        "seq_len": args.seq_len,
-        "max_windows": args.max_windows,
-        "bos": "stream",
-        "calibration": f"c4, {args.n_samples} x 128 tokens, seed 0",
-        "model": args.model,
-    }
-    note = (
-        f"\n\nSmolLM2-135M, {args.ratio:.0%} of non-embedding parameters; PPL at seq "
-        f"{args.seq_len}, first {args.max_windows} windows; no recovery training."
-    )
-    write_results(
-        "width", {"protocol": protocol, "rows": rows}, markdown_table(rows, COLUMNS) + note
-    )
+    if args.score_one:
+        return score_one(args)
+    if args.inference_one:
+        return inference_one(args)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ def test_scores_every_group_of_every_adapter(model_type, criterion):
             continue  # the adapter has no width support for this kind (tested elsewhere)
         scores = scorer.score_width(ctx, kind)
         assert len(scores) == model.config.num_hidden_layers
-        assert all(torch.isfinite(s).all() and (s >= 0).all() for s in scores)
+        assert all(torch.isfinite(s).all() for s in scores)
+        if criterion != "influence":  # a predicted loss change may be negative
+            assert all((s >= 0).all() for s in scores)
         assert len({tuple(s.shape) for s in scores}) == 1
 
 
@@ -146,7 +148,9 @@ def test_removal_loss_change_is_the_optimal_compensation():
     a, s = x.T @ x / 50, e.T @ e / 50
     columns = torch.tensor([[1, 4], [2, 3]])
     damping = 0.01
+    gradient = torch.randn(out_f, in_f, dtype=torch.float64)
     closed = removal_loss_change(weight, columns, a, s, damping)
+    with_first = removal_loss_change(weight, columns, a, s, damping, gradient)
     a_damped = a + damping * a.diagonal().mean() * torch.eye(in_f, dtype=torch.float64)
     for g, cols in enumerate(columns):
         rest = torch.tensor([j for j in range(in_f) if j not in cols.tolist()])
@@ -157,6 +161,8 @@ def test_removal_loss_change_is_the_optimal_compensation():
         delta[:, cols], delta[:, rest] = fixed, free
         explicit = 0.5 * torch.trace(s @ delta @ a_damped @ delta.T)
         assert closed[g] == pytest.approx(float(explicit), rel=1e-9)
+        first = (gradient * delta).sum()  # ⟨G, ΔW⟩ of the same optimal update
+        assert with_first[g] == pytest.approx(float(explicit + first), rel=1e-9)
         naive = 0.5 * torch.trace(s @ fixed @ a_damped[cols][:, cols] @ fixed.T)
         assert closed[g] <= naive + 1e-12  # retraining the rest can only help
 
@@ -173,6 +179,50 @@ def test_influence_is_zero_for_a_dead_channel_and_positive_elsewhere():
 def test_influence_ranks_channels_like_backprop_taylor():
     model = tiny_model("llama")
     ctx = context(model)
+    # The curvature term alone (the first-order one is signed; Taylor's scores are |·|).
     ours = torch.cat(CRITERIA.get("influence")().score_width(ctx, "channels"))
     taylor = torch.cat(CRITERIA.get("taylor")().score_width(ctx, "channels"))
     assert spearman(ours, taylor) > 0.5
+
+
+def _measured_loss_changes(model, layer: int, calib: torch.Tensor) -> torch.Tensor:
+    """Calibration-loss change of removing each channel of ``layer`` alone, *reconstructed*."""
+    import copy
+
+    from secateurs.plan import WidthPlan
+    from secateurs.width_api import WidthOptions, reconstruct_plan
+
+    def loss(m) -> float:
+        with torch.no_grad():
+            return sum(float(calibration_loss(m, b)) for b in calib.split(4)) / len(calib.split(4))
+
+    base, changes, n = loss(model), [], model.config.num_hidden_layers
+    for channel in range(model.config.intermediate_size):
+        pruned = copy.deepcopy(model)
+        removed = tuple((channel,) if i == layer else () for i in range(n))
+        plan = WidthPlan(n, ((),) * n, removed, (0,) * n, (64,) * n)
+        reconstruct_plan(pruned, plan, calib, WidthOptions())
+        changes.append(loss(pruned) - base)
+    return torch.tensor(changes)
+
+
+def test_influence_predicts_the_loss_change_of_the_model_we_produce():
+    """IFSO made consistent (first_order=True): on the tiny LLaMA (layers 1 and 3, 64 channels
+    each), the predicted loss change after the LS re-fit ranks the measured change of the
+    reconstructed model at Spearman ≥ 0.95 (measured: 0.999 and 1.000), where uncompensated
+    criteria score ≤ 0.2 (taylor, activation, magnitude, fluctuation: |ρ| ≤ 0.16) and the
+    second-order term alone (the default, IFSO's, assuming a minimum) ≤ 0.2 (-0.11 / 0.12):
+    a random model is far from a minimum."""
+    model = tiny_model("llama")
+    calib = tokens(batch=16, length=32, seed=3)
+    ctx = ScoringContext(model, adapter_for(model), calib, 4, progress=False)
+    for layer in (1, 3):
+        measured = _measured_loss_changes(model, layer, calib)
+        full = CRITERIA.get("influence")(first_order=True)  # the complete prediction
+        ours = full.score_width(ctx, "channels")[layer]
+        assert spearman(ours, measured) >= 0.95
+        for name, options in [
+            (n, {}) for n in ("taylor", "activation", "magnitude", "fluctuation")
+        ] + [("influence", {"first_order": False})]:
+            other = CRITERIA.get(name)(**options).score_width(ctx, "channels")[layer]
+            assert abs(spearman(other, measured)) < 0.2, name

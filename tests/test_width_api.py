@@ -182,6 +182,7 @@ def test_unsupported_adapter_and_compensation_are_clear_errors():
             unit="width",
             ratio=0.2,
             calibration=CALIB,
+            reconstruct=False,
         )
 
 
@@ -205,6 +206,7 @@ def test_compensation_applies_to_any_criterion_and_matches_mean_replacement():
         criterion="magnitude",
         ratio=0.1,
         compensate=True,
+        reconstruct=False,
         progress=False,
         calibration=calib,
     )
@@ -220,3 +222,40 @@ def test_compensation_applies_to_any_criterion_and_matches_mean_replacement():
         expected = reference(x).logits
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_sensitivity_allocation_spares_the_sensitive_layer_and_meets_the_target():
+    from secateurs.allocation import Bounds, UnitTable, allocate
+
+    scores = tuple(torch.arange(64.0) for _ in range(4))
+    tables = [UnitTable("channels", scores, (10,) * 4)]
+    target = 4 * 64 * 10 // 4  # a quarter of the channels' parameters
+    sensitivity = {"channels": [100.0, 1.0, 1.0, 4.0]}
+    removed = allocate(tables, target, range(4), "global", Bounds(), sensitivity=sensitivity)
+    counts = [len(r) for r in removed["channels"]]
+    assert counts[0] < counts[3] < counts[1] == counts[2]
+    assert abs(sum(counts) * 10 - target) <= 10
+    assert all(r == tuple(range(n)) for r, n in zip(removed["channels"], counts, strict=True))
+
+
+def test_global_allocation_learns_to_spare_a_layer_that_matters():
+    """Layer 0's MLP made 20x louder: its loss sensitivity is measured and it loses the least."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(20)
+    result = prune(
+        model,
+        None,
+        criterion="activation",
+        unit="channels",
+        ratio=0.2,
+        allocation="global",
+        calibration=tokens(batch=8, length=16, seed=5),
+        reconstruct=False,
+        progress=False,
+    )
+    sens = result.record["layer_sensitivity"]["channels"]
+    assert sens[0] == max(sens)
+    kept = result.plan.kept("channels")
+    assert kept[0] == max(kept)
+    assert result.record["width"]["sensitivity"] is True

@@ -69,7 +69,9 @@ TINY_CONFIGS: dict[str, dict] = {
     "cohere": dict(_DECODER, pad_token_id=0),
     "starcoder2": dict(_DECODER),
     "phi": dict(_DECODER, pad_token_id=0),
-    "gptj": dict(n_embd=32, n_layer=LAYERS, n_head=4, rotary_dim=4, n_positions=128, **_COMMON),
+    "gptj": dict(
+        n_embd=32, n_layer=LAYERS, n_head=4, n_inner=64, rotary_dim=4, n_positions=128, **_COMMON
+    ),
     "falcon": dict(
         hidden_size=32,
         num_hidden_layers=LAYERS,

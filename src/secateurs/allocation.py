@@ -66,9 +66,12 @@ def allocate(
     mode: str,
     bounds: Bounds,
     uniform_widths: bool | tuple[str, ...] = False,
+    sensitivity: dict[str, Sequence[float]] | None = None,
 ) -> dict[str, list[tuple[int, ...]]]:
     """Removed unit indices per kind and layer, aiming at ``target`` parameters removed.
 
+    ``global`` with ``sensitivity`` (per kind and layer, see ``secateurs.sensitivity``) sizes
+    each layer by it; without, it ranks all units together after per-layer standardisation.
     ``uniform_widths`` (global only): True, or the unit kinds, to spread evenly over layers.
     """
     if mode not in ALLOCATIONS:
@@ -76,7 +79,10 @@ def allocate(
     if mode == "uniform":
         counts = _uniform_counts(tables, target, layers, bounds)
     else:
-        counts = _global_counts(tables, target, layers, bounds)
+        if sensitivity is not None:
+            counts = sensitivity_counts(tables, target, layers, bounds, sensitivity)
+        else:
+            counts = _global_counts(tables, target, layers, bounds)
         if uniform_widths:
             kinds = {t.kind for t in tables} if uniform_widths is True else set(uniform_widths)
             counts = _even_out(tables, counts, layers, bounds, kinds)
@@ -207,3 +213,52 @@ def _even_out(tables, counts, layers, bounds, kinds=None) -> dict[str, list[int]
         ]
     log.info("--uniform-widths: global totals spread evenly over %d layers", len(layers))
     return even
+
+
+def sensitivity_counts(
+    tables: Sequence[UnitTable],
+    target: int,
+    layers: Sequence[int],
+    bounds: Bounds,
+    sensitivity: dict[str, Sequence[float]],
+) -> dict[str, list[int]]:
+    """Units removed per kind and layer with fractions r ∝ cost / sensitivity (see
+    ``secateurs.sensitivity``), scaled so the parameters removed are closest to ``target``."""
+    floor = _sensitivity_floor(sensitivity, layers)
+    weight = {
+        t.kind: [
+            t.costs[i] * t.count(i) / max(sensitivity[t.kind][i], floor) if i in layers else 0.0
+            for i in range(len(t.scores))
+        ]
+        for t in tables
+    }
+    top = max((w for ws in weight.values() for w in ws), default=0.0) or 1.0
+
+    def counts_at(scale: float) -> dict[str, list[int]]:
+        return {
+            t.kind: [
+                _uniform_count(
+                    t.count(i), min(scale * weight[t.kind][i] / top, 1.0), t.kind, bounds
+                )
+                if i in layers
+                else 0
+                for i in range(len(t.scores))
+            ]
+            for t in tables
+        }
+
+    low, high = 0.0, 1.0
+    while _removed(tables, counts_at(high)) < target and high < 1e6:
+        high *= 2
+    for _ in range(60):  # bisection on the common scale
+        mid = (low + high) / 2
+        low, high = (mid, high) if _removed(tables, counts_at(mid)) < target else (low, mid)
+    below, above = counts_at(low), counts_at(high)
+    closer = abs(_removed(tables, below) - target) <= abs(_removed(tables, above) - target)
+    return below if closer else above
+
+
+def _sensitivity_floor(sensitivity: dict[str, Sequence[float]], layers: Sequence[int]) -> float:
+    """A layer whose loss did not rise is not free: floor at 1% of the median sensitivity."""
+    values = sorted(s[i] for s in sensitivity.values() for i in layers if s[i] > 0)
+    return 0.01 * values[len(values) // 2] if values else 1.0

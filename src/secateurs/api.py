@@ -198,6 +198,10 @@ def prune(
     uniform_widths: bool = False,
     include_embeddings: bool = False,
     compensate: bool | None = None,
+    reconstruct: bool | None = None,
+    reconstruct_damping: float = 0.01,
+    reconstruct_samples: int = 64,
+    sensitivity: bool | None = None,
     blocks: str | tuple[int, ...] | None = None,
     attn: str | tuple[int, ...] | None = None,
     mlp: str | tuple[int, ...] | None = None,
@@ -245,6 +249,10 @@ def prune(
             uniform_widths,
             include_embeddings,
             compensate,
+            reconstruct,
+            reconstruct_damping,
+            reconstruct_samples,
+            sensitivity,
         )
         width = prune_width(
             model,

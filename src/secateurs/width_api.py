@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
@@ -28,8 +29,11 @@ from secateurs.allocation import ALLOCATIONS, Bounds, UnitTable, allocate
 from secateurs.checkpoint import check_output_dir, save_checkpoint
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.criteria.base import input_statistics
+from secateurs.data import CalibrationConfig
 from secateurs.errors import ConfigError
 from secateurs.plan import WidthPlan, check_scores
+from secateurs.reconstruct import prune_and_reconstruct
+from secateurs.sensitivity import layer_sensitivity
 from secateurs.width import (
     add_output_bias,
     check_compensation,
@@ -41,6 +45,10 @@ from secateurs.width import (
 )
 
 log = logging.getLogger(__name__)
+
+# Decided by benchmarks/width.py: reconstruction lowers WikiText-2 / PTB perplexity for every
+# criterion at LLM-Pruner's configuration (docs/width.md).
+RECONSTRUCT_DEFAULT = True
 
 WIDTH_UNITS: dict[str, tuple[str, ...]] = {
     "heads": ("heads",),
@@ -65,6 +73,15 @@ class WidthOptions:
     # Fold the removed units' mean contribution into the output bias (FLAP's compensation) for
     # any criterion; None: the criterion's own default (on for fluctuation, off otherwise).
     compensate: bool | None = None
+    # Re-fit the kept columns of every pruned output projection by damped least squares on
+    # calibration activations (``secateurs.reconstruct``); the intercept of that fit replaces
+    # FLAP's compensation (off with compensate=False). None: the default below.
+    reconstruct: bool | None = None
+    reconstruct_damping: float = 0.01
+    reconstruct_samples: int = 64  # calibration windows for the fit (at least the scoring ones)
+    # Global allocation sized by per-layer sensitivity measured on the calibration loss
+    # (``secateurs.sensitivity``); None: on where calibration data can be had.
+    sensitivity: bool | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in WIDTH_UNITS:
@@ -82,6 +99,18 @@ class WidthOptions:
         if self.uniform_widths and self.allocation != "global":
             raise ConfigError("uniform_widths rounds a global allocation; use allocation='global'.")
         Bounds(self.min_ratio, self.max_ratio, self.round_to)
+        if not self.reconstruct_damping >= 0:
+            raise ConfigError(
+                f"Reconstruction damping must be ≥ 0; got {self.reconstruct_damping}."
+            )
+        if self.reconstruct_samples < 1:
+            raise ConfigError(
+                f"Reconstruction needs ≥ 1 calibration sample; got {self.reconstruct_samples}."
+            )
+
+    @property
+    def reconstructing(self) -> bool:
+        return RECONSTRUCT_DEFAULT if self.reconstruct is None else self.reconstruct
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -129,7 +158,7 @@ def prune_width(
     **criterion_options: Any,
 ) -> WidthResult:
     """Score, allocate and remove head groups / MLP channels of ``model`` (in place)."""
-    opts = options or WidthOptions()
+    opts = _resolved(options or WidthOptions(), calibration, tokenizer)
     if out is not None:
         check_output_dir(out, overwrite)
     adapter = adapter_for(model)
@@ -138,8 +167,9 @@ def prune_width(
     base, before = parameter_base(model, opts.include_embeddings), count_unique(model)
     from secateurs.api import _calibration  # the depth path's calibration loader
 
-    compensating = _compensating(scorer, opts)  # compensation needs calibration means
-    needs_data = scorer.needs_calibration or compensating
+    compensating = _compensating(scorer, opts) and not opts.reconstructing
+    sensing = opts.allocation == "global" and bool(opts.sensitivity)
+    needs_data = scorer.needs_calibration or compensating or opts.reconstructing or sensing
     tokens, calib_record = _calibration(needs_data, calibration, tokenizer, data_root)
     ctx = ScoringContext(model.eval(), adapter, tokens, batch_size, (), progress)
     start = time.perf_counter()
@@ -148,14 +178,33 @@ def prune_width(
         ensure_input_means(ctx, opts.kinds)
     seconds = time.perf_counter() - start
     target = round(opts.ratio * base)
-    plan = _plan(model, adapter, scores, opts, layers, target, scorer, compensating)
-    means = ctx.extras.get("input_mean", {}) if plan.compensate else {}
-    apply_width_plan(model, plan, adapter, means)
+    sensitivity = layer_sensitivity(ctx, scores, layers, opts.ratio) if sensing else None
+    plan = _plan(model, adapter, scores, opts, layers, target, scorer, compensating, sensitivity)
+    if opts.reconstructing:
+        fit = _calibration(True, _fit_calibration(calibration, opts), tokenizer, data_root)[0]
+        reconstruction = reconstruct_plan(model, plan, fit, opts, adapter, progress)
+    else:
+        means = ctx.extras.get("input_mean", {}) if plan.compensate else {}
+        apply_width_plan(model, plan, adapter, means)
+        reconstruction = {"enabled": False}
     record = _record(model, plan, scorer, opts, scores, calib_record, before, base, seconds, source)
     record["criterion"]["details"] = criterion_details(ctx.extras)
+    record["reconstruction"] = reconstruction
+    record["layer_sensitivity"] = sensitivity
     if out is not None:
         save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
     return WidthResult(model, plan, record, Path(out) if out else None)
+
+
+def _resolved(opts: WidthOptions, calibration: Any, tokenizer: Tokenizer | None) -> WidthOptions:
+    """Resolve ``reconstruct=None``: on by default, off where no calibration can be had (a
+    data-free criterion called without a tokenizer or calibration tensor)."""
+    able = isinstance(calibration, torch.Tensor) or tokenizer is not None
+    if not able and None in (opts.reconstruct, opts.sensitivity):
+        log.info("no calibration data (no tokenizer, no tensor): no reconstruction/sensitivity")
+    reconstruct = RECONSTRUCT_DEFAULT and able if opts.reconstruct is None else opts.reconstruct
+    sensitivity = able if opts.sensitivity is None else opts.sensitivity
+    return replace(opts, reconstruct=reconstruct, sensitivity=sensitivity)
 
 
 def _checked_scorer(model, adapter: Adapter, criterion: str, opts: WidthOptions, options: dict):
@@ -167,7 +216,7 @@ def _checked_scorer(model, adapter: Adapter, criterion: str, opts: WidthOptions,
             raise ConfigError(
                 f"Criterion {name!r} cannot score {kind!r}; it scores {sorted(scorer.units)}."
             )
-        if _compensating(scorer, opts):
+        if _compensating(scorer, opts) and not opts.reconstructing:
             check_compensation(model, adapter, kind)
     return scorer
 
@@ -176,6 +225,39 @@ def _compensating(scorer, opts: WidthOptions) -> bool:
     if opts.compensate is not None:
         return opts.compensate
     return bool(getattr(scorer, "compensate", False))
+
+
+def _fit_calibration(calibration: Any, opts: WidthOptions) -> Any:
+    """The calibration for reconstruction: the scoring one, with at least
+    ``reconstruct_samples`` windows (a least-squares fit wants many more tokens than scoring)."""
+    if isinstance(calibration, torch.Tensor):
+        return calibration
+    config = calibration or CalibrationConfig()
+    return replace(config, n_samples=max(config.n_samples, opts.reconstruct_samples))
+
+
+def reconstruct_plan(
+    model: PreTrainedModel,
+    plan: WidthPlan,
+    tokens: torch.Tensor,
+    opts: WidthOptions,
+    adapter: Adapter | None = None,
+    progress: bool = False,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Cut ``plan`` out of ``model`` layer by layer, re-fitting each output projection on
+    ``tokens`` (see ``secateurs.reconstruct``); returns the record for ``secateurs.json``."""
+    adapter = adapter or adapter_for(model)
+    original = widths(model, adapter)[0]
+    batches = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
+    bar = (lambda it: tqdm(it, desc="reconstruct", leave=False)) if progress else None
+    intercept = opts.compensate is not False
+    report = prune_and_reconstruct(
+        model, adapter, plan, batches, opts.reconstruct_damping, intercept, bar
+    )
+    update_config(model, adapter, original)
+    log.info("reconstruction: %d layers re-fitted in %.1f s", len(report.layers), report.seconds)
+    return {"enabled": True, "samples": len(tokens), **report.to_dict()}
 
 
 def ensure_input_means(ctx: ScoringContext, kinds: tuple[str, ...]) -> None:
@@ -187,7 +269,15 @@ def ensure_input_means(ctx: ScoringContext, kinds: tuple[str, ...]) -> None:
 
 
 def _plan(
-    model, adapter, scores, opts: WidthOptions, layers, target, scorer, compensate=None
+    model,
+    adapter,
+    scores,
+    opts: WidthOptions,
+    layers,
+    target,
+    scorer,
+    compensate=None,
+    sensitivity=None,
 ) -> WidthPlan:
     tables = []
     for kind, per_layer in scores.items():
@@ -196,7 +286,9 @@ def _plan(
         costs = tuple(unit_cost(model, adapter, i, kind) for i in range(len(per_layer)))
         tables.append(UnitTable(kind, tuple(per_layer), costs))
     bounds = Bounds(opts.min_ratio, opts.max_ratio, opts.round_to)
-    removed = allocate(tables, target, layers, opts.allocation, bounds, opts.uniform_widths)
+    removed = allocate(
+        tables, target, layers, opts.allocation, bounds, opts.uniform_widths, sensitivity
+    )
     n = len(tables[0].scores)
     empty: tuple[tuple[int, ...], ...] = tuple(() for _ in range(n))
     counts = {t.kind: tuple(len(v) for v in t.scores) for t in tables}

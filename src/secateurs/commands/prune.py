@@ -53,6 +53,24 @@ def add_width_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="fold removed units' mean output into the bias (FLAP); default: the criterion's",
     )
+    group.add_argument(
+        "--reconstruct",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="re-fit kept output-projection columns by damped least squares (default: on)",
+    )
+    group.add_argument(
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="global allocation sized by per-layer loss sensitivity (default: on)",
+    )
+    group.add_argument(
+        "--reconstruct-damping", type=float, default=0.01, help="ridge λ / mean diag of the Gram"
+    )
+    group.add_argument(
+        "--reconstruct-samples", type=int, default=64, help="calibration windows for the fit"
+    )
 
 
 def _report_width(result) -> int:
@@ -239,6 +257,10 @@ class Prune(Command):
                 args.max_ratio,
                 args.round_to,
                 args.uniform_widths,
+                reconstruct=args.reconstruct,
+                reconstruct_damping=args.reconstruct_damping,
+                reconstruct_samples=args.reconstruct_samples,
+                sensitivity=args.sensitivity,
             )
         if args.unit == "experts":  # validate before loading anything
             ExpertOptions(args.ratio, args.remove, args.allocation)
@@ -262,6 +284,10 @@ class Prune(Command):
                 uniform_widths=args.uniform_widths,
                 include_embeddings=args.include_embeddings,
                 compensate=args.compensate,
+                reconstruct=args.reconstruct,
+                reconstruct_damping=args.reconstruct_damping,
+                reconstruct_samples=args.reconstruct_samples,
+                sensitivity=args.sensitivity,
             )
         if args.unit == "experts":
             width = dict(allocation=args.allocation)

@@ -1,0 +1,195 @@
+"""Reconstruction after width pruning: exact where the kept inputs span the removed ones, never
+worse than slicing (or FLAP) on the calibration data, standard checkpoints, every adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from secateurs.adapters import adapter_for
+from secateurs.checkpoint import read_record
+from secateurs.errors import UnsupportedModelError
+from secateurs.plan import WidthPlan
+from secateurs.reconstruct import refit
+from secateurs.width import group_slices, output_projection, output_weight_columns, widths
+from secateurs.width_api import WidthOptions, prune_width, reconstruct_plan
+from tiny_models import LAYERS, TINY_CONFIGS, tiny_model, tokens
+
+CALIBRATION = dict(batch=8, length=16, seed=5)  # 128 tokens: more than any layer's inputs
+
+
+def _plan(model, heads, channels) -> WidthPlan:
+    ws = widths(model, adapter_for(model))
+    n = len(ws)
+    return WidthPlan(
+        n,
+        tuple(heads or [()] * n),
+        tuple(channels or [()] * n),
+        tuple(w.kv_heads for w in ws),
+        tuple(w.channels for w in ws),
+    )
+
+
+@torch.no_grad()
+def _duplicate_unit(model, kind: str, source: int, copy: int) -> None:
+    """Make unit ``copy`` of every layer compute exactly what unit ``source`` computes."""
+    adapter = adapter_for(model)
+    for layer in range(adapter.num_layers(model)):
+        for piece in group_slices(model, adapter, layer, kind)[:-1]:  # not the output columns
+            src = piece.index[source].to(piece.param.device)
+            dst = piece.index[copy].to(piece.param.device)
+            piece.param.index_copy_(piece.dim, dst, piece.param.index_select(piece.dim, src))
+
+
+def _width_supported(adapter, kind, config) -> bool:
+    try:
+        adapter.width_layout(kind, config)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# BLOOM's ALiBi slopes differ per head: two heads with equal weights still differ.
+@pytest.mark.parametrize("model_type", list(TINY_CONFIGS))
+def test_linearly_redundant_units_are_reconstructed_exactly(model_type):
+    model = tiny_model(model_type)
+    adapter = adapter_for(model)
+    kinds = [k for k in ("heads", "channels") if _width_supported(adapter, k, model.config)]
+    if model_type == "bloom":
+        kinds = [k for k in kinds if k != "heads"]
+    if not kinds:
+        pytest.skip(f"{model_type} has no width support")
+    for kind in kinds:
+        _duplicate_unit(model, kind, 0, 1)
+    ids = tokens(3, 12, seed=2)
+    expected = _logits(model, ids)
+    one = [(1,)] * LAYERS
+    plan = _plan(model, one if "heads" in kinds else None, one if "channels" in kinds else None)
+    opts = WidthOptions(reconstruct=True, reconstruct_damping=0.0)
+    record = reconstruct_plan(model, plan, tokens(**CALIBRATION), opts)
+    torch.testing.assert_close(_logits(model, ids), expected, atol=2e-4, rtol=1e-4)
+    assert len(record["layers"]) == LAYERS * len(kinds)
+    assert max(r["relative_error_reconstructed"] for r in record["layers"]) < 1e-6
+    assert max(r["relative_error_sliced"] for r in record["layers"]) > 1e-4  # slicing alone is not
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3", "opt"])
+def test_reconstruction_never_increases_the_layer_output_error(model_type):
+    model = tiny_model(model_type)
+    w = widths(model, adapter_for(model))[0]
+    channels = [tuple(range(layer % 3, w.channels, 3)) for layer in range(LAYERS)]
+    heads = [((layer % w.kv_heads),) for layer in range(LAYERS)]
+    plan = _plan(model, heads, channels)
+    record = reconstruct_plan(model, plan, tokens(**CALIBRATION), WidthOptions())
+    for row in record["layers"]:
+        assert row["relative_error_reconstructed"] <= row["relative_error_sliced"] + 1e-9, row
+
+
+def test_layer_error_is_the_least_squares_optimum_and_beats_flap():
+    """Recompute layer 0's fit by hand from the original model's inputs (its inputs are the
+    pruned model's too): error reconstructed ≤ FLAP's mean compensation ≤ plain slicing."""
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    calib = tokens(**CALIBRATION)
+    module, _ = output_projection(model, adapter, 0, "channels")
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 64)))
+    _logits(model, calib)
+    handle.remove()
+    x = torch.cat(seen).double()
+    weight = output_weight_columns(module, False).detach().double()
+    removed = torch.arange(0, 64, 4)
+    kept = torch.tensor([i for i in range(64) if i % 4])
+    z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    fit = refit(weight, None, z.T @ z, kept, damping=0.0, intercept=True)
+    target = x @ weight.T
+    error = lambda y: float(((y - target) ** 2).sum() / (target**2).sum())  # noqa: E731
+    lstsq = torch.linalg.lstsq(z[:, list(kept) + [64]], target).solution
+    assert error(z[:, list(kept) + [64]] @ lstsq) == pytest.approx(fit.error_after, rel=1e-6)
+    flap = x[:, kept] @ weight[:, kept].T + weight[:, removed] @ x[:, removed].mean(0)
+    sliced = x[:, kept] @ weight[:, kept].T
+    assert fit.error_after < error(flap) < error(sliced)
+    assert fit.error_before == pytest.approx(error(sliced), rel=1e-6)
+
+
+def test_damping_pulls_towards_the_sliced_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    z = torch.cat([x, torch.ones(200, 1, dtype=x.dtype)], 1)
+    kept = torch.tensor([0, 2, 3, 5])
+    loose = refit(weight, None, z.T @ z, kept, 0.0, False)
+    stiff = refit(weight, None, z.T @ z, kept, 1e6, False)
+    torch.testing.assert_close(stiff.weight, weight[:, kept], atol=1e-4, rtol=1e-4)
+    assert loose.error_after <= stiff.error_after <= stiff.error_before + 1e-12
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_prune_width_records_reconstruction_and_saves_a_standard_checkpoint(model_type, tmp_path):
+    """Mistral has no bias flag: the fit has no intercept, the checkpoint stays standard."""
+    model = tiny_model(model_type)
+    opts = WidthOptions(unit="width", ratio=0.3, reconstruct=True)
+    result = prune_width(
+        model,
+        None,
+        criterion="activation",
+        options=opts,
+        calibration=tokens(**CALIBRATION),
+        out=tmp_path / "m",
+        progress=False,
+    )
+    record = read_record(tmp_path / "m")
+    rec = record["reconstruction"]
+    assert rec["enabled"] and rec["tokens"] == 128
+    assert rec["intercept"] == {"heads": model_type == "llama", "channels": model_type == "llama"}
+    assert {r["layer"] for r in rec["layers"]} == set(range(LAYERS))
+    assert record["width_plan"]["compensate"] is False  # the intercept replaces FLAP's bias
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager")
+    ids = tokens()
+    torch.testing.assert_close(_logits(reloaded.eval(), ids), _logits(result.model, ids))
+
+
+def test_no_reconstruct_and_bad_damping():
+    from secateurs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="damping"):
+        WidthOptions(reconstruct_damping=-1.0)
+    model = tiny_model("llama")
+    opts = WidthOptions(ratio=0.3, reconstruct=False)
+    result = prune_width(
+        model,
+        None,
+        criterion="magnitude",
+        options=opts,
+        calibration=tokens(**CALIBRATION),
+        progress=False,
+    )
+    assert result.record["reconstruction"] == {"enabled": False}
+
+
+def test_reconstruction_is_on_by_default_where_calibration_can_be_had():
+    with_data = prune_width(
+        tiny_model("llama"),
+        None,
+        criterion="magnitude",
+        options=WidthOptions(ratio=0.3),
+        calibration=tokens(**CALIBRATION),
+        progress=False,
+    )
+    assert with_data.record["width"]["reconstruct"] is True
+    assert with_data.record["reconstruction"]["enabled"] is True
+    data_free = prune_width(
+        tiny_model("llama"),
+        None,
+        criterion="magnitude",
+        options=WidthOptions(ratio=0.3),
+        progress=False,
+    )
+    assert data_free.record["width"]["reconstruct"] is False
+    assert data_free.record["reconstruction"] == {"enabled": False}
