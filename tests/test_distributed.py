@@ -27,7 +27,20 @@ from tiny_models import tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 DDP_CONFIG = ROOT / "configs" / "accelerate" / "ddp.yaml"
 TOLERANCE = 1e-5
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+]
 
 
 @pytest.fixture(scope="module")
