@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,6 +76,8 @@ class Recover(Command):
             keep_work=args.keep_work,
             device=args.device,
         )
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # under accelerate launch / torchrun, rank 0 saves and reports
         _summary(result.record["recovery"], result.out)
         if not result.finished:
             print(

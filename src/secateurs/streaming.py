@@ -1,0 +1,308 @@
+"""Streaming depth surgery: input shards → output shards, one tensor in memory at a time.
+
+Removing blocks needs no arithmetic: the pruned checkpoint is the input's tensors minus the
+removed layers', renamed to the new layer numbers, plus the edited config. So a 70B checkpoint
+can be depth-pruned with the memory of its largest tensor. The model itself is only ever built
+on the meta device, and the very same surgery code as the in-memory path (``apply_plan``) edits
+it, so config and tensor names cannot drift between the two paths. Shards are cut by the same
+function and written in the same byte layout as ``save_pretrained``, so the weights files are
+byte-for-byte those of the in-memory path (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+from secateurs.adapters import adapter_for
+from secateurs.checkpoint import RECORD_FILE, atomic_directory, loading_note, write_json
+from secateurs.errors import ConfigError
+from secateurs.plan import Plan
+from secateurs.surgery import apply_plan
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD = "50GB"  # save_pretrained's default: the streaming output matches it
+CHUNK_BYTES = 64 * 2**20  # rows copied at a time: memory stays far below one large tensor
+
+# safetensors writes tensors by descending dtype rank, then by name (its Dtype enum order).
+_DTYPES: dict[torch.dtype, tuple[str, int]] = {
+    torch.bool: ("BOOL", 0),
+    torch.uint8: ("U8", 4),
+    torch.int8: ("I8", 5),
+    torch.float8_e5m2: ("F8_E5M2", 6),
+    torch.float8_e4m3fn: ("F8_E4M3", 7),
+    torch.int16: ("I16", 9),
+    torch.uint16: ("U16", 10),
+    torch.float16: ("F16", 11),
+    torch.bfloat16: ("BF16", 12),
+    torch.int32: ("I32", 13),
+    torch.uint32: ("U32", 14),
+    torch.float32: ("F32", 15),
+    torch.float64: ("F64", 17),
+    torch.int64: ("I64", 18),
+    torch.uint64: ("U64", 19),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a safetensors header says of one tensor, before its bytes exist."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """Tensors in the order safetensors writes them: descending dtype rank, then name."""
+    unknown = sorted({str(s.dtype) for s in specs if s.dtype not in _DTYPES})
+    if unknown:
+        raise ConfigError(f"Streaming cannot write tensors of dtype {unknown}.")
+    return sorted(specs, key=lambda s: (-_DTYPES[s.dtype][1], s.name))
+
+
+def header_bytes(ordered: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    """The length-prefixed JSON header, padded with spaces to 8 bytes as safetensors does."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for spec in ordered:
+        end = offset + spec.nbytes
+        header[spec.name] = {
+            "dtype": _DTYPES[spec.dtype][0],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors(
+    path: Path,
+    specs: list[TensorSpec],
+    read: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose tensors come one at a time from ``read(name)``: a tensor,
+    or its consecutive row blocks (so no tensor need be in memory whole)."""
+    ordered = write_order(specs)
+    with open(path, "wb") as handle:
+        handle.write(header_bytes(ordered, metadata))
+        for spec in ordered:
+            _write_tensor(handle, read(spec.name), spec)
+
+
+def _write_tensor(
+    handle: BinaryIO, data: torch.Tensor | Iterable[torch.Tensor], spec: TensorSpec
+) -> None:
+    written = 0
+    for block in [data] if isinstance(data, torch.Tensor) else data:
+        if block.dtype != spec.dtype or tuple(block.shape[1:]) != spec.shape[1:]:
+            raise ConfigError(
+                f"{spec.name}: expected {spec.dtype} {list(spec.shape)}, read "
+                f"{block.dtype} {list(block.shape)}."
+            )
+        flat = block.detach().contiguous().reshape(-1)
+        if flat.numel():
+            handle.write(flat.view(torch.uint8).numpy().data)  # a view: no copy
+        written += flat.numel() * flat.element_size()
+    if written != spec.nbytes:
+        raise ConfigError(f"{spec.name}: wrote {written} bytes, expected {spec.nbytes}.")
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a safetensors checkpoint (one file or an indexed set)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.files = self._weight_map()
+
+    def _weight_map(self) -> dict[str, Path]:
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            mapping = json.loads(index.read_text())["weight_map"]
+            return {name: self.directory / file for name, file in mapping.items()}
+        single = self.directory / SINGLE_FILE
+        if not single.is_file():
+            raise ConfigError(
+                f"{self.directory} has no {SINGLE_FILE} or {INDEX_FILE}: streaming needs a "
+                "safetensors checkpoint (GGUF and .bin models take the in-memory path)."
+            )
+        with safe_open(single, framework="pt") as handle:
+            return {name: single for name in handle.keys()}  # noqa: SIM118 (not a dict)
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def read(self, name: str) -> torch.Tensor:
+        with safe_open(self.files[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def blocks(self, name: str, max_bytes: int | None = None) -> Iterator[torch.Tensor]:
+        """``name`` as consecutive row blocks of at most ``max_bytes`` (whole if 0-d/1-d).
+
+        The file is mapped anew for each block: pages read through a mapping count as this
+        process's memory until it is closed.
+        """
+        max_bytes = max_bytes or CHUNK_BYTES
+        with safe_open(self.files[name], framework="pt") as handle:
+            view = handle.get_slice(name)
+            shape, itemsize = view.get_shape(), _itemsize(view.get_dtype())
+        if len(shape) < 2:
+            yield self.read(name)
+            return
+        step = max(1, max_bytes // max(1, torch.Size(shape[1:]).numel() * itemsize))
+        for start in range(0, shape[0], step):
+            with safe_open(self.files[name], framework="pt") as handle:
+                yield handle.get_slice(name)[start : start + step]
+
+
+def _itemsize(safetensors_dtype: str) -> int:
+    sizes = {code: torch.empty((), dtype=dt).element_size() for dt, (code, _) in _DTYPES.items()}
+    return sizes[safetensors_dtype]
+
+
+def meta_skeleton(source: str | os.PathLike) -> PreTrainedModel:
+    """The model of ``source`` with every tensor on the meta device (no memory, no weights)."""
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=_checkpoint_dtype(config))
+
+
+def _checkpoint_dtype(config: Any) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def saved_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The tensors ``save_pretrained`` would write for ``model``, in its order and names.
+
+    As for a model loaded by ``from_pretrained``: tied copies dropped, natural-key order, and
+    the family's checkpoint renamings reverted. The values are the model's own (meta) tensors,
+    so ``id()`` links a saved name to a module parameter.
+    """
+    state = remove_tied_weights_from_state_dict(model.state_dict(keep_vars=True), model)
+    state = dict(sorted(state.items(), key=lambda item: dot_natural_key(item[0])))
+    return revert_weight_conversion(model, state)
+
+
+def output_tensors(
+    model: PreTrainedModel, plan: Plan
+) -> tuple[PreTrainedModel, dict[str, torch.Tensor], dict[str, str]]:
+    """Apply ``plan`` to the meta ``model``: the output's tensors and, for each, the name it
+    has in the input checkpoint."""
+    stored_name = {id(tensor): name for name, tensor in saved_state(model).items()}
+    apply_plan(model, plan, adapter_for(model))
+    state = saved_state(model)
+    unknown = [name for name, tensor in state.items() if id(tensor) not in stored_name]
+    if unknown:  # a converter built new tensors: not a pure renaming
+        raise ConfigError(
+            f"{model.config.model_type} checkpoints store converted weights ({unknown[:3]}): "
+            "streaming cannot copy them; use the in-memory path."
+        )
+    return model, state, {name: stored_name[id(t)] for name, t in state.items()}
+
+
+def stream_depth_prune(
+    source: str | os.PathLike,
+    plan: Plan,
+    out: str | os.PathLike,
+    record: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str | int = DEFAULT_SHARD,
+) -> Path:
+    """Write ``source`` minus ``plan.blocks`` to ``out`` without loading the model.
+
+    Only whole blocks can be removed this way (branches and widths change shapes or module
+    types: use the in-memory path). Memory: the largest single tensor.
+    """
+    if plan.attn or plan.mlp:
+        raise ConfigError(
+            "Streaming surgery removes whole blocks only; branch removal needs the in-memory "
+            "path (drop --streaming)."
+        )
+    reader = CheckpointReader(source)
+    model, state, sources = output_tensors(meta_skeleton(source), plan)
+    check_sources(reader, sources, source)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        _write_config(model, source, tmp)
+        _write_weights(model, state, sources, reader, tmp, max_shard_size)
+        _copy_tokenizer(source, tmp)
+        full = dict(record or {}, plan=plan.to_dict())
+        full["structure"] = {"skipped_branches": []}
+        full["loading"] = loading_note(False)
+        write_json(tmp / RECORD_FILE, full)
+    log.info("Streamed %d of %d blocks to %s", len(plan.kept_layers), plan.num_layers, out)
+    return Path(out)
+
+
+def check_sources(reader: CheckpointReader, sources: dict[str, str], source: Any) -> None:
+    missing = sorted(set(sources.values()) - reader.names())
+    if missing:
+        raise ConfigError(
+            f"{source}: tensors {missing[:3]} are not in the checkpoint, although its config "
+            "says they should be; is the checkpoint complete?"
+        )
+
+
+def _write_config(model: PreTrainedModel, source: Any, tmp: Path) -> None:
+    model.config.save_pretrained(tmp)
+    try:
+        GenerationConfig.from_pretrained(source).save_pretrained(tmp)
+    except OSError:  # no generation_config.json: save_pretrained writes the model's default
+        if model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+
+
+def _write_weights(model, state, sources, reader, tmp: Path, max_shard_size) -> None:
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, names in split.filename_to_tensors.items():
+        specs = [TensorSpec(n, state[n].dtype, tuple(state[n].shape)) for n in names]
+        write_safetensors(
+            tmp / filename, specs, lambda name: reader.blocks(sources[name]), {"format": "pt"}
+        )
+    if split.is_sharded:
+        index = {
+            "metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+            "weight_map": split.tensor_to_filename,
+        }
+        content = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        (tmp / INDEX_FILE).write_text(content, encoding="utf-8")
+
+
+def _copy_tokenizer(source: Any, tmp: Path) -> None:
+    """Save the tokenizer as the in-memory path does (loaded and re-saved, not copied)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        log.warning("%s has no loadable tokenizer: the output has none either.", source)
+        return
+    tokenizer.save_pretrained(tmp)

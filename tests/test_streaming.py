@@ -1,0 +1,91 @@
+"""Streaming depth surgery writes exactly what the in-memory path saves, tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from secateurs.checkpoint import read_record
+from secateurs.errors import ConfigError
+from secateurs.plan import Plan
+from secateurs.streaming import TensorSpec, stream_depth_prune, write_safetensors
+from secateurs.surgery import apply_plan
+from tiny_models import TINY_CONFIGS, tiny_model, tiny_tokenizer, tokens
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool]
+
+
+def test_writer_is_byte_identical_to_safetensors(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, dtype in enumerate(DTYPES * 2):
+        values = torch.randn(3, i + 1, generator=generator) * 50
+        tensors[f"t{(7 * i) % 12}.w"] = values.to(dtype)
+    tensors["empty"] = torch.zeros(0, 4)
+    save_file(tensors, tmp_path / "library.safetensors", metadata={"format": "pt"})
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    write_safetensors(tmp_path / "ours.safetensors", specs, tensors.__getitem__, {"format": "pt"})
+    library = (tmp_path / "library.safetensors").read_bytes()
+    assert (tmp_path / "ours.safetensors").read_bytes() == library
+
+
+def _in_memory(source, plan, out, **save):
+    model = AutoModelForCausalLM.from_pretrained(source)
+    apply_plan(model, plan)
+    model.save_pretrained(out, **save)
+    return model
+
+
+def _weights(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("model*.safetensors*"))}
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_streamed_blocks_equal_in_memory_surgery(model_type, tmp_path):
+    source = tmp_path / "source"
+    tiny_model(model_type).save_pretrained(source)
+    plan = Plan(num_layers=6, blocks=(1, 4))
+    expected = _in_memory(source, plan, tmp_path / "memory")
+    stream_depth_prune(source, plan, tmp_path / "stream")
+    assert _weights(tmp_path / "stream") == _weights(tmp_path / "memory")
+    config = json.loads((tmp_path / "stream" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "memory" / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected.eval()(ids).logits)
+
+
+def test_sharded_input_and_output_match_save_pretrained(tmp_path, monkeypatch):
+    monkeypatch.setattr("secateurs.streaming.CHUNK_BYTES", 100)  # copy a few rows at a time
+    source = tmp_path / "source"
+    model = tiny_model("llama")
+    model.save_pretrained(source, max_shard_size="20KB")
+    tiny_tokenizer().save_pretrained(source)
+    assert (source / "model.safetensors.index.json").is_file()
+    plan = Plan(num_layers=6, blocks=(0, 2, 3))
+    _in_memory(source, plan, tmp_path / "memory", max_shard_size="20KB")
+    stream_depth_prune(source, plan, tmp_path / "stream", {"note": "x"}, max_shard_size="20KB")
+    weights = _weights(tmp_path / "stream")
+    assert len(weights) > 2 and weights == _weights(tmp_path / "memory")
+    record = read_record(tmp_path / "stream")
+    assert record["plan"]["blocks"] == [0, 2, 3] and record["loading"]["plain_transformers"]
+    assert (tmp_path / "stream" / "tokenizer.json").is_file()
+
+
+def test_branch_plans_are_refused_before_writing(tmp_path):
+    source = tmp_path / "source"
+    tiny_model("llama").save_pretrained(source)
+    with pytest.raises(ConfigError, match="whole blocks only"):
+        stream_depth_prune(source, Plan(num_layers=6, attn=(2,)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_safetensors_input_is_refused(tmp_path):
+    tiny_model("llama").config.save_pretrained(tmp_path / "bare")
+    with pytest.raises(ConfigError, match="safetensors"):
+        stream_depth_prune(tmp_path / "bare", Plan(num_layers=6, blocks=(1,)), tmp_path / "o")
