@@ -89,3 +89,23 @@ def test_non_safetensors_input_is_refused(tmp_path):
     tiny_model("llama").config.save_pretrained(tmp_path / "bare")
     with pytest.raises(ConfigError, match="safetensors"):
         stream_depth_prune(tmp_path / "bare", Plan(num_layers=6, blocks=(1,)), tmp_path / "o")
+
+
+def test_structured_sources_are_refused_before_writing(tmp_path):
+    """A checkpoint with removed branches cannot be rebuilt from its config: refuse it."""
+    from secateurs.checkpoint import save_checkpoint
+
+    model = tiny_model("llama")
+    apply_plan(model, Plan(num_layers=6, mlp=(3,)))
+    save_checkpoint(model, None, tmp_path / "branches", {})
+    with pytest.raises(ConfigError, match="skipped_branches"):
+        stream_depth_prune(tmp_path / "branches", Plan(num_layers=6, blocks=(1,)), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stream_records_the_engines_of_a_plain_checkpoint(tmp_path):
+    source = tmp_path / "source"
+    tiny_model("llama").save_pretrained(source)
+    stream_depth_prune(source, Plan(num_layers=6, blocks=(2,)), tmp_path / "stream")
+    engines = read_record(tmp_path / "stream")["engines"]
+    assert engines["hf"]["expressible"] and "vLLM" in engines["hf"]["engines"]

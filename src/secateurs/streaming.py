@@ -28,8 +28,9 @@ from transformers.core_model_loading import dot_natural_key, revert_weight_conve
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from secateurs.adapters import adapter_for
-from secateurs.checkpoint import RECORD_FILE, atomic_directory, loading_note, write_json
+from secateurs.checkpoint import RECORD_FILE, loading_note, read_record, write_json
 from secateurs.errors import ConfigError
+from secateurs.outputs import atomic_directory, check_output_dir
 from secateurs.plan import Plan
 from secateurs.surgery import apply_plan
 
@@ -155,6 +156,14 @@ class CheckpointReader:
     def names(self) -> set[str]:
         return set(self.files)
 
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta tensor with ``name``'s dtype and shape (nothing read but the header)."""
+        with safe_open(self.files[name], framework="pt") as handle:
+            view = handle.get_slice(name)
+            shape, code = view.get_shape(), view.get_dtype()
+        dtype = next(dt for dt, (c, _) in _DTYPES.items() if c == code)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
     def read(self, name: str) -> torch.Tensor:
         with safe_open(self.files[name], framework="pt") as handle:
             return handle.get_tensor(name)
@@ -210,20 +219,39 @@ def saved_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 
 def output_tensors(
-    model: PreTrainedModel, plan: Plan
+    model: PreTrainedModel, plan: Plan, reader: CheckpointReader
 ) -> tuple[PreTrainedModel, dict[str, torch.Tensor], dict[str, str]]:
     """Apply ``plan`` to the meta ``model``: the output's tensors and, for each, the name it
-    has in the input checkpoint."""
+    has in the input checkpoint.
+
+    Where the model converts checkpoint tensors on load (MoE experts stored one by one and
+    stacked in memory), the saved names are found from the checkpoint's own names instead:
+    removed blocks' tensors dropped, later blocks renumbered.
+    """
     stored_name = {id(tensor): name for name, tensor in saved_state(model).items()}
     apply_plan(model, plan, adapter_for(model))
     state = saved_state(model)
-    unknown = [name for name, tensor in state.items() if id(tensor) not in stored_name]
-    if unknown:  # a converter built new tensors: not a pure renaming
-        raise ConfigError(
-            f"{model.config.model_type} checkpoints store converted weights ({unknown[:3]}): "
-            "streaming cannot copy them; use the in-memory path."
-        )
+    if any(id(tensor) not in stored_name for tensor in state.values()):
+        return model, *_renumbered_checkpoint(model, plan, reader)
     return model, state, {name: stored_name[id(t)] for name, t in state.items()}
+
+
+def _renumbered_checkpoint(
+    model: PreTrainedModel, plan: Plan, reader: CheckpointReader
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    prefix = adapter_for(model).layers_path + "."
+    position = {old: new for new, old in enumerate(plan.kept_layers)}
+    sources = {}
+    for name in reader.names():
+        if name.startswith(prefix):
+            index, rest = name[len(prefix) :].split(".", 1)
+            if int(index) not in position:
+                continue
+            sources[f"{prefix}{position[int(index)]}.{rest}"] = name
+        else:
+            sources[name] = name
+    order = sorted(sources, key=dot_natural_key)
+    return {name: reader.meta(sources[name]) for name in order}, sources
 
 
 def stream_depth_prune(
@@ -245,19 +273,37 @@ def stream_depth_prune(
             "Streaming surgery removes whole blocks only; branch removal needs the in-memory "
             "path (drop --streaming)."
         )
+    from secateurs.export import engines_for_model
+
+    check_output_dir(out, overwrite)
+    check_plain_source(source)
     reader = CheckpointReader(source)
-    model, state, sources = output_tensors(meta_skeleton(source), plan)
+    model, state, sources = output_tensors(meta_skeleton(source), plan, reader)
     check_sources(reader, sources, source)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in state.values()) + (20 << 20)
+    with atomic_directory(out, overwrite=overwrite, needed=needed) as tmp:
         _write_config(model, source, tmp)
         _write_weights(model, state, sources, reader, tmp, max_shard_size)
         _copy_tokenizer(source, tmp)
         full = dict(record or {}, plan=plan.to_dict())
         full["structure"] = {"skipped_branches": []}
         full["loading"] = loading_note(False)
+        full["engines"] = engines_for_model(model, plain=True)
         write_json(tmp / RECORD_FILE, full)
     log.info("Streamed %d of %d blocks to %s", len(plan.kept_layers), plan.num_layers, out)
     return Path(out)
+
+
+def check_plain_source(source: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose shapes only secateurs.json describes (removed branches,
+    per-layer widths or experts): its config alone cannot build the skeleton to stream."""
+    structure = read_record(source).get("structure", {})
+    if any(structure.get(key) for key in ("skipped_branches", "widths", "experts")):
+        raise ConfigError(
+            f"{source} has secateurs structure ({', '.join(k for k in structure if structure[k])})"
+            " that its config cannot express; streaming needs a plain checkpoint. Load it with "
+            "secateurs.load_model and prune in memory."
+        )
 
 
 def check_sources(reader: CheckpointReader, sources: dict[str, str], source: Any) -> None:
