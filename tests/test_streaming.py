@@ -109,3 +109,42 @@ def test_stream_records_the_engines_of_a_plain_checkpoint(tmp_path):
     stream_depth_prune(source, Plan(num_layers=6, blocks=(2,)), tmp_path / "stream")
     engines = read_record(tmp_path / "stream")["engines"]
     assert engines["hf"]["expressible"] and "vLLM" in engines["hf"]["engines"]
+
+
+def test_cli_stream_equals_in_memory_explicit_prune(tmp_path, capsys):
+    """`prune --stream` writes what `prune --blocks` saves, and records the same plan."""
+    from secateurs.cli import main
+
+    source = tmp_path / "source"
+    tiny_model("llama").save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    memory, stream = tmp_path / "memory", tmp_path / "stream"
+    assert main(["prune", str(source), "--blocks", "1,4", "--out", str(memory)]) == 0
+    assert main(["prune", str(source), "--blocks", "1,4", "--stream", "--out", str(stream)]) == 0
+    assert "(streamed)" in capsys.readouterr().out
+    assert _weights(stream) == _weights(memory)
+    config = json.loads((stream / "config.json").read_text())
+    assert config == json.loads((memory / "config.json").read_text())
+    streamed, saved = read_record(stream), read_record(memory)
+    for key in ("plan", "parameters", "loading", "engines", "structure"):
+        assert streamed[key] == saved[key], key
+    assert streamed["streamed"] is True
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--unit", "mlp", "--blocks", "1"], "whole blocks"),
+        (["--attn", "1"], "whole blocks"),
+        (["--remove", "2"], "needs the blocks"),
+        (["--blocks", "1", "--params", "100"], "not --ratio/--remove"),
+    ],
+)
+def test_cli_stream_refuses_what_it_cannot_do(tmp_path, capsys, flags, message):
+    from secateurs.cli import main
+
+    source = tmp_path / "source"
+    tiny_model("llama").save_pretrained(source)
+    assert main(["prune", str(source), "--stream", *flags, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

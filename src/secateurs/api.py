@@ -323,6 +323,37 @@ def prune(
     return PruneResult(model, chosen, history, record, Path(out) if out else None)
 
 
+def stream_prune(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    blocks: str | tuple[int, ...] | None = None,
+    plan: str | os.PathLike | dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Remove the named ``blocks`` (or a ``plan`` of blocks) from a local safetensors
+    checkpoint without loading its weights: tensors are copied a row block at a time, so
+    memory stays far below the model's size (``benchmarks/scale.py``). The output is what
+    ``prune`` with the same explicit selection saves, byte for byte."""
+    from secateurs.streaming import meta_skeleton, stream_depth_prune
+
+    check_output_dir(out, overwrite)  # before reading anything
+    skeleton = meta_skeleton(source)  # config only: every tensor on the meta device
+    adapter = adapter_for(skeleton)
+    chosen = explicit_plan(adapter.num_layers(skeleton), blocks, None, None, plan)
+    if chosen is None:
+        raise ConfigError("Streaming removes the blocks you name: give --blocks or --plan.")
+    before = count_parameters(skeleton)
+    apply_plan(skeleton, chosen, adapter)
+    spec = CriterionSpec("explicit", ())
+    record = _record(skeleton, chosen, spec, [], False, before, 0.0, str(source))
+    record["streamed"] = True
+    start = time.perf_counter()
+    stream_depth_prune(source, chosen, out, record, overwrite=overwrite)
+    log.info("Streamed surgery took %.1f s", time.perf_counter() - start)
+    return Path(out)
+
+
 def _calibration_tokens(calibration, tokenizer, data_root) -> torch.Tensor:
     tokens, _ = _calibration(True, calibration, tokenizer, data_root)
     return tokens

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,7 @@ def stream_depth_prune(
         )
     from secateurs.export import engines_for_model
 
+    start = time.perf_counter()
     check_output_dir(out, overwrite)
     check_plain_source(source)
     reader = CheckpointReader(source)
@@ -289,9 +291,17 @@ def stream_depth_prune(
         full["structure"] = {"skipped_branches": []}
         full["loading"] = loading_note(False)
         full["engines"] = engines_for_model(model, plain=True)
+        full.setdefault("timings", {})["surgery_s"] = round(time.perf_counter() - start, 3)
+        full["timings"]["peak_rss_mb"] = _peak_rss_mb()
         write_json(tmp / RECORD_FILE, full)
     log.info("Streamed %d of %d blocks to %s", len(plan.kept_layers), plan.num_layers, out)
     return Path(out)
+
+
+def _peak_rss_mb() -> float:
+    from secateurs.api import peak_rss_mb
+
+    return round(peak_rss_mb(), 1)
 
 
 def check_plain_source(source: str | os.PathLike) -> None:

@@ -134,6 +134,36 @@ def add_selection_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attn", help="remove these layers' attention branches")
     group.add_argument("--mlp", help="remove these layers' MLP branches")
     group.add_argument("--plan", type=Path, help="a plan JSON (or another run's secateurs.json)")
+    group.add_argument(
+        "--stream",
+        action="store_true",
+        help="with --blocks/--plan on a local safetensors checkpoint: copy the kept tensors "
+        "without loading the model (models larger than memory)",
+    )
+
+
+def _stream(args: argparse.Namespace) -> int:
+    """``--stream``: explicit blocks, no scoring, no model in memory."""
+    from secateurs.api import stream_prune
+
+    if args.unit != "block" or args.attn is not None or args.mlp is not None:
+        raise ConfigError("--stream removes whole blocks (--unit block with --blocks or --plan).")
+    if args.blocks is None and args.plan is None:
+        raise ConfigError("--stream needs the blocks to remove: --blocks 12,13 or --plan FILE.")
+    if any(x is not None for x in (args.ratio, args.remove, args.params, args.scores)):
+        raise ConfigError("--stream takes an explicit --blocks/--plan, not --ratio/--remove.")
+    if not Path(args.model).is_dir():
+        raise ConfigError(f"--stream needs a local checkpoint directory; {args.model} is not one.")
+    out = stream_prune(
+        args.model, args.out, blocks=args.blocks, plan=args.plan, overwrite=args.overwrite
+    )
+    record = read_record(out)
+    params = record["parameters"]
+    print(f"removed: blocks {list(record['plan']['blocks'])}")
+    print(f"parameters: {params['before']:,} -> {params['after']:,}")
+    print(f"peak memory: {record['timings']['peak_rss_mb']:,} MB (streamed)")
+    print(f"saved: {out}")
+    return 0
 
 
 def depth_extras(args: argparse.Namespace) -> dict:
@@ -233,6 +263,8 @@ class Prune(Command):
                 "Say what to remove: --ratio R, --remove N, --params P, or an explicit "
                 "--blocks/--attn/--mlp/--plan."
             )
+        if args.stream:
+            return _stream(args)
         if args.target is not None and args.unit not in WIDTH_UNITS:
             raise ConfigError("--target constrains width pruning (--unit heads|channels|width).")
         if args.unit in WIDTH_UNITS:  # validate width options before loading anything

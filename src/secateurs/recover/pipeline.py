@@ -155,7 +155,7 @@ def recover(
     """Retrain the pruned checkpoint ``pruned`` with ``method`` and save it merged to ``out``."""
     method = METHODS.canonical(method)
     configs = stage_configs(method, train, lora_train)
-    if out is not None:
+    if out is not None and _is_main_process():  # one writer: the main process claims `out`
         check_output_dir(out, overwrite)
     work = Path(work_dir) if work_dir else default_work_dir(out or "secateurs-recover")
     for stage in configs:  # a stale work dir without --resume: refuse before loading anything
