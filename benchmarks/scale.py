@@ -77,15 +77,6 @@ def write_random_checkpoint(directory: Path, shard: str = "5GB") -> None:
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-STREAM = """
-import sys
-from secateurs.plan import Plan
-from secateurs.streaming import stream_depth_prune
-source, out, blocks, layers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-plan = Plan(num_layers=layers, blocks=tuple(int(b) for b in blocks.split(",")))
-stream_depth_prune(source, plan, out, {"source_model": source}, overwrite=True)
-"""
-
 LOAD = """
 import sys, torch
 from transformers import AutoModelForCausalLM
@@ -111,10 +102,9 @@ def main() -> None:
     if not (source / "model.safetensors.index.json").is_file():
         seconds, peak = run_measured([sys.executable, __file__, "--write-only", str(source)])
         print(f"wrote {size_gb(source):.2f} GB in {seconds:.0f} s (peak RSS {peak:,.0f} MB)")
-    layers = LLAMA_3_2_3B["num_hidden_layers"]
-    seconds, peak = run_measured(
-        [sys.executable, "-c", STREAM, str(source), str(out), args.blocks, str(layers)]
-    )
+    # the user's command: secateurs prune SOURCE --blocks ... --stream
+    stream = ["prune", str(source), "--blocks", args.blocks, "--stream", "--out", str(out)]
+    seconds, peak = run_measured([sys.executable, "-m", "secateurs.cli", *stream, "--overwrite"])
     load_s, load_peak = run_measured([sys.executable, "-c", LOAD, str(out)])
     rows = [
         dict(
