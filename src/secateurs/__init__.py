@@ -23,6 +23,7 @@ _EXPORTS = {
     "perplexity": "secateurs.evaluate.ppl",
     "prune": "secateurs.api",
     "score_units": "secateurs.api",
+    "stream_prune": "secateurs.api",
 }
 
 __all__ = sorted(_EXPORTS)
