@@ -79,6 +79,17 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+# What ``secateurs.json`` may record that a Hugging Face config cannot describe.
+STRUCTURE_KEYS = ("skipped_branches", "widths", "experts")
+
+
+def recorded_structure(directory: str | os.PathLike) -> list[str]:
+    """The structure kinds (``STRUCTURE_KEYS``) present in ``directory``'s record; empty for a
+    checkpoint whose config alone describes every shape."""
+    structure = read_record(directory).get("structure", {})
+    return [key for key in STRUCTURE_KEYS if structure.get(key)]
+
+
 # --- config.json --------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from transformers.core_model_loading import dot_natural_key, revert_weight_conve
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from secateurs.adapters import adapter_for
-from secateurs.checkpoint import RECORD_FILE, loading_note, read_record, write_json
+from secateurs.checkpoint import RECORD_FILE, loading_note, recorded_structure, write_json
 from secateurs.errors import ConfigError
 from secateurs.outputs import atomic_directory, check_output_dir
 from secateurs.plan import Plan
@@ -307,12 +307,12 @@ def _peak_rss_mb() -> float:
 def check_plain_source(source: str | os.PathLike) -> None:
     """Refuse a checkpoint whose shapes only secateurs.json describes (removed branches,
     per-layer widths or experts): its config alone cannot build the skeleton to stream."""
-    structure = read_record(source).get("structure", {})
-    if any(structure.get(key) for key in ("skipped_branches", "widths", "experts")):
+    kinds = recorded_structure(source)
+    if kinds:
         raise ConfigError(
-            f"{source} has secateurs structure ({', '.join(k for k in structure if structure[k])})"
-            " that its config cannot express; streaming needs a plain checkpoint. Load it with "
-            "secateurs.load_model and prune in memory."
+            f"{source} has secateurs structure ({', '.join(kinds)}) that its config cannot "
+            "express; streaming needs a plain checkpoint. Load it with secateurs.load_model and "
+            "prune in memory."
         )
 
 

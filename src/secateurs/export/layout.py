@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from secateurs.checkpoint import read_record, unmarked_config_dict
+from secateurs.checkpoint import read_record, recorded_structure, unmarked_config_dict
 from secateurs.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def read_layout(directory: str | Path) -> Layout:
     directory = Path(directory)
     config = unmarked_config_dict(directory)
     structure = read_record(directory).get("structure", {})
-    plain = not any(structure.get(key) for key in ("widths", "skipped_branches", "experts"))
+    plain = not recorded_structure(directory)
     if config.get("model_type") not in LLAMA_FAMILY:
         return Layout(config, (), plain)
     n = int(config["num_hidden_layers"])
