@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
 from secateurs.errors import ConfigError, DataError, OutputExistsError
+from secateurs.recover.distributed import distributed_record, meta_skeleton, whole_model
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +269,18 @@ def run_trainer(
     device: str = "cpu",
     progress: bool = True,
     **trainer_kwargs: Any,
-) -> tuple[Trainer, StageResult]:
-    """Train ``model`` on ``blocks`` with ``trainer_cls``; checkpoints go to ``work_dir``."""
+) -> tuple[torch.nn.Module, StageResult]:
+    """Train ``model`` on ``blocks`` with ``trainer_cls``; checkpoints go to ``work_dir``.
+
+    Returns the trained model unwrapped and whole (gathered from the shards after FSDP).
+    """
     work_dir = Path(work_dir)
     checkpoint = resume_point(work_dir, resume)
     args = training_arguments(config, work_dir, device, progress)
     dataset = PackedBlocks(blocks)
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, **trainer_kwargs)
+    # FSDP shards `model` in place: keep its module tree to rebuild it whole afterwards
+    skeleton = meta_skeleton(model) if trainer.is_fsdp_enabled else None
     _scheduler_total(trainer, config)
     log.info(
         "%s: %d steps of %d tokens (%s)%s",
@@ -288,7 +294,9 @@ def run_trainer(
     trainer.train(resume_from_checkpoint=checkpoint)
     result = _stage_result(trainer, config, method, time.perf_counter() - start, checkpoint)
     result.config["precision"] = "bf16 mixed" if args.bf16 else "fp32"  # what 'auto' became
-    return trainer, result
+    result.config["distributed"] = distributed_record(trainer)
+    trained = whole_model(trainer.accelerator.unwrap_model(trainer.model), skeleton)
+    return trained, result
 
 
 def _stage_result(

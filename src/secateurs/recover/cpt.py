@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel
 
 from secateurs.recover.common import (
     StageResult,
@@ -16,9 +16,10 @@ from secateurs.recover.common import (
     restore_inference_settings,
     run_trainer,
 )
+from secateurs.recover.distributed import RecoveryTrainer
 
 
-class CausalLMTrainer(Trainer):
+class CausalLMTrainer(RecoveryTrainer):
     """The HF Trainer; a named subclass so logs and checkpoints say what trained."""
 
 
@@ -35,7 +36,7 @@ def train_cpt(
     """Train every parameter of ``model`` on ``blocks``; returns the trained model."""
     model.requires_grad_(True)
     model.train()
-    trainer, result = run_trainer(
+    trained, result = run_trainer(
         CausalLMTrainer,
         model,
         blocks,
@@ -46,5 +47,4 @@ def train_cpt(
         device=device,
         progress=progress,
     )
-    trained = trainer.accelerator.unwrap_model(trainer.model)
     return restore_inference_settings(trained), result

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel
 
 from secateurs.errors import ConfigError
 from secateurs.recover.common import (
@@ -22,6 +22,7 @@ from secateurs.recover.common import (
     restore_inference_settings,
     run_trainer,
 )
+from secateurs.recover.distributed import RecoveryTrainer
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def distillation_kl(
     return kl * temperature**2
 
 
-class DistillTrainer(Trainer):
+class DistillTrainer(RecoveryTrainer):
     """Trainer whose loss is the teacher-student KL (plus an optional LM term)."""
 
     # compute_loss returns a per-micro-batch mean: let the Trainer divide by grad_accum.
@@ -103,7 +104,7 @@ def train_distill(
     check_teacher(model, teacher)
     model.requires_grad_(True)
     model.train()
-    trainer, result = run_trainer(
+    trained, result = run_trainer(
         DistillTrainer,
         model,
         blocks,
@@ -117,5 +118,4 @@ def train_distill(
         settings=settings,
     )
     result.extra = {"distill": settings.to_dict()}
-    trained = trainer.accelerator.unwrap_model(trainer.model)
     return restore_inference_settings(trained), result

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, set_seed
 
 from secateurs.errors import ConfigError
 from secateurs.recover.common import (
@@ -85,11 +85,14 @@ def train_lora(
     merge: bool = True,
 ) -> tuple[PreTrainedModel, StageResult]:
     """Train LoRA adapters on ``blocks``; returns the merged model (or the PeftModel)."""
+    # seeded adapters: reproducible runs, and the same start on every process (FSDP shards
+    # each process's own copy, so different random starts would be silently mixed)
+    set_seed(config.seed)
     peft_model = attach_lora(model, settings)
     peft_model.train()
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()  # frozen embeddings would cut the graph
-    trainer, result = run_trainer(
+    trained, result = run_trainer(
         CausalLMTrainer,
         peft_model,
         blocks,
@@ -106,7 +109,6 @@ def train_lora(
         "trainable_parameters": trainable,
         "all_parameters": total,
     }
-    trained = trainer.accelerator.unwrap_model(trainer.model)
     if not merge:
         return trained, result
     return restore_inference_settings(merge_lora(trained)), result

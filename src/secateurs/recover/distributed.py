@@ -1,0 +1,143 @@
+"""Recovery under ``accelerate launch``: what the launcher asked for, FSDP2 on CPU, whole models.
+
+accelerate (1.15) turns its FSDP plugin on only for accelerator devices: with CPU processes
+(gloo) the plugin is dropped and the model is silently wrapped in DDP. torch's FSDP2
+(``fully_shard``) runs on CPU over gloo, so ``RecoveryTrainer`` switches the accelerator state
+to FSDP when the launcher asked for FSDP2 and the processes run on CPU. FSDP1 has no CPU path
+and DeepSpeed needs CUDA: both are refused before the model is loaded.
+
+After FSDP training every parameter is a shard (DTensor). ``whole_model`` gathers the full
+weights on every process into an unsharded copy of the module tree (built on the meta device
+before sharding, so it costs no memory), which is what saving, LoRA merging and the next stage
+need.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from secateurs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CPU_FSDP_CONFIG = "configs/accelerate/fsdp_cpu.yaml"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("true", "1", "yes")
+
+
+def launcher_fsdp_version() -> int | None:
+    """The FSDP version ``accelerate launch`` asked for (None: no FSDP)."""
+    if not _env_flag("ACCELERATE_USE_FSDP"):
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
+def launcher_backend() -> str:
+    """'fsdp1', 'fsdp2', 'deepspeed' or 'ddp' (also for a single process)."""
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    version = launcher_fsdp_version()
+    return "ddp" if version is None else f"fsdp{version}"
+
+
+def check_launch(device: str) -> None:
+    """Refuse launcher settings that cannot run on ``device``, before any model is loaded."""
+    if not str(device).startswith("cpu"):
+        return
+    backend = launcher_backend()
+    if backend == "fsdp1":
+        raise ConfigError(
+            "FSDP version 1 needs GPUs; on CPU processes set `fsdp_version: 2` in the accelerate "
+            f"config (as {CPU_FSDP_CONFIG} does)."
+        )
+    if backend == "deepspeed":
+        raise ConfigError(
+            "DeepSpeed needs CUDA devices; on CPU processes launch with "
+            f"configs/accelerate/ddp.yaml or {CPU_FSDP_CONFIG}."
+        )
+
+
+class RecoveryTrainer(Trainer):
+    """The HF Trainer, with FSDP2 kept on when ``accelerate launch`` runs CPU processes."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if launcher_fsdp_version() == 2 and not self.is_fsdp_enabled:
+            _switch_to_fsdp2(self)
+
+
+def _switch_to_fsdp2(trainer: Trainer) -> None:
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return  # a single process, or a device accelerate already handles itself
+    # the plugin accelerate built from the launcher's FSDP_* variables and then dropped
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    state.distributed_type = DistributedType.FSDP
+    # as accelerate records it on GPUs: every later AcceleratorState() copies it from here
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+    log.info("FSDP2 on %d CPU processes (gloo).", state.num_processes)
+
+
+# --- whole models after sharded training --------------------------------------------------------
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s module tree whose parameters are on the meta device (no memory).
+
+    Buffers are copied (rotary tables etc. are not in the state dict). Shared parameters stay
+    shared, so tied embeddings remain tied.
+    """
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        meta = torch.empty_like(param, device="meta")
+        memo[id(param)] = torch.nn.Parameter(meta, requires_grad=param.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every entry of ``model``'s state dict whole, on every process (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for name, value in model.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()  # all processes call this in the same order
+        state[name] = value.detach().to("cpu", copy=True)
+    return state
+
+
+def whole_model(trained: torch.nn.Module, skeleton: torch.nn.Module | None) -> torch.nn.Module:
+    """``trained`` itself, or (when FSDP sharded it) its full weights in ``skeleton``."""
+    if skeleton is None or not is_sharded(trained):
+        return trained
+    skeleton.load_state_dict(full_state_dict(trained), assign=True)
+    if hasattr(skeleton, "tie_weights"):
+        skeleton.tie_weights()  # assign=True put separate tensors under tied names
+    return skeleton
+
+
+def distributed_record(trainer: Trainer) -> dict[str, Any]:
+    """How the stage was trained: backend (from the trained model, not the config), processes."""
+    state = trainer.accelerator.state
+    backend = "fsdp2" if is_sharded(trainer.model) else launcher_backend()
+    if state.num_processes == 1:
+        backend = "single"
+    return {"backend": backend, "processes": state.num_processes, "device": str(state.device)}
