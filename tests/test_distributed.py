@@ -1,10 +1,13 @@
-"""Recovery under ``accelerate launch`` with 2 CPU processes (DDP over gloo), as users run it.
+"""Recovery under ``accelerate launch`` with 2 CPU processes over gloo, as users run it: DDP
+(configs/accelerate/ddp.yaml) and FSDP2 (configs/accelerate/fsdp_cpu.yaml).
 
 Two processes with a per-process batch B see, at every optimizer step, the same 2·B blocks as
 one process with batch B and 2 gradient-accumulation steps (accelerate shards consecutive
-batches of one seeded permutation across ranks), and DDP averages the two gradients exactly as
+batches of one seeded permutation across ranks), and DDP / FSDP average the two gradients as
 accumulation does. So the loss curves and the trained weights must agree; we allow 1e-5
-(absolute, loss in nats; weights) for reduction-order differences, and see 0 on this machine.
+(absolute, loss in nats; weights) for reduction-order differences. Measured on this machine:
+DDP 0 and 0; FSDP2 curves 0 (CPT, LoRA) and 1.2e-7 (distill), weights 8.5e-7 (CPT), 0 (LoRA),
+1.5e-6 (distill): FSDP's reduce-scatter sums the shards' gradients in another order.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ import pytest
 from safetensors.torch import load_file
 
 from secateurs.checkpoint import save_checkpoint
+from secateurs.errors import ConfigError
+from secateurs.recover import TrainConfig, recover
+from secateurs.recover.distributed import meta_skeleton
 from test_recover import char_tokenizer
 from tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP_CONFIG = ROOT / "configs" / "accelerate" / "ddp.yaml"
+FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp_cpu.yaml"
 TOLERANCE = 1e-5
 WORDS = [
     "alpha",
@@ -45,9 +52,10 @@ WORDS = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path]:
-    """A saved tiny LLaMA and a text whose 64-character blocks all differ."""
+    """A saved tiny LLaMA (and another as teacher) and a text whose 64-character blocks differ."""
     root = tmp_path_factory.mktemp("ddp")
     save_checkpoint(tiny_model("llama"), char_tokenizer(), root / "model", {})
+    save_checkpoint(tiny_model("llama", seed=1), char_tokenizer(), root / "teacher", {})
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(60)]
     (root / "train.txt").write_text("\n".join(lines))
@@ -60,9 +68,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _recover_args(model: Path, text: Path, out: Path, *extra: str) -> list[str]:
+def _recover_args(
+    model: Path, text: Path, out: Path, *extra: str, method: str = "cpt"
+) -> list[str]:
     return [
-        "recover", str(model), "--method", "cpt", "--data", str(text), "--tokens", "4096",
+        "recover", str(model), "--method", method, "--data", str(text), "--tokens", "4096",
         "--seq-len", "64", "--batch-size", "2", "--lr", "2e-2", "--warmup", "0",
         "--out", str(out), *extra,
     ]  # fmt: skip
@@ -75,10 +85,10 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-def launch(args: list[str]) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file configs/accelerate/ddp.yaml -m secateurs.cli ARGS``."""
+def launch(args: list[str], config: Path = DDP_CONFIG) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG -m secateurs.cli ARGS``."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    options = ["--config_file", str(DDP_CONFIG), "--main_process_port", str(_free_port())]
+    options = ["--config_file", str(config), "--main_process_port", str(_free_port())]
     return _run([*launcher, *options, "-m", "secateurs.cli", *args])
 
 
@@ -88,6 +98,12 @@ def single(args: list[str]) -> subprocess.CompletedProcess:
 
 def curve(out: Path) -> list[float]:
     return [point["loss"] for point in json.loads((out / "loss_curve.json").read_text())]
+
+
+def backends(out: Path) -> list[dict]:
+    """How each stage was trained, as the recovery record says."""
+    stages = json.loads((out / "secateurs.json").read_text())["recovery"]["stages"]
+    return [stage["config"]["distributed"]["backend"] for stage in stages]
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
@@ -103,13 +119,21 @@ def ddp_out(setup, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]
     return out, launch(_recover_args(model, text, out))
 
 
-def test_two_processes_train_like_one_with_gradient_accumulation(setup, ddp_out, tmp_path):
+@pytest.fixture(scope="module")
+def one_out(setup, tmp_path_factory) -> Path:
+    """CPT in one process with 2 accumulation steps: the reference for 2 processes."""
     model, text = setup
+    out = tmp_path_factory.mktemp("runs") / "one"
+    single(_recover_args(model, text, out, "--grad-accum", "2"))
+    return out
+
+
+def test_two_processes_train_like_one_with_gradient_accumulation(ddp_out, one_out):
     ddp, _ = ddp_out
-    one = tmp_path / "one"
-    single(_recover_args(model, text, one, "--grad-accum", "2"))
+    one = one_out
     record = json.loads((ddp / "secateurs.json").read_text())["recovery"]
     assert record["stages"][0]["config"]["tokens_per_step"] == 2 * 2 * 64  # world size 2
+    assert backends(ddp) == ["ddp"] and backends(one) == ["single"]
     assert len(curve(ddp)) == len(curve(one)) == 16
     assert max(abs(a - b) for a, b in zip(curve(ddp), curve(one), strict=True)) <= TOLERANCE
     assert curve(ddp)[-1] < curve(ddp)[0] - 1.0  # it learned
@@ -137,9 +161,71 @@ def test_interrupted_two_process_run_resumes_to_the_same_model(setup, ddp_out, t
     assert max_weight_difference(out, ddp) <= TOLERANCE
 
 
+# --- FSDP2 ---------------------------------------------------------------------------------------
+
+
+def test_fsdp_interrupted_and_resumed_trains_like_one_process(setup, one_out, tmp_path):
+    """FSDP2 CPT stopped at step 8 (checkpoints taken under FSDP) and resumed equals the
+    one-process run; the saved model is the whole gathered one, written once."""
+    model, text = setup
+    out = tmp_path / "fsdp"
+    args = _recover_args(model, text, out, "--save-steps", "4")
+    launch([*args, "--max-steps", "8"], FSDP_CONFIG)
+    assert not out.exists()
+    checkpoint = tmp_path / "fsdp.work" / "cpt" / "checkpoint-8"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP state
+    assert (checkpoint / "optimizer.bin").is_file()
+    done = launch([*args, "--resume"], FSDP_CONFIG)
+    assert done.stdout.count("saved:") == 1
+    assert backends(out) == ["fsdp2"]
+    assert len(curve(out)) == 16
+    assert curve(out) == pytest.approx(curve(one_out), abs=TOLERANCE)
+    assert max_weight_difference(out, one_out) <= TOLERANCE
+
+
+# last / first loss: LoRA (CE) 4.84 -> 4.66; distillation (KL to a random teacher) 0.013 -> 0.006
+LEARNED = {"lora": 0.98, "distill": 0.6}
+
+
+@pytest.mark.parametrize("method", ["lora", "distill"])
+def test_fsdp_lora_and_distillation_train_like_one_process(setup, tmp_path, method):
+    """LoRA (adapters sharded with the frozen base, merged after the gather) and distillation
+    (the teacher replicated on every process, not sharded) under FSDP2."""
+    model, text = setup
+    teacher = ["--teacher", str(model.parent / "teacher")]
+    extra = ["--lora-dropout", "0"] if method == "lora" else teacher  # dropout: rank-local RNG
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    launch(_recover_args(model, text, fsdp, *extra, method=method), FSDP_CONFIG)
+    single(_recover_args(model, text, one, *extra, "--grad-accum", "2", method=method))
+    assert backends(fsdp) == ["fsdp2"]
+    assert curve(fsdp) == pytest.approx(curve(one), abs=TOLERANCE)
+    assert curve(fsdp)[-1] < LEARNED[method] * curve(fsdp)[0]  # it learned
+    assert max_weight_difference(fsdp, one) <= TOLERANCE
+    assert max_weight_difference(fsdp, model) > 1e-3  # and changed the model
+
+
+def test_fsdp_version_1_is_refused_before_loading(setup, tmp_path, monkeypatch):
+    model, text = setup
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        recover(model, tmp_path / "out", method="cpt", data=str(text), train=TrainConfig(4096))
+    assert not (tmp_path / "out").exists()
+
+
+def test_meta_skeleton_copies_the_module_tree_without_the_weights():
+    model = tiny_model("llama")
+    skeleton = meta_skeleton(model)
+    assert [n for n, _ in skeleton.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert not any(p.is_meta for p in model.parameters())  # the original is untouched
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight  # still tied
+    assert not skeleton.model.rotary_emb.inv_freq.is_meta  # buffers are not in state dicts
+
+
 def test_shipped_accelerate_configs_parse():
-    """Every config we document loads with accelerate's own parser (FSDP and DeepSpeed need
-    GPUs: accelerate's FSDP plugin refuses CPU, and DeepSpeed does not install here)."""
+    """Every config we document loads with accelerate's own parser (the GPU ones, fsdp.yaml
+    and deepspeed_zero2.yaml, cannot run here)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     for path in sorted(DDP_CONFIG.parent.glob("*.yaml")):

@@ -3,8 +3,9 @@
 accelerate (1.15) turns its FSDP plugin on only for accelerator devices: with CPU processes
 (gloo) the plugin is dropped and the model is silently wrapped in DDP. torch's FSDP2
 (``fully_shard``) runs on CPU over gloo, so ``RecoveryTrainer`` switches the accelerator state
-to FSDP when the launcher asked for FSDP2 and the processes run on CPU. FSDP1 has no CPU path
-and DeepSpeed needs CUDA: both are refused before the model is loaded.
+to FSDP when the launcher asked for FSDP2 and the processes run on CPU. FSDP1 (flat parameters,
+which ``whole_model`` does not gather) is refused before the model is loaded, and so is
+DeepSpeed on CPU.
 
 After FSDP training every parameter is a shard (DTensor). ``whole_model`` gathers the full
 weights on every process into an unsharded copy of the module tree (built on the meta device
@@ -49,16 +50,15 @@ def launcher_backend() -> str:
 
 
 def check_launch(device: str) -> None:
-    """Refuse launcher settings that cannot run on ``device``, before any model is loaded."""
-    if not str(device).startswith("cpu"):
-        return
+    """Refuse launcher settings this code cannot train with, before any model is loaded."""
     backend = launcher_backend()
     if backend == "fsdp1":
         raise ConfigError(
-            "FSDP version 1 needs GPUs; on CPU processes set `fsdp_version: 2` in the accelerate "
-            f"config (as {CPU_FSDP_CONFIG} does)."
+            "Recovery supports FSDP version 2 only (its DTensor shards are gathered into the "
+            "saved model; FSDP1's flat parameters are not): set `fsdp_version: 2` in the "
+            f"accelerate config, as configs/accelerate/fsdp.yaml and {CPU_FSDP_CONFIG} do."
         )
-    if backend == "deepspeed":
+    if backend == "deepspeed" and str(device).startswith("cpu"):
         raise ConfigError(
             "DeepSpeed needs CUDA devices; on CPU processes launch with "
             f"configs/accelerate/ddp.yaml or {CPU_FSDP_CONFIG}."
