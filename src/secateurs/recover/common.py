@@ -23,7 +23,12 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
 from secateurs.errors import ConfigError, DataError, OutputExistsError
-from secateurs.recover.distributed import distributed_record, meta_skeleton, whole_model
+from secateurs.recover.distributed import (
+    device_arguments,
+    distributed_record,
+    meta_skeleton,
+    whole_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +222,7 @@ def training_arguments(
         include_num_input_tokens_seen="all",
         seed=config.seed,
         data_seed=config.seed,
-        use_cpu=str(device) == "cpu",
+        **device_arguments(device),
         report_to="none",
         disable_tqdm=not progress,
         dataloader_num_workers=0,

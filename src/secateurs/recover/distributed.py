@@ -4,8 +4,10 @@ accelerate (1.15) turns its FSDP plugin on only for accelerator devices: with CP
 (gloo) the plugin is dropped and the model is silently wrapped in DDP. torch's FSDP2
 (``fully_shard``) runs on CPU over gloo, so ``RecoveryTrainer`` switches the accelerator state
 to FSDP when the launcher asked for FSDP2 and the processes run on CPU. FSDP1 (flat parameters,
-which ``whole_model`` does not gather) is refused before the model is loaded, and so is
-DeepSpeed on CPU.
+which ``whole_model`` does not gather) is refused before the model is loaded.
+
+DeepSpeed runs on CPU too (its CPU accelerator talks gloo), but accelerate starts it only for a
+state created without ``cpu=True`` and with a backend: ``device_arguments`` asks for that.
 
 After FSDP training every parameter is a shard (DTensor). ``whole_model`` gathers the full
 weights on every process into an unsharded copy of the module tree (built on the meta device
@@ -16,6 +18,7 @@ need.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 from typing import Any
@@ -49,7 +52,7 @@ def launcher_backend() -> str:
     return "ddp" if version is None else f"fsdp{version}"
 
 
-def check_launch(device: str) -> None:
+def check_launch() -> None:
     """Refuse launcher settings this code cannot train with, before any model is loaded."""
     backend = launcher_backend()
     if backend == "fsdp1":
@@ -58,11 +61,25 @@ def check_launch(device: str) -> None:
             "saved model; FSDP1's flat parameters are not): set `fsdp_version: 2` in the "
             f"accelerate config, as configs/accelerate/fsdp.yaml and {CPU_FSDP_CONFIG} do."
         )
-    if backend == "deepspeed" and str(device).startswith("cpu"):
+    if backend == "deepspeed" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ConfigError(
-            "DeepSpeed needs CUDA devices; on CPU processes launch with "
-            f"configs/accelerate/ddp.yaml or {CPU_FSDP_CONFIG}."
+            "DeepSpeed ZeRO-3 partitions the weights and recovery does not gather them for the "
+            "saved model: use ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml) or FSDP2 "
+            "(configs/accelerate/fsdp.yaml)."
         )
+    if backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "The accelerate config asks for DeepSpeed, which is not installed: "
+            "pip install 'secateurs[deepspeed]' (or launch with configs/accelerate/ddp.yaml)."
+        )
+
+
+def device_arguments(device: str) -> dict[str, Any]:
+    """TrainingArguments for ``device``: CPU DeepSpeed needs use_cpu off and gloo named."""
+    on_cpu = str(device) == "cpu"
+    if on_cpu and launcher_backend() == "deepspeed":
+        return {"use_cpu": False, "ddp_backend": "gloo"}
+    return {"use_cpu": on_cpu}
 
 
 class RecoveryTrainer(Trainer):
@@ -135,9 +152,15 @@ def whole_model(trained: torch.nn.Module, skeleton: torch.nn.Module | None) -> t
 
 
 def distributed_record(trainer: Trainer) -> dict[str, Any]:
-    """How the stage was trained: backend (from the trained model, not the config), processes."""
+    """How the stage was trained, read from the accelerator that trained it."""
+    from accelerate.utils import DistributedType
+
     state = trainer.accelerator.state
-    backend = "fsdp2" if is_sharded(trainer.model) else launcher_backend()
-    if state.num_processes == 1:
-        backend = "single"
+    kind = state.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        backend = f"deepspeed-zero{state.deepspeed_plugin.zero_stage}"
+    elif kind == DistributedType.FSDP:
+        backend = f"fsdp{state.fsdp_plugin.fsdp_version}"
+    else:
+        backend = "single" if state.num_processes == 1 else "ddp"
     return {"backend": backend, "processes": state.num_processes, "device": str(state.device)}

@@ -156,7 +156,7 @@ def recover(
     """Retrain the pruned checkpoint ``pruned`` with ``method`` and save it merged to ``out``."""
     method = METHODS.canonical(method)
     configs = stage_configs(method, train, lora_train)
-    check_launch(device)
+    check_launch()
     if out is not None and _is_main_process():  # one writer: the main process claims `out`
         check_output_dir(out, overwrite)
     work = Path(work_dir) if work_dir else default_work_dir(out or "secateurs-recover")
