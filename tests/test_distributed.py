@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from secateurs.checkpoint import save_checkpoint
 from secateurs.errors import ConfigError
 from secateurs.recover import TrainConfig, recover
-from secateurs.recover.distributed import meta_skeleton
+from secateurs.recover.distributed import meta_skeleton, process_device
 from test_recover import char_tokenizer
 from tiny_models import tiny_model
 
@@ -287,3 +287,12 @@ def test_shipped_accelerate_configs_parse():
     for path in sorted(DDP_CONFIG.parent.glob("*.yaml")):
         config = load_config_from_file(str(path))
         assert config.num_processes >= 2, path
+
+
+def test_cuda_means_this_processes_gpu_under_a_launcher(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device("cuda") == "cuda:3"
+    assert process_device("cuda:0") == "cuda:0"  # an explicit index is kept
+    assert process_device("cpu") == "cpu"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert process_device("cuda") == "cuda"

@@ -74,6 +74,14 @@ def check_launch() -> None:
         )
 
 
+def process_device(device: str) -> str:
+    """'cuda' under a launcher means this process's GPU (LOCAL_RANK), not every process on GPU 0."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if str(device) == "cuda" and local_rank is not None:
+        return f"cuda:{local_rank}"
+    return str(device)
+
+
 def device_arguments(device: str) -> dict[str, Any]:
     """TrainingArguments for ``device``: CPU DeepSpeed needs use_cpu off and gloo named."""
     on_cpu = str(device) == "cpu"

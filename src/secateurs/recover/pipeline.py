@@ -34,7 +34,7 @@ from secateurs.models import load_model
 from secateurs.recover.common import StageResult, TrainConfig, resume_point, training_blocks
 from secateurs.recover.cpt import train_cpt
 from secateurs.recover.distill import DistillSettings, train_distill
-from secateurs.recover.distributed import check_launch
+from secateurs.recover.distributed import check_launch, process_device
 from secateurs.recover.lora import LoraSettings, train_lora
 from secateurs.registry import Registry
 
@@ -157,6 +157,7 @@ def recover(
     method = METHODS.canonical(method)
     configs = stage_configs(method, train, lora_train)
     check_launch()
+    device = process_device(device)
     if out is not None and _is_main_process():  # one writer: the main process claims `out`
         check_output_dir(out, overwrite)
     work = Path(work_dir) if work_dir else default_work_dir(out or "secateurs-recover")
