@@ -2,7 +2,8 @@
 
 Thin over peft and the HF Trainer. ``recover`` is the one-call entry point (``secateurs
 recover`` on the command line); ``train_lora`` / ``train_cpt`` / ``train_distill`` work on
-in-memory models.
+in-memory models. Under ``accelerate launch`` the same calls train with DDP, FSDP2 or
+DeepSpeed ZeRO-2 (``secateurs.recover.distributed``).
 """
 
 from secateurs.recover.common import StageResult, TrainConfig, pack_documents, training_blocks
