@@ -105,10 +105,25 @@ def curve(out: Path) -> list[float]:
     return [point["loss"] for point in json.loads((out / "loss_curve.json").read_text())]
 
 
-def backends(out: Path) -> list[dict]:
+def distributed(out: Path) -> list[dict]:
     """How each stage was trained, as the recovery record says."""
     stages = json.loads((out / "secateurs.json").read_text())["recovery"]["stages"]
-    return [stage["config"]["distributed"]["backend"] for stage in stages]
+    return [stage["config"]["distributed"] for stage in stages]
+
+
+def backends(out: Path) -> list[str]:
+    return [stage["backend"] for stage in distributed(out)]
+
+
+# the share of the weights each process held while training: FSDP2 shards them, the others not
+LOCAL_WEIGHTS = {"single": 1.0, "ddp": 1.0, "deepspeed-zero2": 1.0, "fsdp2": 0.5}
+
+
+def check_sharding(out: Path) -> None:
+    for stage in distributed(out):
+        assert stage["local_weight_fraction"] == pytest.approx(
+            LOCAL_WEIGHTS[stage["backend"]], abs=0.05
+        )
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
@@ -139,6 +154,7 @@ def test_two_processes_train_like_one_with_gradient_accumulation(ddp_out, one_ou
     record = json.loads((ddp / "secateurs.json").read_text())["recovery"]
     assert record["stages"][0]["config"]["tokens_per_step"] == 2 * 2 * 64  # world size 2
     assert backends(ddp) == ["ddp"] and backends(one) == ["single"]
+    check_sharding(ddp)
     assert len(curve(ddp)) == len(curve(one)) == 16
     assert max(abs(a - b) for a, b in zip(curve(ddp), curve(one), strict=True)) <= TOLERANCE
     assert curve(ddp)[-1] < curve(ddp)[0] - 1.0  # it learned
@@ -201,6 +217,7 @@ def test_sharded_run_interrupted_and_resumed_trains_like_one_process(
     done = launch([*args, "--resume"], config)
     assert done.stdout.count("saved:") == 1
     assert backends(out) == [backend]
+    check_sharding(out)
     assert len(curve(out)) == 16
     assert curve(out) == pytest.approx(curve(one_out), abs=TOLERANCE)
     assert max_weight_difference(out, one_out) <= TOLERANCE
@@ -247,6 +264,7 @@ def test_sharded_lora_and_distillation_train_like_one_process(
     out, one = tmp_path / "run", one_by_method[method]
     launch(_recover_args(model, text, out, *_extra(method, model), method=method), config)
     assert backends(out) == [backend]
+    check_sharding(out)
     assert curve(out) == pytest.approx(curve(one), abs=TOLERANCE)
     assert curve(out)[-1] < LEARNED[method] * curve(out)[0]  # it learned
     assert max_weight_difference(out, one) <= WEIGHT_TOLERANCE[backend]

@@ -171,4 +171,18 @@ def distributed_record(trainer: Trainer) -> dict[str, Any]:
         backend = f"fsdp{state.fsdp_plugin.fsdp_version}"
     else:
         backend = "single" if state.num_processes == 1 else "ddp"
-    return {"backend": backend, "processes": state.num_processes, "device": str(state.device)}
+    return {
+        "backend": backend,
+        "processes": state.num_processes,
+        "device": str(state.device),
+        "local_weight_fraction": round(local_weight_fraction(trainer.model), 4),
+    }
+
+
+def local_weight_fraction(model: torch.nn.Module) -> float:
+    """The share of the model's weights this process holds (1 unsharded, ~1/N under FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    return local / max(1, sum(p.numel() for p in params))
