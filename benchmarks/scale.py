@@ -1,17 +1,26 @@
-"""Models larger than memory: depth-prune a Llama-3.2-3B-shaped checkpoint without loading it.
+"""Models larger than memory: prune a Llama-3.2-3B-shaped checkpoint without loading it.
 
 Protocol: write a checkpoint with Llama-3.2-3B's config (28 layers, hidden 3072, GQA 24q/8kv,
 MLP 8192, vocab 128,256, tied embeddings) and random bf16 weights, sharded at 5 GB as released
-(speed and memory do not depend on the values); then, each step in a fresh process, stream it
-through depth surgery (8 blocks removed, an explicit plan) and record that process's peak RSS,
-wall time and the output's size. Last, a separate process loads the output with plain
-``AutoModelForCausalLM.from_pretrained`` and runs a forward pass (not part of the memory budget:
-that is the user's own load).
+(speed and memory do not depend on the values), with SmolLM2's tokenizer (its ids are valid in
+the larger vocabulary) so that calibration comes from the usual C4 sample. Then each step runs
+as the user runs it (``secateurs prune ...``) in a fresh process, recording that process's peak
+RSS, wall time and the output's size:
 
-    OMP_NUM_THREADS=1 python benchmarks/scale.py --work /tmp/scale
+- depth, explicit plan: ``--blocks ... --stream`` (no scoring);
+- depth, 8 blocks scored layer by layer: ``--sequential`` with block-influence and with ppl;
+- width, 20% of the non-embedding parameters, uniform, scored layer by layer and re-fitted
+  (reconstruction) layer by layer: ``--sequential`` with activation and with fluctuation.
 
-Scoring a model of this size layer by layer (block-influence, ppl) is not implemented yet; the
-plan here is given explicitly (``--blocks``), as a user reproducing a selection would.
+Every output that a plain config describes is then loaded by plain
+``AutoModelForCausalLM.from_pretrained`` in a separate process and run (not part of the memory
+budget: that is the user's own load).
+
+Last (``--phase smollm2``), on the real SmolLM2-135M, each scored step runs both ways — whole
+model in memory and layer by layer from disk — with the same calibration tensor; the table gives
+whether the same units were removed and the largest logit difference of the two pruned models.
+
+    OMP_NUM_THREADS=2 python benchmarks/scale.py --work /tmp/scale
 """
 
 from __future__ import annotations
@@ -75,6 +84,9 @@ def write_random_checkpoint(directory: Path, shard: str = "5GB") -> None:
         write_safetensors(directory / filename, specs, random, {"format": "pt"})
     index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    from secateurs.models import load_model
+
+    load_model("smollm2-135m")[1].save_pretrained(directory)  # calibration text → valid ids
 
 
 LOAD = """
@@ -87,50 +99,154 @@ assert torch.isfinite(logits.float()).all()
 print(model.config.num_hidden_layers, sum(p.numel() for p in model.parameters()))
 """
 
+STEPS = {
+    "depth: stream surgery, explicit 8 blocks": ["--blocks", DEFAULT_BLOCKS, "--stream"],
+    "depth: block-influence, 8 blocks, layer by layer": [
+        "--sequential", "--unit", "block", "--criterion", "block-influence", "--remove", "8",
+    ],
+    "depth: ppl, 8 blocks, layer by layer": [
+        "--sequential", "--unit", "block", "--criterion", "ppl", "--remove", "8",
+    ],
+    "width: activation 20% + reconstruction, layer by layer": [
+        "--sequential", "--unit", "width", "--criterion", "activation", "--ratio", "0.2",
+    ],
+    "width: fluctuation 20% + reconstruction, layer by layer": [
+        "--sequential", "--unit", "width", "--criterion", "fluctuation", "--ratio", "0.2",
+    ],
+}  # fmt: skip
+
 
 def size_gb(directory: Path) -> float:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 1e9
 
 
+def run_step(name: str, flags: list[str], source: Path, out: Path, calib: list[str]) -> dict:
+    scored = "--sequential" in flags
+    command = ["prune", str(source), *flags, "--out", str(out), "--overwrite"]
+    if scored:
+        command += [*calib, "--protect", "sl"] if "block" in flags else calib
+    seconds, peak = run_measured([sys.executable, "-m", "secateurs.cli", *command])
+    record = json.loads((out / "secateurs.json").read_text())
+    plain = record["loading"]["plain_transformers"]
+    load_peak = run_measured([sys.executable, "-c", LOAD, str(out)])[1] if plain else None
+    removed = record.get("plan", {}).get("blocks")
+    return dict(
+        step=name,
+        removed=",".join(map(str, removed)) if removed else _widths(record),
+        input_gb=round(size_gb(source), 2),
+        output_gb=round(size_gb(out), 2),
+        wall_s=round(seconds, 1),
+        scoring_s=record.get("timings", {}).get("scoring_s"),
+        peak_rss_mb=round(peak),
+        rss_vs_model=round(peak / (size_gb(source) * 1000), 3),
+        plain_load=plain,
+        plain_load_peak_mb=round(load_peak) if load_peak else None,
+    )
+
+
+def _widths(record: dict) -> str | None:
+    plan = record.get("width_plan")
+    if not plan:
+        return None
+    heads = {n - len(r) for n, r in zip(plan["num_heads"], plan["heads"], strict=True)}
+    channels = {n - len(r) for n, r in zip(plan["num_channels"], plan["channels"], strict=True)}
+    return f"KV groups kept {sorted(heads)}, channels kept {sorted(channels)}"
+
+
+COLUMNS = [
+    ("step", "step"),
+    ("removed", "removed / kept"),
+    ("input_gb", "input GB"),
+    ("output_gb", "output GB"),
+    ("wall_s", "wall s"),
+    ("scoring_s", "scoring s"),
+    ("peak_rss_mb", "peak RSS MB"),
+    ("rss_vs_model", "RSS / model size"),
+    ("plain_load", "plain from_pretrained + forward"),
+    ("plain_load_peak_mb", "that load's peak RSS MB"),
+]
+
+
+SMOLLM2_CASES = {
+    "block-influence, 6 blocks": dict(unit="block", criterion="block-influence", remove=6),
+    "ppl, 6 blocks": dict(unit="block", criterion="ppl", remove=6),
+    "activation 20% + reconstruction": dict(unit="width", criterion="activation"),
+    "fluctuation 20% + reconstruction": dict(unit="width", criterion="fluctuation"),
+}
+
+
+def smollm2_equivalence(work: Path, n_samples: int, seq_len: int) -> None:
+    """Whole-model vs layer-by-layer on SmolLM2-135M: same units, logits within tolerance."""
+    import torch
+
+    from secateurs import load_model, prune
+    from secateurs.checkpoint import save_checkpoint
+    from secateurs.data import CalibrationConfig, load_eval_text
+    from secateurs.sequential import sequential_prune
+    from secateurs.width_api import WidthOptions
+
+    model, tokenizer = load_model("smollm2-135m")
+    source = work / "smollm2"
+    save_checkpoint(model, tokenizer, source, {}, overwrite=True)
+    calibration = CalibrationConfig(n_samples=n_samples, seq_len=seq_len).load(tokenizer)
+    text = load_eval_text("wikitext2").text[:20_000]
+    probe = torch.tensor(tokenizer(text)["input_ids"][:512]).view(4, 128)
+    width = WidthOptions(unit="width", ratio=0.2, allocation="uniform", sensitivity=False)
+    rows = []
+    for name, case in SMOLLM2_CASES.items():
+        unit, criterion = case["unit"], case["criterion"]
+        if unit == "block":
+            depth = dict(protect="sl", remove=case["remove"])
+            memory_extra, layered_extra = depth, depth
+        else:
+            memory_extra = dict(ratio=0.2, allocation="uniform", sensitivity=False)
+            layered_extra = dict(width=width)
+        shared = dict(criterion=criterion, unit=unit, calibration=calibration, overwrite=True,
+                      progress=False)  # fmt: skip
+        memory = prune(load_model(source)[0], tokenizer, out=work / "memory", batch_size=8,
+                       **shared, **memory_extra)  # fmt: skip
+        layered = sequential_prune(source, work / "layered", **shared, **layered_extra)
+        a, b = load_model(work / "memory")[0], load_model(work / "layered")[0]
+        with torch.no_grad():
+            delta = max(float((a(w[None]).logits - b(w[None]).logits).abs().max()) for w in probe)
+        key = "plan" if unit == "block" else "width_plan"
+        same = memory.record[key] == layered[key]
+        rows.append(dict(case=name, same_units=same, max_abs_logit_delta=delta))
+        print(rows[-1], flush=True)
+    columns = [("case", "SmolLM2-135M"), ("same_units", "same units removed"),
+               ("max_abs_logit_delta", "max |Δ logit| (4 WikiText-2 windows)")]  # fmt: skip
+    protocol = {"calibration": f"C4, {n_samples} windows x {seq_len} tokens, same tensor"}
+    write_results("scale-smollm2", {"protocol": protocol, "rows": rows},
+                  markdown_table(rows, columns))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/secateurs-scale"))
-    parser.add_argument("--blocks", default=DEFAULT_BLOCKS)
+    parser.add_argument("--n-samples", type=int, default=4, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=128, help="calibration window length")
+    parser.add_argument("--steps", default=None, help="comma-separated step numbers (1-based)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    parser.add_argument("--phase", choices=("3b", "smollm2"), default="3b")
     args = parser.parse_args()
-    source, out = args.work / "llama-3.2-3b-random", args.work / "pruned"
+    if args.phase == "smollm2":
+        smollm2_equivalence(args.work / "smollm2-check", args.n_samples, args.seq_len)
+        return
+    source = args.work / "llama-3.2-3b-random"
     if not (source / "model.safetensors.index.json").is_file():
         seconds, peak = run_measured([sys.executable, __file__, "--write-only", str(source)])
         print(f"wrote {size_gb(source):.2f} GB in {seconds:.0f} s (peak RSS {peak:,.0f} MB)")
-    # the user's command: secateurs prune SOURCE --blocks ... --stream
-    stream = ["prune", str(source), "--blocks", args.blocks, "--stream", "--out", str(out)]
-    seconds, peak = run_measured([sys.executable, "-m", "secateurs.cli", *stream, "--overwrite"])
-    load_s, load_peak = run_measured([sys.executable, "-c", LOAD, str(out)])
-    rows = [
-        dict(
-            step="depth: stream surgery, 8 of 28 blocks",
-            blocks=args.blocks,
-            input_gb=round(size_gb(source), 2),
-            output_gb=round(size_gb(out), 2),
-            wall_s=round(seconds, 1),
-            peak_rss_mb=round(peak),
-            rss_vs_model=round(peak / (size_gb(source) * 1000), 3),
-            plain_load=True,
-            plain_load_peak_mb=round(load_peak),
-        )
-    ]
-    columns = [
-        ("step", "step"),
-        ("blocks", "removed blocks"),
-        ("input_gb", "input GB"),
-        ("output_gb", "output GB"),
-        ("wall_s", "wall s"),
-        ("peak_rss_mb", "peak RSS MB"),
-        ("rss_vs_model", "RSS / model size"),
-        ("plain_load", "plain from_pretrained + forward"),
-        ("plain_load_peak_mb", "that load's peak RSS MB"),
-    ]
-    write_results("scale", {"model": LLAMA_3_2_3B, "rows": rows}, markdown_table(rows, columns))
+    calib = ["--n-samples", str(args.n_samples), "--calib-seq-len", str(args.seq_len)]
+    calib += ["--reconstruct-samples", str(args.n_samples)]
+    chosen = [int(i) for i in args.steps.split(",")] if args.steps else range(1, len(STEPS) + 1)
+    rows = []
+    for number, (name, flags) in enumerate(STEPS.items(), start=1):
+        if number in chosen:
+            rows.append(run_step(name, flags, source, args.work / f"out-{number}", calib))
+            print(rows[-1], flush=True)
+    protocol = {"calibration": f"C4, {args.n_samples} windows x {args.seq_len} tokens"}
+    data = {"model": LLAMA_3_2_3B, "protocol": protocol, "rows": rows}
+    write_results("scale", data, markdown_table(rows, COLUMNS))
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
 

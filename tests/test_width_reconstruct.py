@@ -107,7 +107,7 @@ def test_layer_error_is_the_least_squares_optimum_and_beats_flap():
     removed = torch.arange(0, 64, 4)
     kept = torch.tensor([i for i in range(64) if i % 4])
     z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    fit = refit(weight, None, z.T @ z, kept, damping=0.0, intercept=True)
+    fit = refit(x, weight, None, kept, damping=0.0, intercept=True)
     target = x @ weight.T
     error = lambda y: float(((y - target) ** 2).sum() / (target**2).sum())  # noqa: E731
     lstsq = torch.linalg.lstsq(z[:, list(kept) + [64]], target).solution
@@ -122,10 +122,9 @@ def test_damping_pulls_towards_the_sliced_weights():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 6, generator=g, dtype=torch.float64)
     weight = torch.randn(3, 6, generator=g, dtype=torch.float64)
-    z = torch.cat([x, torch.ones(200, 1, dtype=x.dtype)], 1)
     kept = torch.tensor([0, 2, 3, 5])
-    loose = refit(weight, None, z.T @ z, kept, 0.0, False)
-    stiff = refit(weight, None, z.T @ z, kept, 1e6, False)
+    loose = refit(x, weight, None, kept, 0.0, False)
+    stiff = refit(x, weight, None, kept, 1e6, False)
     torch.testing.assert_close(stiff.weight, weight[:, kept], atol=1e-4, rtol=1e-4)
     assert loose.error_after <= stiff.error_after <= stiff.error_before + 1e-12
 

@@ -161,26 +161,9 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Save model, tokenizer and run record to ``out`` atomically (one writer at a time)."""
-    from secateurs.experts import expert_structure
-    from secateurs.export import engines_for_model
-    from secateurs.surgery import skipped_branches
-
     check_output_dir(out, overwrite)  # before anything is built
-    skipped = skipped_branches(model)
-    fresh = _model_from_own_config(model)
-    layer_widths = width_structure(model, fresh)
-    experts = expert_structure(model)
-    check_reloadable(model, fresh, skipped, bool(layer_widths) or bool(experts))
-    record = dict(record)
-    record["structure"] = {"skipped_branches": [list(unit) for unit in skipped]}
-    if layer_widths:
-        record["structure"]["widths"] = layer_widths
-    if experts:
-        record["structure"]["experts"] = experts
-    note = loading_note(bool(skipped), bool(layer_widths), bool(experts))
-    record["loading"] = note
-    # per output kind (secateurs export --to ...): which engines can load it
-    record["engines"] = engines_for_model(model, plain=note["plain_transformers"])
+    record = {**record, **structure_record(model)}
+    note = record["loading"]
     with atomic_directory(out, overwrite=overwrite, needed=checkpoint_bytes(model)) as tmp:
         model.save_pretrained(tmp)
         if not note["plain_transformers"]:
@@ -190,6 +173,29 @@ def save_checkpoint(
         write_json(tmp / RECORD_FILE, record)
     log.info("Saved to %s", out)
     return Path(out)
+
+
+def structure_record(model: PreTrainedModel) -> dict[str, Any]:
+    """``structure``, ``loading`` and ``engines`` of a pruned model's record (works on a
+    ``meta`` model: only shapes and config are read). Refuses what a reload would misread."""
+    from secateurs.experts import expert_structure
+    from secateurs.export import engines_for_model
+    from secateurs.surgery import skipped_branches
+
+    skipped = skipped_branches(model)
+    fresh = _model_from_own_config(model)
+    layer_widths = width_structure(model, fresh)
+    experts = expert_structure(model)
+    check_reloadable(model, fresh, skipped, bool(layer_widths) or bool(experts))
+    structure: dict[str, Any] = {"skipped_branches": [list(unit) for unit in skipped]}
+    if layer_widths:
+        structure["widths"] = layer_widths
+    if experts:
+        structure["experts"] = experts
+    note = loading_note(bool(skipped), bool(layer_widths), bool(experts))
+    # per output kind (secateurs export --to ...): which engines can load it
+    engines = engines_for_model(model, plain=note["plain_transformers"])
+    return {"structure": structure, "loading": note, "engines": engines}
 
 
 def checkpoint_bytes(model: PreTrainedModel) -> int:

@@ -6,19 +6,23 @@ output on calibration activations is reproduced as well as a linear map of the k
 
     [W'; b'] = argmin ‖Z_k [W'; b']ᵀ − Z [W; b]ᵀ‖² + λ‖W' − W_k‖²,    Z = [X, 1]
 
-with X the projection's inputs over calibration tokens (Gram matrices accumulated in float64),
-k the kept columns and λ = ``damping`` · mean diag(X_kᵀX_k). The intercept column (a bias)
-is used where the projection has a bias or its config flag can add one; with W' fixed to W_k
-it is exactly FLAP's mean compensation b' = b + W_r · mean(x_r), so the LS solution is never
-worse on the calibration data than either FLAP or plain slicing (the proximal damping keeps
-that guarantee: λ pulls towards W_k, which is a feasible point). Shapes are those of the
-pruned model, so the checkpoint stays standard.
+with X the projection's inputs over calibration tokens, k the kept columns and λ = ``damping`` ·
+mean diag(X_kᵀX_k). The intercept column (a bias) is used where the projection has a bias or its
+config flag can add one; with W' fixed to W_k it is exactly FLAP's mean compensation b' = b +
+W_r · mean(x_r), so the LS solution is never worse on the calibration data than either FLAP or
+plain slicing (the proximal damping keeps that guarantee: λ pulls towards W_k, which is a
+feasible point). Shapes are those of the pruned model, so the checkpoint stays standard. Without
+an intercept the bias stays as it is and the fit reproduces W x. Only the normal equations of
+the kept columns are accumulated (in float64), never the full Gram, and they are solved in
+place: a layer's fit needs (k+1)·(k+1+out) numbers, which keeps the layer-by-layer path within
+its memory budget.
 
 Data flows sequentially: the calibration batches are embedded once, every decoder layer's
 call arguments (masks, rotary tables, ALiBi…) are captured, then layer by layer the cached
 hidden states are run through the (partly pruned) layer — prune + re-fit its attention, then
 its MLP, then compute the next layer's inputs with the pruned layer — so each layer is fitted
-on the inputs the already-pruned model gives it. Cost: about three forward passes.
+on the inputs the already-pruned model gives it; a second pass over each pruned projection's
+inputs measures the error the fit leaves. Cost: about four forward passes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,24 +58,12 @@ class _Stop(Exception):
 
 
 @dataclass
-class Gram:
-    """Σ zzᵀ over calibration tokens of z = [x, 1] (float64): X's Gram, sums and count."""
-
-    matrix: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        z = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        z = torch.cat([z, z.new_ones(len(z), 1)], dim=1)
-        update = z.T @ z
-        self.matrix = update if self.matrix is None else self.matrix + update
-
-
-@dataclass
 class LayerCalls:
     """Cached hidden states (per batch) and every layer's other call arguments."""
 
     hidden: list[torch.Tensor]
     calls: list[list[tuple[tuple, dict]]]  # calls[layer][batch] = (args after hidden, kwargs)
+    template: Any = None  # what a layer returns (tensor or tuple), for pass-through layers
 
 
 @dataclass
@@ -123,14 +115,14 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) 
 
 
 @torch.no_grad()
-def gram_of_inputs(
-    layer: nn.Module, module: nn.Module, cache: LayerCalls, index: int
-) -> torch.Tensor:
-    """Σ zzᵀ of ``module``'s inputs when ``layer`` runs on the cached hidden states."""
-    gram = Gram()
+def feed(layer: nn.Module, module: nn.Module, cache: LayerCalls, index: int, fn: Callable) -> None:
+    """Call ``fn(x)`` with ``module``'s inputs when ``layer`` runs on the cached batches (the
+    rest of the layer is skipped)."""
+    seen = []
 
     def hook(mod: nn.Module, args: tuple) -> None:
-        gram.add(args[0])
+        fn(args[0])
+        seen.append(True)
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook)
@@ -140,72 +132,130 @@ def gram_of_inputs(
                 run_layer(layer, hidden, call)
     finally:
         handle.remove()
-    if gram.matrix is None:
+    if not seen:
         raise ConfigError(f"Layer {index}: its output projection never ran on calibration data.")
-    return gram.matrix
 
 
 # --- the least-squares fit --------------------------------------------------------------------
-def refit(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    gram: torch.Tensor,
-    kept: torch.Tensor,
-    damping: float,
-    intercept: bool,
-) -> Refit:
-    """Solve the damped LS of the module docstring for kept columns ``kept`` (sorted).
+ROWS_AT_ONCE = 256  # output rows of W handled at a time: float64 copies stay small
 
-    ``weight`` is (out, in) float64, ``gram`` the (in+1)² Gram of [x, 1].
+
+class NormalEquations:
+    """The normal equations of the fit, for the kept columns only (with z = [x_kept, 1]):
+
+        A = Σ z zᵀ,   B = Σ z tᵀ,   t = W x (+ b where the intercept is fitted)
+
+    plus the energies the errors need. Nothing of the size of the full Gram (in+1)² is ever
+    built: for a 8192-channel MLP that alone would be 0.5 GB in float64.
+    ``weight`` is (out, in) as the module computes (Conv1D transposed), ``bias`` or None.
     """
-    n_in = weight.shape[1]
-    full = torch.cat([weight, _bias_column(weight, bias)], dim=1)  # (out, in+1)
-    rows = torch.cat([kept, torch.tensor([n_in])]) if intercept else kept
-    a = gram[rows][:, rows].clone()
-    b = gram[rows] @ full.T  # (k', out)
-    k = len(kept)
-    lam = damping * a.diagonal()[:k].mean().clamp_min(1e-12)
-    a[:k, :k] += lam * torch.eye(k, dtype=a.dtype)
-    b[:k] += lam * weight[:, kept].T
-    solution = _solve(a, b)
-    new_full = torch.zeros_like(full)
-    new_full[:, rows] = solution.T
-    if not intercept:
-        new_full[:, n_in] = full[:, n_in]
-    before = full.clone()
-    before[:, _removed(n_in, kept)] = 0
-    total = _quadratic(full, gram).clamp_min(1e-30)
-    return Refit(
-        new_full[:, kept],
-        new_full[:, n_in] if bias is not None or intercept else None,
-        float(_quadratic(before - full, gram) / total),
-        float(_quadratic(new_full - full, gram) / total),
-    )
 
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, intercept: bool
+    ) -> None:
+        self.weight, self.bias, self.intercept = weight, bias, intercept
+        self.kept, self.removed = kept, _removed(weight.shape[1], kept)
+        size, out = len(kept) + int(intercept), weight.shape[0]
+        # Column-major, as LAPACK works: factorisation and solves then happen truly in place
+        # (a row-major matrix is copied first, which at this size is hundreds of MB).
+        self.a = torch.zeros(size, size, dtype=torch.float64, device=weight.device).mT
+        self.b = torch.zeros(out, size, dtype=torch.float64, device=weight.device).mT
+        self.output_energy = self.sliced_error = self.residual = 0.0
+        self.solution: torch.Tensor | None = None
+        self.tokens = 0
 
-def _bias_column(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if bias is None:
-        return weight.new_zeros(weight.shape[0], 1)
-    return bias.detach().to(weight)[:, None]
+    def rows(self) -> Iterator[slice]:
+        for start in range(0, self.weight.shape[0], ROWS_AT_ONCE):
+            yield slice(start, start + ROWS_AT_ONCE)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        z = x[:, self.kept]
+        if self.intercept:
+            z = torch.cat([z, z.new_ones(len(z), 1)], dim=1)
+        self.a.addmm_(z.T, z)
+        removed = x[:, self.removed]
+        for rows in self.rows():
+            w = self.weight[rows].detach().to(torch.float64)
+            target = x @ w.T
+            bias = 0.0 if self.bias is None else self.bias[rows].detach().to(torch.float64)
+            self.output_energy += float((target + bias).pow(2).sum())
+            if self.intercept:
+                target += bias
+            self.b[:, rows].addmm_(z.T, target)
+            self.sliced_error += float((removed @ w[:, self.removed].T).pow(2).sum())
+        self.tokens += len(x)
+
+    def solve(self, damping: float) -> None:
+        """The damped LS solution of the module docstring, in ``self.solution``. ``a`` and
+        ``b`` are overwritten (Cholesky factor, solution) to keep memory at their size."""
+        k = len(self.kept)
+        lam = damping * float(self.a.diagonal()[:k].mean().clamp_min(1e-12))
+        self.a.diagonal()[:k] += lam
+        for rows in self.rows():  # b += λ W_keptᵀ: the pull towards the sliced weights
+            self.b[:k, rows] += lam * self.weight[rows][:, self.kept].detach().to(torch.float64).T
+        self.solution = _solve_in_place(self.a, self.b, exact=damping == 0)
+        self.a = None  # the factor is not needed any more
+
+    def measure(self, x: torch.Tensor) -> None:
+        """Add the fitted map's output error on inputs ``x`` (a second pass, after ``solve``):
+        measured, not derived from the normal equations, so it is exact however ill-conditioned
+        the system was."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        z = x[:, self.kept]
+        k = len(self.kept)
+        for rows in self.rows():
+            target = x @ self.weight[rows].detach().to(torch.float64).T
+            predicted = z @ self.solution[:k, rows]
+            if self.intercept:
+                bias = 0.0 if self.bias is None else self.bias[rows].detach().to(torch.float64)
+                predicted += self.solution[k, rows] - bias
+            self.residual += float((predicted - target).pow(2).sum())
+
+    def result(self) -> Refit:
+        k, total = len(self.kept), max(self.output_energy, 1e-30)
+        return Refit(
+            self.solution[:k].T,
+            self.solution[k] if self.intercept else None,
+            self.sliced_error / total,
+            self.residual / total,
+        )
 
 
 def _removed(n_in: int, kept: torch.Tensor) -> torch.Tensor:
     mask = torch.ones(n_in, dtype=torch.bool)
     mask[kept] = False
-    return mask.nonzero().flatten()
+    return mask.nonzero().flatten().to(kept.device)
 
 
-def _quadratic(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Σ_t ‖z_t Δᵀ‖² = tr(Δ G Δᵀ): the output error of weight change Δ over the tokens."""
-    return ((delta @ gram) * delta).sum()
-
-
-def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a⁻¹b; the minimum-norm least-squares solution where ``a`` is singular (no damping)."""
-    factor, info = torch.linalg.cholesky_ex(a)
+def _solve_in_place(a: torch.Tensor, b: torch.Tensor, exact: bool) -> torch.Tensor:
+    """a⁻¹b, overwriting a and b (both column-major). Undamped (``exact``) systems may be
+    singular: those fall back to the minimum-norm solution, from a copy kept for that."""
+    original = a.clone() if exact else None
+    info = torch.empty((), dtype=torch.int32, device=a.device)
+    torch.linalg.cholesky_ex(a, out=(a, info))
     if int(info) == 0:
-        return torch.cholesky_solve(b, factor)
-    return torch.linalg.pinv(a, hermitian=True) @ b
+        torch.linalg.solve_triangular(a, b, upper=False, out=b)
+        return torch.linalg.solve_triangular(a.mT, b, upper=True, out=b)
+    if original is None:
+        raise ConfigError("Reconstruction's system is not positive definite; raise the damping.")
+    return torch.linalg.pinv(original, hermitian=True) @ b
+
+
+def refit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kept: torch.Tensor,
+    damping: float,
+    intercept: bool,
+) -> Refit:
+    """The fit of ``weight``'s kept columns on inputs ``x`` (tokens, in), in one call."""
+    normal = NormalEquations(weight, bias, kept, intercept)
+    normal.add(x)
+    normal.solve(damping)
+    normal.measure(x)
+    return normal.result()
 
 
 # --- driving it through the model -------------------------------------------------------------
@@ -286,11 +336,14 @@ def _prune_layer(model, adapter, index, kind, units, cache, damping, intercept) 
     layer = adapter.layers(model)[index]
     conv1d = adapter.width_layout(kind).conv1d
     module, columns = output_projection(model, adapter, index, kind)
-    gram = gram_of_inputs(layer, module, cache, index)
-    weight = output_weight_columns(module, conv1d).detach().to(torch.float64)
-    bias = None if module.bias is None else module.bias.detach().to(torch.float64)
     kept = columns[_keep(len(columns), units)].flatten().sort().values
-    fit = refit(weight, bias, gram, kept, damping, intercept)
+    weight = output_weight_columns(module, conv1d)
+    normal = NormalEquations(weight, module.bias, kept.to(weight.device), intercept)
+    feed(layer, module, cache, index, normal.add)
+    normal.solve(damping)
+    feed(layer, module, cache, index, normal.measure)
+    fit = normal.result()
+    del normal
     prune_layer(model, adapter, index, kind, units)
     module, _ = output_projection(model, adapter, index, kind)
     _write(module, fit, conv1d)
@@ -305,6 +358,6 @@ def _prune_layer(model, adapter, index, kind, units, cache, damping, intercept) 
 
 def _write(module: nn.Module, fit: Refit, conv1d: bool) -> None:
     weight = fit.weight.T if conv1d else fit.weight
-    module.weight.copy_(weight.to(module.weight.dtype))
+    module.weight.copy_(weight)  # copy_ converts the dtype without a full-size temporary
     if fit.bias is not None and module.bias is not None:
-        module.bias.copy_(fit.bias.to(module.bias.dtype))
+        module.bias.copy_(fit.bias)

@@ -29,7 +29,7 @@ from transformers.core_model_loading import dot_natural_key, revert_weight_conve
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from secateurs.adapters import adapter_for
-from secateurs.checkpoint import RECORD_FILE, loading_note, recorded_structure, write_json
+from secateurs.checkpoint import RECORD_FILE, recorded_structure, structure_record, write_json
 from secateurs.errors import ConfigError
 from secateurs.outputs import atomic_directory, check_output_dir
 from secateurs.plan import Plan
@@ -169,6 +169,15 @@ class CheckpointReader:
         with safe_open(self.files[name], framework="pt") as handle:
             return handle.get_tensor(name)
 
+    def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (sorted, unique) of a 2-d tensor, read a block at a time."""
+        parts, start = [], 0
+        for block in self.blocks(name):
+            inside = index[(index >= start) & (index < start + len(block))]
+            parts.append(block[inside - start].clone())
+            start += len(block)
+        return torch.cat(parts)
+
     def blocks(self, name: str, max_bytes: int | None = None) -> Iterator[torch.Tensor]:
         """``name`` as consecutive row blocks of at most ``max_bytes`` (whole if 0-d/1-d).
 
@@ -274,8 +283,6 @@ def stream_depth_prune(
             "Streaming surgery removes whole blocks only; branch removal needs the in-memory "
             "path (drop --streaming)."
         )
-    from secateurs.export import engines_for_model
-
     start = time.perf_counter()
     check_output_dir(out, overwrite)
     check_plain_source(source)
@@ -287,10 +294,7 @@ def stream_depth_prune(
         _write_config(model, source, tmp)
         _write_weights(model, state, sources, reader, tmp, max_shard_size)
         _copy_tokenizer(source, tmp)
-        full = dict(record or {}, plan=plan.to_dict())
-        full["structure"] = {"skipped_branches": []}
-        full["loading"] = loading_note(False)
-        full["engines"] = engines_for_model(model, plain=True)
+        full = dict(record or {}, plan=plan.to_dict(), **structure_record(model))
         full.setdefault("timings", {})["surgery_s"] = round(time.perf_counter() - start, 3)
         full["timings"]["peak_rss_mb"] = _peak_rss_mb()
         write_json(tmp / RECORD_FILE, full)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
@@ -331,6 +332,24 @@ def expressible(adapter: Adapter, ws: Sequence[LayerWidth], original: LayerWidth
     return heads_ok and channels_ok
 
 
+def _config_accepts(config, adapter: Adapter, w: LayerWidth) -> bool:
+    """Whether the family's own config validation accepts these widths (LLaMA's refuses
+    hidden sizes that are not a multiple of the head count, even with an explicit head_dim:
+    Llama-3 shapes with 6 of 8 KV groups kept)."""
+    if adapter.heads is None:
+        return True
+    trial = copy.deepcopy(config)
+    _set_head_config(trial, adapter.heads, w)
+    validate = getattr(trial, "validate", None)
+    try:
+        if validate is not None:
+            validate()
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        log.info("config validation: %s", err)
+        return False
+    return True
+
+
 def update_config(model: PreTrainedModel, adapter: Adapter, original: LayerWidth) -> bool:
     """Write uniform widths into the config (old → new logged); False if not expressible."""
     ws = widths(model, adapter)
@@ -338,6 +357,9 @@ def update_config(model: PreTrainedModel, adapter: Adapter, original: LayerWidth
         log.info("per-layer widths are not expressible in a plain config: secateurs reloads them")
         return False
     w, config = ws[0], model.config
+    if not _config_accepts(config, adapter, w):
+        log.info("transformers refuses a config with these widths: secateurs reloads them")
+        return False
     if adapter.heads is not None and (w.heads, w.kv_heads) != (original.heads, original.kv_heads):
         log.info(
             "config heads: %d/%d -> %d/%d (head_dim %d)",

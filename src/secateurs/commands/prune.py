@@ -166,6 +166,125 @@ def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models larger than memory")
+    group.add_argument(
+        "--sequential",
+        action="store_true",
+        help="score one layer at a time read from disk, then stream the surgery to --out "
+        "(memory: one layer + calibration activations; safetensors checkpoints)",
+    )
+    group.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="take the --sequential path when loading the model whole would need more than "
+        "this (default: 80%% of the memory available)",
+    )
+
+
+def _wants_sequential(args: argparse.Namespace) -> bool:
+    """``--sequential``, or a local checkpoint too large to load whole: larger than
+    ``--max-memory`` if given, else than 80% of the memory available now."""
+    if args.sequential:
+        return True
+    if args.stream or not (Path(args.model) / "config.json").is_file():
+        return False
+    import torch
+
+    from secateurs.lazy import available_memory, bytes_to_load
+    from secateurs.streaming import CheckpointReader
+
+    try:
+        CheckpointReader(args.model)
+    except ConfigError:  # not safetensors: only the in-memory path reads it
+        return False
+    dtype = getattr(torch, args.dtype or "float32", torch.float32)
+    need = bytes_to_load(args.model, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+    budget = args.max_memory * 2**30 if args.max_memory else 0.8 * available_memory()
+    if need <= budget:
+        return False
+    print(f"{args.model} needs {need / 2**30:.1f} GiB in memory (budget {budget / 2**30:.1f} "
+          "GiB): scoring layer by layer (--sequential).")  # fmt: skip
+    return True
+
+
+def _sequential(args: argparse.Namespace) -> int:
+    """``--sequential``: layer-by-layer scoring, streamed surgery (no model in memory)."""
+    from secateurs.sequential import sequential_prune
+    from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers
+
+    if args.blocks is not None or args.plan is not None:
+        return _stream(args)  # an explicit selection needs no scoring at all
+    unsupported = [
+        flag
+        for flag, used in (
+            ("--iterative", args.iterative),
+            ("--heal", args.heal),
+            ("--scores", args.scores is not None),
+            ("--target", args.target is not None),
+        )
+        if used
+    ]
+    if unsupported:
+        raise ConfigError(f"--sequential does not take {', '.join(unsupported)} (yet).")
+    if args.unit not in ("block", *WIDTH_UNITS):
+        raise ConfigError("--sequential prunes --unit block or heads|channels|width.")
+    if not Path(args.model).is_dir():
+        raise ConfigError(f"--sequential needs a local checkpoint directory; {args.model} is not.")
+    import torch
+
+    if (args.dtype or "float32") not in ("float32", "bfloat16", "float16"):
+        raise ConfigError("--sequential computes in --dtype float32, bfloat16 or float16.")
+    dtype = getattr(torch, args.dtype or "float32")
+    common = dict(
+        criterion=args.criterion,
+        calibration=calibration_from(args),
+        data_root=args.data_dir,
+        overwrite=args.overwrite,
+        batch_size=max(args.batch_size, 8),
+        dtype=dtype,
+        device=args.device,
+        **criterion_options(args),
+    )
+    if args.unit == "block":
+        count = args.remove if args.remove is not None else None
+        if count is None and args.ratio is not None:
+            from secateurs.streaming import meta_skeleton
+
+            count = round(args.ratio * meta_skeleton(args.model).config.num_hidden_layers)
+        record = sequential_prune(
+            args.model, args.out, unit="block", remove=count, protect=args.protect, **common
+        )
+        print(f"removed: blocks {record['plan']['blocks']}")
+    else:
+        if args.ratio is None:
+            raise ConfigError("Width pruning takes --ratio (a fraction of the parameters).")
+        width = WidthOptions(
+            args.unit,
+            args.ratio,
+            args.allocation,
+            parse_layers(args.layers),
+            args.min_ratio,
+            args.max_ratio,
+            args.round_to,
+            args.uniform_widths,
+            args.include_embeddings,
+            compensate=args.compensate,
+            reconstruct=args.reconstruct,
+            reconstruct_damping=args.reconstruct_damping,
+            reconstruct_samples=args.reconstruct_samples,
+        )
+        record = sequential_prune(args.model, args.out, unit=args.unit, width=width, **common)
+    params = record["parameters"]
+    print(f"parameters: {params['before']:,} -> {params['after']:,}")
+    print(f"peak memory: {record['timings']['peak_rss_mb']:,} MB (layer by layer)")
+    print(f"loading: {record.get('loading', {}).get('how', '')}")
+    print(f"saved: {args.out}")
+    return 0
+
+
 def depth_extras(args: argparse.Namespace) -> dict:
     """Depth-only API arguments (explicit selection, sub-block budget, search, healing)."""
     from secateurs.width_api import WIDTH_UNITS
@@ -246,6 +365,7 @@ class Prune(Command):
         parser.add_argument("--out", type=Path, required=True, help="output directory")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         add_width_args(parser)
+        add_memory_args(parser)
         add_calibration_args(parser)
         add_data_args(parser)
 
@@ -265,6 +385,8 @@ class Prune(Command):
             )
         if args.stream:
             return _stream(args)
+        if _wants_sequential(args):
+            return _sequential(args)
         if args.target is not None and args.unit not in WIDTH_UNITS:
             raise ConfigError("--target constrains width pruning (--unit heads|channels|width).")
         if args.unit in WIDTH_UNITS:  # validate width options before loading anything

@@ -9,24 +9,29 @@ from __future__ import annotations
 import torch
 
 from secateurs.criteria import CRITERIA
-from secateurs.criteria.base import Criterion, ScoringContext, columns_per_group, input_statistics
+from secateurs.criteria.base import (
+    Layerwise,
+    ProjectionInputs,
+    ScoringContext,
+    columns_per_group,
+)
 from secateurs.width import output_weight_columns
 
 
 @CRITERIA.register("activation", aliases=("wanda",))
-class Activation(Criterion):
+class Activation(Layerwise):
     name = "activation"
     units = frozenset({"heads", "channels"})
     summary = "Σ|W_ij|·‖X_j‖₂ over the group's output-projection columns (Wanda, structured)"
 
+    def observer(self, ctx: ScoringContext, kind: str, layer: int) -> ProjectionInputs:
+        return ProjectionInputs(ctx, layer, kind)
+
     @torch.no_grad()
-    def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
-        stats = input_statistics(ctx, kind, "activation: inputs")
+    def layer_score(
+        self, ctx: ScoringContext, kind: str, layer: int, observed: ProjectionInputs
+    ) -> torch.Tensor:
         conv1d = ctx.adapter.width_layout(kind).conv1d
-        scores = []
-        for layer, stat in enumerate(stats):
-            module, columns = ctx.output_projection(layer, kind)
-            weight = output_weight_columns(module, conv1d).detach().to(torch.float64)
-            per_column = weight.abs().sum(0) * stat.norm.to(weight.device)
-            scores.append(columns_per_group(per_column, columns).cpu())
-        return scores
+        weight = output_weight_columns(observed.module, conv1d).detach().to(torch.float64)
+        per_column = weight.abs().sum(0) * observed.stats.norm.to(weight.device)
+        return columns_per_group(per_column, observed.columns)

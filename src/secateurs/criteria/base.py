@@ -29,6 +29,13 @@ class ScoringContext:
     removed: tuple[Unit, ...] = ()
     progress: bool = True
     extras: dict[str, Any] = field(default_factory=dict)  # criteria may leave details here
+    pipeline: Any = None  # how data flows (secateurs.pipeline); None: the whole model in memory
+
+    def __post_init__(self) -> None:
+        if self.pipeline is None:
+            from secateurs.pipeline import WholeModelPipeline
+
+            self.pipeline = WholeModelPipeline()
 
     def batches(self) -> Iterator[torch.Tensor]:
         if self.calibration is None:
@@ -86,6 +93,71 @@ class Criterion(ABC):
     def options(self) -> dict[str, Any]:
         """The options this instance was built with (recorded in results)."""
         return {}
+
+
+class Observer:
+    """What a layer-wise criterion watches in one layer while calibration data runs through it.
+
+    ``attached()`` registers hooks on that layer's modules (and removes them after); the
+    observer accumulates what it needs. The base class watches nothing (data-free criteria).
+    """
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        yield
+
+
+class ProjectionInputs(Observer):
+    """``InputStats`` of one layer's output projection (o_proj / down_proj) inputs."""
+
+    def __init__(self, ctx: ScoringContext, layer: int, kind: str) -> None:
+        self.module, self.columns = ctx.output_projection(layer, kind)
+        self.stats: InputStats | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if self.stats is None:
+            self.stats = InputStats(torch.zeros_like(x[0]), torch.zeros_like(x[0]))
+        self.stats.total += x.sum(0)
+        self.stats.squares += (x * x).sum(0)
+        self.stats.tokens += x.shape[0]
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        handle = self.module.register_forward_pre_hook(lambda module, args: self.add(args[0]))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+class Layerwise(Criterion):
+    """A criterion computed layer by layer from what each layer shows (and its weights).
+
+    Subclasses implement ``observer`` (what to watch in layer i) and ``layer_score`` (tensor
+    math on the observer and layer i's weights, which exist while it is called). The pipeline
+    in ``ctx.pipeline`` runs the data: the whole model at once, or one layer at a time from
+    disk (``secateurs.pipeline``); the scores are the same.
+    """
+
+    def observer(self, ctx: ScoringContext, kind: str, layer: int) -> Observer:
+        return Observer()
+
+    def layer_score(
+        self, ctx: ScoringContext, kind: str, layer: int, observed: Observer
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, ctx: ScoringContext, unit: str) -> torch.Tensor:
+        if unit not in self.units:
+            return super().score(ctx, unit)
+        scores = ctx.pipeline.layer_scores(self, ctx, unit)
+        return torch.tensor([float(s) for s in scores], dtype=torch.float64)
+
+    def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
+        if kind not in self.units:
+            return super().score_width(ctx, kind)
+        return [s.cpu() for s in ctx.pipeline.layer_scores(self, ctx, kind)]
 
 
 def calibration_loss(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import torch
 
 from secateurs.criteria import CRITERIA
-from secateurs.criteria.base import Criterion, ScoringContext, columns_per_group, input_statistics
+from secateurs.criteria.base import (
+    Layerwise,
+    ProjectionInputs,
+    ScoringContext,
+    columns_per_group,
+)
 from secateurs.width import output_weight_columns
 
 
 @CRITERIA.register("fluctuation", aliases=("flap",))
-class Fluctuation(Criterion):
+class Fluctuation(Layerwise):
     name = "fluctuation"
     units = frozenset({"heads", "channels"})
     summary = "Var(x_j)·‖W[:, j]‖² of the output projection's inputs, with bias compensation (FLAP)"
@@ -27,15 +32,16 @@ class Fluctuation(Criterion):
     def options(self) -> dict[str, bool]:
         return {"compensate": self.compensate}
 
+    def observer(self, ctx: ScoringContext, kind: str, layer: int) -> ProjectionInputs:
+        return ProjectionInputs(ctx, layer, kind)
+
     @torch.no_grad()
-    def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
-        stats = input_statistics(ctx, kind, "fluctuation: inputs")
+    def layer_score(
+        self, ctx: ScoringContext, kind: str, layer: int, observed: ProjectionInputs
+    ) -> torch.Tensor:
+        means = ctx.extras.setdefault("input_mean", {}).setdefault(kind, [])
+        means[layer:] = [observed.stats.mean]  # layer order; a re-score replaces, not appends
         conv1d = ctx.adapter.width_layout(kind).conv1d
-        ctx.extras.setdefault("input_mean", {})[kind] = [s.mean for s in stats]
-        scores = []
-        for layer, stat in enumerate(stats):
-            module, columns = ctx.output_projection(layer, kind)
-            weight = output_weight_columns(module, conv1d).detach().to(torch.float64)
-            per_column = stat.variance.to(weight.device) * weight.pow(2).sum(0)
-            scores.append(columns_per_group(per_column, columns).cpu())
-        return scores
+        weight = output_weight_columns(observed.module, conv1d).detach().to(torch.float64)
+        per_column = observed.stats.variance.to(weight.device) * weight.pow(2).sum(0)
+        return columns_per_group(per_column, observed.columns)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from secateurs.criteria import CRITERIA
-from secateurs.criteria.base import Criterion, ScoringContext, aggregate
+from secateurs.criteria.base import Layerwise, Observer, ScoringContext, aggregate
 from secateurs.errors import ConfigError
 
 
 @CRITERIA.register("magnitude")
-class Magnitude(Criterion):
+class Magnitude(Layerwise):
     name = "magnitude"
     needs_calibration = False
     units = frozenset({"block", "attn", "mlp", "heads", "channels", "experts"})
@@ -29,24 +29,19 @@ class Magnitude(Criterion):
         return {"p": self.p}
 
     @torch.no_grad()
-    def score(self, ctx: ScoringContext, unit: str) -> torch.Tensor:
-        scores = []
-        for layer in range(ctx.num_layers()):
-            modules = ctx.adapter.unit_modules(ctx.model, layer, unit)
-            matrices = [p for m in modules for p in m.parameters() if p.ndim == 2]
-            scores.append(sum(float(w.abs().pow(self.p).sum()) for w in matrices))
-        return torch.tensor(scores, dtype=torch.float64)
-
-    @torch.no_grad()
-    def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
-        scores = []
-        for layer in range(ctx.num_layers()):
+    def layer_score(
+        self, ctx: ScoringContext, kind: str, layer: int, observed: Observer
+    ) -> torch.Tensor:
+        if kind in ("heads", "channels"):
             parts = [
                 s.per_group(s.param.detach().abs().pow(self.p)).sum((1, 2))
                 for s in ctx.groups(layer, kind)
             ]
-            scores.append(aggregate(parts, "sum"))
-        return scores
+            return aggregate(parts, "sum")
+        modules = ctx.adapter.unit_modules(ctx.model, layer, kind)
+        matrices = [p for m in modules for p in m.parameters() if p.ndim == 2]
+        total = sum(float(w.abs().pow(self.p).sum()) for w in matrices)
+        return torch.tensor(total, dtype=torch.float64)
 
     @torch.no_grad()
     def score_experts(self, ctx: ScoringContext) -> list[torch.Tensor]:

@@ -72,6 +72,10 @@ class Perplexity(Criterion):
         scores = torch.full(
             (ctx.num_layers(),), math.inf, dtype=torch.float64
         )  # removed: never again
+        if hasattr(ctx.pipeline, "removal_nll"):  # layer by layer from disk: all at once
+            for layer, nll in ctx.pipeline.removal_nll(unit, live).items():
+                scores[layer] = math.exp(nll)
+            return scores
         if self.path == "fast":
             runner = LayerRunner(ctx.model, ctx.adapter, ctx.calibration, self.batch_size)
             runner.capture(ctx.removed)

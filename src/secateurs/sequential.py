@@ -1,0 +1,458 @@
+"""Prune a checkpoint that need not fit in memory: score layer by layer, stream the surgery.
+
+    from secateurs import sequential_prune
+    sequential_prune("path/to/llama-70b", "runs/d8", unit="block", criterion="block-influence",
+                     remove=8)
+    sequential_prune("path/to/llama-70b", "runs/w20", unit="width", criterion="fluctuation",
+                     width=WidthOptions(ratio=0.2))
+
+Scoring runs the criterion's own code through ``SequentialPipeline`` (one layer on the device
+at a time; ``ppl`` advances every candidate's stream in lockstep). Depth plans are then written
+by ``stream_depth_prune``; width plans by ``stream_width_prune`` below: each layer is read,
+pruned (re-fitted by reconstruction on the already-pruned model's activations, or compensated,
+or sliced), spilled to a per-layer file, and the output shards are assembled from those files
+and the untouched source tensors. The output equals what the in-memory path saves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from secateurs.api import (
+    CriterionSpec,
+    ScoreResult,
+    _calibration,
+    _record,
+    count_parameters,
+    peak_rss_mb,
+    plan_from_scores,
+)
+from secateurs.checkpoint import RECORD_FILE, mark_config, structure_record, write_json
+from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.criteria.base import Layerwise
+from secateurs.criteria.ppl import Perplexity
+from secateurs.data import CalibrationConfig
+from secateurs.errors import ConfigError
+from secateurs.lazy import LazyModel
+from secateurs.outputs import atomic_directory, check_output_dir
+from secateurs.pipeline import SequentialPipeline, capture_calls
+from secateurs.plan import WidthPlan, parse_protected
+from secateurs.reconstruct import (
+    ReconstructionReport,
+    _prune_layer,
+    can_add_intercept,
+    run_layer,
+)
+from secateurs.streaming import (
+    CheckpointReader,
+    TensorSpec,
+    _checkpoint_dtype,
+    _copy_tokenizer,
+    _write_config,
+    saved_state,
+    stream_depth_prune,
+    write_safetensors,
+)
+from secateurs.surgery import apply_plan
+from secateurs.width import add_output_bias, compensate, prune_layer, update_config, widths
+from secateurs.width_api import (
+    WidthOptions,
+    _checked_scorer,
+    _compensating,
+    _fit_calibration,
+    _plan,
+    count_unique,
+    criterion_details,
+    parameter_base,
+)
+from secateurs.width_api import _record as _width_record
+
+log = logging.getLogger(__name__)
+
+
+def sequential_criterion(name: str, units: tuple[str, ...], **options: Any):
+    """The criterion ``name``, if it can be computed layer by layer; else a clear refusal."""
+    scorer = CRITERIA.get(CRITERIA.canonical(name.rstrip("+")))(**options)
+    if not isinstance(scorer, Layerwise | Perplexity):
+        raise ConfigError(
+            f"Criterion {scorer.name!r} needs the whole model in memory (a backward pass or "
+            "whole-model perturbations); layer-by-layer criteria: "
+            f"{', '.join(sorted(layerwise_criteria()))}."
+        )
+    for unit in units:
+        if unit not in scorer.units:
+            raise ConfigError(f"Criterion {scorer.name!r} cannot score {unit!r} units.")
+    return scorer
+
+
+def layerwise_criteria() -> list[str]:
+    return [n for n in CRITERIA.names() if issubclass(CRITERIA.get(n), Layerwise | Perplexity)]
+
+
+@dataclass(frozen=True)
+class _Data:
+    """Where calibration comes from and how it is batched (shared by scoring and fitting)."""
+
+    source: Path
+    calibration: CalibrationConfig | torch.Tensor | None
+    data_root: str | os.PathLike | None
+    batch_size: int
+    progress: bool
+
+    def tokens(self, calibration: Any = None) -> tuple[torch.Tensor, dict | None]:
+        calibration = self.calibration if calibration is None else calibration
+        tokenizer = None
+        if not isinstance(calibration, torch.Tensor):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.source)
+        return _calibration(True, calibration, tokenizer, self.data_root)
+
+
+def sequential_prune(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    unit: str = "block",
+    criterion: str = "block-influence",
+    remove: int | None = None,
+    protect: str | tuple[int, ...] | None = "sl",
+    width: WidthOptions | None = None,
+    calibration: CalibrationConfig | torch.Tensor | None = None,
+    data_root: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+    progress: bool = True,
+    **criterion_options: Any,
+) -> dict[str, Any]:
+    """Score ``source`` one layer at a time and write the pruned checkpoint to ``out``.
+
+    Depth: ``unit="block"`` with ``remove`` blocks. Width: ``unit`` in heads/channels/width with
+    ``width`` options. Returns the record saved as ``secateurs.json``.
+    """
+    check_output_dir(out, overwrite)
+    data = _Data(Path(source), calibration, data_root, batch_size, progress)
+    if unit in ("attn", "mlp"):
+        raise ConfigError("Branch removal changes module types: use the in-memory path.")
+    if unit == "block":
+        if remove is None or remove < 1:
+            raise ConfigError("Sequential depth pruning needs the number of blocks: remove=N.")
+        scorer = sequential_criterion(criterion, ("block",), **criterion_options)
+        lazy = LazyModel(source, dtype, device, attn_implementation)
+        return _depth(lazy, out, scorer, remove, parse_protected(protect), data, overwrite)
+    opts = replace(width or WidthOptions(), unit=unit, sensitivity=False)
+    scorer = sequential_criterion(criterion, opts.kinds, **criterion_options)
+    lazy = LazyModel(source, dtype, device, attn_implementation)
+    _checked_scorer(lazy.model, lazy.adapter, criterion, opts, criterion_options)
+    return _width(lazy, out, scorer, opts, data, overwrite)
+
+
+def _score(lazy: LazyModel, scorer, kinds, tokens, data: _Data) -> tuple[dict, ScoringContext]:
+    """Scores per unit kind, computed one layer at a time (data-free: no forward at all)."""
+    if tokens is None:
+        pipeline: Any = _DataFree(lazy)
+    else:
+        pipeline = SequentialPipeline(lazy, tokens, data.batch_size, data.progress)
+    ctx = ScoringContext(
+        lazy.model, lazy.adapter, tokens, data.batch_size, (), data.progress, {}, pipeline
+    )
+    width = ("heads", "channels")
+    scores = {k: scorer.score_width(ctx, k) if k in width else scorer.score(ctx, k) for k in kinds}
+    return scores, ctx
+
+
+class _DataFree:
+    """A pipeline for criteria that read weights only: load each layer, score it."""
+
+    name = "sequential"
+
+    def __init__(self, lazy: LazyModel) -> None:
+        self.lazy = lazy
+
+    def layer_scores(self, criterion, ctx, kind) -> list[torch.Tensor]:
+        scores = []
+        for index in range(len(self.lazy.layers)):
+            with self.lazy.loaded(index):
+                scores.append(criterion.layer_score(ctx, kind, index, None))
+        return scores
+
+
+def _depth(lazy: LazyModel, out, scorer, remove: int, protected, data: _Data, overwrite) -> dict:
+    tokens, calib = data.tokens() if scorer.needs_calibration else (None, None)
+    start = time.perf_counter()
+    values = _score(lazy, scorer, ("block",), tokens, data)[0]["block"]
+    seconds = time.perf_counter() - start
+    result = ScoreResult(
+        scorer.name, "block", tuple(values.tolist()), scorer.options(), calib, seconds
+    )
+    plan = plan_from_scores(result, len(lazy.layers), remove, protected)
+    before = count_parameters(lazy.model)
+    apply_plan(lazy.model, plan, lazy.adapter)
+    spec = CriterionSpec(scorer.name, plan.protected)
+    record = _record(lazy.model, plan, spec, [result], False, before, seconds, str(data.source))
+    record["pipeline"] = pipeline_record(lazy, data.batch_size)
+    stream_depth_prune(data.source, plan, out, record, overwrite=overwrite)
+    return _saved_record(out)
+
+
+def pipeline_record(lazy: LazyModel, batch_size: int) -> dict[str, Any]:
+    return {
+        "name": "sequential",
+        "compute_dtype": str(lazy.dtype).removeprefix("torch."),
+        "device": str(lazy.device),
+        "batch_size": batch_size,
+    }
+
+
+def _saved_record(out) -> dict[str, Any]:
+    from secateurs.checkpoint import read_record
+
+    return read_record(out)
+
+
+def _width(lazy: LazyModel, out, scorer, opts: WidthOptions, data: _Data, overwrite) -> dict:
+    model, adapter = lazy.model, lazy.adapter
+    layers = opts.layer_range(len(lazy.layers))
+    compensating = _compensating(scorer, opts) and not opts.reconstructing
+    needs_data = scorer.needs_calibration or compensating or opts.reconstructing
+    tokens, calib = data.tokens() if needs_data else (None, None)
+    base, before = parameter_base(model, opts.include_embeddings), count_unique(model)
+    start = time.perf_counter()
+    scored = tokens if scorer.needs_calibration or compensating else None
+    scores, ctx = _score(lazy, scorer, opts.kinds, scored, data)
+    seconds = time.perf_counter() - start
+    if compensating and "input_mean" not in ctx.extras:
+        raise ConfigError(f"{scorer.name} leaves no input means: use reconstruction instead.")
+    target = round(opts.ratio * base)
+    plan = _plan(model, adapter, scores, opts, layers, target, scorer, compensating, None)
+    fit = data.tokens(_fit_calibration(data.calibration, opts))[0] if opts.reconstructing else None
+    extra = {
+        "criterion": {
+            "name": scorer.name,
+            "options": scorer.options(),
+            "details": criterion_details(ctx.extras),
+        },
+        "pipeline": pipeline_record(lazy, data.batch_size),
+    }
+    source = str(data.source)
+
+    def describe(pruned: PreTrainedModel) -> dict[str, Any]:
+        args = (pruned, plan, scorer, opts, scores, calib, before, base, seconds, source)
+        return _width_record(*args) | extra
+
+    means = ctx.extras.get("input_mean", {}) if plan.compensate else {}
+    stream_width_prune(lazy, plan, out, describe, opts, fit, means, overwrite, data.progress)
+    return _saved_record(out)
+
+
+# --- streaming width surgery -------------------------------------------------------------------
+def stream_width_prune(
+    lazy: LazyModel,
+    plan: WidthPlan,
+    out: str | os.PathLike,
+    describe: Callable[[PreTrainedModel], dict[str, Any]],
+    opts: WidthOptions,
+    fit_tokens: torch.Tensor | None = None,
+    means: dict[str, list[torch.Tensor]] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Cut ``plan`` out of ``lazy``'s checkpoint layer by layer into ``out``; ``describe``
+    gives the record of the pruned (meta) model."""
+    start = time.perf_counter()
+    model, adapter = lazy.model, lazy.adapter
+    original = widths(model, adapter)[0]
+    kinds = [k for k in ("heads", "channels") if any(plan.removed(k))]
+    fits = _add_biases(lazy, kinds, opts, plan)
+    reconstruction = (
+        _Reconstruction(lazy, fit_tokens, opts, fits) if fit_tokens is not None else None
+    )
+    reader = CheckpointReader(lazy.source)
+    with atomic_directory(out, overwrite=overwrite, needed=_output_bytes(lazy)) as tmp:
+        spill = tmp / ".layers"
+        spill.mkdir()
+        steps = tqdm(range(len(lazy.layers)), desc="surgery", disable=not progress, leave=False)
+        for index in steps:
+            with lazy.loaded(index) as layer:
+                _cut_layer(lazy, plan, index, kinds, reconstruction, means)
+                if reconstruction is not None:
+                    reconstruction.advance(layer, index)
+                _spill_layer(lazy, index, spill)
+        plain = update_config(model, adapter, original)
+        model.config.dtype = _checkpoint_dtype(lazy.config)
+        _write_config(model, lazy.source, tmp)
+        _write_weights(lazy, reader, spill, tmp)
+        for path in spill.iterdir():
+            path.unlink()
+        spill.rmdir()
+        _copy_tokenizer(lazy.source, tmp)
+        full = {**describe(model), **structure_record(model)}
+        if not full["loading"]["plain_transformers"]:
+            mark_config(tmp)
+        full["reconstruction"] = reconstruction.report() if reconstruction else {"enabled": False}
+        full["parameters"]["plain_config"] = plain
+        full.setdefault("timings", {})["surgery_s"] = round(time.perf_counter() - start, 3)
+        full["timings"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        full["streamed"] = True
+        write_json(tmp / RECORD_FILE, full)
+    return Path(out)
+
+
+def _add_biases(lazy: LazyModel, kinds, opts: WidthOptions, plan: WidthPlan) -> dict[str, bool]:
+    """Zero biases where reconstruction fits an intercept or compensation adds one; they are
+    new parameters (not on disk): the lazy model creates them as zeros when a layer loads."""
+    known = {name for name, _ in lazy.model.named_parameters()}
+    wanted = {}
+    for kind in kinds:
+        if opts.reconstructing:
+            wanted[kind] = opts.compensate is not False and can_add_intercept(
+                lazy.model, lazy.adapter, kind
+            )
+        else:
+            wanted[kind] = plan.compensate
+        if wanted[kind]:
+            add_output_bias(lazy.model, lazy.adapter, kind)
+    lazy.new_parameters |= {n for n, _ in lazy.model.named_parameters()} - known
+    return wanted
+
+
+def _cut_layer(lazy, plan, index, kinds, reconstruction, means) -> None:
+    model, adapter = lazy.model, lazy.adapter
+    for kind in kinds:
+        units = plan.removed(kind)[index]
+        if not units:
+            continue
+        if reconstruction is not None:
+            reconstruction.prune(index, kind, units)
+            continue
+        if plan.compensate:
+            compensate(model, adapter, kind, index, units, means[kind][index])
+        prune_layer(model, adapter, index, kind, units)
+
+
+class _Reconstruction:
+    """``secateurs.reconstruct``'s sequential fit, fed from the lazy model's cached calls."""
+
+    def __init__(self, lazy: LazyModel, tokens: torch.Tensor, opts: WidthOptions, fits) -> None:
+        self.lazy, self.opts, self.fits = lazy, opts, fits
+        step = 8  # as width_api.reconstruct_plan batches the fit
+        self.cache = capture_calls(
+            lazy, [tokens[i : i + step] for i in range(0, len(tokens), step)]
+        )
+        tokens_seen = sum(h.shape[0] * h.shape[1] for h in self.cache.hidden)
+        self.report_ = ReconstructionReport(opts.reconstruct_damping, fits, tokens_seen)
+        self.start = time.perf_counter()
+
+    def prune(self, index: int, kind: str, units) -> None:
+        self.report_.layers.append(
+            _prune_layer(
+                self.lazy.model,
+                self.lazy.adapter,
+                index,
+                kind,
+                units,
+                self.cache,
+                self.opts.reconstruct_damping,
+                self.fits[kind],
+            )
+        )
+
+    def advance(self, layer, index: int) -> None:
+        if index + 1 < len(self.lazy.layers):
+            self.cache.hidden = [
+                run_layer(layer, h, call)
+                for h, call in zip(self.cache.hidden, self.cache.calls[index], strict=True)
+            ]
+
+    def report(self) -> dict[str, Any]:
+        self.report_.seconds = time.perf_counter() - self.start
+        return {
+            "enabled": True,
+            "samples": sum(len(h) for h in self.cache.hidden),
+            **self.report_.to_dict(),
+        }
+
+
+def _spill_layer(lazy: LazyModel, index: int, spill: Path) -> None:
+    """Layer ``index``'s tensors, in the checkpoint's dtype, to a file of its own."""
+    prefix = lazy.layer_prefix(index)
+    tensors = {}
+    for name, param in lazy.layers[index].named_parameters():
+        full = prefix + name
+        stored = lazy.names.get(full)
+        dtype = (
+            lazy.reader.meta(stored).dtype
+            if stored and full not in lazy.new_parameters
+            else (_checkpoint_dtype(lazy.config))
+        )
+        tensors[full] = param.detach().to("cpu", dtype).contiguous()
+    save_file(tensors, spill / f"{index}.safetensors")
+
+
+def _output_bytes(lazy: LazyModel) -> int:
+    from secateurs.lazy import checkpoint_bytes_on_disk
+
+    return int(checkpoint_bytes_on_disk(lazy.source) * 1.05) + (20 << 20)
+
+
+def _write_weights(lazy: LazyModel, reader: CheckpointReader, spill: Path, tmp: Path) -> None:
+    """Output shards in ``save_pretrained``'s names, order and sharding."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from secateurs.streaming import DEFAULT_SHARD, INDEX_FILE
+
+    module_name = {id(p): n for n, p in lazy.model.named_parameters(remove_duplicate=False)}
+    state = saved_state(lazy.model)
+    layers = CheckpointReader.__new__(CheckpointReader)
+    layers.directory, layers.files = spill, _spill_map(spill)
+    source: dict[str, tuple[CheckpointReader, str]] = {}
+    specs: dict[str, TensorSpec] = {}
+    for name, tensor in state.items():
+        full = module_name[id(tensor)]
+        where = (layers, full) if full in layers.files else (reader, lazy.names[full])
+        source[name] = where
+        meta = where[0].meta(where[1])
+        specs[name] = TensorSpec(name, meta.dtype, tuple(meta.shape))
+    sized = {n: torch.empty(s.shape, dtype=s.dtype, device="meta") for n, s in specs.items()}
+    split = split_torch_state_dict_into_shards(
+        sized, filename_pattern="model{suffix}.safetensors", max_shard_size=DEFAULT_SHARD
+    )
+    for filename, names in split.filename_to_tensors.items():
+        write_safetensors(
+            tmp / filename,
+            [specs[n] for n in names],
+            lambda n: source[n][0].blocks(source[n][1]),
+            {"format": "pt"},
+        )
+    if split.is_sharded:
+        import json
+
+        index = {
+            "metadata": {"total_parameters": lazy.model.num_parameters(), **split.metadata},
+            "weight_map": split.tensor_to_filename,
+        }
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _spill_map(spill: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    files = {}
+    for path in spill.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as handle:
+            files.update({name: path for name in handle.keys()})  # noqa: SIM118
+    return files

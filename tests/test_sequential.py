@@ -1,0 +1,241 @@
+"""Layer-by-layer scoring from disk and streamed width surgery equal the whole-model path.
+
+Tolerance for scores: |sequential − whole| ≤ 1e-5 · max|whole| + 1e-9 per unit kind (float32
+compute; the two paths run the same layer code on the same inputs but batch the hooks'
+reductions differently). The pruned checkpoints are compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from secateurs.adapters import adapter_for
+from secateurs.api import prune
+from secateurs.cli import main
+from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.errors import ConfigError, UnsupportedModelError
+from secateurs.lazy import LazyModel
+from secateurs.pipeline import SequentialPipeline
+from secateurs.sequential import sequential_prune
+from secateurs.width_api import WidthOptions, prune_width
+from tiny_models import TINY_CONFIGS, tiny_model, tokens
+
+# MoE families whose checkpoints store experts one by one (stacked by transformers on load)
+CONVERTED = (
+    "deepseek_v2",
+    "deepseek_v3",
+    "flex_olmo",
+    "glm4_moe",
+    "mixtral",
+    "olmoe",
+    "qwen2_moe",
+    "qwen3_moe",
+)
+LAYERWISE_TYPES = sorted(t for t in TINY_CONFIGS if t not in CONVERTED)
+EAGER = "eager"  # the tiny models' attention (tests/tiny_models.py)
+
+CASES = (
+    ("magnitude", ("block", "heads", "channels")),
+    ("activation", ("heads", "channels")),
+    ("fluctuation", ("heads", "channels")),
+    ("block-influence", ("block", "attn", "mlp")),
+    ("ppl", ("block", "attn", "mlp")),
+)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    def save(model_type: str):
+        model = tiny_model(model_type)
+        model.save_pretrained(tmp_path / model_type)
+        return model, tmp_path / model_type
+
+    return save
+
+
+def _scores(criterion, ctx: ScoringContext, kind: str) -> torch.Tensor:
+    if kind in ("heads", "channels"):
+        return torch.cat([s.flatten() for s in criterion.score_width(ctx, kind)])
+    return criterion.score(ctx, kind)
+
+
+def _supported(model, criterion, kind: str) -> bool:
+    adapter = adapter_for(model)
+    if kind in ("heads", "channels"):
+        try:
+            adapter.width_layout(kind, model.config)
+        except (ConfigError, UnsupportedModelError):
+            return False
+    return kind in criterion.units and (kind not in ("attn", "mlp") or kind in adapter.unit_kinds())
+
+
+@pytest.mark.parametrize("model_type", LAYERWISE_TYPES)
+def test_sequential_scores_equal_whole_model(model_type, saved):
+    model, path = saved(model_type)
+    calibration = tokens(4, 12)
+    lazy = LazyModel(path, attn_implementation=EAGER)
+    pipeline = SequentialPipeline(lazy, calibration, batch_size=2, progress=False)
+    compared = 0
+    for name, kinds in CASES:
+        criterion = CRITERIA.get(name)()
+        for kind in kinds:
+            if not _supported(model, criterion, kind):
+                continue
+            whole = ScoringContext(model, adapter_for(model), calibration, 2, (), False)
+            layered = ScoringContext(lazy.model, lazy.adapter, calibration, 2, (), False)
+            layered.pipeline = pipeline
+            expected, actual = _scores(criterion, whole, kind), _scores(criterion, layered, kind)
+            tolerance = 1e-5 * float(expected.abs().max()) + 1e-9
+            assert torch.allclose(actual, expected, rtol=0, atol=tolerance), (name, kind)
+            compared += 1
+    assert compared >= 7  # every depth unit kind at least, for every family
+
+
+def test_layers_stay_on_disk_until_loaded(saved):
+    model, path = saved("llama")
+    lazy = LazyModel(path)
+    on_meta = lambda module: all(p.is_meta for p in module.parameters())  # noqa: E731
+    assert all(on_meta(layer) for layer in lazy.layers)
+    assert lazy.model.get_input_embeddings().weight.is_meta
+    assert not lazy.model.model.norm.weight.is_meta
+    with lazy.loaded(3) as layer:
+        assert not any(p.is_meta for p in layer.parameters())
+        expected = model.model.layers[3].state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in layer.state_dict().items())
+    assert on_meta(lazy.layers[3])
+
+
+def test_head_nll_equals_the_model_loss(saved):
+    """The head read in row blocks gives the whole model's next-token NLL."""
+    model, path = saved("gemma2")  # final logit soft-capping applied per vocabulary block
+    lazy = LazyModel(path, attn_implementation=EAGER)
+    ids = tokens(2, 10)
+    pipeline = SequentialPipeline(lazy, ids, batch_size=2, progress=False)
+    hidden = pipeline.calls.hidden
+    for index in range(len(lazy.layers)):
+        with lazy.loaded(index) as layer:
+            hidden = pipeline.run(layer, index, hidden)
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss
+    assert pipeline.mean_nll(hidden) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", CONVERTED[:2])
+def test_converted_checkpoints_are_refused_clearly(model_type, saved):
+    _, path = saved(model_type)
+    with pytest.raises(UnsupportedModelError, match="converted from the checkpoint"):
+        LazyModel(path)
+
+
+def test_backward_criteria_are_refused_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="needs the whole model"):
+        sequential_prune(tmp_path / "absent", tmp_path / "out", criterion="taylor", remove=2)
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.glob("*.safetensors")}
+
+
+WIDTH_CASES = (
+    ("llama", "fluctuation", "uniform", None),  # reconstruction (default), plain config
+    ("gpt2", "activation", "global", None),  # Conv1D, per-layer widths: marked config
+    ("opt", "fluctuation", "uniform", False),  # FLAP compensation, no reconstruction
+    ("phi3", "magnitude", "uniform", None),  # fused qkv / gate_up, data-free scoring
+)
+
+
+@pytest.mark.parametrize(("model_type", "criterion", "allocation", "reconstruct"), WIDTH_CASES)
+def test_streamed_width_surgery_equals_in_memory(
+    model_type, criterion, allocation, reconstruct, saved, tmp_path
+):
+    model, path = saved(model_type)
+    calibration = tokens(16, 12)
+    opts = WidthOptions(
+        unit="width", ratio=0.3, allocation=allocation, sensitivity=False, reconstruct=reconstruct
+    )
+    memory = prune_width(model, None, criterion=criterion, options=opts, calibration=calibration,
+                         out=tmp_path / "memory", progress=False, batch_size=8)  # fmt: skip
+    record = sequential_prune(path, tmp_path / "layered", unit="width", criterion=criterion,
+                              width=opts, calibration=calibration, progress=False,
+                              attn_implementation=EAGER)  # fmt: skip
+    assert record["width_plan"] == memory.plan.to_dict()
+    assert _files(tmp_path / "layered") == _files(tmp_path / "memory")
+    config = json.loads((tmp_path / "layered" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "memory" / "config.json").read_text())
+    assert record["loading"] == memory.record.get("loading", record["loading"])
+    assert record["parameters"]["after"] == memory.record["parameters"]["after"]
+
+
+@pytest.mark.parametrize("criterion", ["block-influence", "ppl", "magnitude"])
+def test_sequential_depth_equals_in_memory(criterion, saved, tmp_path):
+    model, path = saved("qwen2")
+    calibration = tokens(8, 12)
+    memory = prune(model, None, criterion=criterion, unit="block", remove=2, protect="none",
+                   calibration=calibration, out=tmp_path / "memory", progress=False)  # fmt: skip
+    record = sequential_prune(path, tmp_path / "layered", unit="block", criterion=criterion,
+                              remove=2, protect="none", calibration=calibration, progress=False,
+                              attn_implementation=EAGER)  # fmt: skip
+    assert record["plan"]["blocks"] == list(memory.plan.blocks)
+    assert _files(tmp_path / "layered") == _files(tmp_path / "memory")
+
+
+# --- the command line --------------------------------------------------------------------------
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _prune(model_dir, out, calibration_file, *flags) -> int:
+    calib = ["--calibration", str(calibration_file), "--n-samples", "8", "--calib-seq-len", "16"]
+    return main(["prune", str(model_dir), "--out", str(out), *calib, *flags])
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--unit", "block", "--criterion", "ppl", "--remove", "2", "--protect", "none"),
+        (
+            "--unit",
+            "width",
+            "--criterion",
+            "fluctuation",
+            "--ratio",
+            "0.3",
+            "--reconstruct-samples",
+            "8",
+        ),
+    ],
+)
+def test_cli_sequential_saves_what_the_in_memory_path_saves(
+    flags, model_dir, calibration_file, tmp_path
+):
+    """Same command with and without --sequential: the same checkpoint, byte for byte."""
+    assert _prune(model_dir, tmp_path / "memory", calibration_file, *flags) == 0
+    assert _prune(model_dir, tmp_path / "layered", calibration_file, *flags, "--sequential") == 0
+    record = json.loads((tmp_path / "layered" / "secateurs.json").read_text())
+    assert record["pipeline"]["name"] == "sequential"
+    assert _files(tmp_path / "layered") == _files(tmp_path / "memory")
+
+
+def test_max_memory_takes_the_sequential_path(model_dir, calibration_file, tmp_path, capsys):
+    flags = ("--unit", "block", "--criterion", "block-influence", "--remove", "1")
+    assert (
+        _prune(model_dir, tmp_path / "auto", calibration_file, *flags, "--max-memory", "1e-6") == 0
+    )
+    assert "scoring layer by layer" in capsys.readouterr().out
+    record = json.loads((tmp_path / "auto" / "secateurs.json").read_text())
+    assert record["pipeline"]["name"] == "sequential"
+
+
+def test_cli_sequential_refuses_what_it_cannot_do(model_dir, tmp_path):
+    flags = ("--unit", "block", "--criterion", "taylor", "--remove", "1", "--sequential")
+    assert main(["prune", str(model_dir), "--out", str(tmp_path / "o"), *flags]) == 2
+    flags = ("--unit", "experts", "--criterion", "magnitude", "--ratio", "0.5", "--sequential")
+    assert main(["prune", str(model_dir), "--out", str(tmp_path / "o"), *flags]) == 2
+    assert not (tmp_path / "o").exists()
