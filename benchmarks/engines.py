@@ -215,9 +215,9 @@ def parameters(location: str) -> int:
     if recorded is not None:
         return int(recorded)
     from secateurs import load_model
-    from secateurs.width_api import count_unique
+    from secateurs.runinfo import count_parameters
 
-    return count_unique(load_model(location)[0])
+    return count_parameters(load_model(location)[0])
 
 
 def plain_nll(export: Path, batches: torch.Tensor) -> float:

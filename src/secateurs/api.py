@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import resource
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -17,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
@@ -40,6 +37,8 @@ from secateurs.plan import (
     parse_protected,
     resolve_protected,
 )
+from secateurs.runinfo import calibration_tokens as _calibration
+from secateurs.runinfo import count_parameters, peak_rss_mb, versions
 from secateurs.surgery import apply_plan
 from secateurs.units import Unit, check_unit_kind
 from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers, prune_width
@@ -129,26 +128,6 @@ def score_units(
         time.perf_counter() - start,
         tuple(tuple(u) for u in removed),
     )
-
-
-def _calibration(
-    needed: bool,
-    calibration: CalibrationConfig | torch.Tensor | None,
-    tokenizer: Tokenizer | None,
-    data_root: str | os.PathLike | None,
-) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
-    if not needed:
-        return None, None
-    if isinstance(calibration, torch.Tensor):
-        return calibration, {
-            "source": "tensor",
-            "n_samples": len(calibration),
-            "seq_len": calibration.shape[1],
-        }
-    config = calibration or CalibrationConfig()
-    if tokenizer is None:
-        raise ConfigError("A tokenizer is needed to build calibration samples.")
-    return config.load(tokenizer, data_root), asdict(config)
 
 
 def plan_from_scores(
@@ -484,26 +463,6 @@ def _iterative_plan(model, tokenizer, name, unit, count, protected, score_kwargs
         log.info("iterative: removed %s %d (step %d/%d)", unit, choice, len(removed), count)
     num_layers = adapter_for(model).num_layers(model)
     return Plan.of_units(num_layers, removed, protected), history
-
-
-def count_parameters(model: PreTrainedModel) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 / (1024 if platform.system() == "Darwin" else 1)
-
-
-def versions() -> dict[str, str]:
-    return {
-        "secateurs": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _record(

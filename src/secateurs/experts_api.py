@@ -36,6 +36,8 @@ from secateurs.experts import (
     top_k,
 )
 from secateurs.plan import check_scores
+from secateurs.runinfo import calibration_tokens as _calibration
+from secateurs.runinfo import count_parameters, peak_rss_mb, versions
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +160,6 @@ def prune_experts(
             f"(hidden, top-k ids, weights), so {scorer.name!r} cannot observe them; "
             "use --criterion magnitude."
         )
-    from secateurs.api import _calibration, count_parameters
-
     tokens, calib_record = _calibration(scorer.needs_calibration, calibration, tokenizer, data_root)
     layers = moe_layers(model, adapter)
     floor = max(top_k(model, adapter), opts.min_keep, 1)
@@ -197,8 +197,6 @@ def _checked_scorer(criterion: str, options: dict[str, Any]):
 
 
 def _record(model, plan, scorer, opts, scores, calib, before, seconds, source) -> dict[str, Any]:
-    from secateurs.api import count_parameters, peak_rss_mb, versions
-
     after = count_parameters(model)
     log.info("removed %d experts; parameters %d -> %d", sum(map(len, plan.removed)), before, after)
     return {

@@ -29,15 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from secateurs.api import (
-    CriterionSpec,
-    ScoreResult,
-    _calibration,
-    _record,
-    count_parameters,
-    peak_rss_mb,
-    plan_from_scores,
-)
+from secateurs.api import CriterionSpec, ScoreResult, _record, plan_from_scores
 from secateurs.checkpoint import RECORD_FILE, mark_config, structure_record, write_json
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.criteria.base import Layerwise
@@ -54,6 +46,8 @@ from secateurs.reconstruct import (
     can_add_intercept,
     run_layer,
 )
+from secateurs.runinfo import calibration_tokens as _calibration
+from secateurs.runinfo import count_parameters, peak_rss_mb
 from secateurs.streaming import (
     CheckpointReader,
     TensorSpec,
@@ -72,7 +66,6 @@ from secateurs.width_api import (
     _compensating,
     _fit_calibration,
     _plan,
-    count_unique,
     criterion_details,
     parameter_base,
 )
@@ -230,7 +223,7 @@ def _width(lazy: LazyModel, out, scorer, opts: WidthOptions, data: _Data, overwr
     compensating = _compensating(scorer, opts) and not opts.reconstructing
     needs_data = scorer.needs_calibration or compensating or opts.reconstructing
     tokens, calib = data.tokens() if needs_data else (None, None)
-    base, before = parameter_base(model, opts.include_embeddings), count_unique(model)
+    base, before = parameter_base(model, opts.include_embeddings), count_parameters(model)
     start = time.perf_counter()
     scored = tokens if scorer.needs_calibration or compensating else None
     scores, ctx = _score(lazy, scorer, opts.kinds, scored, data)

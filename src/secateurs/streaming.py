@@ -303,7 +303,7 @@ def stream_depth_prune(
 
 
 def _peak_rss_mb() -> float:
-    from secateurs.api import peak_rss_mb
+    from secateurs.runinfo import peak_rss_mb
 
     return round(peak_rss_mb(), 1)
 

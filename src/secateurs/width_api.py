@@ -33,6 +33,8 @@ from secateurs.data import CalibrationConfig
 from secateurs.errors import ConfigError
 from secateurs.plan import WidthPlan, check_scores
 from secateurs.reconstruct import prune_and_reconstruct
+from secateurs.runinfo import calibration_tokens as _calibration
+from secateurs.runinfo import count_parameters, peak_rss_mb, versions
 from secateurs.sensitivity import layer_sensitivity
 from secateurs.width import (
     add_output_bias,
@@ -164,9 +166,7 @@ def prune_width(
     adapter = adapter_for(model)
     scorer = _checked_scorer(model, adapter, criterion, opts, criterion_options)
     layers = opts.layer_range(adapter.num_layers(model))
-    base, before = parameter_base(model, opts.include_embeddings), count_unique(model)
-    from secateurs.api import _calibration  # the depth path's calibration loader
-
+    base, before = parameter_base(model, opts.include_embeddings), count_parameters(model)
     compensating = _compensating(scorer, opts) and not opts.reconstructing
     sensing = opts.allocation == "global" and bool(opts.sensitivity)
     needs_data = scorer.needs_calibration or compensating or opts.reconstructing or sensing
@@ -331,13 +331,9 @@ def apply_width_plan(
     return update_config(model, adapter, original)
 
 
-def count_unique(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def parameter_base(model: PreTrainedModel, include_embeddings: bool) -> int:
     """Parameters the ratio refers to: all, or all but token/position embeddings and lm_head."""
-    total = count_unique(model)
+    total = count_parameters(model)
     if include_embeddings:
         return total
     embedding = {
@@ -355,9 +351,7 @@ def criterion_details(extras: dict[str, Any]) -> dict[str, Any]:
 
 
 def _record(model, plan, scorer, opts, scores, calib, before, base, seconds, source) -> dict:
-    from secateurs.api import peak_rss_mb, versions
-
-    after = count_unique(model)
+    after = count_parameters(model)
     achieved = (before - after) / base
     log.info(
         "removed %d parameters: %.4f of the %s (asked %.4f)",

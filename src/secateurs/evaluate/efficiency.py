@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from secateurs.errors import ConfigError
 from secateurs.plan import SL_PROTECTED, Plan, resolve_protected
+from secateurs.runinfo import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,6 @@ MB = 1024 * 1024
 
 
 # --- static counts ------------------------------------------------------------------------------
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -392,7 +388,7 @@ def _add_speedups(models: list[dict[str, Any]]) -> None:
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
-    from secateurs.api import versions
+    from secateurs.runinfo import versions
 
     env = {"device": str(device), "threads": torch.get_num_threads(), "versions": versions()}
     if device.type == "cuda":
