@@ -1,109 +1,173 @@
-"""Forward-only gradient estimates (SPSA / MeZO style) for memory-light criteria.
+"""Forward-only estimates of *gate* gradients: SPSA over one scalar gate per width group.
 
-For parameters θ (here: the output projections that define width groups), K seeded random
-directions Z_k ~ N(0, I) give two-sided projected gradients
+Give every width group g of a layer (a KV head group, an MLP channel) a gate s_g that scales
+its input columns of the output projection (o_proj / down_proj) — at s = 1 the model is
+unchanged, at s_g = 0 the group is removed. The gate gradient
 
-    p_k = (L(θ + εZ_k) − L(θ − εZ_k)) / 2ε ≈ ⟨∇L, Z_k⟩,       Ĝ = (1/K) Σ_k p_k Z_k.
+    a_g = ∂L/∂s_g |_{s=1} = Σ_{j ∈ c(g)} Σ_i W_ij ∂L/∂W_ij
 
-Nothing gradient-sized is ever stored: a perturbation is applied inside a forward hook
-(y += ±ε·x Z_kᵀ), its Z_k regenerated from (seed, k, parameter) one layer at a time, so the
-weights are never modified (no drift) and peak memory stays at inference level plus one
-direction per layer. Only the K scalars p_k are kept; Ĝ is rebuilt one parameter at a time.
+is the first-order loss change of scaling the group, i.e. −a_g predicts removing it. It lives in
+the space that decides the pruning: one number per group instead of one per weight.
+
+Estimator. Calibration windows do not interact, so window b gets its own random direction
+z_b (Rademacher, ±1 per group) in every forward, and its loss L_b its own projected gradient
+
+    p_b = (L_b(1 + εz_b) − L_b(1 − εz_b)) / 2ε ≈ ⟨∇L_b, z_b⟩         (antithetic pair)
+    p_b = (L_b(1 + εz_b) − L_b(1)) / ε                                (one-sided, shared base)
+
+and â = mean_{k, b} p_{kb} z_{kb} is an unbiased estimate of the gradient of the mean window
+loss with K·N samples from K (or 2K) passes, instead of K from a direction shared by the batch.
+
+Everything here is pure tensor math plus one pre-hook that rescales columns: weights are never
+modified, nothing but (windows × groups) directions is stored, and no ``backward()`` runs.
+How the passes are run (whole model, or from one layer's cached inputs) is the caller's choice:
+``estimate_gates`` only needs a function returning the per-window losses of one pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from secateurs.criteria.base import ScoringContext, calibration_loss
+from secateurs.errors import ConfigError
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
-def direction(
-    shape: torch.Size, seed: int, k: int, index: int, out: torch.Tensor | None = None
+@dataclass(frozen=True)
+class SPSASettings:
+    """How gate gradients are estimated: K directions per window, step ε, pairing, seed."""
+
+    num_perturbations: int = 8
+    epsilon: float = 1e-2
+    antithetic: bool = True
+    distribution: str = "rademacher"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_perturbations < 1:
+            raise ConfigError(f"num_perturbations must be ≥ 1, got {self.num_perturbations}.")
+        if not self.epsilon > 0:
+            raise ConfigError(f"epsilon must be positive, got {self.epsilon}.")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ConfigError(
+                f"unknown distribution {self.distribution!r}; expected one of {DISTRIBUTIONS}."
+            )
+
+    def passes(self) -> int:
+        """Passes over the calibration windows per set of gates perturbed together."""
+        return 2 * self.num_perturbations if self.antithetic else self.num_perturbations + 1
+
+
+# --- pure math ----------------------------------------------------------------------------------
+def gate_directions(
+    windows: int, groups: int, generator: torch.Generator, distribution: str = "rademacher"
 ) -> torch.Tensor:
-    """Z_k for parameter ``index``: standard normal, reproducible from (seed, k, index).
-
-    ``out`` is a reusable buffer: regenerating thousands of directions into the same memory
-    keeps the allocator from growing the heap (peak memory is the point of this criterion).
-    """
-    generator = torch.Generator().manual_seed(((seed * 1_000_003 + k) * 10_007 + index) % 2**62)
-    return torch.randn(shape, generator=generator, out=out)
+    """One direction per window (windows, groups): ±1 (Rademacher) or N(0, 1), E[zzᵀ] = I."""
+    if distribution == "gaussian":
+        return torch.randn(windows, groups, generator=generator)
+    bits = torch.randint(0, 2, (windows, groups), generator=generator)
+    return bits.float().mul_(2).sub_(1)
 
 
-class _Buffers:
-    """One float32 buffer per weight shape, reused for every direction of that shape."""
-
-    def __init__(self) -> None:
-        self._by_shape: dict[torch.Size, torch.Tensor] = {}
-
-    def get(self, shape: torch.Size) -> torch.Tensor:
-        if shape not in self._by_shape:
-            self._by_shape[shape] = torch.empty(shape)
-        return self._by_shape[shape]
+def column_multipliers(
+    directions: torch.Tensor, columns: torch.Tensor, in_features: int, step: float
+) -> torch.Tensor:
+    """(windows, in_features): 1 + step·z_{b,g} on group g's columns, 1 elsewhere."""
+    out = torch.ones(directions.shape[0], in_features)
+    out[:, columns.flatten()] += step * directions.repeat_interleave(columns.shape[1], dim=1)
+    return out
 
 
+def window_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each window (B,), float64 — the per-window ``calibration_loss``."""
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
+    return nll.to(torch.float64).mean(-1)
+
+
+def projected_gradients(
+    plus: torch.Tensor, other: torch.Tensor, epsilon: float, antithetic: bool
+) -> torch.Tensor:
+    """p_b per window from the perturbed losses: central (antithetic) or one-sided."""
+    return (plus - other) / (2 * epsilon if antithetic else epsilon)
+
+
+def spsa_sum(projected: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Σ_b p_b z_b (groups,) float64; divide by the number of (direction, window) samples."""
+    return projected.to(torch.float64) @ directions.to(torch.float64)
+
+
+# --- the perturbation ---------------------------------------------------------------------------
 @contextmanager
-def perturbed(
-    modules: Sequence[nn.Module], conv1d: bool, sign: float, epsilon: float, seed: int, k: int
-) -> Iterator[None]:
-    """Run forwards as if each module's weight were W + sign·ε·Z_k (W untouched)."""
-    buffers = _Buffers()
-
-    def make_hook(index: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            shape = module.weight.shape
-            z = direction(shape, seed, k, index, buffers.get(shape)).to(output)
-            x = args[0]
-            delta = x @ z if conv1d else x @ z.T  # Conv1D stores (in, out); Linear (out, in)
-            return output.add_(delta, alpha=sign * epsilon)
-
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+def gated(modules: Sequence[nn.Module], multipliers: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Scale the input columns of ``modules[i]`` by ``multipliers[i]`` (windows, in), window by
+    window: each forward consumes the next rows (a cursor per module), so a pass over the
+    windows in order in any batch size sees each window's own direction."""
+    handles = []
     try:
+        for module, multiplier in zip(modules, multipliers, strict=True):
+            handles.append(module.register_forward_pre_hook(_scaling_hook(multiplier)))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-@torch.no_grad()
-def mean_loss(ctx: ScoringContext) -> float:
-    losses = [float(calibration_loss(ctx.model, batch)) for batch in ctx.batches()]
-    return sum(losses) / len(losses)
+def _scaling_hook(multiplier: torch.Tensor):
+    cursor = [0]
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]  # (B, T, in)
+        rows = multiplier[cursor[0] : cursor[0] + x.shape[0]]
+        cursor[0] += x.shape[0]
+        return (x * rows[:, None, :].to(x), *args[1:])
+
+    return hook
 
 
-@torch.no_grad()
-def projected_gradients(
-    ctx: ScoringContext,
+# --- the estimator ------------------------------------------------------------------------------
+def estimate_gates(
+    run: Callable[[], torch.Tensor],
     modules: Sequence[nn.Module],
-    conv1d: bool,
-    num_perturbations: int,
-    epsilon: float,
-    seed: int,
-) -> list[float]:
-    """The K two-sided finite-difference scalars p_k (2K forward passes over calibration)."""
-    scalars = []
-    for k in ctx.bar(range(num_perturbations), "mini-llm: perturbations"):
-        with perturbed(modules, conv1d, +1.0, epsilon, seed, k):
-            plus = mean_loss(ctx)
-        with perturbed(modules, conv1d, -1.0, epsilon, seed, k):
-            minus = mean_loss(ctx)
-        scalars.append((plus - minus) / (2 * epsilon))
-    return scalars
+    columns: Sequence[torch.Tensor],
+    in_features: Sequence[int],
+    windows: int,
+    settings: SPSASettings,
+    generator: torch.Generator,
+    bar: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
+) -> list[torch.Tensor]:
+    """â (groups,) float64 for each of ``modules``, all perturbed together.
+
+    ``run()`` does one pass over the ``windows`` calibration windows, in order, and returns
+    their losses (windows,); ``columns[i]`` (groups, members) maps module i's ``in_features[i]``
+    inputs to groups.
+    """
+    sizes = list(in_features)
+    sums = [torch.zeros(c.shape[0], dtype=torch.float64) for c in columns]
+    base = None if settings.antithetic else run()
+    for _ in bar(range(settings.num_perturbations), "mini-llm: perturbations"):
+        z = [gate_directions(windows, c.shape[0], generator, settings.distribution) for c in columns]
+        plus = _perturbed_run(run, modules, z, columns, sizes, settings.epsilon)
+        other = (
+            _perturbed_run(run, modules, z, columns, sizes, -settings.epsilon)
+            if settings.antithetic
+            else base
+        )
+        p = projected_gradients(plus, other, settings.epsilon, settings.antithetic)
+        for total, direction in zip(sums, z, strict=True):
+            total += spsa_sum(p, direction)
+    return [total / (settings.num_perturbations * windows) for total in sums]
 
 
-def estimated_gradient(
-    module: nn.Module, index: int, scalars: Sequence[float], seed: int
-) -> torch.Tensor:
-    """Ĝ = (1/K) Σ_k p_k Z_k for one module's weight, rebuilt from the seeds (float64)."""
-    shape = module.weight.shape
-    total = torch.zeros(shape, dtype=torch.float64)
-    z = torch.empty(shape)
-    for k, p in enumerate(scalars):
-        total.add_(direction(shape, seed, k, index, z), alpha=p)
-    return (total / len(scalars)).to(module.weight.device)
+def _perturbed_run(run, modules, z, columns, sizes, step: float) -> torch.Tensor:
+    multipliers = [
+        column_multipliers(d, c, n, step) for d, c, n in zip(z, columns, sizes, strict=True)
+    ]
+    with gated(modules, multipliers):
+        return run()
+
