@@ -19,7 +19,13 @@ import torch
 
 from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import Criterion, ScoringContext, columns_per_group, input_statistics
-from secateurs.criteria.zeroth_order import SPSASettings, estimate_gates, window_losses
+from secateurs.criteria.zeroth_order import (
+    GateSet,
+    SPSASettings,
+    estimate_gates,
+    prior_scales,
+    window_losses,
+)
 from secateurs.errors import ConfigError
 from secateurs.layerwise import LayerRunner
 from secateurs.units import masked
@@ -44,6 +50,7 @@ class MiniLLM(Criterion):
         seed: int = 0,
         scope: str = "model",
         combine: str = "paper",
+        prior_power: float = 0.0,
     ) -> None:
         self.settings = SPSASettings(
             int(num_perturbations), float(epsilon), bool(antithetic), distribution, int(seed)
@@ -54,7 +61,7 @@ class MiniLLM(Criterion):
             raise ConfigError(
                 f"mini-llm: unknown combine {combine!r}; expected one of {COMBINATIONS}."
             )
-        self.scope, self.combine = scope, combine
+        self.scope, self.combine, self.prior_power = scope, combine, float(prior_power)
 
     def options(self) -> dict:
         s = self.settings
@@ -66,6 +73,7 @@ class MiniLLM(Criterion):
             "seed": s.seed,
             "scope": self.scope,
             "combine": self.combine,
+            "prior_power": self.prior_power,
         }
 
     @torch.no_grad()
@@ -73,15 +81,14 @@ class MiniLLM(Criterion):
         conv1d = ctx.adapter.width_layout(kind).conv1d
         with masked(ctx.model, ctx.adapter, ctx.removed):
             stats = input_statistics(ctx, kind, "mini-llm: inputs")
-        gates = gate_gradients(ctx, kind, self.settings, self.scope)
-        ctx.extras.setdefault("gate_gradients", {})[kind] = gates
-        scores = []
-        for layer, (stat, gate) in enumerate(zip(stats, gates, strict=True)):
+        magnitudes = []
+        for layer, stat in enumerate(stats):
             module, columns = ctx.output_projection(layer, kind)
             weight = output_weight_columns(module, conv1d).detach()
-            magnitude = magnitude_activation(weight, stat.norm, columns)
-            scores.append(combine(magnitude, gate, self.combine))
-        return scores
+            magnitudes.append(magnitude_activation(weight, stat.norm, columns))
+        gates = gate_gradients(ctx, kind, self.settings, self.scope, magnitudes, self.prior_power)
+        ctx.extras.setdefault("gate_gradients", {})[kind] = gates
+        return [combine(m, g, self.combine) for m, g in zip(magnitudes, gates, strict=True)]
 
 
 def magnitude_activation(
@@ -98,23 +105,42 @@ def combine(magnitude: torch.Tensor, gate: torch.Tensor, how: str = "paper") -> 
 
 
 def gate_gradients(
-    ctx: ScoringContext, kind: str, settings: SPSASettings, scope: str = "model"
+    ctx: ScoringContext,
+    kind: str,
+    settings: SPSASettings,
+    scope: str = "model",
+    priors: list[torch.Tensor] | None = None,
+    prior_power: float = 0.0,
 ) -> list[torch.Tensor]:
-    """â per layer (groups,) float64: the estimated ∂L/∂s_g of the mean window loss."""
-    projections = [ctx.output_projection(layer, kind) for layer in range(ctx.num_layers())]
-    conv1d = ctx.adapter.width_layout(kind).conv1d
-    modules = [module for module, _ in projections]
-    columns = [cols for _, cols in projections]
-    sizes = [output_weight_columns(m, conv1d).shape[1] for m in modules]
+    """â per layer (groups,) float64: the estimated ∂L/∂s_g of the mean window loss.
+
+    ``priors`` (per layer, (groups,), e.g. M) shape the directions (``prior_scales``).
+    """
+    gates = gate_set(ctx, kind, priors, prior_power)
     windows = len(ctx.calibration) if ctx.calibration is not None else 0
-    if scope == "model":
-        generator = torch.Generator().manual_seed(settings.seed)
-        with masked(ctx.model, ctx.adapter, ctx.removed):
-            return estimate_gates(
-                lambda: _model_losses(ctx), modules, columns, sizes, windows, settings, generator,
-                ctx.bar,
-            )
-    return _per_layer(ctx, modules, columns, sizes, windows, settings)
+    with masked(ctx.model, ctx.adapter, ctx.removed):
+        base = None if settings.antithetic else _model_losses(ctx)
+        if scope == "model":
+            generator = torch.Generator().manual_seed(settings.seed)
+            run = lambda: _model_losses(ctx)  # noqa: E731
+            return estimate_gates(run, gates, windows, settings, generator, ctx.bar, base)
+    return _per_layer(ctx, gates, windows, settings, base)
+
+
+def gate_set(
+    ctx: ScoringContext, kind: str, priors: list[torch.Tensor] | None, prior_power: float
+) -> GateSet:
+    """Every layer's output projection, its groups' columns and direction scales."""
+    conv1d = ctx.adapter.width_layout(kind).conv1d
+    projections = [ctx.output_projection(layer, kind) for layer in range(ctx.num_layers())]
+    modules = tuple(module for module, _ in projections)
+    columns = tuple(cols for _, cols in projections)
+    sizes = tuple(output_weight_columns(m, conv1d).shape[1] for m in modules)
+    if priors is None or prior_power == 0:
+        scales = tuple(torch.ones(c.shape[0]) for c in columns)
+    else:
+        scales = tuple(prior_scales(priors, prior_power))
+    return GateSet(modules, columns, sizes, scales)
 
 
 def _model_losses(ctx: ScoringContext) -> torch.Tensor:
@@ -126,20 +152,24 @@ def _model_losses(ctx: ScoringContext) -> torch.Tensor:
     return torch.cat(parts).cpu()
 
 
-def _per_layer(ctx, modules, columns, sizes, windows, settings) -> list[torch.Tensor]:
-    """Layer ℓ's gates perturbed alone, each pass running layers ℓ.. from cached inputs."""
+def _per_layer(ctx, gates: GateSet, windows: int, settings, base) -> list[torch.Tensor]:
+    """Layer ℓ's gates perturbed alone, each pass running layers ℓ.. from cached inputs; the
+    unperturbed losses (one-sided differences) are the same for every layer."""
     runner = LayerRunner(ctx.model, ctx.adapter, ctx.calibration, ctx.batch_size)
     runner.capture(ctx.removed)
-    gates = []
-    for layer in ctx.bar(range(len(modules)), "mini-llm: layers"):
+    out = []
+    for layer in ctx.bar(range(len(gates.modules)), "mini-llm: layers"):
 
         def run(layer: int = layer) -> torch.Tensor:
             parts = [window_losses(lg, ids) for ids, lg in runner.logits_from(layer, ctx.removed)]
             return torch.cat(parts).cpu()
 
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + layer)
-        (gate,) = estimate_gates(
-            run, [modules[layer]], [columns[layer]], [sizes[layer]], windows, settings, generator
-        )
-        gates.append(gate)
-    return gates
+        generator = layer_generator(settings.seed, layer)
+        (gate,) = estimate_gates(run, gates.pick(layer), windows, settings, generator, base=base)
+        out.append(gate)
+    return out
+
+
+def layer_generator(seed: int, layer: int) -> torch.Generator:
+    """The directions of layer ℓ in ``scope="layer"``: a stream of their own per layer."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer)

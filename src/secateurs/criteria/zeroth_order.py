@@ -86,7 +86,8 @@ def column_multipliers(
 
 def window_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of each window (B,), float64 — the per-window ``calibration_loss``."""
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → f32, f64 stays
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
     return nll.to(torch.float64).mean(-1)
 
 
@@ -131,43 +132,71 @@ def _scaling_hook(multiplier: torch.Tensor):
 
 
 # --- the estimator ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GateSet:
+    """Gates perturbed together: per output projection, its groups' input columns (groups,
+    members) out of ``in_features``, and each group's direction scale σ_g (1: plain SPSA)."""
+
+    modules: tuple[nn.Module, ...]
+    columns: tuple[torch.Tensor, ...]
+    in_features: tuple[int, ...]
+    scales: tuple[torch.Tensor, ...]
+
+    def pick(self, index: int) -> GateSet:
+        """The gates of one module alone."""
+        i = slice(index, index + 1)
+        return GateSet(self.modules[i], self.columns[i], self.in_features[i], self.scales[i])
+
+
+def prior_scales(priors: Sequence[torch.Tensor], power: float) -> list[torch.Tensor]:
+    """σ_g ∝ prior_g^(−power), RMS 1 over all groups (power 0: all 1).
+
+    SPSA's error on a_g is ≈ ‖σ ⊙ a‖ / σ_g; if |a_g| grows with the prior, perturbing groups with
+    small priors more evens out the relative errors, which is what a ranking needs. Priors are
+    floored at 1e-3 × their median so that a dead group's step stays finite.
+    """
+    flat = torch.cat([p.to(torch.float64).flatten() for p in priors])
+    floor = 1e-3 * flat.median().clamp_min(1e-30)
+    raw = [p.to(torch.float64).clamp_min(floor).pow(-power) for p in priors]
+    rms = torch.cat(raw).pow(2).mean().sqrt()
+    return [(r / rms).float() for r in raw]
+
+
 def estimate_gates(
     run: Callable[[], torch.Tensor],
-    modules: Sequence[nn.Module],
-    columns: Sequence[torch.Tensor],
-    in_features: Sequence[int],
+    gates: GateSet,
     windows: int,
     settings: SPSASettings,
     generator: torch.Generator,
     bar: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
+    base: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """â (groups,) float64 for each of ``modules``, all perturbed together.
+    """â (groups,) float64 for each module of ``gates``, all perturbed together.
 
     ``run()`` does one pass over the ``windows`` calibration windows, in order, and returns
-    their losses (windows,); ``columns[i]`` (groups, members) maps module i's ``in_features[i]``
-    inputs to groups.
+    their losses (windows,); ``base``: those losses unperturbed, if already known (one-sided).
+    With u = σ ⊙ z the perturbation, E[p · z / σ] = a: the estimate is unbiased for any σ.
     """
-    sizes = list(in_features)
-    sums = [torch.zeros(c.shape[0], dtype=torch.float64) for c in columns]
-    base = None if settings.antithetic else run()
+    sums = [torch.zeros(c.shape[0], dtype=torch.float64) for c in gates.columns]
+    if not settings.antithetic and base is None:
+        base = run()
     for _ in bar(range(settings.num_perturbations), "mini-llm: perturbations"):
-        z = [gate_directions(windows, c.shape[0], generator, settings.distribution) for c in columns]
-        plus = _perturbed_run(run, modules, z, columns, sizes, settings.epsilon)
-        other = (
-            _perturbed_run(run, modules, z, columns, sizes, -settings.epsilon)
-            if settings.antithetic
-            else base
-        )
+        z = [
+            gate_directions(windows, c.shape[0], generator, settings.distribution)
+            for c in gates.columns
+        ]
+        plus = _perturbed_run(run, gates, z, settings.epsilon)
+        other = _perturbed_run(run, gates, z, -settings.epsilon) if settings.antithetic else base
         p = projected_gradients(plus, other, settings.epsilon, settings.antithetic)
-        for total, direction in zip(sums, z, strict=True):
-            total += spsa_sum(p, direction)
+        for total, direction, scale in zip(sums, z, gates.scales, strict=True):
+            total += spsa_sum(p, direction / scale)
     return [total / (settings.num_perturbations * windows) for total in sums]
 
 
-def _perturbed_run(run, modules, z, columns, sizes, step: float) -> torch.Tensor:
+def _perturbed_run(run, gates: GateSet, z: list[torch.Tensor], step: float) -> torch.Tensor:
     multipliers = [
-        column_multipliers(d, c, n, step) for d, c, n in zip(z, columns, sizes, strict=True)
+        column_multipliers(d * scale, c, n, step)
+        for d, c, n, scale in zip(z, gates.columns, gates.in_features, gates.scales, strict=True)
     ]
-    with gated(modules, multipliers):
+    with gated(gates.modules, multipliers):
         return run()
-
