@@ -41,7 +41,7 @@ from secateurs.models import load_model  # noqa: E402
 from secateurs.width import output_weight_columns  # noqa: E402
 
 KINDS = ("heads", "channels")
-# (label, windows, scope, prior power, SPSASettings kwargs); passes per kind: 2K or K + 1, + 1 for ‖X‖
+# (label, windows, scope, prior power, SPSASettings kwargs); passes: 2K or K + 1, + 1 for ‖X‖
 SWEEP = [
     ("model K=2", 10, "model", 0.0, dict(num_perturbations=2)),
     ("model K=6", 10, "model", 0.0, dict(num_perturbations=6)),
