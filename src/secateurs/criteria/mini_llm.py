@@ -117,14 +117,16 @@ def gate_gradients(
     ``priors`` (per layer, (groups,), e.g. M) shape the directions (``prior_scales``).
     """
     gates = gate_set(ctx, kind, priors, prior_power)
-    windows = len(ctx.calibration) if ctx.calibration is not None else 0
+    if ctx.calibration is None:
+        raise ConfigError("mini-llm needs calibration data.")
+    shape = tuple(ctx.calibration.shape)
     with masked(ctx.model, ctx.adapter, ctx.removed):
         base = None if settings.antithetic else _model_losses(ctx)
         if scope == "model":
             generator = torch.Generator().manual_seed(settings.seed)
             run = lambda: _model_losses(ctx)  # noqa: E731
-            return estimate_gates(run, gates, windows, settings, generator, ctx.bar, base)
-    return _per_layer(ctx, gates, windows, settings, base)
+            return estimate_gates(run, gates, shape, settings, generator, ctx.bar, base)
+    return _per_layer(ctx, gates, shape, settings, base)
 
 
 def gate_set(
@@ -152,7 +154,7 @@ def _model_losses(ctx: ScoringContext) -> torch.Tensor:
     return torch.cat(parts).cpu()
 
 
-def _per_layer(ctx, gates: GateSet, windows: int, settings, base) -> list[torch.Tensor]:
+def _per_layer(ctx, gates: GateSet, shape, settings, base) -> list[torch.Tensor]:
     """Layer ℓ's gates perturbed alone, each pass running layers ℓ.. from cached inputs; the
     unperturbed losses (one-sided differences) are the same for every layer."""
     runner = LayerRunner(ctx.model, ctx.adapter, ctx.calibration, ctx.batch_size)
@@ -165,7 +167,7 @@ def _per_layer(ctx, gates: GateSet, windows: int, settings, base) -> list[torch.
             return torch.cat(parts).cpu()
 
         generator = layer_generator(settings.seed, layer)
-        (gate,) = estimate_gates(run, gates.pick(layer), windows, settings, generator, base=base)
+        (gate,) = estimate_gates(run, gates.pick(layer), shape, settings, generator, base=base)
         out.append(gate)
     return out
 

@@ -79,8 +79,8 @@ def column_multipliers(
     directions: torch.Tensor, columns: torch.Tensor, in_features: int, step: float
 ) -> torch.Tensor:
     """(windows, in_features): 1 + step·z_{b,g} on group g's columns, 1 elsewhere."""
-    out = torch.ones(directions.shape[0], in_features)
-    out[:, columns.flatten()] += step * directions.repeat_interleave(columns.shape[1], dim=1)
+    out = torch.ones(directions.shape[0], in_features, dtype=torch.float64)  # exact 1 ± εz
+    out[:, columns.flatten()] += step * directions.double().repeat_interleave(columns.shape[1], 1)
     return out
 
 
@@ -105,28 +105,32 @@ def spsa_sum(projected: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
 
 # --- the perturbation ---------------------------------------------------------------------------
 @contextmanager
-def gated(modules: Sequence[nn.Module], multipliers: Sequence[torch.Tensor]) -> Iterator[None]:
+def gated(
+    modules: Sequence[nn.Module], multipliers: Sequence[torch.Tensor], length: int
+) -> Iterator[None]:
     """Scale the input columns of ``modules[i]`` by ``multipliers[i]`` (windows, in), window by
     window: each forward consumes the next rows (a cursor per module), so a pass over the
-    windows in order in any batch size sees each window's own direction."""
+    windows in order in any batch size sees each window's own direction. ``length``: tokens
+    per window, for projections that see tokens flattened to (B·T, in) (OPT)."""
     handles = []
     try:
         for module, multiplier in zip(modules, multipliers, strict=True):
-            handles.append(module.register_forward_pre_hook(_scaling_hook(multiplier)))
+            handles.append(module.register_forward_pre_hook(_scaling_hook(multiplier, length)))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _scaling_hook(multiplier: torch.Tensor):
+def _scaling_hook(multiplier: torch.Tensor, length: int):
     cursor = [0]
 
     def hook(module: nn.Module, args: tuple) -> tuple:
-        x = args[0]  # (B, T, in)
-        rows = multiplier[cursor[0] : cursor[0] + x.shape[0]]
-        cursor[0] += x.shape[0]
-        return (x * rows[:, None, :].to(x), *args[1:])
+        x = args[0]
+        tokens = x.reshape(-1, length, x.shape[-1])  # (B, T, in) whatever the layout
+        rows = multiplier[cursor[0] : cursor[0] + tokens.shape[0]]
+        cursor[0] += tokens.shape[0]
+        return ((tokens * rows[:, None, :].to(x)).reshape(x.shape), *args[1:])
 
     return hook
 
@@ -165,7 +169,7 @@ def prior_scales(priors: Sequence[torch.Tensor], power: float) -> list[torch.Ten
 def estimate_gates(
     run: Callable[[], torch.Tensor],
     gates: GateSet,
-    windows: int,
+    shape: tuple[int, int],
     settings: SPSASettings,
     generator: torch.Generator,
     bar: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
@@ -173,10 +177,12 @@ def estimate_gates(
 ) -> list[torch.Tensor]:
     """â (groups,) float64 for each module of ``gates``, all perturbed together.
 
-    ``run()`` does one pass over the ``windows`` calibration windows, in order, and returns
-    their losses (windows,); ``base``: those losses unperturbed, if already known (one-sided).
+    ``run()`` does one pass over the calibration windows (``shape``: windows, tokens), in
+    order, and returns their losses (windows,); ``base``: those losses unperturbed, if already
+    known (one-sided).
     With u = σ ⊙ z the perturbation, E[p · z / σ] = a: the estimate is unbiased for any σ.
     """
+    windows, length = shape
     sums = [torch.zeros(c.shape[0], dtype=torch.float64) for c in gates.columns]
     if not settings.antithetic and base is None:
         base = run()
@@ -185,18 +191,24 @@ def estimate_gates(
             gate_directions(windows, c.shape[0], generator, settings.distribution)
             for c in gates.columns
         ]
-        plus = _perturbed_run(run, gates, z, settings.epsilon)
-        other = _perturbed_run(run, gates, z, -settings.epsilon) if settings.antithetic else base
+        plus = _perturbed_run(run, gates, z, settings.epsilon, length)
+        other = (
+            _perturbed_run(run, gates, z, -settings.epsilon, length)
+            if settings.antithetic
+            else base
+        )
         p = projected_gradients(plus, other, settings.epsilon, settings.antithetic)
         for total, direction, scale in zip(sums, z, gates.scales, strict=True):
             total += spsa_sum(p, direction / scale)
     return [total / (settings.num_perturbations * windows) for total in sums]
 
 
-def _perturbed_run(run, gates: GateSet, z: list[torch.Tensor], step: float) -> torch.Tensor:
+def _perturbed_run(
+    run, gates: GateSet, z: list[torch.Tensor], step: float, length: int
+) -> torch.Tensor:
     multipliers = [
         column_multipliers(d * scale, c, n, step)
         for d, c, n, scale in zip(z, gates.columns, gates.in_features, gates.scales, strict=True)
     ]
-    with gated(gates.modules, multipliers):
+    with gated(gates.modules, multipliers, length):
         return run()
