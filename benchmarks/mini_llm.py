@@ -148,6 +148,8 @@ def _row(label, kind, how, scores, truth, taylor, gates=None) -> dict:
 def sweep_rows(model, adapter, tokenizer, args, refs10: dict) -> list[dict]:
     rows, refs = [], {10: refs10}
     for label, windows, scope, power, options in SWEEP:
+        if args.only and label not in args.only.split(","):
+            continue
         if windows not in refs:
             refs[windows] = references(_ctx(model, adapter, tokenizer, args, windows))
         ctx = _ctx(model, adapter, tokenizer, args, windows)
@@ -174,7 +176,7 @@ def _ctx(model, adapter, tokenizer, args, windows: int) -> ScoringContext:
     return ScoringContext(model, adapter, calib, 1, progress=False)
 
 
-def run_sweep(args) -> dict:
+def run_sweep(args, previous: list[dict]) -> dict:
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model)
     for p in model.parameters():
@@ -186,7 +188,12 @@ def run_sweep(args) -> dict:
     for row in rows:
         print(json.dumps(row), flush=True)
     rows += sweep_rows(model, adapter, tokenizer, args, refs)
-    return {"sweep": rows, "sweep_timing": timing}
+    fresh = {row["setting"] for row in rows}  # rows of settings not rerun are kept
+    return {"sweep": rows + [r for r in previous if r["setting"] not in fresh], **timing_of(timing)}
+
+
+def timing_of(timing: dict) -> dict:
+    return {"sweep_timing": {k: {n: round(v, 1) for n, v in t.items()} for k, t in timing.items()}}
 
 
 def run_final(args) -> dict:
@@ -295,11 +302,15 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--damping", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default="", help="sweep labels to run (comma-separated)")
     args = parser.parse_args()
     args.no_intercept = False
     path = RESULTS / "mini-llm.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results.update(run_sweep(args) if args.phase == "sweep" else run_final(args))
+    if args.phase == "sweep":
+        results.update(run_sweep(args, results.get("sweep", [])))
+    else:
+        results.update(run_final(args))
     results["protocol"] = PROTOCOL
     report(results)
 

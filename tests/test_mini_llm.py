@@ -250,6 +250,7 @@ def test_options_are_validated_and_recorded():
         ({"num_perturbations": 0}, "num_perturbations"),
         ({"epsilon": 0}, "epsilon"),
         ({"distribution": "uniform"}, "distribution"),
+        ({"antithetic": "false"}, "antithetic"),
         ({"scope": "block"}, "scope"),
         ({"combine": "sum"}, "combine"),
     ]:

@@ -53,7 +53,7 @@ class MiniLLM(Criterion):
         prior_power: float = 0.0,
     ) -> None:
         self.settings = SPSASettings(
-            int(num_perturbations), float(epsilon), bool(antithetic), distribution, int(seed)
+            int(num_perturbations), float(epsilon), antithetic, distribution, int(seed)
         )
         if scope not in SCOPES:
             raise ConfigError(f"mini-llm: unknown scope {scope!r}; expected one of {SCOPES}.")

@@ -54,6 +54,8 @@ class SPSASettings:
             raise ConfigError(f"num_perturbations must be ≥ 1, got {self.num_perturbations}.")
         if not self.epsilon > 0:
             raise ConfigError(f"epsilon must be positive, got {self.epsilon}.")
+        if not isinstance(self.antithetic, bool):
+            raise ConfigError(f"antithetic must be true or false, got {self.antithetic!r}.")
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(
                 f"unknown distribution {self.distribution!r}; expected one of {DISTRIBUTIONS}."
