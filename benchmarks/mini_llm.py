@@ -51,6 +51,7 @@ SWEEP = [
     ("model K=6 prior^1", 10, "model", 1.0, dict(num_perturbations=6)),
     ("model K=6 gaussian", 10, "model", 0.0, dict(num_perturbations=6, distribution="gaussian")),
     ("layer K=1 one-sided prior^1", 10, "layer", 1.0, dict(num_perturbations=1, antithetic=False)),
+    ("layer K=1 one-sided", 10, "layer", 0.0, dict(num_perturbations=1, antithetic=False)),
     ("model K=3, 20 windows", 20, "model", 0.0, dict(num_perturbations=3)),
 ]
 
