@@ -14,7 +14,7 @@ as ``benchmarks/width.py``): scoring time and peak RSS of the chosen mini-llm se
 ``taylor`` and one inference pass; then WikiText-2 / PTB PPL at LLM-Pruner's configuration.
 
     nice -n 10 python benchmarks/mini_llm.py --phase sweep
-    nice -n 10 python benchmarks/mini_llm.py --phase final --options '{"num_perturbations": 6}'
+    nice -n 10 python benchmarks/mini_llm.py --phase final --options '[{"num_perturbations": 6}]'
 """
 
 from __future__ import annotations
@@ -198,43 +198,44 @@ def timing_of(timing: dict) -> dict:
 
 
 def run_final(args) -> dict:
-    """Fresh-process time / peak RSS (mini-llm, taylor, inference), then PPL (as width.py)."""
+    """Fresh-process time / peak RSS (mini-llm variants, taylor, inference), then PPL at
+    LLM-Pruner's configuration with reconstruction (as width.py)."""
     torch.set_num_threads(1)
     width.CACHE.mkdir(parents=True, exist_ok=True)
-    args.resume, args.criterion_options = False, json.dumps({"mini-llm": args.options})
+    args.resume = False
     reference = width.reference_peak(args)
-    measured = {name: width.scored_in_child(args, name) for name in ("taylor", "mini-llm")}
-    timing = {"inference_peak_mb": round(reference)}
-    for name, scored in measured.items():
-        timing[name] = {
-            "seconds": round(scored["seconds"], 1),
-            "peak_mb": round(scored["phase_peak_mb"]),
-            "x_inference": round(scored["phase_peak_mb"] / reference, 3),
-        }
-    timing["time_x_taylor"] = round(
-        measured["mini-llm"]["seconds"] / measured["taylor"]["seconds"], 2
-    )
-    return {"timing": timing, "options": args.options, "ppl": ppl_rows(args, measured["mini-llm"])}
+    args.criterion_options = "{}"
+    taylor = width.scored_in_child(args, "taylor")
+    rows = [_timing_row("taylor", taylor, reference, taylor)]
+    ppl = []
+    for options in args.options:
+        args.criterion_options = json.dumps({"mini-llm": options})
+        scored = width.scored_in_child(args, "mini-llm")
+        label = "mini-llm " + json.dumps(options)
+        rows.append(_timing_row(label, scored, reference, taylor))
+        ppl.append({"criterion": label, **ppl_row(args, scored)})
+        print(json.dumps(rows[-1]), json.dumps(ppl[-1]), flush=True)
+    rows.append({"what": "inference pass", "peak_mb": round(reference), "x_inference": 1.0})
+    return {"timing": rows, "ppl": ppl}
 
 
-def ppl_rows(args, scored: dict) -> list[dict]:
+def _timing_row(label: str, scored: dict, reference: float, taylor: dict) -> dict:
+    return {
+        "what": label,
+        "seconds": round(scored["seconds"], 1),
+        "x_taylor": round(scored["seconds"] / taylor["seconds"], 2),
+        "peak_mb": round(scored["phase_peak_mb"]),
+        "x_inference": round(scored["phase_peak_mb"] / reference, 3),
+    }
+
+
+def ppl_row(args, scored: dict) -> dict:
     dense, tokenizer = load_model(args.model)
     args.tokenizer = tokenizer
     fit = width.calibration(tokenizer, args, args.fit_samples)
-    rows = []
-    for recon in (True, False):
-        setting = width.SETTINGS["llm-pruner"]
-        model, _, _ = width.prune_copy(
-            dense, scored, "mini-llm", setting, fit if recon else None, args
-        )
-        row = {
-            "setting": "llm-pruner",
-            "reconstruct": recon,
-            **width.evaluate(model, tokenizer, args),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+    setting = width.SETTINGS["llm-pruner"]
+    model, _, _ = width.prune_copy(dense, scored, "mini-llm", setting, fit, args)
+    return {"setting": "llm-pruner", "reconstruct": True, **width.evaluate(model, tokenizer, args)}
 
 
 SWEEP_COLUMNS = [
@@ -257,22 +258,16 @@ def report(results: dict) -> None:
     if "sweep" in results:
         parts.append(markdown_table(results["sweep"], SWEEP_COLUMNS))
     if "timing" in results:
-        t = results["timing"]
-        rows = [{"what": n, **t[n]} for n in ("mini-llm", "taylor")]
-        rows.append(
-            {"what": "inference pass", "peak_mb": t["inference_peak_mb"], "x_inference": 1.0}
-        )
         cols = [
-            ("what", "scoring"),
+            ("what", "scoring (fresh process, both kinds)"),
             ("seconds", "s"),
+            ("x_taylor", "× taylor"),
             ("peak_mb", "peak MB"),
             ("x_inference", "× inference"),
         ]
-        parts.append(
-            f"Fresh processes, options {json.dumps(results['options'])}; "
-            f"time × taylor: {t['time_x_taylor']}\n\n" + markdown_table(rows, cols)
-        )
+        parts.append(markdown_table(results["timing"], cols))
         cols = [
+            ("criterion", "criterion"),
             ("setting", "setting"),
             ("reconstruct", "reconstruct"),
             ("wikitext2", "WikiText-2"),
@@ -297,7 +292,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=("sweep", "final"), required=True)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--options", type=json.loads, default={}, help="mini-llm options (JSON)")
+    parser.add_argument(
+        "--options", type=json.loads, default=[{}], help="mini-llm option sets (JSON list)"
+    )
     parser.add_argument("--n-samples", type=int, default=10)
     parser.add_argument("--fit-samples", type=int, default=64)
     parser.add_argument("--max-windows", type=int, default=64)

@@ -188,13 +188,17 @@ def test_converges_on_every_layout_and_combines_as_the_paper(model_type, kind):
     truth = oracle(ctx, kind)
     errors = []
     for k in (8, 128):
-        scores = CRITERIA.get("mini-llm")(num_perturbations=k).score_width(ctx, kind)
+        scorer = CRITERIA.get("mini-llm")(k, antithetic=True, scope="model", prior_power=0)
+        scores = scorer.score_width(ctx, kind)
         gates = ctx.extras["gate_gradients"][kind]
         errors.append(relative_error(gates, truth))
     assert errors[1] < 0.45 * errors[0]
     magnitudes = torch.cat(_magnitudes(ctx, kind))
     assert torch.allclose(torch.cat(scores), magnitudes * torch.cat(gates).abs())
-    only = CRITERIA.get("mini-llm")(num_perturbations=128, combine="gate").score_width(ctx, kind)
+    only = CRITERIA.get("mini-llm")(
+        128, antithetic=True, scope="model", prior_power=0, combine="gate"
+    )
+    only = only.score_width(ctx, kind)
     assert torch.allclose(torch.cat(only), torch.cat(gates).abs())
 
 

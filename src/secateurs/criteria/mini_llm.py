@@ -43,14 +43,14 @@ class MiniLLM(Criterion):
 
     def __init__(
         self,
-        num_perturbations: int = 8,
+        num_perturbations: int = 1,
         epsilon: float = 1e-2,
-        antithetic: bool = True,
+        antithetic: bool = False,
         distribution: str = "rademacher",
         seed: int = 0,
-        scope: str = "model",
+        scope: str = "layer",
         combine: str = "paper",
-        prior_power: float = 0.0,
+        prior_power: float = 1.0,
     ) -> None:
         self.settings = SPSASettings(
             int(num_perturbations), float(epsilon), antithetic, distribution, int(seed)
