@@ -5,7 +5,7 @@ import torch
 
 from secateurs.adapters import adapter_for
 from secateurs.criteria import CRITERIA, ScoringContext
-from secateurs.criteria.mini_llm import gate_gradients, layer_generator
+from secateurs.criteria.mini_llm import gate_gradients, layer_generator, layer_passes
 from secateurs.criteria.zeroth_order import (
     SPSASettings,
     column_multipliers,
@@ -95,31 +95,36 @@ def test_prior_scales_have_unit_rms_and_fall_with_the_prior():
 
 
 # --- the estimator ------------------------------------------------------------------------
-@pytest.mark.parametrize("scope", ["model", "layer"])
-def test_one_direction_per_window_gives_each_windows_projected_gradient(scope):
+@pytest.mark.parametrize(("scope", "per_pass"), [("model", 1), ("layer", 1), ("layer", 2)])
+def test_one_direction_per_window_gives_each_windows_projected_gradient(scope, per_pass):
     """K = 1: â = (1/N) Σ_b ⟨a_b, z_b⟩ z_b with a_b window b's own gate gradient and z_b its
-    own direction — the per-window trick's math, to central-difference precision."""
+    own direction — the per-window trick's math, to central-difference precision. p_b sums over
+    the gates perturbed together: every layer's (model), one layer's, or two interleaved."""
     model = frozen("llama", torch.float64)
     ctx = context(model, windows=6, batch_size=4)  # batches of 4 + 2: the row cursor crosses
-    settings = SPSASettings(num_perturbations=1, epsilon=1e-2, seed=5)
-    estimate = gate_gradients(ctx, "channels", settings, scope)
+    settings = SPSASettings(num_perturbations=1, epsilon=1e-2, antithetic=True, seed=5)
+    estimate = gate_gradients(ctx, "channels", settings, scope, layers_per_pass=per_pass)
     per_window = oracle(ctx, "channels", windows="each")
-    if scope == "model":  # one stream, layer after layer; p_b sums over every layer's gates
-        stream = torch.Generator().manual_seed(5)
-        z = [gate_directions(6, a.shape[1], stream).double() for a in per_window]
-        p = sum((a * d).sum(1) for a, d in zip(per_window, z, strict=True))
-    else:  # a stream per layer; p_b over that layer's gates only
-        z = [
-            gate_directions(6, a.shape[1], layer_generator(5, i)).double()
-            for i, a in enumerate(per_window)
-        ]
-    for layer, a in enumerate(per_window):
-        projected = p if scope == "model" else (a * z[layer]).sum(1)
-        expected = (projected[:, None] * z[layer]).mean(0)
-        # 1e-3: LLaMA's RMSNorm computes in float32 even in a float64 model
-        assert torch.allclose(
-            estimate[layer], expected, rtol=1e-3, atol=1e-3 * expected.abs().max()
-        )
+    together = [list(range(len(per_window)))]
+    if scope == "layer":
+        together = layer_passes(len(per_window), per_pass)
+    for layers in together:
+        stream = torch.Generator().manual_seed(5) if scope == "model" else None
+        stream = stream or layer_generator(5, layers[0])
+        z = {i: gate_directions(6, per_window[i].shape[1], stream).double() for i in layers}
+        p = sum((per_window[i] * z[i]).sum(1) for i in layers)
+        for i in layers:
+            expected = (p[:, None] * z[i]).mean(0)
+            # 1e-3: LLaMA's RMSNorm computes in float32 even in a float64 model
+            assert torch.allclose(
+                estimate[i], expected, rtol=1e-3, atol=1e-3 * expected.abs().max()
+            )
+
+
+def test_layer_passes_interleave_layers():
+    assert layer_passes(5, 1) == [[0], [1], [2], [3], [4]]
+    assert layer_passes(5, 2) == [[0, 3], [1, 4], [2]]
+    assert layer_passes(6, 3) == [[0, 2, 4], [1, 3, 5]]
 
 
 @pytest.mark.parametrize("kind", ["heads", "channels"])
@@ -257,6 +262,7 @@ def test_options_are_validated_and_recorded():
         ({"antithetic": "false"}, "antithetic"),
         ({"scope": "block"}, "scope"),
         ({"combine": "sum"}, "combine"),
+        ({"layers_per_pass": 0}, "layers_per_pass"),
     ]:
         with pytest.raises(ConfigError, match=match):
             CRITERIA.get("mini-llm")(**bad)

@@ -51,6 +51,7 @@ class MiniLLM(Criterion):
         scope: str = "layer",
         combine: str = "paper",
         prior_power: float = 1.0,
+        layers_per_pass: int = 1,
     ) -> None:
         self.settings = SPSASettings(
             int(num_perturbations), float(epsilon), antithetic, distribution, int(seed)
@@ -61,7 +62,10 @@ class MiniLLM(Criterion):
             raise ConfigError(
                 f"mini-llm: unknown combine {combine!r}; expected one of {COMBINATIONS}."
             )
+        if int(layers_per_pass) < 1:
+            raise ConfigError(f"mini-llm: layers_per_pass must be ≥ 1, got {layers_per_pass}.")
         self.scope, self.combine, self.prior_power = scope, combine, float(prior_power)
+        self.layers_per_pass = int(layers_per_pass)
 
     def options(self) -> dict:
         s = self.settings
@@ -74,6 +78,7 @@ class MiniLLM(Criterion):
             "scope": self.scope,
             "combine": self.combine,
             "prior_power": self.prior_power,
+            "layers_per_pass": self.layers_per_pass,
         }
 
     @torch.no_grad()
@@ -86,7 +91,9 @@ class MiniLLM(Criterion):
             module, columns = ctx.output_projection(layer, kind)
             weight = output_weight_columns(module, conv1d).detach()
             magnitudes.append(magnitude_activation(weight, stat.norm, columns))
-        gates = gate_gradients(ctx, kind, self.settings, self.scope, magnitudes, self.prior_power)
+        gates = gate_gradients(
+            ctx, kind, self.settings, self.scope, magnitudes, self.prior_power, self.layers_per_pass
+        )
         ctx.extras.setdefault("gate_gradients", {})[kind] = gates
         return [combine(m, g, self.combine) for m, g in zip(magnitudes, gates, strict=True)]
 
@@ -111,10 +118,12 @@ def gate_gradients(
     scope: str = "model",
     priors: list[torch.Tensor] | None = None,
     prior_power: float = 0.0,
+    layers_per_pass: int = 1,
 ) -> list[torch.Tensor]:
     """â per layer (groups,) float64: the estimated ∂L/∂s_g of the mean window loss.
 
-    ``priors`` (per layer, (groups,), e.g. M) shape the directions (``prior_scales``).
+    ``priors`` (per layer, (groups,), e.g. M) shape the directions (``prior_scales``);
+    ``layers_per_pass``: with ``scope="layer"``, how many (interleaved) layers share a pass.
     """
     gates = gate_set(ctx, kind, priors, prior_power)
     if ctx.calibration is None:
@@ -126,7 +135,7 @@ def gate_gradients(
             generator = torch.Generator().manual_seed(settings.seed)
             run = lambda: _model_losses(ctx)  # noqa: E731
             return estimate_gates(run, gates, shape, settings, generator, ctx.bar, base)
-    return _per_layer(ctx, gates, shape, settings, base)
+    return _per_layer(ctx, gates, shape, settings, base, layers_per_pass)
 
 
 def gate_set(
@@ -154,22 +163,32 @@ def _model_losses(ctx: ScoringContext) -> torch.Tensor:
     return torch.cat(parts).cpu()
 
 
-def _per_layer(ctx, gates: GateSet, shape, settings, base) -> list[torch.Tensor]:
-    """Layer ℓ's gates perturbed alone, each pass running layers ℓ.. from cached inputs; the
-    unperturbed losses (one-sided differences) are the same for every layer."""
+def _per_layer(ctx, gates: GateSet, shape, settings, base, per_pass: int) -> list[torch.Tensor]:
+    """Layer ℓ's gates perturbed with those of ``per_pass`` − 1 later layers (interleaved), each
+    pass running layers ℓ.. from cached inputs; the unperturbed losses (one-sided differences)
+    are the same for every layer."""
     runner = LayerRunner(ctx.model, ctx.adapter, ctx.calibration, ctx.batch_size)
     runner.capture(ctx.removed)
-    out = []
-    for layer in ctx.bar(range(len(gates.modules)), "mini-llm: layers"):
+    out: list[torch.Tensor | None] = [None] * len(gates.modules)
+    for layers in ctx.bar(layer_passes(len(gates.modules), per_pass), "mini-llm: layers"):
 
-        def run(layer: int = layer) -> torch.Tensor:
-            parts = [window_losses(lg, ids) for ids, lg in runner.logits_from(layer, ctx.removed)]
+        def run(start: int = layers[0]) -> torch.Tensor:
+            parts = [window_losses(lg, ids) for ids, lg in runner.logits_from(start, ctx.removed)]
             return torch.cat(parts).cpu()
 
-        generator = layer_generator(settings.seed, layer)
-        (gate,) = estimate_gates(run, gates.pick(layer), shape, settings, generator, base=base)
-        out.append(gate)
+        generator = layer_generator(settings.seed, layers[0])
+        picked = gates.pick(layers)
+        for layer, gate in zip(
+            layers, estimate_gates(run, picked, shape, settings, generator, base=base), strict=True
+        ):
+            out[layer] = gate
     return out
+
+
+def layer_passes(num_layers: int, per_pass: int) -> list[list[int]]:
+    """Layers perturbed together: ℓ, ℓ + s, ℓ + 2s, … with s = ⌈L / per_pass⌉, ℓ < s."""
+    stride = -(-num_layers // per_pass)
+    return [list(range(first, num_layers, stride)) for first in range(stride)]
 
 
 def layer_generator(seed: int, layer: int) -> torch.Generator:

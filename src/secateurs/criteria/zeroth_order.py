@@ -86,11 +86,21 @@ def column_multipliers(
     return out
 
 
-def window_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of each window (B,), float64 — the per-window ``calibration_loss``."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → f32, f64 stays
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    return nll.to(torch.float64).mean(-1)
+def window_losses(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Mean next-token NLL of each window (B,), float64 — the per-window ``calibration_loss``.
+
+    Computed ``chunk`` positions at a time: a log-softmax over the whole (B, T, vocab) would
+    hold a second logits-sized tensor, more than this criterion's memory budget allows.
+    """
+    total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
+    steps = ids.shape[1] - 1
+    for start in range(0, steps, chunk):
+        part = logits[:, start : min(start + chunk, steps)]
+        part = part.to(torch.promote_types(part.dtype, torch.float32))  # bf16 → f32, f64 stays
+        target = ids[:, start + 1 : start + 1 + part.shape[1]]
+        nll = F.cross_entropy(part.transpose(1, 2), target, reduction="none")
+        total += nll.to(torch.float64).sum(-1)
+    return total / steps
 
 
 def projected_gradients(
@@ -148,10 +158,12 @@ class GateSet:
     in_features: tuple[int, ...]
     scales: tuple[torch.Tensor, ...]
 
-    def pick(self, index: int) -> GateSet:
-        """The gates of one module alone."""
-        i = slice(index, index + 1)
-        return GateSet(self.modules[i], self.columns[i], self.in_features[i], self.scales[i])
+    def pick(self, indices: Sequence[int]) -> GateSet:
+        """The gates of some modules alone."""
+        pick = lambda items: tuple(items[i] for i in indices)  # noqa: E731
+        return GateSet(
+            *(pick(f) for f in (self.modules, self.columns, self.in_features, self.scales))
+        )
 
 
 def prior_scales(priors: Sequence[torch.Tensor], power: float) -> list[torch.Tensor]:
