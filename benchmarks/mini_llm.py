@@ -269,6 +269,7 @@ def report(results: dict) -> None:
         parts.append(markdown_table(results["sweep"], SWEEP_COLUMNS))
     if "timing" in results:
         cols = [
+            ("run", "run"),
             ("what", "scoring (fresh process, both kinds)"),
             ("seconds", "s"),
             ("x_taylor", "× taylor"),
@@ -277,6 +278,7 @@ def report(results: dict) -> None:
         ]
         parts.append(markdown_table(results["timing"], cols))
         cols = [
+            ("run", "run"),
             ("criterion", "criterion"),
             ("setting", "setting"),
             ("reconstruct", "reconstruct"),
@@ -317,8 +319,14 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     if args.phase == "sweep":
         results.update(run_sweep(args, results.get("sweep", [])))
-    else:
-        results.update(run_final(args))
+    else:  # runs accumulate; ratios compare rows of the same run only
+        new = run_final(args)
+        run = 1 + max((r.get("run", 1) for r in results.get("timing", [])), default=0)
+        for key in ("timing", "ppl"):
+            old = [
+                {"run": 1, **row} for row in results.get(key, [])
+            ]  # rows before runs were numbered
+            results[key] = old + [{"run": run, **row} for row in new[key]]
     results["protocol"] = PROTOCOL
     report(results)
 
