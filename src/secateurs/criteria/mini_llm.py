@@ -51,7 +51,7 @@ class MiniLLM(Criterion):
         scope: str = "layer",
         combine: str = "paper",
         prior_power: float = 1.0,
-        layers_per_pass: int = 1,
+        layers_per_pass: int = 3,
     ) -> None:
         self.settings = SPSASettings(
             int(num_perturbations), float(epsilon), antithetic, distribution, int(seed)
