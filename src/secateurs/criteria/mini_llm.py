@@ -167,10 +167,11 @@ def _per_layer(ctx, gates: GateSet, shape, settings, base, per_pass: int) -> lis
     """Layer ℓ's gates perturbed with those of ``per_pass`` − 1 later layers (interleaved), each
     pass running layers ℓ.. from cached inputs; the unperturbed losses (one-sided differences)
     are the same for every layer."""
+    passes = layer_passes(len(gates.modules), per_pass)
     runner = LayerRunner(ctx.model, ctx.adapter, ctx.calibration, ctx.batch_size)
-    runner.capture(ctx.removed)
+    runner.capture(ctx.removed, stop=len(passes))  # passes start at layers 0..len(passes)-1
     out: list[torch.Tensor | None] = [None] * len(gates.modules)
-    for layers in ctx.bar(layer_passes(len(gates.modules), per_pass), "mini-llm: layers"):
+    for layers in ctx.bar(passes, "mini-llm: layers"):
 
         def run(start: int = layers[0]) -> torch.Tensor:
             parts = [window_losses(lg, ids) for ids, lg in runner.logits_from(start, ctx.removed)]
