@@ -223,8 +223,9 @@ def run_final(args) -> dict:
         scored = width.scored_in_child(args, "mini-llm")
         label = "mini-llm " + json.dumps(options)
         rows.append(_timing_row(label, scored, reference, taylor))
-        ppl.append({"criterion": label, **ppl_row(args, scored)})
-        print(json.dumps(rows[-1]), json.dumps(ppl[-1]), flush=True)
+        if not args.no_ppl:
+            ppl.append({"criterion": label, **ppl_row(args, scored)})
+        print(json.dumps(rows[-1]), flush=True)
     rows.append({"what": "inference pass", "peak_mb": round(reference), "x_inference": 1.0})
     if args.oracle_ppl:
         ppl += oracle_ppl(args)
@@ -332,6 +333,7 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--damping", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ppl", action="store_true", help="final: time and memory only")
     parser.add_argument("--oracle-ppl", action="store_true", help="final: PPL of exact gates too")
     parser.add_argument("--only", default="", help="sweep labels to run (;-separated)")
     args = parser.parse_args()
