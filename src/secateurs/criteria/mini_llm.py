@@ -125,9 +125,11 @@ def gate_gradients(
     ``priors`` (per layer, (groups,), e.g. M) shape the directions (``prior_scales``);
     ``layers_per_pass``: with ``scope="layer"``, how many (interleaved) layers share a pass.
     """
-    gates = gate_set(ctx, kind, priors, prior_power)
     if ctx.calibration is None:
         raise ConfigError("mini-llm needs calibration data.")
+    if scope not in SCOPES:
+        raise ConfigError(f"mini-llm: unknown scope {scope!r}; expected one of {SCOPES}.")
+    gates = gate_set(ctx, kind, priors, prior_power)
     shape = tuple(ctx.calibration.shape)
     with masked(ctx.model, ctx.adapter, ctx.removed):
         base = None if settings.antithetic else _model_losses(ctx)
@@ -193,5 +195,5 @@ def layer_passes(num_layers: int, per_pass: int) -> list[list[int]]:
 
 
 def layer_generator(seed: int, layer: int) -> torch.Generator:
-    """The directions of layer ℓ in ``scope="layer"``: a stream of their own per layer."""
+    """The directions of the pass starting at layer ℓ (``scope="layer"``): a stream of its own."""
     return torch.Generator().manual_seed(seed * 1_000_003 + layer)
