@@ -195,7 +195,7 @@ def test_converges_on_every_layout_and_combines_as_the_paper(model_type, kind):
     for k in (8, 128):
         scorer = CRITERIA.get("mini-llm")(k, antithetic=True, scope="model", prior_power=0)
         scores = scorer.score_width(ctx, kind)
-        gates = ctx.extras["gate_gradients"][kind]
+        gates = [torch.tensor(g, dtype=torch.float64) for g in ctx.extras["gate_gradients"][kind]]
         errors.append(relative_error(gates, truth))
     assert errors[1] < 0.45 * errors[0]
     magnitudes = torch.cat(_magnitudes(ctx, kind))

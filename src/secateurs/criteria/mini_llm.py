@@ -94,7 +94,7 @@ class MiniLLM(Criterion):
         gates = gate_gradients(
             ctx, kind, self.settings, self.scope, magnitudes, self.prior_power, self.layers_per_pass
         )
-        ctx.extras.setdefault("gate_gradients", {})[kind] = gates
+        ctx.extras.setdefault("gate_gradients", {})[kind] = [g.tolist() for g in gates]  # saved
         return [combine(m, g, self.combine) for m, g in zip(magnitudes, gates, strict=True)]
 
 
