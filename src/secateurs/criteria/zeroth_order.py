@@ -89,8 +89,8 @@ def column_multipliers(
 def window_losses(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 32) -> torch.Tensor:
     """Mean next-token NLL of each window (B,), float64 — the per-window ``calibration_loss``.
 
-    Computed ``chunk`` positions at a time: a log-softmax over the whole (B, T, vocab) would
-    hold a second logits-sized tensor, more than this criterion's memory budget allows.
+    Computed ``chunk`` positions at a time, so no second logits-sized tensor (the log-softmax)
+    is held next to the logits.
     """
     total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
     steps = ids.shape[1] - 1
