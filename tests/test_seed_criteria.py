@@ -8,8 +8,6 @@ from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.criteria.base import calibration_loss
 from secateurs.criteria.hywia import fuse
 from secateurs.criteria.influence import removal_loss_change
-from secateurs.criteria.zeroth_order import estimated_gradient, projected_gradients
-from secateurs.errors import ConfigError
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
 
 SEED_CRITERIA = ("mini-llm", "hywia", "influence")
@@ -47,63 +45,7 @@ def test_scores_every_group_of_every_adapter(model_type, criterion):
         assert len({tuple(s.shape) for s in scores}) == 1
 
 
-# --- MINI-LLM -------------------------------------------------------------------------------------
-def true_gradient(model, module, calib):
-    model.zero_grad()
-    for batch in calib.split(4):
-        calibration_loss(model, batch).backward()
-    grad = module.weight.grad.detach().double() / len(calib.split(4))
-    model.zero_grad()
-    return grad
-
-
-def test_estimated_gradient_converges_to_the_true_gradient():
-    model = tiny_model("llama")
-    ctx = context(model, batch=4, length=16)  # one batch: 2 forwards per perturbation
-    module = model.model.layers[2].self_attn.o_proj  # 1,024 weights
-    truth = true_gradient(model, module, ctx.calibration).flatten()
-    correlations = []
-    for k in (8, 64, 384):
-        scalars = projected_gradients(ctx, [module], False, k, 1e-3, seed=0)
-        estimate = estimated_gradient(module, 0, scalars, seed=0).flatten()
-        correlations.append(float(torch.corrcoef(torch.stack([estimate, truth]))[0, 1]))
-    assert correlations[0] < correlations[1] < correlations[2]
-    assert correlations[2] > 0.35  # √(K/(K+d)) ≈ 0.52 expected for K=384, d=1024
-
-
-def test_mini_llm_never_calls_backward(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("backward() called")
-
-    monkeypatch.setattr(torch.Tensor, "backward", forbidden)
-    monkeypatch.setattr(torch.autograd, "backward", forbidden)
-    model = tiny_model("llama")
-    for p in model.parameters():
-        p.requires_grad_(False)  # nothing could be differentiated anyway
-    scores = CRITERIA.get("mini-llm")(num_perturbations=4).score_width(context(model), "channels")
-    assert torch.cat(scores).sum() > 0
-
-
-def test_mini_llm_ranks_channels_like_backprop_taylor():
-    model = tiny_model("llama")
-    ctx = context(model)
-    ours = torch.cat(CRITERIA.get("mini-llm")().score_width(ctx, "channels"))
-    taylor = torch.cat(CRITERIA.get("taylor")().score_width(ctx, "channels"))
-    assert spearman(ours, taylor) > 0.5  # measured 0.71 with the defaults (K=32)
-
-
-def test_mini_llm_leaves_weights_untouched():
-    model = tiny_model("llama")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    CRITERIA.get("mini-llm")(num_perturbations=3).score_width(context(model), "heads")
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_mini_llm_options_are_validated():
-    with pytest.raises(ConfigError, match="num_perturbations"):
-        CRITERIA.get("mini-llm")(num_perturbations=0)
-    with pytest.raises(ConfigError, match="epsilon"):
-        CRITERIA.get("mini-llm")(epsilon=0)
+# MINI-LLM's own tests are in test_mini_llm.py.
 
 
 # --- HyWIA ----------------------------------------------------------------------------------------

@@ -134,16 +134,19 @@ class LayerRunner:
         self._current = None
 
     @torch.no_grad()
-    def capture(self, removed: Iterable[Unit] = (), start: int = 0) -> None:
-        """Cache the inputs of layers ``start..`` with ``removed`` units gone (head not run)."""
+    def capture(
+        self, removed: Iterable[Unit] = (), start: int = 0, stop: int | None = None
+    ) -> None:
+        """Cache the inputs of layers ``start..stop-1`` (default: to the last) with ``removed``
+        units gone; the forward ends at layer stop-1 (the head is never run)."""
         removed = tuple(removed)
-        wanted = range(start, len(self.layers))
+        wanted = range(start, len(self.layers) if stop is None else stop)
         parts: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
 
         def keep(index: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 parts[index].append(first_arg(args, kwargs).detach())
-                if index == len(self.layers) - 1:
+                if index == wanted[-1]:
                     raise Stop
 
             return hook
@@ -161,5 +164,5 @@ class LayerRunner:
             self._current = None
             for handle in handles:
                 handle.remove()
-        for index in wanted:
-            self.inputs[index] = torch.cat(parts[index])
+        for index in wanted:  # pop: the pieces go as their copy is made (peak memory)
+            self.inputs[index] = torch.cat(parts.pop(index))
