@@ -239,3 +239,26 @@ def test_cli_sequential_refuses_what_it_cannot_do(model_dir, tmp_path):
     flags = ("--unit", "experts", "--criterion", "magnitude", "--ratio", "0.5", "--sequential")
     assert main(["prune", str(model_dir), "--out", str(tmp_path / "o"), *flags]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_padding_token_outside_the_calibration_rows(tmp_path):
+    """The compact input embedding holds only the calibration tokens' rows: a padding index
+    into the full table (SmolLM2's) must not be applied to it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny_models import TINY_CONFIGS, VOCAB
+
+    config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "pad_token_id": VOCAB - 1})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=EAGER).eval()
+    assert model.get_input_embeddings().padding_idx == VOCAB - 1
+    model.save_pretrained(tmp_path / "model")
+    calibration = tokens(4, 12) % (VOCAB // 2)  # never the padding token
+    lazy = LazyModel(tmp_path / "model", attn_implementation=EAGER)
+    pipeline = SequentialPipeline(lazy, calibration, batch_size=2, progress=False)
+    ctx = ScoringContext(model, adapter_for(model), calibration, 2, (), False)
+    layered = ScoringContext(lazy.model, lazy.adapter, calibration, 2, (), False)
+    layered.pipeline = pipeline
+    criterion = CRITERIA.get("block-influence")()
+    torch.testing.assert_close(criterion.score(layered, "block"), criterion.score(ctx, "block"))
+    assert lazy.model.get_input_embeddings().padding_idx == VOCAB - 1  # restored

@@ -24,6 +24,8 @@ _EXPORTS = {
     "prune": "secateurs.api",
     "score_units": "secateurs.api",
     "stream_prune": "secateurs.api",
+    "sequential_prune": "secateurs.sequential",
+    "LazyModel": "secateurs.lazy",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -166,12 +166,16 @@ class LazyModel:
         tokens, compact = torch.unique(ids, return_inverse=True)
         name = self.names[_param_name(self.model, embedding.weight)]
         rows = self.reader.rows(name, tokens).to(self.dtype)
-        original = embedding.weight
+        original, padding = embedding.weight, getattr(embedding, "padding_idx", None)
         embedding.weight = nn.Parameter(rows.to(self.device), requires_grad=False)
+        if padding is not None:
+            embedding.padding_idx = None  # an index into the full table; it only masks gradients
         try:
             yield compact
         finally:
             embedding.weight = original
+            if padding is not None:
+                embedding.padding_idx = padding
 
     def head_nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token NLL of windows ``ids`` from final hidden states (after the final

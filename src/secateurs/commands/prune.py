@@ -233,6 +233,8 @@ def _sequential(args: argparse.Namespace) -> int:
         raise ConfigError("--sequential prunes --unit block or heads|channels|width.")
     if not Path(args.model).is_dir():
         raise ConfigError(f"--sequential needs a local checkpoint directory; {args.model} is not.")
+    check_output_dir(args.out, args.overwrite)
+    check_data_needs(args)
     import torch
 
     if (args.dtype or "float32") not in ("float32", "bfloat16", "float16"):
