@@ -31,7 +31,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from _common import markdown_table, run_measured, write_results
+from _common import RESULTS, markdown_table, run_measured, write_results
 
 LLAMA_3_2_3B = dict(
     model_type="llama",
@@ -245,6 +245,10 @@ def main() -> None:
             rows.append(run_step(name, flags, source, args.work / f"out-{number}", calib))
             print(rows[-1], flush=True)
     protocol = {"calibration": f"C4, {args.n_samples} windows x {args.seq_len} tokens"}
+    if args.steps:  # re-measured steps replace theirs in the saved table, the others stay
+        saved = json.loads((RESULTS / "scale.json").read_text())["rows"]
+        fresh = {row["step"]: row for row in rows}
+        rows = [fresh.pop(row["step"], row) for row in saved] + list(fresh.values())
     data = {"model": LLAMA_3_2_3B, "protocol": protocol, "rows": rows}
     write_results("scale", data, markdown_table(rows, COLUMNS))
     if not args.keep:

@@ -16,12 +16,9 @@ stored one by one and stacked in memory) are refused: load those in memory.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
 from secateurs.errors import ConfigError, UnsupportedModelError
+from secateurs.runinfo import return_freed_memory
 from secateurs.streaming import CheckpointReader, check_plain_source, saved_state
 
 log = logging.getLogger(__name__)
@@ -147,7 +145,7 @@ class LazyModel:
         layer = self.layers[index]
         for name, _ in list(layer.named_parameters()):
             set_module_tensor_to_device(layer, name, "meta")
-        _return_freed_memory()
+        return_freed_memory()
 
     @contextmanager
     def loaded(self, index: int) -> Iterator[nn.Module]:
@@ -213,14 +211,6 @@ class LazyModel:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-
-def _return_freed_memory() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise, and a layer's worth of
-    mid-sized buffers per layer adds up to the model's size over a long run)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _param_name(model: nn.Module, param: torch.Tensor) -> str:

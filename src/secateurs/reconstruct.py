@@ -41,6 +41,7 @@ from transformers import PreTrainedModel
 from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
 from secateurs.plan import WidthPlan
+from secateurs.runinfo import return_freed_memory
 from secateurs.width import (
     _keep,
     add_output_bias,
@@ -340,6 +341,7 @@ def _prune_layer(model, adapter, index, kind, units, cache, damping, intercept) 
     weight = output_weight_columns(module, conv1d)
     normal = NormalEquations(weight, module.bias, kept.to(weight.device), intercept)
     feed(layer, module, cache, index, normal.add)
+    return_freed_memory()  # the pass's temporaries, before the solve needs the room
     normal.solve(damping)
     feed(layer, module, cache, index, normal.measure)
     fit = normal.result()

@@ -47,7 +47,7 @@ from secateurs.reconstruct import (
     run_layer,
 )
 from secateurs.runinfo import calibration_tokens as _calibration
-from secateurs.runinfo import count_parameters, peak_rss_mb
+from secateurs.runinfo import count_parameters, peak_rss_mb, return_freed_memory
 from secateurs.streaming import (
     CheckpointReader,
     TensorSpec,
@@ -110,7 +110,10 @@ class _Data:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(self.source)
-        return _calibration(True, calibration, tokenizer, self.data_root)
+        tokens = _calibration(True, calibration, tokenizer, self.data_root)
+        del tokenizer
+        return_freed_memory()  # the tokenizer's and documents' heap, before any layer loads
+        return tokens
 
 
 def sequential_prune(
