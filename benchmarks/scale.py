@@ -213,8 +213,11 @@ def smollm2_equivalence(work: Path, n_samples: int, seq_len: int) -> None:
         same = memory.record[key] == layered[key]
         rows.append(dict(case=name, same_units=same, max_abs_logit_delta=delta))
         print(rows[-1], flush=True)
-    columns = [("case", "SmolLM2-135M"), ("same_units", "same units removed"),
-               ("max_abs_logit_delta", "largest logit difference (4 WikiText-2 windows)")]  # fmt: skip
+    columns = [
+        ("case", "SmolLM2-135M"),
+        ("same_units", "same units removed"),
+        ("max_abs_logit_delta", "largest logit difference (4 WikiText-2 windows)"),
+    ]
     protocol = {"calibration": f"C4, {n_samples} windows x {seq_len} tokens, same tensor"}
     write_results("scale-smollm2", {"protocol": protocol, "rows": rows},
                   markdown_table(rows, columns))  # fmt: skip

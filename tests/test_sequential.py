@@ -262,3 +262,40 @@ def test_padding_token_outside_the_calibration_rows(tmp_path):
     criterion = CRITERIA.get("block-influence")()
     torch.testing.assert_close(criterion.score(layered, "block"), criterion.score(ctx, "block"))
     assert lazy.model.get_input_embeddings().padding_idx == VOCAB - 1  # restored
+
+
+def test_head_counts_transformers_refuses_are_saved_as_per_layer_widths(tmp_path):
+    """Llama-3 shapes: 8 query heads of 4 dims in 4 KV groups over hidden 32; keeping 3 groups
+    leaves 6 heads, and LlamaConfig refuses 32 % 6 != 0 even with an explicit head_dim. Both
+    paths save the widths in secateurs.json with a marked config, and the reload is exact."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from secateurs.models import load_model
+    from tiny_models import TINY_CONFIGS
+
+    shape = dict(num_attention_heads=8, num_key_value_heads=4, head_dim=4)
+    config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], **shape})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=EAGER).eval()
+    model.save_pretrained(tmp_path / "source")
+    calibration = tokens(16, 12)
+    opts = WidthOptions(unit="heads", ratio=0.08, allocation="uniform", sensitivity=False)
+    memory = prune_width(model, None, criterion="activation", options=opts,
+                         calibration=calibration, out=tmp_path / "memory", progress=False,
+                         batch_size=8)  # fmt: skip
+    assert memory.plan.kept("heads") == (3,) * len(memory.plan.kept("heads"))
+    record = sequential_prune(tmp_path / "source", tmp_path / "layered", unit="heads",
+                              criterion="activation", width=opts, calibration=calibration,
+                              progress=False, attn_implementation=EAGER)  # fmt: skip
+    for out in ("memory", "layered"):
+        saved = json.loads((tmp_path / out / "secateurs.json").read_text())
+        assert saved["structure"]["widths"]["heads"] == [6] * len(
+            saved["structure"]["widths"]["heads"]
+        )
+        assert not saved["loading"]["plain_transformers"]
+    assert _files(tmp_path / "layered") == _files(tmp_path / "memory")
+    assert record["width_plan"] == memory.plan.to_dict()
+    reloaded = load_model(tmp_path / "layered")[0].eval()
+    ids = tokens(2, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, memory.model(ids).logits)
