@@ -20,6 +20,15 @@ def tokenizer():
 
 
 @pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """A saved tiny LLaMA with its tokenizer, as a user's local checkpoint directory."""
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
 def calibration_file(tmp_path):
     """A .txt calibration file: 12 documents of 60 words, separated by blank lines."""
     path = tmp_path / "calib.txt"

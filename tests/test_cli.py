@@ -2,20 +2,10 @@
 
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from secateurs.cli import main
-from tiny_models import tiny_model
-
-
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def calib_flags(calibration_file):

@@ -199,14 +199,6 @@ def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_pa
         assert not torch.allclose(unhealed(x).logits, result.model(x).logits, atol=1e-4)
 
 
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_cli_depth_flags(model_dir, calibration_file, tmp_path, capsys):
     from secateurs.cli import main
 

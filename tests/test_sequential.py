@@ -183,14 +183,6 @@ def test_sequential_depth_equals_in_memory(criterion, saved, tmp_path):
 
 
 # --- the command line --------------------------------------------------------------------------
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _prune(model_dir, out, calibration_file, *flags) -> int:
     calib = ["--calibration", str(calibration_file), "--n-samples", "8", "--calib-seq-len", "16"]
     return main(["prune", str(model_dir), "--out", str(out), *calib, *flags])

@@ -166,6 +166,30 @@ def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def width_options(args: argparse.Namespace):
+    """The ``WidthOptions`` of the width flags, validated on creation (before any loading)."""
+    from secateurs.width_api import WidthOptions, parse_layers
+
+    if args.ratio is None:
+        raise ConfigError("Width pruning takes --ratio (a fraction of the parameters).")
+    return WidthOptions(
+        args.unit,
+        args.ratio,
+        args.allocation,
+        parse_layers(args.layers),
+        args.min_ratio,
+        args.max_ratio,
+        args.round_to,
+        args.uniform_widths,
+        args.include_embeddings,
+        compensate=args.compensate,
+        reconstruct=args.reconstruct,
+        reconstruct_damping=args.reconstruct_damping,
+        reconstruct_samples=args.reconstruct_samples,
+        sensitivity=args.sensitivity,
+    )
+
+
 def add_memory_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models larger than memory")
     group.add_argument(
@@ -213,7 +237,7 @@ def _wants_sequential(args: argparse.Namespace) -> bool:
 def _sequential(args: argparse.Namespace) -> int:
     """``--sequential``: layer-by-layer scoring, streamed surgery (no model in memory)."""
     from secateurs.sequential import sequential_prune
-    from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers
+    from secateurs.width_api import WIDTH_UNITS
 
     if args.blocks is not None or args.plan is not None:
         return _stream(args)  # an explicit selection needs no scoring at all
@@ -261,23 +285,7 @@ def _sequential(args: argparse.Namespace) -> int:
         )
         print(f"removed: blocks {record['plan']['blocks']}")
     else:
-        if args.ratio is None:
-            raise ConfigError("Width pruning takes --ratio (a fraction of the parameters).")
-        width = WidthOptions(
-            args.unit,
-            args.ratio,
-            args.allocation,
-            parse_layers(args.layers),
-            args.min_ratio,
-            args.max_ratio,
-            args.round_to,
-            args.uniform_widths,
-            args.include_embeddings,
-            compensate=args.compensate,
-            reconstruct=args.reconstruct,
-            reconstruct_damping=args.reconstruct_damping,
-            reconstruct_samples=args.reconstruct_samples,
-        )
+        width = width_options(args)
         record = sequential_prune(args.model, args.out, unit=args.unit, width=width, **common)
     params = record["parameters"]
     print(f"parameters: {params['before']:,} -> {params['after']:,}")
@@ -377,7 +385,7 @@ class Prune(Command):
         from secateurs.experts_api import ExpertOptions
         from secateurs.models import load_model
         from secateurs.outputs import check_disk_space
-        from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers
+        from secateurs.width_api import WIDTH_UNITS
 
         explicit = any(x is not None for x in (args.blocks, args.attn, args.mlp, args.plan))
         if args.ratio is None and args.remove is None and args.params is None and not explicit:
@@ -404,20 +412,7 @@ class Prune(Command):
                     compensate=args.compensate,
                 )
             )
-            WidthOptions(
-                args.unit,
-                args.ratio if args.ratio is not None else -1.0,
-                args.allocation,
-                parse_layers(args.layers),
-                args.min_ratio,
-                args.max_ratio,
-                args.round_to,
-                args.uniform_widths,
-                reconstruct=args.reconstruct,
-                reconstruct_damping=args.reconstruct_damping,
-                reconstruct_samples=args.reconstruct_samples,
-                sensitivity=args.sensitivity,
-            )
+            width_options(args)
         if args.unit == "experts":  # validate before loading anything
             ExpertOptions(args.ratio, args.remove, args.allocation)
             check_experts_config(args.model)
