@@ -291,3 +291,39 @@ def test_head_counts_transformers_refuses_are_saved_as_per_layer_widths(tmp_path
     ids = tokens(2, 10)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, memory.model(ids).logits)
+
+
+def test_ppl_streams_offloaded_to_files_give_the_same_scores(saved, tmp_path):
+    _, path = saved("llama")
+    calibration = tokens(4, 12)
+    lazy = LazyModel(path, attn_implementation=EAGER)
+    scores = {}
+    for where in (None, tmp_path / "streams"):
+        pipeline = SequentialPipeline(
+            lazy, calibration, batch_size=2, progress=False, offload=where
+        )
+        scores[where] = pipeline.removal_nll("block", range(len(lazy.layers)))
+    assert scores[None] == scores[tmp_path / "streams"]  # bit for bit: files hold exact tensors
+    assert list((tmp_path / "streams").iterdir()) == []  # removed after use
+
+
+def test_streams_go_to_a_temporary_folder_when_memory_is_short(saved, tmp_path, monkeypatch):
+    """Offloading is chosen by the estimate and changes nothing but where streams live."""
+    model, path = saved("qwen2")
+    calibration = tokens(8, 12)
+    options = dict(unit="block", criterion="ppl", remove=2, protect="none", progress=False,
+                   calibration=calibration, attn_implementation=EAGER)  # fmt: skip
+    sequential_prune(path, tmp_path / "roomy" / "out", **options)
+    monkeypatch.setattr("secateurs.lazy.available_memory", lambda: 1024)
+    chosen = []
+    real = SequentialPipeline.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        chosen.append(self.offload)
+
+    monkeypatch.setattr(SequentialPipeline, "__init__", spy)
+    sequential_prune(path, tmp_path / "short" / "out", **options)
+    assert chosen and chosen[0] is not None and chosen[0].parent == tmp_path / "short"
+    assert not chosen[0].exists()  # the temporary folder is gone
+    assert _files(tmp_path / "short" / "out") == _files(tmp_path / "roomy" / "out")

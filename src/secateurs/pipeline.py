@@ -22,8 +22,10 @@ layer is loaded once.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -71,8 +73,10 @@ class SequentialPipeline:
         calibration: torch.Tensor,
         batch_size: int = 8,
         progress: bool = True,
+        offload: str | os.PathLike | None = None,
     ) -> None:
         self.lazy, self.progress = lazy, progress
+        self.offload = Path(offload) if offload is not None else None
         step = max(1, batch_size)
         self.batches = [calibration[i : i + step] for i in range(0, len(calibration), step)]
         self.calls = capture_calls(lazy, self.batches)
@@ -113,20 +117,24 @@ class SequentialPipeline:
         streams pass through a layer while it is loaded, so each layer is read once.
         """
         base = list(self.calls.hidden)
-        streams: dict[int, list[torch.Tensor]] = {}
+        streams = Streams(self.offload)
         wanted = set(candidates)
-        for index in self.bar(range(len(self.lazy.layers)), f"ppl: {unit} streams"):
-            with self.lazy.loaded(index) as layer:
-                for c, hidden in streams.items():
-                    streams[c] = self.run(layer, index, hidden)
-                if index in wanted:
-                    streams[index] = self._removed_at(layer, index, unit, base)
-                base = self.run(layer, index, base) if index + 1 < len(self.lazy.layers) else []
-        return {c: self.mean_nll(hidden) for c, hidden in streams.items()}
+        try:
+            for index in self.bar(range(len(self.lazy.layers)), f"ppl: {unit} streams"):
+                with self.lazy.loaded(index) as layer:
+                    for c in streams:
+                        streams[c] = self.run(layer, index, streams[c])
+                    if index in wanted:
+                        streams[index] = self._removed_at(layer, index, unit, base)
+                    last = index + 1 == len(self.lazy.layers)
+                    base = [] if last else self.run(layer, index, base)
+            return {c: self.mean_nll(streams[c]) for c in streams}
+        finally:
+            streams.clear()
 
     def _removed_at(self, layer, index: int, unit: str, base: list) -> list[torch.Tensor]:
         if unit == "block":
-            return [h.clone() for h in base]
+            return [h.clone() for h in base]  # the stream skips the layer: its input as is
         with masked(self.lazy.model, self.lazy.adapter, [Unit(index, unit)]):
             return self.run(layer, index, base)
 
@@ -154,6 +162,41 @@ class SequentialPipeline:
         ):
             out = self.decoder(input_ids=ids.to(self.lazy.device), use_cache=False)
         return out[0]  # last_hidden_state (a plain or MoE output class)
+
+
+class Streams:
+    """Candidate activation streams by layer: in memory, or each in a file of ``directory``
+    (one stream per candidate layer adds up to L × the calibration activations: at 70B with
+    10 windows of 128 tokens, 80 × 42 MB). Read and written whole, one stream at a time."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self._memory: dict[int, list[torch.Tensor]] = {}
+        self._files: dict[int, Path] = {}
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted({*self._memory, *self._files}))
+
+    def __getitem__(self, candidate: int) -> list[torch.Tensor]:
+        if self.directory is None:
+            return self._memory[candidate]
+        return torch.load(self._files[candidate], weights_only=True)
+
+    def __setitem__(self, candidate: int, hidden: list[torch.Tensor]) -> None:
+        if self.directory is None:
+            self._memory[candidate] = hidden
+            return
+        path = self.directory / f"stream-{candidate}.pt"
+        torch.save([h.contiguous() for h in hidden], path)
+        self._files[candidate] = path
+
+    def clear(self) -> None:
+        self._memory.clear()
+        for path in self._files.values():
+            path.unlink(missing_ok=True)
+        self._files.clear()
 
 
 @contextmanager

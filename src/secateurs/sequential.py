@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -102,6 +104,8 @@ class _Data:
     data_root: str | os.PathLike | None
     batch_size: int
     progress: bool
+    offload: str | os.PathLike | None = None
+    work: Path | None = None  # where a temporary offload folder may go (beside the output)
 
     def tokens(self, calibration: Any = None) -> tuple[torch.Tensor, dict | None]:
         calibration = self.calibration if calibration is None else calibration
@@ -133,15 +137,19 @@ def sequential_prune(
     device: str = "cpu",
     attn_implementation: str | None = None,
     progress: bool = True,
+    offload_dir: str | os.PathLike | None = None,
     **criterion_options: Any,
 ) -> dict[str, Any]:
     """Score ``source`` one layer at a time and write the pruned checkpoint to ``out``.
 
     Depth: ``unit="block"`` with ``remove`` blocks. Width: ``unit`` in heads/channels/width with
-    ``width`` options. Returns the record saved as ``secateurs.json``.
+    ``width`` options. Returns the record saved as ``secateurs.json``. ``offload_dir``: where
+    ``ppl``'s candidate streams are kept (default: in memory unless they would take more than a
+    quarter of the available memory, then a temporary folder beside ``out``).
     """
     check_output_dir(out, overwrite)
-    data = _Data(Path(source), calibration, data_root, batch_size, progress)
+    work = Path(out).resolve().parent
+    data = _Data(Path(source), calibration, data_root, batch_size, progress, offload_dir, work)
     if unit in ("attn", "mlp"):
         raise ConfigError("Branch removal changes module types: use the in-memory path.")
     if unit == "block":
@@ -159,16 +167,42 @@ def sequential_prune(
 
 def _score(lazy: LazyModel, scorer, kinds, tokens, data: _Data) -> tuple[dict, ScoringContext]:
     """Scores per unit kind, computed one layer at a time (data-free: no forward at all)."""
+    temporary = None
     if tokens is None:
         pipeline: Any = _DataFree(lazy)
     else:
-        pipeline = SequentialPipeline(lazy, tokens, data.batch_size, data.progress)
+        temporary = None if data.offload else _offload_if_needed(scorer, lazy, tokens, data)
+        offload = data.offload or temporary
+        pipeline = SequentialPipeline(lazy, tokens, data.batch_size, data.progress, offload)
     ctx = ScoringContext(
         lazy.model, lazy.adapter, tokens, data.batch_size, (), data.progress, {}, pipeline
     )
     width = ("heads", "channels")
-    scores = {k: scorer.score_width(ctx, k) if k in width else scorer.score(ctx, k) for k in kinds}
+    try:
+        scores = {
+            k: scorer.score_width(ctx, k) if k in width else scorer.score(ctx, k) for k in kinds
+        }
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
     return scores, ctx
+
+
+def _offload_if_needed(scorer, lazy: LazyModel, tokens: torch.Tensor, data: _Data) -> Any:
+    """A temporary folder for ``ppl``'s candidate streams when, in memory, they would take
+    more than a quarter of the memory available now; None otherwise."""
+    from secateurs.lazy import available_memory
+
+    if not isinstance(scorer, Perplexity):
+        return None
+    itemsize = torch.empty((), dtype=lazy.dtype).element_size()
+    stream = tokens.numel() * lazy.config.hidden_size * itemsize
+    need = stream * len(lazy.layers)
+    if need <= available_memory() / 4:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix=".secateurs-streams-", dir=data.work))
+    log.info("ppl streams need %.1f GB: kept in %s", need / 2**30, folder)
+    return folder
 
 
 class _DataFree:

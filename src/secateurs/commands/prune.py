@@ -206,6 +206,13 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
         help="take the --sequential path when loading the model whole would need more than "
         "this (default: 80%% of the memory available)",
     )
+    group.add_argument(
+        "--offload-dir",
+        type=Path,
+        default=None,
+        help="--sequential ppl: keep the candidates' activation streams in files here "
+        "(default: in memory, or a temporary folder beside --out when they would not fit)",
+    )
 
 
 def _wants_sequential(args: argparse.Namespace) -> bool:
@@ -272,6 +279,7 @@ def _sequential(args: argparse.Namespace) -> int:
         batch_size=max(args.batch_size, 8),
         dtype=dtype,
         device=args.device,
+        offload_dir=args.offload_dir,
         **criterion_options(args),
     )
     if args.unit == "block":
