@@ -34,11 +34,9 @@ from _common import RESULTS, markdown_table, write_results  # noqa: E402
 
 from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.criteria import CRITERIA, ScoringContext  # noqa: E402
-from secateurs.criteria.base import input_statistics  # noqa: E402
-from secateurs.criteria.mini_llm import combine, gate_gradients, magnitude_activation  # noqa: E402
+from secateurs.criteria.mini_llm import combine, gate_gradients  # noqa: E402
 from secateurs.criteria.zeroth_order import SPSASettings, window_losses  # noqa: E402
 from secateurs.models import load_model  # noqa: E402
-from secateurs.width import output_weight_columns  # noqa: E402
 
 KINDS = ("heads", "channels")
 # (label, windows, scope [+ layers per pass], prior power, SPSASettings kwargs)
@@ -107,14 +105,8 @@ def _gate_hook(s: torch.Tensor, columns: torch.Tensor):
 
 
 def magnitudes(ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
-    conv1d = ctx.adapter.width_layout(kind).conv1d
-    stats = input_statistics(ctx, kind, "inputs")
-    out = []
-    for layer, stat in enumerate(stats):
-        module, columns = ctx.output_projection(layer, kind)
-        weight = output_weight_columns(module, conv1d).detach()
-        out.append(magnitude_activation(weight, stat.norm, columns))
-    return out
+    """M_g of the paper's product: the `activation` criterion's score."""
+    return CRITERIA.get("activation")().score_width(ctx, kind)
 
 
 def references(ctx: ScoringContext) -> dict:

@@ -208,16 +208,8 @@ def test_converges_on_every_layout_and_combines_as_the_paper(model_type, kind):
 
 
 def _magnitudes(ctx, kind):
-    from secateurs.criteria.base import input_statistics
-    from secateurs.criteria.mini_llm import magnitude_activation
-    from secateurs.width import output_weight_columns
-
-    conv1d = ctx.adapter.width_layout(kind).conv1d
-    out = []
-    for layer, stat in enumerate(input_statistics(ctx, kind, "")):
-        module, columns = ctx.output_projection(layer, kind)
-        out.append(magnitude_activation(output_weight_columns(module, conv1d), stat.norm, columns))
-    return out
+    """M_g = Σ|W|·‖X‖ over the group's columns: the `activation` criterion's score."""
+    return CRITERIA.get("activation")().score_width(ctx, kind)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

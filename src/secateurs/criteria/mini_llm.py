@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from secateurs.criteria import CRITERIA
-from secateurs.criteria.base import Criterion, ScoringContext, columns_per_group, input_statistics
+from secateurs.criteria.base import Criterion, ScoringContext
 from secateurs.criteria.zeroth_order import (
     GateSet,
     SPSASettings,
@@ -83,27 +83,13 @@ class MiniLLM(Criterion):
 
     @torch.no_grad()
     def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
-        conv1d = ctx.adapter.width_layout(kind).conv1d
-        with masked(ctx.model, ctx.adapter, ctx.removed):
-            stats = input_statistics(ctx, kind, "mini-llm: inputs")
-        magnitudes = []
-        for layer, stat in enumerate(stats):
-            module, columns = ctx.output_projection(layer, kind)
-            weight = output_weight_columns(module, conv1d).detach()
-            magnitudes.append(magnitude_activation(weight, stat.norm, columns))
+        # M_g = Σ_{j ∈ c(g)} Σ_i |W_ij| · ‖X_j‖: exactly the `activation` criterion (Wanda)
+        magnitudes = CRITERIA.get("activation")().score_width(ctx, kind)
         gates = gate_gradients(
             ctx, kind, self.settings, self.scope, magnitudes, self.prior_power, self.layers_per_pass
         )
         ctx.extras.setdefault("gate_gradients", {})[kind] = [g.tolist() for g in gates]  # saved
         return [combine(m, g, self.combine) for m, g in zip(magnitudes, gates, strict=True)]
-
-
-def magnitude_activation(
-    weight: torch.Tensor, norms: torch.Tensor, columns: torch.Tensor
-) -> torch.Tensor:
-    """M_g = Σ_{j ∈ c(g)} Σ_i |W_ij| · ‖X_j‖ (groups,) from W (out, in) and ‖X‖ (in,)."""
-    per_column = weight.abs().to(torch.float64).sum(0).cpu() * norms.to(torch.float64).cpu()
-    return columns_per_group(per_column, columns)
 
 
 def combine(magnitude: torch.Tensor, gate: torch.Tensor, how: str = "paper") -> torch.Tensor:
