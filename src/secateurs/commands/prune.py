@@ -158,10 +158,16 @@ def _stream(args: argparse.Namespace) -> int:
         args.model, args.out, blocks=args.blocks, plan=args.plan, overwrite=args.overwrite
     )
     record = read_record(out)
-    params = record["parameters"]
     print(f"removed: blocks {list(record['plan']['blocks'])}")
+    return _report_streamed(record, out, "streamed")
+
+
+def _report_streamed(record: dict, out: Path, how: str) -> int:
+    """What a run that never held the model prints: sizes, its peak memory, how to load it."""
+    params = record["parameters"]
     print(f"parameters: {params['before']:,} -> {params['after']:,}")
-    print(f"peak memory: {record['timings']['peak_rss_mb']:,} MB (streamed)")
+    print(f"peak memory: {record['timings']['peak_rss_mb']:,} MB ({how})")
+    print(f"loading: {record.get('loading', {}).get('how', '')}")
     print(f"saved: {out}")
     return 0
 
@@ -295,12 +301,7 @@ def _sequential(args: argparse.Namespace) -> int:
     else:
         width = width_options(args)
         record = sequential_prune(args.model, args.out, unit=args.unit, width=width, **common)
-    params = record["parameters"]
-    print(f"parameters: {params['before']:,} -> {params['after']:,}")
-    print(f"peak memory: {record['timings']['peak_rss_mb']:,} MB (layer by layer)")
-    print(f"loading: {record.get('loading', {}).get('how', '')}")
-    print(f"saved: {args.out}")
-    return 0
+    return _report_streamed(record, args.out, "layer by layer")
 
 
 def depth_extras(args: argparse.Namespace) -> dict:
