@@ -288,6 +288,50 @@ def can_add_intercept(model: PreTrainedModel, adapter: Adapter, kind: str) -> bo
     return module.bias is not None or bias_flag_supported(model.config, flag)
 
 
+def prepare_intercepts(
+    model: PreTrainedModel, adapter: Adapter, kinds: Sequence[str], intercept: bool
+) -> dict[str, bool]:
+    """Per pruned kind, whether its fit has an intercept (asked for, and the projection has a
+    bias or its config flag can add one); adds the zero biases those fits will fill."""
+    fits = {k: intercept and can_add_intercept(model, adapter, k) for k in kinds}
+    for kind in kinds:
+        if fits[kind]:
+            add_output_bias(model, adapter, kind)
+    return fits
+
+
+class Refitter:
+    """The layer step both data flows share: prune a layer's units and re-fit its output
+    projections on the cached inputs, then run the pruned layer to give the next layer its
+    inputs. The caller makes the layer's weights available (in memory, or read from disk)."""
+
+    def __init__(self, cache: LayerCalls, damping: float, fits: dict[str, bool]) -> None:
+        self.cache, self.damping, self.fits = cache, damping, fits
+        tokens = sum(h.shape[0] * h.shape[1] for h in cache.hidden)
+        self.report = ReconstructionReport(damping, fits, tokens)
+        self.start = time.perf_counter()
+
+    @torch.no_grad()
+    def layer(self, model: PreTrainedModel, adapter: Adapter, plan: WidthPlan, index: int) -> None:
+        layers = adapter.layers(model)
+        for kind, intercept in self.fits.items():  # heads before channels, as in the layer
+            units = plan.removed(kind)[index]
+            if units:
+                row = _prune_layer(
+                    model, adapter, index, kind, units, self.cache, self.damping, intercept
+                )
+                self.report.layers.append(row)
+        if index + 1 < len(layers):
+            self.cache.hidden = [
+                run_layer(layers[index], h, call)
+                for h, call in zip(self.cache.hidden, self.cache.calls[index], strict=True)
+            ]
+
+    def finish(self) -> ReconstructionReport:
+        self.report.seconds = time.perf_counter() - self.start
+        return self.report
+
+
 @torch.no_grad()
 def prune_and_reconstruct(
     model: PreTrainedModel,
@@ -307,28 +351,13 @@ def prune_and_reconstruct(
         raise ConfigError(f"Reconstruction damping must be ≥ 0, got {damping}.")
     start = time.perf_counter()
     kinds = [k for k in ("heads", "channels") if any(plan.removed(k))]
-    fits = {k: intercept and can_add_intercept(model, adapter, k) for k in kinds}
-    for kind in kinds:
-        if fits[kind]:
-            add_output_bias(model, adapter, kind)
-    cache = capture_calls(model, adapter, batches)
-    tokens = sum(h.shape[0] * h.shape[1] for h in cache.hidden)
-    report = ReconstructionReport(damping, fits, tokens)
-    layers = adapter.layers(model)
-    steps = range(len(layers)) if progress is None else progress(range(len(layers)))
-    for index in steps:
-        for kind in kinds:
-            units = plan.removed(kind)[index]
-            if units:
-                report.layers.append(
-                    _prune_layer(model, adapter, index, kind, units, cache, damping, fits[kind])
-                )
-        if index + 1 < len(layers):
-            cache.hidden = [
-                run_layer(layers[index], h, call)
-                for h, call in zip(cache.hidden, cache.calls[index], strict=True)
-            ]
-    report.seconds = time.perf_counter() - start
+    fits = prepare_intercepts(model, adapter, kinds, intercept)
+    refitter = Refitter(capture_calls(model, adapter, batches), damping, fits)
+    count = len(adapter.layers(model))
+    for index in range(count) if progress is None else progress(range(count)):
+        refitter.layer(model, adapter, plan, index)
+    report = refitter.finish()
+    report.seconds = time.perf_counter() - start  # the capture included
     return report
 
 

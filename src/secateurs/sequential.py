@@ -42,12 +42,7 @@ from secateurs.lazy import LazyModel
 from secateurs.outputs import atomic_directory, check_output_dir
 from secateurs.pipeline import SequentialPipeline, capture_calls
 from secateurs.plan import WidthPlan, parse_protected
-from secateurs.reconstruct import (
-    ReconstructionReport,
-    _prune_layer,
-    can_add_intercept,
-    run_layer,
-)
+from secateurs.reconstruct import Refitter, prepare_intercepts
 from secateurs.runinfo import calibration_tokens as _calibration
 from secateurs.runinfo import count_parameters, peak_rss_mb, return_freed_memory
 from secateurs.streaming import (
@@ -61,7 +56,7 @@ from secateurs.streaming import (
     write_safetensors,
 )
 from secateurs.surgery import apply_plan
-from secateurs.width import add_output_bias, compensate, prune_layer, update_config, widths
+from secateurs.width import update_config, widths
 from secateurs.width_api import (
     WidthOptions,
     _checked_scorer,
@@ -69,7 +64,9 @@ from secateurs.width_api import (
     _fit_calibration,
     _plan,
     criterion_details,
+    cut_layer,
     parameter_base,
+    prepare_compensation,
 )
 from secateurs.width_api import _record as _width_record
 
@@ -306,21 +303,18 @@ def stream_width_prune(
     start = time.perf_counter()
     model, adapter = lazy.model, lazy.adapter
     original = widths(model, adapter)[0]
-    kinds = [k for k in ("heads", "channels") if any(plan.removed(k))]
-    fits = _add_biases(lazy, kinds, opts, plan)
-    reconstruction = (
-        _Reconstruction(lazy, fit_tokens, opts, fits) if fit_tokens is not None else None
-    )
+    refitter = _prepare(lazy, plan, opts, fit_tokens, means)
     reader = CheckpointReader(lazy.source)
     with atomic_directory(out, overwrite=overwrite, needed=_output_bytes(lazy)) as tmp:
         spill = tmp / ".layers"
         spill.mkdir()
         steps = tqdm(range(len(lazy.layers)), desc="surgery", disable=not progress, leave=False)
         for index in steps:
-            with lazy.loaded(index) as layer:
-                _cut_layer(lazy, plan, index, kinds, reconstruction, means)
-                if reconstruction is not None:
-                    reconstruction.advance(layer, index)
+            with lazy.loaded(index):
+                if refitter is not None:
+                    refitter.layer(model, adapter, plan, index)
+                else:
+                    cut_layer(model, adapter, plan, index, means)
                 _spill_layer(lazy, index, spill)
         plain = update_config(model, adapter, original)
         model.config.dtype = _checkpoint_dtype(lazy.config)
@@ -333,7 +327,7 @@ def stream_width_prune(
         full = {**describe(model), **structure_record(model)}
         if not full["loading"]["plain_transformers"]:
             mark_config(tmp)
-        full["reconstruction"] = reconstruction.report() if reconstruction else {"enabled": False}
+        full["reconstruction"] = _reconstruction_record(refitter, fit_tokens)
         full["parameters"]["plain_config"] = plain
         full.setdefault("timings", {})["surgery_s"] = round(time.perf_counter() - start, 3)
         full["timings"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -342,79 +336,29 @@ def stream_width_prune(
     return Path(out)
 
 
-def _add_biases(lazy: LazyModel, kinds, opts: WidthOptions, plan: WidthPlan) -> dict[str, bool]:
-    """Zero biases where reconstruction fits an intercept or compensation adds one; they are
-    new parameters (not on disk): the lazy model creates them as zeros when a layer loads."""
-    known = {name for name, _ in lazy.model.named_parameters()}
-    wanted = {}
-    for kind in kinds:
-        if opts.reconstructing:
-            wanted[kind] = opts.compensate is not False and can_add_intercept(
-                lazy.model, lazy.adapter, kind
-            )
-        else:
-            wanted[kind] = plan.compensate
-        if wanted[kind]:
-            add_output_bias(lazy.model, lazy.adapter, kind)
-    lazy.new_parameters |= {n for n, _ in lazy.model.named_parameters()} - known
-    return wanted
-
-
-def _cut_layer(lazy, plan, index, kinds, reconstruction, means) -> None:
+def _prepare(lazy: LazyModel, plan: WidthPlan, opts: WidthOptions, fit_tokens, means):
+    """Zero biases where reconstruction fits an intercept or compensation adds one (new
+    parameters: not on disk, the lazy model creates them as zeros when a layer loads), and the
+    ``Refitter`` fed from the lazy model's cached calls (None without reconstruction)."""
     model, adapter = lazy.model, lazy.adapter
-    for kind in kinds:
-        units = plan.removed(kind)[index]
-        if not units:
-            continue
-        if reconstruction is not None:
-            reconstruction.prune(index, kind, units)
-            continue
-        if plan.compensate:
-            compensate(model, adapter, kind, index, units, means[kind][index])
-        prune_layer(model, adapter, index, kind, units)
+    known = {name for name, _ in model.named_parameters()}
+    if fit_tokens is None:
+        prepare_compensation(model, adapter, plan, means)
+    else:
+        kinds = [k for k in ("heads", "channels") if any(plan.removed(k))]
+        fits = prepare_intercepts(model, adapter, kinds, opts.compensate is not False)
+    lazy.new_parameters |= {n for n, _ in model.named_parameters()} - known
+    if fit_tokens is None:
+        return None
+    step = 8  # as width_api.reconstruct_plan batches the fit
+    batches = [fit_tokens[i : i + step] for i in range(0, len(fit_tokens), step)]
+    return Refitter(capture_calls(lazy, batches), opts.reconstruct_damping, fits)
 
 
-class _Reconstruction:
-    """``secateurs.reconstruct``'s sequential fit, fed from the lazy model's cached calls."""
-
-    def __init__(self, lazy: LazyModel, tokens: torch.Tensor, opts: WidthOptions, fits) -> None:
-        self.lazy, self.opts, self.fits = lazy, opts, fits
-        step = 8  # as width_api.reconstruct_plan batches the fit
-        self.cache = capture_calls(
-            lazy, [tokens[i : i + step] for i in range(0, len(tokens), step)]
-        )
-        tokens_seen = sum(h.shape[0] * h.shape[1] for h in self.cache.hidden)
-        self.report_ = ReconstructionReport(opts.reconstruct_damping, fits, tokens_seen)
-        self.start = time.perf_counter()
-
-    def prune(self, index: int, kind: str, units) -> None:
-        self.report_.layers.append(
-            _prune_layer(
-                self.lazy.model,
-                self.lazy.adapter,
-                index,
-                kind,
-                units,
-                self.cache,
-                self.opts.reconstruct_damping,
-                self.fits[kind],
-            )
-        )
-
-    def advance(self, layer, index: int) -> None:
-        if index + 1 < len(self.lazy.layers):
-            self.cache.hidden = [
-                run_layer(layer, h, call)
-                for h, call in zip(self.cache.hidden, self.cache.calls[index], strict=True)
-            ]
-
-    def report(self) -> dict[str, Any]:
-        self.report_.seconds = time.perf_counter() - self.start
-        return {
-            "enabled": True,
-            "samples": sum(len(h) for h in self.cache.hidden),
-            **self.report_.to_dict(),
-        }
+def _reconstruction_record(refitter: Refitter | None, fit_tokens) -> dict[str, Any]:
+    if refitter is None:
+        return {"enabled": False}
+    return {"enabled": True, "samples": len(fit_tokens), **refitter.finish().to_dict()}
 
 
 def _spill_layer(lazy: LazyModel, index: int, spill: Path) -> None:

@@ -315,20 +315,43 @@ def apply_width_plan(
     """
     adapter = adapter or adapter_for(model)
     original = widths(model, adapter)[0]
+    prepare_compensation(model, adapter, plan, means)
+    for index in range(plan.num_layers):
+        cut_layer(model, adapter, plan, index, means)
+    return update_config(model, adapter, original)
+
+
+def prepare_compensation(
+    model: PreTrainedModel,
+    adapter: Adapter,
+    plan: WidthPlan,
+    means: dict[str, list[torch.Tensor]] | None,
+) -> None:
+    """For ``plan.compensate``: check the input means are there, add the zero biases."""
+    if not plan.compensate:
+        return
     for kind in ("heads", "channels"):
-        removed = plan.removed(kind)
-        if not any(removed):
-            continue
-        if plan.compensate:
+        if any(plan.removed(kind)):
             if kind not in (means or {}):
                 raise ConfigError(f"Compensation needs the {kind} input means from the criterion.")
             add_output_bias(model, adapter, kind)
-        for layer, units in enumerate(removed):
-            if units and plan.compensate:
-                compensate(model, adapter, kind, layer, units, means[kind][layer])
-            if units:
-                prune_layer(model, adapter, layer, kind, units)
-    return update_config(model, adapter, original)
+
+
+def cut_layer(
+    model: PreTrainedModel,
+    adapter: Adapter,
+    plan: WidthPlan,
+    index: int,
+    means: dict[str, list[torch.Tensor]] | None = None,
+) -> None:
+    """Slice layer ``index``'s removed units, after folding their mean contribution into the
+    bias if the plan compensates (``prepare_compensation`` first)."""
+    for kind in ("heads", "channels"):
+        units = plan.removed(kind)[index]
+        if units and plan.compensate:
+            compensate(model, adapter, kind, index, units, means[kind][index])
+        if units:
+            prune_layer(model, adapter, index, kind, units)
 
 
 def parameter_base(model: PreTrainedModel, include_embeddings: bool) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from secateurs.checkpoint import check_output_dir, read_record
@@ -434,21 +435,9 @@ class Prune(Command):
         )
         check_disk_space(args.out, _bytes(model))  # the unpruned size bounds the output
         width = {}
-        if args.unit in WIDTH_UNITS:
-            width = dict(
-                allocation=args.allocation,
-                layers=args.layers,
-                min_ratio=args.min_ratio,
-                max_ratio=args.max_ratio,
-                round_to=args.round_to,
-                uniform_widths=args.uniform_widths,
-                include_embeddings=args.include_embeddings,
-                compensate=args.compensate,
-                reconstruct=args.reconstruct,
-                reconstruct_damping=args.reconstruct_damping,
-                reconstruct_samples=args.reconstruct_samples,
-                sensitivity=args.sensitivity,
-            )
+        if args.unit in WIDTH_UNITS:  # prune() takes the options' fields as keywords
+            width = asdict(width_options(args))
+            del width["unit"], width["ratio"]
         if args.unit == "experts":
             width = dict(allocation=args.allocation)
         result = prune(
