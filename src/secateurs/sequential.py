@@ -205,8 +205,6 @@ def _offload_if_needed(scorer, lazy: LazyModel, tokens: torch.Tensor, data: _Dat
 class _DataFree:
     """A pipeline for criteria that read weights only: load each layer, score it."""
 
-    name = "sequential"
-
     def __init__(self, lazy: LazyModel) -> None:
         self.lazy = lazy
 
@@ -238,7 +236,7 @@ def _depth(lazy: LazyModel, out, scorer, remove: int, protected, data: _Data, ov
 
 def pipeline_record(lazy: LazyModel, batch_size: int) -> dict[str, Any]:
     return {
-        "name": "sequential",
+        "name": SequentialPipeline.name,
         "compute_dtype": str(lazy.dtype).removeprefix("torch."),
         "device": str(lazy.device),
         "batch_size": batch_size,
