@@ -366,12 +366,15 @@ def _spill_layer(lazy: LazyModel, index: int, spill: Path) -> None:
     for name, param in lazy.layers[index].named_parameters():
         full = prefix + name
         stored = lazy.names.get(full)
+        if stored is None and full not in lazy.new_parameters:
+            continue  # built by a converter (stacked experts): spilled as saved, below
         dtype = (
             lazy.reader.meta(stored).dtype
             if stored and full not in lazy.new_parameters
             else (_checkpoint_dtype(lazy.config))
         )
         tensors[full] = param.detach().to("cpu", dtype).contiguous()
+    tensors |= {n: t.contiguous() for n, t in lazy.converted_as_saved(index).items()}
     save_file(tensors, spill / f"{index}.safetensors")
 
 
@@ -394,7 +397,7 @@ def _write_weights(lazy: LazyModel, reader: CheckpointReader, spill: Path, tmp: 
     source: dict[str, tuple[CheckpointReader, str]] = {}
     specs: dict[str, TensorSpec] = {}
     for name, tensor in state.items():
-        full = module_name[id(tensor)]
+        full = module_name.get(id(tensor), name)  # not a module's: a reverted conversion
         where = (layers, full) if full in layers.files else (reader, lazy.names[full])
         source[name] = where
         meta = where[0].meta(where[1])
