@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
 from secateurs.api import prune
-from secateurs.errors import ConfigError
+from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.lazy import LazyModel
 from secateurs.sequential import sequential_prune
 from secateurs.streaming import CheckpointReader
@@ -108,6 +108,16 @@ def test_an_incomplete_checkpoint_is_refused_before_loading(tmp_path):
     state = {n: reader.read(n) for n in reader.names() if n != missing}
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigError, match=r"layers.2.mlp.experts.down_proj cannot be built from 7"):
+        LazyModel(tmp_path)
+
+
+def test_a_quantized_checkpoint_is_refused_before_loading(tmp_path):
+    """DeepSeek-V3 ships FP8 blocks with scales: read as floats they would be silently wrong."""
+    tiny_model("deepseek_v3").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=r"quantized checkpoint \(fp8\)"):
         LazyModel(tmp_path)
 
 

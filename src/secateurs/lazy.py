@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -156,6 +157,7 @@ class LazyModel:
         self.source, self.dtype, self.device = Path(source), dtype, torch.device(device)
         self.reader = CheckpointReader(source)
         self.config = AutoConfig.from_pretrained(source)
+        _check_not_quantized(self.config, source)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(
                 self.config, dtype=dtype, attn_implementation=attn_implementation
@@ -351,6 +353,20 @@ class LazyModel:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _check_not_quantized(config: Any, source: Any) -> None:
+    """Quantized checkpoints (FP8 blocks with scales, GPTQ, AWQ ...) hold codes, not weights:
+    read as floats they would be silently wrong. transformers dequantizes them through its
+    quantizers, which this path does not run."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise UnsupportedModelError(
+            f"{source} is a quantized checkpoint ({method}); layer-by-layer loading reads "
+            "floating-point weights only. Dequantize it first (load and save it in bf16), or "
+            "prune in memory (no --sequential)."
+        )
 
 
 def _param_name(model: nn.Module, param: torch.Tensor) -> str:
