@@ -20,9 +20,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
 from secateurs.api import prune
+from secateurs.cli import main
 from secateurs.errors import ConfigError, UnsupportedModelError
+from secateurs.experts_api import ExpertOptions, prune_experts
 from secateurs.lazy import LazyModel
+from secateurs.models import load_model
 from secateurs.sequential import sequential_prune
+from secateurs.sequential_experts import sequential_prune_experts
 from secateurs.streaming import CheckpointReader
 from secateurs.width_api import WidthOptions, prune_width
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
@@ -159,3 +163,65 @@ def test_streamed_head_pruning_of_moe_equals_in_memory(model_type, tmp_path):
         assert layered == (tmp_path / "memory" / name).read_bytes()
     config = json.loads((tmp_path / "layered" / "config.json").read_text())
     assert config["num_key_value_heads"] == 1  # one of the two KV groups went
+
+
+EXPERT_CASES = (
+    ("mixtral", "reap", dict(ratio=0.25)),  # uniform: the config's expert count changes
+    ("deepseek_v3", "frequency", dict(ratio=0.3, allocation="global")),  # per-layer counts
+    ("qwen2_moe", "magnitude", dict(remove=2)),  # data-free, shared expert kept
+)
+
+
+@pytest.mark.parametrize(("model_type", "criterion", "amount"), EXPERT_CASES)
+def test_sequential_expert_pruning_equals_in_memory(model_type, criterion, amount, tmp_path):
+    """Experts scored and cut layer by layer: the in-memory result, byte for byte, with the
+    remaining experts renumbered one by one in the checkpoint."""
+    model = tiny_model(model_type)
+    model.save_pretrained(tmp_path / "source")
+    calibration = tokens(8, 12)
+    options = ExpertOptions(**amount)
+    memory = prune_experts(model, None, criterion=criterion, options=options,
+                           calibration=calibration, out=tmp_path / "memory", progress=False,
+                           batch_size=8)  # fmt: skip
+    record = sequential_prune_experts(tmp_path / "source", tmp_path / "layered",
+                                      criterion=criterion, options=options,
+                                      calibration=calibration, progress=False,
+                                      attn_implementation=EAGER)  # fmt: skip
+    assert record["expert_plan"] == memory.plan.to_dict()
+    expected = memory.record["expert_scores"]
+    assert record["expert_scores"].keys() == expected.keys()
+    for layer, values in expected.items():
+        assert record["expert_scores"][layer] == pytest.approx(values, rel=1e-5, abs=1e-9)
+    assert any(memory.plan.removed)
+    for name in ("model.safetensors", "config.json"):
+        layered = (tmp_path / "layered" / name).read_bytes()
+        assert layered == (tmp_path / "memory" / name).read_bytes()
+    saved, reference = (
+        json.loads((tmp_path / out / "secateurs.json").read_text()) for out in ("layered", "memory")
+    )
+    assert (saved["structure"], saved["loading"]) == (reference["structure"], reference["loading"])
+    assert saved.get("expert_usage") == reference.get("expert_usage")  # routing criteria only
+    reloaded = load_model(tmp_path / "layered")[0].eval()
+    ids = tokens(2, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, memory.model(ids).logits)
+
+
+def test_cli_sequential_experts_saves_what_the_in_memory_path_saves(
+    tokenizer, calibration_file, tmp_path, capsys
+):
+    tiny_model("mixtral").save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+    flags = ["--unit", "experts", "--criterion", "reap", "--ratio", "0.25"]
+    flags += ["--calibration", str(calibration_file), "--n-samples", "8", "--calib-seq-len", "16"]
+    for out, extra in (("memory", []), ("layered", ["--sequential"])):
+        command = ["prune", str(tmp_path / "source"), "--out", str(tmp_path / out), *extra]
+        assert main([*command, *flags]) == 0
+        printed = capsys.readouterr().out
+        assert "kept experts per MoE layer [0, 1, 2, 3, 4, 5]: [6, 6, 6, 6, 6, 6]" in printed
+    assert "layer by layer" in printed
+    record = json.loads((tmp_path / "layered" / "secateurs.json").read_text())
+    assert record["pipeline"]["name"] == "sequential"
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        layered = (tmp_path / "layered" / name).read_bytes()
+        assert layered == (tmp_path / "memory" / name).read_bytes()

@@ -175,7 +175,8 @@ class LazyModel:
     # --- names ---------------------------------------------------------------------------
     def _checkpoint_names(self) -> dict[str, str]:
         """Each parameter's (full) name → the checkpoint tensor that holds it (tied copies
-        included); parameters a converter builds are checked to have their sources."""
+        included), and each stored persistent buffer's; parameters a converter builds are
+        checked to have their sources."""
         state = self.model.state_dict(keep_vars=True)
         stored = {id(state[target]): key for target, key in self.map.direct.items()}
         built = {id(state[t]) for t in self.map.converted_targets() if t in state}
@@ -190,7 +191,8 @@ class LazyModel:
                 f"{self.source}: parameters {missing[:3]} are not in the checkpoint "
                 "(from_pretrained would leave them random); is the checkpoint complete?"
             )
-        return names
+        buffers = {name for name, _ in self.model.named_buffers()}
+        return names | {n: key for n, key in self.map.direct.items() if n in buffers}
 
     def _check_converted(self) -> None:
         """Run every converter on the sources' meta tensors (shapes only, nothing read): each
@@ -257,7 +259,7 @@ class LazyModel:
                 value = self._read(self.names[name])
                 set_module_tensor_to_device(self.model, name, self.device, value=value)
         buffers = dict(self.model.named_buffers())
-        for name, key in self.map.direct.items():
+        for name, key in self.names.items():
             if name in buffers:
                 value = self._read(key, buffers[name].dtype)
                 set_module_tensor_to_device(self.model, name, self.device, value=value)

@@ -363,7 +363,9 @@ def _spill_layer(lazy: LazyModel, index: int, spill: Path) -> None:
     """Layer ``index``'s tensors, in the checkpoint's dtype, to a file of its own."""
     prefix = lazy.layer_prefix(index)
     tensors = {}
-    for name, param in lazy.layers[index].named_parameters():
+    layer = lazy.layers[index]
+    stored_buffers = [(n, b) for n, b in layer.named_buffers() if prefix + n in lazy.names]
+    for name, param in [*layer.named_parameters(), *stored_buffers]:
         full = prefix + name
         stored = lazy.names.get(full)
         if stored is None and full not in lazy.new_parameters:
@@ -390,7 +392,9 @@ def _write_weights(lazy: LazyModel, reader: CheckpointReader, spill: Path, tmp: 
 
     from secateurs.streaming import DEFAULT_SHARD, INDEX_FILE
 
-    module_name = {id(p): n for n, p in lazy.model.named_parameters(remove_duplicate=False)}
+    model = lazy.model
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+    module_name = {id(p): n for n, p in tensors}
     state = saved_state(lazy.model)
     layers = CheckpointReader.__new__(CheckpointReader)
     layers.directory, layers.files = spill, _spill_map(spill)
