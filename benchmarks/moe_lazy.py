@@ -8,7 +8,9 @@ with SmolLM2's tokenizer (its ids are valid in the larger vocabulary) so that ca
 from the usual C4 sample. transformers 5 stacks each layer's 3 × 64 expert tensors into two
 fused tensors on load; the layer-by-layer path runs that same conversion one layer at a time.
 Each step is a fresh ``secateurs prune --sequential ...`` process (bf16 compute), recording its
-peak RSS and wall time; one layer's tensors and the whole checkpoint are given for scale.
+peak RSS and wall time; one layer's tensors and the whole checkpoint are given for scale. Steps:
+depth (block-influence, ppl; 1 block) and expert removal (REAP, 16 of the 64 experts of every
+layer, cut and written layer by layer, the rest renumbered one by one).
 
     OMP_NUM_THREADS=1 python benchmarks/moe_lazy.py --work /tmp/moe-lazy
 """
@@ -42,9 +44,13 @@ OLMOE_SHAPED = dict(
 )
 
 STEPS = {
-    "depth: block-influence, 1 block": ["--criterion", "block-influence", "--remove", "1"],
-    "depth: ppl, 1 block": ["--criterion", "ppl", "--remove", "1"],
-}
+    "depth: block-influence, 1 block": ["--unit", "block", "--criterion", "block-influence",
+                                        "--remove", "1", "--protect", "none"],
+    "depth: ppl, 1 block": ["--unit", "block", "--criterion", "ppl", "--remove", "1",
+                            "--protect", "none"],
+    "experts: reap, 16 of 64 per layer": ["--unit", "experts", "--criterion", "reap",
+                                          "--remove", "16"],
+}  # fmt: skip
 
 
 def write_random_checkpoint(directory: Path, layers: int, shard: str = "2GB") -> None:
@@ -95,15 +101,16 @@ def sizes(directory: Path) -> tuple[float, float, int]:
 
 
 def run_step(name: str, flags: list[str], source: Path, out: Path, calib: list[str]) -> dict:
-    command = ["prune", str(source), "--sequential", "--unit", "block", *flags, "--out", str(out)]
-    command += ["--overwrite", "--protect", "none", "--dtype", "bfloat16", *calib]
+    command = ["prune", str(source), "--sequential", *flags, "--out", str(out)]
+    command += ["--overwrite", "--dtype", "bfloat16", *calib]
     seconds, peak = run_measured([sys.executable, "-m", "secateurs.cli", *command])
     record = json.loads((out / "secateurs.json").read_text())
     total, layer, _ = sizes(source)
     return dict(
         step=name,
         layers=json.loads((source / "config.json").read_text())["num_hidden_layers"],
-        removed=",".join(map(str, record["plan"]["blocks"])),
+        removed=_removed(record),
+        output_gb=round(sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e9, 2),
         input_gb=round(total, 2),
         layer_gb=round(layer, 3),
         wall_s=round(seconds, 1),
@@ -114,11 +121,19 @@ def run_step(name: str, flags: list[str], source: Path, out: Path, calib: list[s
     )
 
 
+def _removed(record: dict) -> str:
+    if "plan" in record:
+        return "block " + ",".join(map(str, record["plan"]["blocks"]))
+    removed = {len(r) for r in record["expert_plan"]["removed"]}
+    return f"{'/'.join(map(str, sorted(removed)))} experts per layer"
+
+
 COLUMNS = [
     ("step", "step"),
     ("layers", "layers"),
     ("removed", "removed"),
     ("input_gb", "checkpoint GB"),
+    ("output_gb", "output GB"),
     ("layer_gb", "one layer GB (bf16)"),
     ("wall_s", "wall s"),
     ("scoring_s", "scoring s"),
