@@ -30,7 +30,7 @@ from secateurs.checkpoint import (
     write_json,
 )
 from secateurs.criteria import ScoringContext
-from secateurs.errors import UnsupportedModelError
+from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.experts import (
     ExpertPlan,
     expert_layout,
@@ -120,6 +120,8 @@ def expert_scores(
     ctx = ScoringContext(lazy.model, lazy.adapter, tokens, batch_size, (), progress)
     wanted = set(moe_layers(lazy.model, lazy.adapter))
     if tokens is None:  # weights only
+        if not hasattr(scorer, "layer_experts"):
+            raise ConfigError(f"{scorer.name!r} cannot score experts one layer at a time.")
         scores = []
         for index in sorted(wanted):
             with lazy.loaded(index):

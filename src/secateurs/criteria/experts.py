@@ -11,11 +11,18 @@ pure tensor math over it: per MoE layer, one score per expert (higher = keep).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import Criterion, ScoringContext
 from secateurs.experts import Routing, moe_layers, num_experts, observe_routing
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from secateurs.adapters.base import Adapter
 
 
 def picks(r: Routing, count: int) -> torch.Tensor:
@@ -55,7 +62,8 @@ class RoutingTally:
 class _RoutingCriterion(Criterion):
     units = frozenset({"experts"})
 
-    def tally(self, model, adapter) -> RoutingTally:
+    def tally(self, model: PreTrainedModel, adapter: Adapter) -> RoutingTally:
+        """Empty sums for every MoE layer of ``model`` (a ``meta`` model will do)."""
         layers = moe_layers(model, adapter)
         return RoutingTally(self, {i: num_experts(model, adapter, i) for i in layers})
 
