@@ -23,18 +23,7 @@ from secateurs.sequential import sequential_prune
 from secateurs.width_api import WidthOptions, prune_width
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
 
-# MoE families whose checkpoints store experts one by one (stacked by transformers on load)
-CONVERTED = (
-    "deepseek_v2",
-    "deepseek_v3",
-    "flex_olmo",
-    "glm4_moe",
-    "mixtral",
-    "olmoe",
-    "qwen2_moe",
-    "qwen3_moe",
-)
-LAYERWISE_TYPES = sorted(t for t in TINY_CONFIGS if t not in CONVERTED)
+LAYERWISE_TYPES = sorted(TINY_CONFIGS)  # MoE checkpoints stored expert by expert included
 EAGER = "eager"  # the tiny models' attention (tests/tiny_models.py)
 
 CASES = (
@@ -121,13 +110,6 @@ def test_head_nll_equals_the_model_loss(saved):
     with torch.no_grad():
         expected = model(input_ids=ids, labels=ids).loss
     assert pipeline.mean_nll(hidden) == pytest.approx(float(expected), rel=1e-5)
-
-
-@pytest.mark.parametrize("model_type", CONVERTED[:2])
-def test_converted_checkpoints_are_refused_clearly(model_type, saved):
-    _, path = saved(model_type)
-    with pytest.raises(UnsupportedModelError, match="converted from the checkpoint"):
-        LazyModel(path)
 
 
 def test_backward_criteria_are_refused_before_loading(tmp_path):

@@ -25,6 +25,7 @@ _EXPORTS = {
     "score_units": "secateurs.api",
     "stream_prune": "secateurs.api",
     "sequential_prune": "secateurs.sequential",
+    "sequential_prune_experts": "secateurs.sequential_experts",
     "LazyModel": "secateurs.lazy",
 }
 

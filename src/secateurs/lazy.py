@@ -9,30 +9,51 @@ it only the rows of the calibration tokens (a 128k-token vocabulary is 0.8-1.6 G
 layer), and the output head is read in row blocks by ``head_nll``. So the resident memory is
 one layer in the compute dtype plus the calibration activations, whatever the model's size.
 
-Parameters map one to one to checkpoint tensors (found exactly as ``save_pretrained`` names
-them, tied copies included). Families whose checkpoints are converted on load (MoE experts
-stored one by one and stacked in memory) are refused: load those in memory.
+Checkpoint tensors go where ``from_pretrained`` would put them: their names are mapped by
+transformers' own weight-conversion rules for the family (renamings and converters, from
+``get_model_conversion_mapping``). Most parameters are one checkpoint tensor each, read by
+name. Where transformers builds a parameter from several tensors on load (mixture-of-experts
+checkpoints store each expert's projections apart, Mixtral's ``experts.{j}.w1.weight``;
+transformers 5 stacks them into ``experts.gate_up_proj`` / ``experts.down_proj``), loading layer
+i reads only that layer's source tensors and runs the family's own ``WeightConverter`` on them,
+so the layer is exactly what ``from_pretrained`` builds. Persistent buffers stored in the
+checkpoint (DeepSeek-V3's expert-selection bias) are small and loaded once.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    dot_natural_key,
+    rename_source_key,
+    revert_weight_conversion,
+)
 
 from secateurs.adapters import adapter_for
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.runinfo import return_freed_memory
-from secateurs.streaming import CheckpointReader, check_plain_source, saved_state
+from secateurs.streaming import _DTYPES as SAFETENSORS_DTYPES
+from secateurs.streaming import CheckpointReader, check_plain_source
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +83,68 @@ def available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
+@dataclass
+class CheckpointMap:
+    """Where ``from_pretrained`` puts each tensor of a checkpoint, for one model.
+
+    ``direct``: state-dict name (parameter or persistent buffer) → the checkpoint tensor that
+    holds it. ``converted``: the first target name of each tensor a converter builds → its
+    source tensors with the pattern each matched, in the order transformers collects them
+    (natural key order, so expert 10 comes after expert 9). ``converters``: pattern → the
+    family's converter (copied for each use: a converter collects tensors as it goes).
+    """
+
+    direct: dict[str, str] = field(default_factory=dict)
+    converted: dict[str, list[tuple[str, str]]] = field(default_factory=lambda: defaultdict(list))
+    converters: dict[str, WeightConverter] = field(default_factory=dict)
+
+    def converted_targets(self) -> set[str]:
+        """Every name the converters build (a one-to-many converter builds several)."""
+        names = set()
+        for target, sources in self.converted.items():
+            patterns = self.converters[sources[0][1]].target_patterns
+            names |= {target.replace(patterns[0], pattern) for pattern in patterns}
+        return names
+
+    def convert(
+        self,
+        target: str,
+        sources: list[tuple[str, str]],
+        read: Callable[[str], torch.Tensor],
+        model: PreTrainedModel,
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Read ``target``'s source tensors and run the family's converter on them."""
+        converter = copy.deepcopy(self.converters[sources[0][1]])
+        for key, pattern in sources:  # a callable: read when the converter materialises it
+            converter.add_tensor(target, key, pattern, partial(read, key))
+        built = converter.convert(target, model=model, config=model.config)
+        return [(name, v[0] if isinstance(v, list) else v) for name, v in built.items()]
+
+
+def checkpoint_map(model: PreTrainedModel, keys: Iterable[str]) -> CheckpointMap:
+    """Map checkpoint ``keys`` onto ``model``'s state dict as ``from_pretrained`` does: every
+    matching renaming of the family, then at most one converter (transformers'
+    ``rename_source_key``); keys with no place in the model are left out, with a warning."""
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    found = CheckpointMap(converters={p: c for c in converters for p in c.source_patterns})
+    expected, prefix, unused = model.state_dict(), model.base_model_prefix, []
+    for key in sorted(keys, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        if target not in expected and key in expected:  # as transformers: keep the name
+            target, pattern = rename_source_key(key, [], [], prefix, expected)
+        if target not in expected:
+            unused.append(key)
+        elif pattern is None:
+            found.direct[target] = key
+        else:
+            found.converted[target].append((key, pattern))
+    if unused:
+        log.warning("%d checkpoint tensors have no place in the model: %s", len(unused), unused[:3])
+    return found
+
+
 class LazyModel:
     """The model of ``source`` on ``meta``, with its layers read from disk one at a time."""
 
@@ -76,6 +159,7 @@ class LazyModel:
         self.source, self.dtype, self.device = Path(source), dtype, torch.device(device)
         self.reader = CheckpointReader(source)
         self.config = AutoConfig.from_pretrained(source)
+        _check_not_quantized(self.config, source)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(
                 self.config, dtype=dtype, attn_implementation=attn_implementation
@@ -84,30 +168,63 @@ class LazyModel:
         self.model.requires_grad_(False)
         self.adapter = adapter_for(self.model)
         self.layers = self.adapter.layers(self.model)
+        self.map = checkpoint_map(self.model, self.reader.names())
+        self._metas: dict[str, torch.Tensor] | None = None
+        self._check_converted()
         self.names = self._checkpoint_names()
         self.new_parameters: set[str] = set()  # added by surgery (zero biases): not on disk
         self._load_resident()
 
     # --- names ---------------------------------------------------------------------------
     def _checkpoint_names(self) -> dict[str, str]:
-        """Each parameter's (full) name → the name of the checkpoint tensor that holds it."""
-        stored = {id(tensor): name for name, tensor in saved_state(self.model).items()}
+        """Each parameter's (full) name → the checkpoint tensor that holds it (tied copies
+        included), and each stored persistent buffer's; parameters a converter builds are
+        checked to have their sources."""
+        state = self.model.state_dict(keep_vars=True)
+        stored = {id(state[target]): key for target, key in self.map.direct.items()}
+        built = {id(state[t]) for t in self.map.converted_targets() if t in state}
         names, missing = {}, []
         for name, param in self.model.named_parameters(remove_duplicate=False):
             if id(param) in stored:
                 names[name] = stored[id(param)]
-            else:
+            elif id(param) not in built:
                 missing.append(name)
         if missing:
-            raise UnsupportedModelError(
-                f"{self.source}: parameters {missing[:3]} are converted from the checkpoint on "
-                f"load ({self.config.model_type}); layer-by-layer loading needs a one-to-one "
-                "mapping. Load this model in memory (no --sequential)."
+            raise ConfigError(
+                f"{self.source}: parameters {missing[:3]} are not in the checkpoint "
+                "(from_pretrained would leave them random); is the checkpoint complete?"
             )
-        absent = sorted({n for n in names.values() if n not in self.reader.names()})
-        if absent:
-            raise ConfigError(f"{self.source}: tensors {absent[:3]} are not in the checkpoint.")
-        return names
+        buffers = {name for name, _ in self.model.named_buffers()}
+        return names | {n: key for n, key in self.map.direct.items() if n in buffers}
+
+    def _check_converted(self) -> None:
+        """Run every converter on the sources' meta tensors (shapes only, nothing read): each
+        must build tensors of the model's shapes, so a missing or extra expert is found before
+        any layer loads. Converted tensors outside the decoder layers are refused."""
+        layers = self.adapter.layers_path + "."
+        outside = sorted(t for t in self.map.converted if not t.startswith(layers))
+        if outside:
+            raise UnsupportedModelError(
+                f"{self.source}: {outside[:3]} are converted from several checkpoint tensors "
+                f"outside the decoder layers ({self.config.model_type}); layer-by-layer loading "
+                "converts layer tensors only. Load this model in memory (no --sequential)."
+            )
+        state = self.model.state_dict()
+        for target, sources in self.map.converted.items():
+            for name, value in self.map.convert(target, sources, self.stored_meta, self.model):
+                if name not in state or value.shape != state[name].shape:
+                    keys = [key for key, _ in sources]
+                    raise ConfigError(
+                        f"{self.source}: {name} cannot be built from {len(keys)} checkpoint "
+                        f"tensors ({keys[0]} …); is the checkpoint complete?"
+                    )
+
+    def stored_meta(self, name: str) -> torch.Tensor:
+        """Checkpoint tensor ``name`` as a meta tensor of its dtype and shape; every file's
+        header is read once (DeepSeek-V3 stores ~46k expert tensors in 163 shards)."""
+        if self._metas is None:
+            self._metas = _stored_metas(self.reader)
+        return self._metas[name]
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.adapter.layers_path}.{index}."
@@ -120,21 +237,41 @@ class LazyModel:
         return id(self.model.get_parameter(name)) in big
 
     # --- loading -------------------------------------------------------------------------
+    def _read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.reader.read(key).to(dtype or self.dtype)
+
     def _load(self, module: nn.Module, prefix: str) -> None:
+        """The one-to-one parameters of ``module`` (named ``prefix``…), then those that the
+        family's converters build from several tensors."""
         for name, param in list(module.named_parameters()):
             full = prefix + name
             if full in self.new_parameters:
                 value = torch.zeros(param.shape, dtype=self.dtype)
+            elif full in self.names:
+                value = self._read(self.names[full])
             else:
-                value = self.reader.read(self.names[full]).to(self.dtype)
+                continue  # converted below
             set_module_tensor_to_device(module, name, self.device, value=value)
+        for target, sources in self.map.converted.items():
+            if target.startswith(prefix):
+                for name, value in self.map.convert(target, sources, self._read, self.model):
+                    set_module_tensor_to_device(self.model, name, self.device, value=value)
+        unloaded = [prefix + n for n, p in module.named_parameters() if p.is_meta]
+        if unloaded:
+            raise ConfigError(f"{self.source}: {unloaded[:3]} were not built from the checkpoint.")
 
     def _load_resident(self) -> None:
-        """Everything outside the decoder layers but the input embedding and output head."""
+        """Everything outside the decoder layers but the input embedding and output head, and
+        the persistent buffers stored in the checkpoint (in their own dtype, as transformers)."""
         layers = self.adapter.layers_path + "."
         for name, _ in list(self.model.named_parameters()):
             if not name.startswith(layers) and not self._is_big(name):
-                value = self.reader.read(self.names[name]).to(self.dtype)
+                value = self._read(self.names[name])
+                set_module_tensor_to_device(self.model, name, self.device, value=value)
+        buffers = dict(self.model.named_buffers())
+        for name, key in self.names.items():
+            if name in buffers:
+                value = self._read(key, buffers[name].dtype)
                 set_module_tensor_to_device(self.model, name, self.device, value=value)
 
     def load_layer(self, index: int) -> nn.Module:
@@ -146,6 +283,23 @@ class LazyModel:
         for name, _ in list(layer.named_parameters()):
             set_module_tensor_to_device(layer, name, "meta")
         return_freed_memory()
+
+    def converted_as_saved(self, index: int) -> dict[str, torch.Tensor]:
+        """The converter-built parameters of loaded layer ``index`` as ``save_pretrained``
+        writes them (transformers' reverse conversion: experts one by one again), on the CPU
+        in their checkpoint tensors' dtype. Empty where the layer has none."""
+        prefix, direct = self.layer_prefix(index), self.names.keys() | self.new_parameters
+        built = {
+            name: param.detach()
+            for name, param in self.model.named_parameters()
+            if name.startswith(prefix) and name not in direct
+        }
+        saved = revert_weight_conversion(self.model, built) if built else {}
+        stored = self.reader.names()
+        return {
+            name: tensor.to("cpu", self.stored_meta(name).dtype if name in stored else tensor.dtype)
+            for name, tensor in saved.items()
+        }
 
     @contextmanager
     def loaded(self, index: int) -> Iterator[nn.Module]:
@@ -211,6 +365,32 @@ class LazyModel:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _stored_metas(reader: CheckpointReader) -> dict[str, torch.Tensor]:
+    dtypes = {code: dtype for dtype, (code, _) in SAFETENSORS_DTYPES.items()}
+    metas = {}
+    for path in sorted(set(reader.files.values())):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (not a dict)
+                view = handle.get_slice(name)
+                shape, dtype = view.get_shape(), dtypes[view.get_dtype()]
+                metas[name] = torch.empty(shape, dtype=dtype, device="meta")
+    return metas
+
+
+def _check_not_quantized(config: Any, source: Any) -> None:
+    """Quantized checkpoints (FP8 blocks with scales, GPTQ, AWQ ...) hold codes, not weights:
+    read as floats they would be silently wrong. transformers dequantizes them through its
+    quantizers, which this path does not run."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise UnsupportedModelError(
+            f"{source} is a quantized checkpoint ({method}); layer-by-layer loading reads "
+            "floating-point weights only. Dequantize it first (load and save it in bf16), or "
+            "prune in memory (no --sequential)."
+        )
 
 
 def _param_name(model: nn.Module, param: torch.Tensor) -> str:

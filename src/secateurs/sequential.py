@@ -363,15 +363,20 @@ def _spill_layer(lazy: LazyModel, index: int, spill: Path) -> None:
     """Layer ``index``'s tensors, in the checkpoint's dtype, to a file of its own."""
     prefix = lazy.layer_prefix(index)
     tensors = {}
-    for name, param in lazy.layers[index].named_parameters():
+    layer = lazy.layers[index]
+    stored_buffers = [(n, b) for n, b in layer.named_buffers() if prefix + n in lazy.names]
+    for name, param in [*layer.named_parameters(), *stored_buffers]:
         full = prefix + name
         stored = lazy.names.get(full)
+        if stored is None and full not in lazy.new_parameters:
+            continue  # built by a converter (stacked experts): spilled as saved, below
         dtype = (
             lazy.reader.meta(stored).dtype
             if stored and full not in lazy.new_parameters
             else (_checkpoint_dtype(lazy.config))
         )
         tensors[full] = param.detach().to("cpu", dtype).contiguous()
+    tensors |= {n: t.contiguous() for n, t in lazy.converted_as_saved(index).items()}
     save_file(tensors, spill / f"{index}.safetensors")
 
 
@@ -387,14 +392,16 @@ def _write_weights(lazy: LazyModel, reader: CheckpointReader, spill: Path, tmp: 
 
     from secateurs.streaming import DEFAULT_SHARD, INDEX_FILE
 
-    module_name = {id(p): n for n, p in lazy.model.named_parameters(remove_duplicate=False)}
+    model = lazy.model
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+    module_name = {id(p): n for n, p in tensors}
     state = saved_state(lazy.model)
     layers = CheckpointReader.__new__(CheckpointReader)
     layers.directory, layers.files = spill, _spill_map(spill)
     source: dict[str, tuple[CheckpointReader, str]] = {}
     specs: dict[str, TensorSpec] = {}
     for name, tensor in state.items():
-        full = module_name[id(tensor)]
+        full = module_name.get(id(tensor), name)  # not a module's: a reverted conversion
         where = (layers, full) if full in layers.files else (reader, lazy.names[full])
         source[name] = where
         meta = where[0].meta(where[1])

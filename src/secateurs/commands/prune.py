@@ -267,8 +267,13 @@ def _sequential(args: argparse.Namespace) -> int:
     ]
     if unsupported:
         raise ConfigError(f"--sequential does not take {', '.join(unsupported)} (yet).")
-    if args.unit not in ("block", *WIDTH_UNITS):
-        raise ConfigError("--sequential prunes --unit block or heads|channels|width.")
+    if args.unit not in ("block", "experts", *WIDTH_UNITS):
+        raise ConfigError("--sequential prunes --unit block, experts or heads|channels|width.")
+    if args.unit == "experts":  # validate before anything is read
+        from secateurs.experts_api import ExpertOptions
+
+        ExpertOptions(args.ratio, args.remove, args.allocation)
+        check_experts_config(args.model)
     if not Path(args.model).is_dir():
         raise ConfigError(f"--sequential needs a local checkpoint directory; {args.model} is not.")
     check_output_dir(args.out, args.overwrite)
@@ -289,6 +294,8 @@ def _sequential(args: argparse.Namespace) -> int:
         offload_dir=args.offload_dir,
         **criterion_options(args),
     )
+    if args.unit == "experts":
+        return _sequential_experts(args, common)
     if args.unit == "block":
         count = args.remove if args.remove is not None else None
         if count is None and args.ratio is not None:
@@ -302,6 +309,20 @@ def _sequential(args: argparse.Namespace) -> int:
     else:
         width = width_options(args)
         record = sequential_prune(args.model, args.out, unit=args.unit, width=width, **common)
+    return _report_streamed(record, args.out, "layer by layer")
+
+
+def _sequential_experts(args: argparse.Namespace, common: dict) -> int:
+    """``--sequential --unit experts``: experts scored and cut one layer at a time."""
+    from secateurs.experts_api import ExpertOptions
+    from secateurs.sequential_experts import sequential_prune_experts
+
+    options = ExpertOptions(args.ratio, args.remove, args.allocation)
+    common = {key: value for key, value in common.items() if key != "offload_dir"}
+    record = sequential_prune_experts(args.model, args.out, options=options, **common)
+    plan = record["expert_plan"]
+    kept = [n - len(r) for n, r in zip(plan["num_experts"], plan["removed"], strict=True)]
+    print(f"kept experts per MoE layer {plan['layers']}: {kept}")
     return _report_streamed(record, args.out, "layer by layer")
 
 

@@ -11,11 +11,18 @@ pure tensor math over it: per MoE layer, one score per expert (higher = keep).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import Criterion, ScoringContext
 from secateurs.experts import Routing, moe_layers, num_experts, observe_routing
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from secateurs.adapters.base import Adapter
 
 
 def picks(r: Routing, count: int) -> torch.Tensor:
@@ -25,33 +32,49 @@ def picks(r: Routing, count: int) -> torch.Tensor:
     return torch.bincount(picked, minlength=count).to(torch.float64)
 
 
+class RoutingTally:
+    """Per MoE layer sums and counts of a routing criterion, fed one ``Routing`` at a time (by
+    whole-model forwards or by one loaded layer after another)."""
+
+    def __init__(self, criterion: _RoutingCriterion, counts: dict[int, int]) -> None:
+        self.criterion = criterion
+        self.sums = {i: torch.zeros(n, dtype=torch.float64) for i, n in counts.items()}
+        self.counts = {i: torch.zeros(n, dtype=torch.float64) for i, n in counts.items()}
+        self.usage = {i: torch.zeros(n, dtype=torch.float64) for i, n in counts.items()}
+        self.tokens = dict.fromkeys(counts, 0)
+
+    def observe(self, r: Routing) -> None:
+        self.tokens[r.layer] += r.hidden.shape[0]
+        self.usage[r.layer] += picks(r, len(self.sums[r.layer]))
+        self.criterion.accumulate(r, self.sums[r.layer], self.counts[r.layer])
+
+    def finish(self, extras: dict) -> list[torch.Tensor]:
+        """Scores per MoE layer (in layer order); the usage goes to ``extras`` for the report,
+        whatever the criterion."""
+        layers = list(self.sums)
+        extras["expert_usage"] = {
+            str(i): (self.usage[i] / max(self.tokens[i], 1)).tolist() for i in layers
+        }
+        finish = self.criterion.finish
+        return [finish(self.sums[i], self.counts[i], self.tokens[i]) for i in layers]
+
+
 class _RoutingCriterion(Criterion):
     units = frozenset({"experts"})
+
+    def tally(self, model: PreTrainedModel, adapter: Adapter) -> RoutingTally:
+        """Empty sums for every MoE layer of ``model`` (a ``meta`` model will do)."""
+        layers = moe_layers(model, adapter)
+        return RoutingTally(self, {i: num_experts(model, adapter, i) for i in layers})
 
     @torch.no_grad()
     def score_experts(self, ctx: ScoringContext) -> list[torch.Tensor]:
         """Per MoE layer (in ``moe_layers`` order), one score per expert."""
-        layers = moe_layers(ctx.model, ctx.adapter)
-        sums = {
-            i: torch.zeros(num_experts(ctx.model, ctx.adapter, i), dtype=torch.float64)
-            for i in layers
-        }
-        counts = {i: torch.zeros_like(sums[i]) for i in layers}
-        usage = {i: torch.zeros_like(sums[i]) for i in layers}
-        tokens = dict.fromkeys(layers, 0)
-
-        def observe(r: Routing) -> None:
-            tokens[r.layer] += r.hidden.shape[0]
-            usage[r.layer] += picks(r, len(sums[r.layer]))
-            self.accumulate(r, sums[r.layer], counts[r.layer])
-
-        with observe_routing(ctx.model, ctx.adapter, observe):
+        tally = self.tally(ctx.model, ctx.adapter)
+        with observe_routing(ctx.model, ctx.adapter, tally.observe):
             for batch in ctx.bar(ctx.batches(), f"{self.name}: routing"):
                 ctx.model(input_ids=batch, use_cache=False)
-        ctx.extras["expert_usage"] = {  # for the report, whatever the criterion
-            str(i): (usage[i] / max(tokens[i], 1)).tolist() for i in layers
-        }
-        return [self.finish(sums[i], counts[i], tokens[i]) for i in layers]
+        return tally.finish(ctx.extras)
 
     def accumulate(self, r: Routing, sums: torch.Tensor, counts: torch.Tensor) -> None:
         raise NotImplementedError
