@@ -14,7 +14,7 @@ from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.depth_api import explicit_plan, merge_branches
 from secateurs.depth_search import greedy_search, unit_params
 from secateurs.errors import ConfigError
-from secateurs.healing import HealedSearch, fit_correction, heal_plan, runs_of
+from secateurs.healing import fit_correction, heal_plan, runs_of
 from secateurs.layerwise import LayerRunner
 from secateurs.plan import Plan
 from secateurs.surgery import apply_plan
@@ -288,76 +288,3 @@ def test_search_records_first_step_scores_for_plots():
     assert all(math.isfinite(v) for v in scores.values[1:-1])
     steps = result.record["search"]["steps"]
     assert [len(s["nll"]) for s in steps] == [LAYERS - 2, 3]
-
-
-def healed_nll(model, ids, blocks):
-    """The calibration NLL of ``model`` healed by heal_plan for ``blocks``, then masked."""
-    healed = copy.deepcopy(model)
-    heal_plan(healed, adapter_for(healed), Plan(LAYERS, blocks=blocks), ids)
-    return masked_nll(healed, ids, [Unit(i, "block") for i in blocks])
-
-
-def test_healed_search_scores_the_model_heal_plan_delivers():
-    """Each candidate's healed score is the NLL of the model heal_plan would produce for it,
-    after one committed removal too (runs extended, later runs); the model ends unchanged."""
-    model, ids = tiny_model("llama"), tokens(batch=8, length=16)
-    reference = copy.deepcopy(model)  # the scorer changes ``model`` while it searches
-    runner = LayerRunner(model, adapter_for(model), ids, batch_size=8)
-    runner.capture(())
-    scorer = HealedSearch(model, adapter_for(model), runner)
-    for layer in range(1, LAYERS):
-        healed = scorer.nll((), Unit(layer, "block"))
-        assert math.isclose(healed, healed_nll(model, ids, (layer,)), rel_tol=1e-5)
-        unhealed = masked_nll(model, ids, [Unit(layer, "block")])
-        assert not math.isclose(healed, unhealed, rel_tol=1e-4)  # a correction was applied
-    first = Unit(2, "block")
-    scorer.nll((), first)
-    assert scorer.commit((), first) == 1  # the correction went into layer 1's down_proj
-    runner.capture([first], start=1)
-    for layer in (3, 4, 5):  # 3 extends the run 2..3 (refitted whole), 4 and 5 start new runs
-        healed = scorer.nll((first,), Unit(layer, "block"))
-        assert math.isclose(healed, healed_nll(reference, ids, (2, layer)), rel_tol=1e-5)
-    scorer.restore()
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, reference.state_dict()[key]), key
-
-
-def test_healed_greedy_search_ends_on_the_healed_models_nll():
-    model, ids = tiny_model("llama"), tokens(batch=8, length=16)
-    original = copy.deepcopy(model.state_dict())
-    candidates = [Unit(i, "block") for i in range(1, LAYERS)]
-    runner = LayerRunner(model, adapter_for(model), ids, batch_size=8)
-    scorer = HealedSearch(model, adapter_for(model), runner)
-    state = greedy_search(runner, candidates, {u: 1 for u in candidates}, 2, None, False, scorer)
-    scorer.restore()
-    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
-    blocks = tuple(sorted(u.layer for u in state.removed))
-    assert math.isclose(state.base, healed_nll(model, ids, blocks), rel_tol=1e-5)
-
-
-def test_prune_with_healed_search_records_it_and_refuses_misuse(tmp_path):
-    model, ids = tiny_model("llama"), tokens(batch=8, length=16)
-    result = prune(
-        model,
-        None,
-        remove=2,
-        iterative=True,
-        heal=True,
-        heal_search=True,
-        calibration=ids,
-        protect="none",
-        progress=False,
-    )
-    assert result.record["search"]["healed"] is True
-    assert len(result.plan.blocks) == 2 and result.record["healing"]["runs"]
-    for kwargs, message in (
-        (dict(remove=2, iterative=True, heal_search=True), "add heal"),
-        (dict(remove=2, heal=True, heal_search=True), "greedy search"),
-        (
-            dict(remove=2, iterative=True, heal=True, heal_search=True, calibration=ids[:1]),
-            "raise --n-samples",
-        ),
-    ):
-        kwargs.setdefault("calibration", ids)
-        with pytest.raises(ConfigError, match=message):
-            prune(tiny_model("llama"), None, protect="none", progress=False, **kwargs)

@@ -27,7 +27,7 @@ from secateurs.defaults import DEFAULT_SHORTLIST, HEAL_SAMPLES
 from secateurs.depth_api import SUBBLOCK, explicit_plan, run_search, search_budget, search_record
 from secateurs.errors import ConfigError
 from secateurs.export import engines_for_model
-from secateurs.healing import check_heal_search_tokens, heal_calibration, heal_plan
+from secateurs.healing import heal_calibration, heal_plan
 from secateurs.plan import (
     Plan,
     WidthPlan,
@@ -191,7 +191,6 @@ def prune(
     heal_samples: int = HEAL_SAMPLES,
     heal_bias: bool = False,
     heal_target: str = "local",
-    heal_search: bool = False,
     **options: Any,
 ) -> PruneResult:
     """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.
@@ -207,8 +206,7 @@ def prune(
     parameters); ``ppl`` with ``iterative`` or ``subblock`` runs the greedy search of
     ``secateurs.depth_search`` re-scoring a ``shortlist`` per step (None: all). ``blocks`` /
     ``attn`` / ``mlp`` ("12,13") or ``plan`` (a plan or secateurs.json file) remove exactly
-    those units, no scoring. ``heal`` fits a least-squares correction (``secateurs.healing``);
-    ``heal_search`` makes the greedy search score each candidate healed (``HealedSearch``).
+    those units, no scoring. ``heal`` fits a least-squares correction (``secateurs.healing``).
     """
     if unit == "experts":  # mixture-of-experts models: secateurs.experts_api
         run = dict(calibration=calibration, data_root=data_root, out=out, overwrite=overwrite)
@@ -249,8 +247,6 @@ def prune(
             **options,
         )
         return PruneResult(width.model, width.plan, [], width.record, width.out)
-    if heal_search and not heal:
-        raise ConfigError("heal_search selects blocks for the healed model; add heal (--heal).")
     if out is not None:
         check_output_dir(out, overwrite)  # before any costly work
     adapter = adapter_for(model)
@@ -279,7 +275,6 @@ def prune(
                 params=params,
                 iterative=iterative,
                 shortlist=shortlist,
-                heal_search=heal_search,
                 scores=scores,
                 calibration=calibration,
                 data_root=data_root,
@@ -348,11 +343,6 @@ def _scored_plan(model, tokenizer, spec, unit, num_layers, how):
     protected = resolve_protected(spec.protected, num_layers)
     if unit == SUBBLOCK or (how["iterative"] and spec.name == "ppl"):
         return _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how)
-    if how["heal_search"]:
-        raise ConfigError(
-            "heal_search scores the candidates of a greedy search; add --iterative with "
-            "criterion ppl/ppl+ (or --unit subblock)."
-        )
     if how["params"] is not None:
         raise ConfigError("--params applies to --unit subblock; use --remove or --ratio.")
     count = _checked_count(unit, num_layers, protected, how["ratio"], how["remove"])
@@ -400,8 +390,6 @@ def _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how):
     if by == "units":
         budget = _checked_count(unit, num_layers, protected, how["ratio"], how["remove"])
     tokens, calib_record = _calibration(True, how["calibration"], tokenizer, how["data_root"])
-    if how["heal_search"]:
-        check_heal_search_tokens(model, adapter, tokens)
     options = dict(how["options"])
     batch_size = int(options.pop("batch_size", 8))
     start = time.perf_counter()
@@ -416,11 +404,9 @@ def _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how):
         how["shortlist"],
         batch_size,
         how["progress"],
-        how["heal_search"],
     )
     seconds = time.perf_counter() - start
     search = search_record(state, unit, num_layers, how["shortlist"])
-    search["healed"] = how["heal_search"]
     search["budget"] = {"value": budget, "counts": by}
     history = [
         ScoreResult(

@@ -15,7 +15,6 @@ from transformers import PreTrainedModel
 from secateurs.adapters import Adapter
 from secateurs.depth_search import SearchState, greedy_search, step_scores, unit_params
 from secateurs.errors import ConfigError
-from secateurs.healing import HealedSearch
 from secateurs.layerwise import LayerRunner
 from secateurs.plan import Plan
 from secateurs.units import Unit
@@ -131,13 +130,8 @@ def run_search(
     shortlist: int | None,
     batch_size: int = 8,
     progress: bool = True,
-    healed: bool = False,
 ) -> tuple[list[Unit], SearchState]:
-    """Greedy PPL search over ``unit`` candidates outside ``protected`` (see depth_search).
-
-    ``healed``: candidates are scored with their run of blocks healed (``HealedSearch``); the
-    model's weights are restored when the search ends, whatever happens.
-    """
+    """Greedy PPL search over ``unit`` candidates outside ``protected`` (see depth_search)."""
     num_layers = adapter.num_layers(model)
     candidates = [
         Unit(layer, kind)
@@ -150,12 +144,7 @@ def run_search(
     else:
         cost = {u: 1 for u in candidates}
     runner = LayerRunner(model, adapter, calibration, batch_size)
-    scorer = HealedSearch(model, adapter, runner) if healed else None
-    try:
-        state = greedy_search(runner, candidates, cost, budget, shortlist, progress, scorer)
-    finally:
-        if scorer is not None:
-            scorer.restore()
+    state = greedy_search(runner, candidates, cost, budget, shortlist, progress)
     return merge_branches(state.removed), state
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -53,29 +52,6 @@ class SearchState:
         return nll - base
 
 
-class CandidateScorer(Protocol):
-    """How the search measures a candidate, and what choosing it changes."""
-
-    def nll(self, removed: tuple[Unit, ...], unit: Unit) -> float: ...
-
-    def commit(self, removed: tuple[Unit, ...], unit: Unit) -> int:
-        """Make ``unit``'s removal part of the model; the first layer whose input changes."""
-        ...
-
-
-class RemovalScorer:
-    """The plain search: the calibration NLL with the candidate removed (layers c.. rerun)."""
-
-    def __init__(self, runner: LayerRunner) -> None:
-        self.runner = runner
-
-    def nll(self, removed: tuple[Unit, ...], unit: Unit) -> float:
-        return unit_nll(self.runner, removed, unit)
-
-    def commit(self, removed: tuple[Unit, ...], unit: Unit) -> int:
-        return unit.layer
-
-
 def greedy_search(
     runner: LayerRunner,
     candidates: list[Unit],
@@ -83,15 +59,12 @@ def greedy_search(
     budget: int,
     shortlist: int | None = 3,
     progress: bool = False,
-    scorer: CandidateScorer | None = None,
 ) -> SearchState:
     """Remove candidates greedily until their ``cost`` adds up to ``budget`` (see module doc).
 
     A candidate fits while its cost is at most the remaining budget plus half the smallest
-    candidate's cost, so a parameter budget is met to within half a branch. ``scorer``
-    (default: ``RemovalScorer``) measures candidates, e.g. healed (``healing.HealedSearch``).
+    candidate's cost, so a parameter budget is met to within half a branch.
     """
-    scorer = scorer or RemovalScorer(runner)
     if shortlist is not None and shortlist < 0:
         raise ConfigError(f"shortlist must be >= 0 (or None for all); got {shortlist}.")
     slack = min(cost.values()) // 2
@@ -107,12 +80,11 @@ def greedy_search(
             fits = _drop_last_block(fits, state.removed, len(runner))
             if not fits:
                 break
-            choice = _step(scorer, state, fits, shortlist)
+            choice = _step(runner, state, fits, shortlist)
             spent += cost[choice]
             bar.update(cost[choice])
-            start = scorer.commit(tuple(state.removed[:-1]), choice)
             if len(state.removed) < len(candidates):
-                runner.capture(state.removed, start=start)
+                runner.capture(state.removed, start=choice.layer)
     return state
 
 
@@ -128,9 +100,7 @@ def _drop_last_block(fits: list[Unit], removed: list[Unit], num_layers: int) -> 
     return [u for u in fits if u.kind != "block" and u.layer in gone]
 
 
-def _step(
-    scorer: CandidateScorer, state: SearchState, fits: list[Unit], shortlist: int | None
-) -> Unit:
+def _step(runner: LayerRunner, state: SearchState, fits: list[Unit], shortlist: int | None) -> Unit:
     first = not state.steps
     if first or shortlist is None:
         to_score = fits
@@ -139,7 +109,7 @@ def _step(
     removed = tuple(state.removed)
     scored = {}
     for unit in to_score:
-        scored[unit] = scorer.nll(removed, unit)
+        scored[unit] = unit_nll(runner, removed, unit)
         state.measured[unit] = (scored[unit], state.base)
     if shortlist == 0 and not first:  # one-shot: the step-1 ranking decides
         choice = min(fits, key=lambda u: (state.increase(u), u))

@@ -16,8 +16,7 @@ reconstruction error ||D - X ΔWᵀ||².
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import replace
 from typing import Any
 
@@ -26,11 +25,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
-from secateurs.criteria.ppl import mean_nll, unit_nll
 from secateurs.data import CalibrationConfig
 from secateurs.defaults import HEAL_SAMPLES, HEAL_TARGETS
 from secateurs.errors import ConfigError
-from secateurs.layerwise import LayerRunner, Stop
+from secateurs.layerwise import Stop
 from secateurs.plan import Plan
 from secateurs.units import Unit, first_arg, masked
 from secateurs.width import add_output_bias, bias_flag_supported
@@ -120,23 +118,16 @@ def span_statistics(
                 _forward_until_stop(model, ids)
             if target != "dense":
                 reference = seen["h_out"]
-            _accumulate(stats, seen["x"], reference - seen["h_in"], intercept)
+            x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+            if intercept:
+                x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
+            d = (reference - seen["h_in"]).reshape(x.shape[0], -1).double()
+            for key, value in (("gram", x.T @ x), ("cross", x.T @ d), ("energy", (d * d).sum())):
+                stats[key] = stats[key] + value if key in stats else value
     finally:
         for hook in hooks:
             hook.remove()
     return stats
-
-
-def _accumulate(
-    stats: dict[str, torch.Tensor], x: torch.Tensor, d: torch.Tensor, intercept: bool = False
-) -> None:
-    """Add one batch's XᵀX, XᵀD and DᵀD (float64) to ``stats``."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    if intercept:
-        x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
-    d = d.reshape(x.shape[0], -1).double()
-    for key, value in (("gram", x.T @ x), ("cross", x.T @ d), ("energy", (d * d).sum())):
-        stats[key] = stats[key] + value if key in stats else value
 
 
 def _forward_until_stop(model: PreTrainedModel, ids: torch.Tensor) -> None:
@@ -235,122 +226,3 @@ def _heal_run(model, adapter, plan, tokens, gone, run, how) -> dict[str, Any]:
         entry["error_after"],
     )
     return entry
-
-
-def check_heal_search_tokens(
-    model: PreTrainedModel, adapter: Adapter, tokens: torch.Tensor
-) -> None:
-    """A healed search fits down_proj corrections on the search's own calibration: refuse
-    fewer calibration tokens than the projection has inputs (an under-determined fit would
-    make every candidate look healable)."""
-    projection = output_projection(model, adapter, 0)
-    if projection is None:
-        return
-    inputs, count = projection.weight.shape[1], tokens.numel()
-    if count < inputs:
-        raise ConfigError(
-            f"A healed search fits {inputs} inputs per down_proj output on the search's "
-            f"calibration, which has {count} tokens; raise --n-samples to at least "
-            f"{-(-inputs // tokens.shape[1])} windows of {tokens.shape[1]} tokens."
-        )
-
-
-class HealedSearch:
-    """Greedy-search scoring of the model that healing will deliver (``--heal-search``).
-
-    A block candidate is scored with its run of removed blocks healed: the correction of
-    ``heal_plan`` (local target, no intercept) is fitted from the runner's cached inputs, added
-    to the preceding down_proj, and the calibration NLL measured from that layer on. The
-    chosen candidate's correction stays while the search goes on (so later candidates are
-    scored on the healed model); ``restore`` puts every original weight back, and the final
-    model is healed by ``heal_plan`` as without the search. Branch candidates, runs with no
-    kept MLP before them and Conv1D layouts are scored unhealed.
-    """
-
-    def __init__(self, model: PreTrainedModel, adapter: Adapter, runner: LayerRunner) -> None:
-        self.model, self.adapter, self.runner = model, adapter, runner
-        self.originals: dict[int, torch.Tensor] = {}
-        self._fits: dict[Unit, tuple[int, torch.Tensor]] = {}
-
-    def nll(self, removed: tuple[Unit, ...], unit: Unit) -> float:
-        fit = self._fit(removed, unit)
-        if fit is None:
-            return unit_nll(self.runner, removed, unit)
-        self._fits[unit] = fit
-        into, delta = fit
-        with self._weight(into, self.originals[into] + delta):
-            return mean_nll(self.runner.logits_from(into, (*removed, unit)))
-
-    @torch.no_grad()
-    def commit(self, removed: tuple[Unit, ...], unit: Unit) -> int:
-        """Keep ``unit``'s correction; returns the first layer whose cached input changes."""
-        fit = self._fits.get(unit) or self._fit(removed, unit)
-        self._fits.clear()
-        if fit is None:
-            return unit.layer
-        into, delta = fit
-        self._projection(into).weight.copy_(self.originals[into] + delta)
-        return into
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for layer, weight in self.originals.items():
-            self._projection(layer).weight.copy_(weight)
-        self.originals.clear()
-
-    def _projection(self, layer: int) -> nn.Module:
-        return output_projection(self.model, self.adapter, layer)
-
-    @torch.no_grad()
-    def _fit(self, removed: tuple[Unit, ...], unit: Unit) -> tuple[int, torch.Tensor] | None:
-        if unit.kind != "block" or self.adapter.channels is None or self.adapter.channels.conv1d:
-            return None
-        blocks = {u.layer for u in removed if u.kind == "block"} | {unit.layer}
-        first, last = next(r for r in runs_of(tuple(blocks)) if r[0] <= unit.layer <= r[1])
-        into = first - 1
-        if into < 0 or Unit(into, "mlp") in removed:
-            return None
-        present = [
-            u for u in (*removed, unit) if not (u.kind == "block" and first <= u.layer <= last)
-        ]
-        weight = self._projection(into).weight
-        self.originals.setdefault(into, weight.detach().clone())
-        with self._weight(into, self.originals[into]):
-            stats = self._statistics(into, (first, last), present)
-        return into, fit_correction(stats["gram"], stats["cross"]).to(weight.dtype)
-
-    @contextmanager
-    def _weight(self, layer: int, value: torch.Tensor) -> Iterator[None]:
-        weight = self._projection(layer).weight
-        saved = weight.detach().clone()
-        with torch.no_grad():
-            weight.copy_(value)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                weight.copy_(saved)
-
-    def _statistics(self, into: int, run: tuple[int, int], present: list[Unit]) -> dict:
-        """XᵀX, XᵀD of the run's local contribution, from layer ``into``'s cached input."""
-        first, last = run
-        layers = self.adapter.layers(self.model)
-        seen: dict[str, torch.Tensor] = {}
-        hooks = [
-            self._projection(into).register_forward_pre_hook(
-                lambda m, args: seen.__setitem__("x", args[0])
-            ),
-            layers[first].register_forward_pre_hook(
-                lambda m, args, kwargs: seen.__setitem__("h_in", first_arg(args, kwargs)),
-                with_kwargs=True,
-            ),
-            layers[last].register_forward_hook(lambda m, args, out: _stop_with(seen, out)),
-        ]
-        stats: dict[str, torch.Tensor] = {}
-        try:
-            for _ in self.runner.run_from(into, present):
-                _accumulate(stats, seen["x"], seen["h_out"] - seen["h_in"])
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return stats

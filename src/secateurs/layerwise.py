@@ -134,18 +134,6 @@ class LayerRunner:
         self._current = None
 
     @torch.no_grad()
-    def run_from(self, start: int, removed: Iterable[Unit] = ()) -> Iterator[slice]:
-        """Run layers ``start..`` on each batch for the hooks' sake (a hook may raise ``Stop``
-        to end the batch early); yields each batch's window rows once it has run."""
-        with self._from_layer(start, tuple(removed)):
-            for rows, ids in self.batches():
-                self._current = self.inputs[start][rows] if start > 0 else None
-                with suppress(Stop):
-                    self.model(input_ids=ids, use_cache=False)
-                yield rows
-        self._current = None
-
-    @torch.no_grad()
     def capture(
         self, removed: Iterable[Unit] = (), start: int = 0, stop: int | None = None
     ) -> None:

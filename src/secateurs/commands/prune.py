@@ -343,7 +343,6 @@ def depth_extras(args: argparse.Namespace) -> dict:
         heal_samples=args.heal_samples,
         heal_bias=args.heal_bias,
         heal_target=args.heal_target,
-        heal_search=args.heal_search,
     )
 
 
@@ -395,12 +394,6 @@ class Prune(Command):
             "--heal-bias",
             action="store_true",
             help="--heal also fits a down_proj bias (turns on LLaMA's mlp_bias)",
-        )
-        parser.add_argument(
-            "--heal-search",
-            action="store_true",
-            help="the greedy search scores each candidate healed (needs --n-samples >= "
-            "down_proj inputs / --calib-seq-len; see docs/depth.md)",
         )
         parser.add_argument(
             "--heal-target",
