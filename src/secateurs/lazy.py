@@ -178,6 +178,12 @@ class LazyModel:
     def head_nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token NLL of windows ``ids`` from final hidden states (after the final
         norm), reading the output head in row blocks; and the number of predicted tokens."""
+        nll = self.token_nll(hidden, ids)
+        return float(nll.sum()), nll.numel()
+
+    def token_nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token NLL (B, T − 1) float64 of windows ``ids`` (B, T) from final hidden states,
+        reading the output head in row blocks."""
         head = self.model.get_output_embeddings()
         name = self.names[_param_name(self.model, head.weight)]
         bias = getattr(head, "bias", None)
@@ -198,7 +204,7 @@ class LazyModel:
             local = (targets - start).clamp(0, rows - 1)
             picked += torch.where(inside, logits.gather(1, local[:, None])[:, 0], 0.0)
             start += rows
-        return float((lse - picked).sum()), len(targets)
+        return (lse - picked).reshape(ids.shape[0], -1)
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         for key in _LOGIT_MULTIPLIERS:
