@@ -86,6 +86,11 @@ class MiniLLM(Criterion):
             "layers_per_pass": self.layers_per_pass,
         }
 
+    def stream_count(self, num_layers: int) -> int:
+        """Perturbed models scored at once (the streams a sequential pipeline holds)."""
+        passes = 1 if self.scope == "model" else len(layer_passes(num_layers, self.layers_per_pass))
+        return passes * self.settings.num_perturbations * len(signed_steps(self.settings))
+
     @torch.no_grad()
     def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
         # M_g = Σ_{j ∈ c(g)} Σ_i |W_ij| · ‖X_j‖: exactly the `activation` criterion (Wanda)
