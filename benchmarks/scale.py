@@ -19,6 +19,9 @@ budget: that is the user's own load).
 Last (``--phase smollm2``), on the real SmolLM2-135M, each scored step runs both ways — whole
 model in memory and layer by layer from disk — with the same calibration tensor; the table gives
 whether the same units were removed and the largest logit difference of the two pruned models.
+A second table runs ``secateurs prune --unit width --criterion mini-llm`` (20%, uniform, no
+reconstruction) as a user would, in memory and with ``--sequential``, each in a fresh process,
+with its peak RSS next to that of a process that only imports the CLI's libraries.
 
     OMP_NUM_THREADS=2 python benchmarks/scale.py --work /tmp/scale
 """
@@ -172,6 +175,7 @@ SMOLLM2_CASES = {
     "ppl, 6 blocks": dict(unit="block", criterion="ppl", remove=6),
     "activation 20% + reconstruction": dict(unit="width", criterion="activation"),
     "fluctuation 20% + reconstruction": dict(unit="width", criterion="fluctuation"),
+    "mini-llm 20% + reconstruction": dict(unit="width", criterion="mini-llm"),
 }
 
 
@@ -218,9 +222,40 @@ def smollm2_equivalence(work: Path, n_samples: int, seq_len: int) -> None:
         ("same_units", "same units removed"),
         ("max_abs_logit_delta", "largest logit difference (4 WikiText-2 windows)"),
     ]
+    memory = smollm2_memory(work, source, n_samples, seq_len)
     protocol = {"calibration": f"C4, {n_samples} windows x {seq_len} tokens, same tensor"}
-    write_results("scale-smollm2", {"protocol": protocol, "rows": rows},
-                  markdown_table(rows, columns))  # fmt: skip
+    tables = [markdown_table(rows, columns), markdown_table(memory, MEMORY_COLUMNS)]
+    write_results("scale-smollm2", {"protocol": protocol, "rows": rows, "memory": memory},
+                  "\n\n".join(tables))  # fmt: skip
+
+
+MEMORY_COLUMNS = [
+    ("run", "SmolLM2-135M (0.54 GB in float32), mini-llm width 20%"),
+    ("wall_s", "wall s"),
+    ("scoring_s", "scoring s"),
+    ("peak_rss_mb", "peak RSS MB"),
+    ("over_imports_mb", "peak RSS over the imports' MB"),
+]
+IMPORTS = "import torch, transformers, secateurs.cli, secateurs.sequential, secateurs.width_api"
+
+
+def smollm2_memory(work: Path, source: Path, n_samples: int, seq_len: int) -> list[dict]:
+    """Peak RSS of mini-llm width pruning in memory and layer by layer, fresh processes."""
+    base = run_measured([sys.executable, "-c", IMPORTS])[1]
+    rows = [dict(run="imports only", peak_rss_mb=round(base), over_imports_mb=0)]
+    flags = ["--unit", "width", "--criterion", "mini-llm", "--ratio", "0.2", "--allocation",
+             "uniform", "--no-sensitivity", "--no-reconstruct", "--n-samples", str(n_samples),
+             "--calib-seq-len", str(seq_len), "--overwrite"]  # fmt: skip
+    for name, extra in (("whole model in memory", []), ("layer by layer", ["--sequential"])):
+        out = work / "memory-run"
+        command = ["prune", str(source), "--out", str(out), *flags, *extra]
+        seconds, peak = run_measured([sys.executable, "-m", "secateurs.cli", *command])
+        record = json.loads((out / "secateurs.json").read_text())
+        scoring = record.get("timings", {}).get("scoring_s")
+        rows.append(dict(run=name, wall_s=round(seconds, 1), scoring_s=scoring,
+                         peak_rss_mb=round(peak), over_imports_mb=round(peak - base)))  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:

@@ -333,6 +333,10 @@ def test_streams_go_to_a_temporary_folder_when_memory_is_short(saved, tmp_path, 
 
 
 # --- perturbed models: ppl's removals and mini-llm's gates, every stream in lockstep ----------
+def _on_meta(module) -> bool:
+    return all(p.is_meta for p in module.parameters())
+
+
 def _contexts(model, lazy, calibration, pipeline):
     whole = ScoringContext(model, adapter_for(model), calibration, 2, (), False)
     layered = ScoringContext(lazy.model, lazy.adapter, calibration, 2, (), False)
@@ -354,11 +358,16 @@ def test_perturbed_losses_agree_between_pipelines_and_load_each_layer_once(
     whole, layered = _contexts(model, lazy, calibration, pipeline)
     models = [Perturbation(0), Perturbation(1, {1: Removal("block")})]
     models += [Perturbation(2, {2: Removal("attn"), 3: Removal("mlp")})]
-    loads = []
-    real = lazy.load_layer
-    monkeypatch.setattr(lazy, "load_layer", lambda i: loads.append(i) or real(i))
+    loads, real = [], lazy.load_layer
+
+    def load(index: int):
+        resident = [i for i, layer in enumerate(lazy.layers) if not _on_meta(layer)]
+        loads.append((index, resident))
+        return real(index)
+
+    monkeypatch.setattr(lazy, "load_layer", load)
     actual = pipeline.perturbed_losses(layered, models)
-    assert loads == list(range(len(lazy.layers)))
+    assert loads == [(i, []) for i in range(len(lazy.layers))]  # once each, one at a time
     expected = WholeModelPipeline().perturbed_losses(whole, models)
     for a, e in zip(actual, expected, strict=True):
         assert a.shape == (4,) and a.dtype == torch.float64
