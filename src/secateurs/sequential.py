@@ -79,8 +79,8 @@ def sequential_criterion(name: str, units: tuple[str, ...], **options: Any):
     scorer = CRITERIA.get(CRITERIA.canonical(name.rstrip("+")))(**options)
     if not isinstance(scorer, SEQUENTIAL):
         raise ConfigError(
-            f"Criterion {scorer.name!r} needs the whole model in memory (a backward pass or "
-            "whole-model perturbations); layer-by-layer criteria: "
+            f"Criterion {scorer.name!r} needs the whole model in memory (a backward pass); "
+            "layer-by-layer criteria: "
             f"{', '.join(sorted(layerwise_criteria()))}."
         )
     for unit in units:
