@@ -229,7 +229,7 @@ class SequentialPipeline:
                             streams[i] = self._step(perturbations[i], layer, index, base)
                     last = index + 1 == count
                     base = [] if last and not keep_base else self.run(layer, index, base)
-            return [reduce(streams[i] if i in own else base) for i in range(len(perturbations))]
+            return [reduce(streams[i] if p.edits else base) for i, p in enumerate(perturbations)]
         finally:
             streams.clear()
 
