@@ -242,7 +242,7 @@ def _write_smollm2(**fresh) -> None:
 
 
 MEMORY_COLUMNS = [
-    ("run", "SmolLM2-135M (0.54 GB in float32), mini-llm width 20%"),
+    ("run", "SmolLM2-135M (0.54 GB in float32), width 20%, no reconstruction"),
     ("wall_s", "wall s"),
     ("scoring_s", "scoring s"),
     ("peak_rss_mb", "peak RSS MB"),
@@ -266,10 +266,16 @@ def smollm2_memory(work: Path, n_samples: int, seq_len: int) -> None:
     run_measured([sys.executable, "-c", SAVE_SMOLLM2, str(source)])
     base = run_measured([sys.executable, "-c", IMPORTS])[1]
     rows = [dict(run="imports only", peak_rss_mb=round(base), over_imports_mb=0)]
-    flags = ["--unit", "width", "--criterion", "mini-llm", "--ratio", "0.2", "--allocation",
-             "uniform", "--no-sensitivity", "--no-reconstruct", "--n-samples", str(n_samples),
-             "--calib-seq-len", str(seq_len), "--overwrite"]  # fmt: skip
-    for name, extra in (("whole model in memory", []), ("layer by layer", ["--sequential"])):
+    flags = ["--unit", "width", "--ratio", "0.2", "--allocation", "uniform", "--no-sensitivity",
+             "--no-reconstruct", "--n-samples", str(n_samples), "--calib-seq-len", str(seq_len),
+             "--overwrite"]  # fmt: skip
+    runs = (
+        ("whole model in memory", ["--criterion", "mini-llm"]),
+        ("layer by layer", ["--criterion", "mini-llm", "--sequential"]),
+        ("layer by layer, activation (no streams; reference)", ["--criterion", "activation",
+                                                                  "--sequential"]),
+    )  # fmt: skip
+    for name, extra in runs:
         out = work / "memory-run"
         command = ["prune", str(source), "--out", str(out), *flags, *extra]
         seconds, peak = run_measured([sys.executable, "-m", "secateurs.cli", *command])
