@@ -21,7 +21,13 @@ from secateurs.cli import main
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.lazy import LazyModel
-from secateurs.pipeline import Perturbation, Removal, SequentialPipeline, WholeModelPipeline
+from secateurs.pipeline import (
+    Perturbation,
+    Removal,
+    SequentialPipeline,
+    Streams,
+    WholeModelPipeline,
+)
 from secateurs.sequential import sequential_prune
 from secateurs.width_api import WidthOptions, prune_width
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
@@ -409,18 +415,29 @@ def test_sequential_mini_llm_equals_in_memory(model_type, saved):
     assert compared >= 3
 
 
-def test_mini_llm_streams_offloaded_to_files_give_the_same_scores(saved, tmp_path):
+def test_mini_llm_streams_offloaded_to_files_give_the_same_scores(saved, tmp_path, monkeypatch):
+    """Offloaded streams change nothing; the streams held are the ones the offloading
+    estimate counts (``stream_count``)."""
     _, path = saved("llama")
     calibration = tokens(4, 12)
     lazy = LazyModel(path, attn_implementation=EAGER)
+    criterion = CRITERIA.get("mini-llm")(antithetic=True, layers_per_pass=2)
+    held, real = [], Streams.__setitem__
+
+    def spy(self, key, hidden):
+        real(self, key, hidden)
+        held.append(len(list(self)))
+
+    monkeypatch.setattr(Streams, "__setitem__", spy)
     scores = []
     for where in (None, tmp_path / "streams"):
         pipeline = SequentialPipeline(lazy, calibration, 2, progress=False, offload=where)
         ctx = ScoringContext(lazy.model, lazy.adapter, calibration, 2, (), False)
         ctx.pipeline = pipeline
-        scores.append(_scores(CRITERIA.get("mini-llm")(antithetic=True), ctx, "channels"))
+        scores.append(_scores(criterion, ctx, "channels"))
     assert torch.equal(scores[0], scores[1])
     assert list((tmp_path / "streams").iterdir()) == []
+    assert max(held) == criterion.stream_count(len(lazy.layers)) == 3 * 2  # 3 passes, ± pairs
 
 
 @pytest.mark.parametrize(
