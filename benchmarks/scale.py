@@ -19,6 +19,11 @@ budget: that is the user's own load).
 Last (``--phase smollm2``), on the real SmolLM2-135M, each scored step runs both ways — whole
 model in memory and layer by layer from disk — with the same calibration tensor; the table gives
 whether the same units were removed and the largest logit difference of the two pruned models.
+``--phase smollm2-memory`` adds a second table: ``secateurs prune --unit width --criterion
+mini-llm`` (20%, uniform, no reconstruction) as a user runs it, in memory and with
+``--sequential``, each in a fresh process started from a parent that imported no torch (a
+forked child's peak RSS counts the parent's pages), with its peak RSS next to that of a
+process that only imports the CLI's libraries.
 
     OMP_NUM_THREADS=2 python benchmarks/scale.py --work /tmp/scale
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -172,6 +178,7 @@ SMOLLM2_CASES = {
     "ppl, 6 blocks": dict(unit="block", criterion="ppl", remove=6),
     "activation 20% + reconstruction": dict(unit="width", criterion="activation"),
     "fluctuation 20% + reconstruction": dict(unit="width", criterion="fluctuation"),
+    "mini-llm 20% + reconstruction": dict(unit="width", criterion="mini-llm"),
 }
 
 
@@ -213,14 +220,73 @@ def smollm2_equivalence(work: Path, n_samples: int, seq_len: int) -> None:
         same = memory.record[key] == layered[key]
         rows.append(dict(case=name, same_units=same, max_abs_logit_delta=delta))
         print(rows[-1], flush=True)
-    columns = [
-        ("case", "SmolLM2-135M"),
-        ("same_units", "same units removed"),
-        ("max_abs_logit_delta", "largest logit difference (4 WikiText-2 windows)"),
-    ]
     protocol = {"calibration": f"C4, {n_samples} windows x {seq_len} tokens, same tensor"}
-    write_results("scale-smollm2", {"protocol": protocol, "rows": rows},
-                  markdown_table(rows, columns))  # fmt: skip
+    _write_smollm2(protocol=protocol, rows=rows)
+
+
+SMOLLM2_COLUMNS = [
+    ("case", "SmolLM2-135M"),
+    ("same_units", "same units removed"),
+    ("max_abs_logit_delta", "largest logit difference (4 WikiText-2 windows)"),
+]
+
+
+def _write_smollm2(**fresh) -> None:
+    """Replace some parts of the saved SmolLM2 results (the other phase's stay)."""
+    path = RESULTS / "scale-smollm2.json"
+    data = {**(json.loads(path.read_text()) if path.is_file() else {}), **fresh}
+    tables = [markdown_table(data["rows"], SMOLLM2_COLUMNS)] if "rows" in data else []
+    if "memory" in data:
+        tables.append(markdown_table(data["memory"], MEMORY_COLUMNS))
+    write_results("scale-smollm2", data, "\n\n".join(tables))
+
+
+MEMORY_COLUMNS = [
+    ("run", "SmolLM2-135M (0.54 GB in float32), width 20%, no reconstruction"),
+    ("wall_s", "wall s"),
+    ("scoring_s", "scoring s"),
+    ("peak_rss_mb", "peak RSS MB"),
+    ("over_imports_mb", "peak RSS over the imports' MB"),
+]
+IMPORTS = "import torch, transformers, secateurs.cli, secateurs.sequential, secateurs.width_api"
+
+
+SAVE_SMOLLM2 = """
+import sys
+from secateurs import load_model
+from secateurs.checkpoint import save_checkpoint
+model, tokenizer = load_model("smollm2-135m")
+save_checkpoint(model, tokenizer, sys.argv[1], {}, overwrite=True)
+"""
+
+
+def smollm2_memory(work: Path, n_samples: int, seq_len: int) -> None:
+    """Peak RSS of mini-llm width pruning in memory and layer by layer, fresh processes."""
+    source = work / "smollm2"
+    run_measured([sys.executable, "-c", SAVE_SMOLLM2, str(source)])
+    base = run_measured([sys.executable, "-c", IMPORTS])[1]
+    rows = [dict(run="imports only", peak_rss_mb=round(base), over_imports_mb=0)]
+    flags = ["--unit", "width", "--ratio", "0.2", "--allocation", "uniform", "--no-sensitivity",
+             "--no-reconstruct", "--n-samples", str(n_samples), "--calib-seq-len", str(seq_len),
+             "--overwrite"]  # fmt: skip
+    runs = (
+        ("whole model in memory", ["--criterion", "mini-llm"]),
+        ("layer by layer", ["--criterion", "mini-llm", "--sequential"]),
+        ("layer by layer, activation (no streams; reference)", ["--criterion", "activation",
+                                                                  "--sequential"]),
+    )  # fmt: skip
+    for name, extra in runs:
+        out = work / "memory-run"
+        command = ["prune", str(source), "--out", str(out), *flags, *extra]
+        seconds, peak = run_measured([sys.executable, "-m", "secateurs.cli", *command])
+        record = json.loads((out / "secateurs.json").read_text())
+        scoring = record.get("timings", {}).get("scoring_s")
+        rows.append(dict(run=name, wall_s=round(seconds, 1), scoring_s=scoring,
+                         peak_rss_mb=round(peak), over_imports_mb=round(peak - base)))  # fmt: skip
+        print(rows[-1], flush=True)
+    protocol = {"calibration": f"C4, {n_samples} windows x {seq_len} tokens",
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
+    _write_smollm2(memory=rows, memory_protocol=protocol)
 
 
 def main() -> None:
@@ -230,10 +296,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128, help="calibration window length")
     parser.add_argument("--steps", default=None, help="comma-separated step numbers (1-based)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
-    parser.add_argument("--phase", choices=("3b", "smollm2"), default="3b")
+    parser.add_argument("--phase", choices=("3b", "smollm2", "smollm2-memory"), default="3b")
     args = parser.parse_args()
     if args.phase == "smollm2":
         smollm2_equivalence(args.work / "smollm2-check", args.n_samples, args.seq_len)
+        return
+    if args.phase == "smollm2-memory":
+        smollm2_memory(args.work / "smollm2-memory", args.n_samples, args.seq_len)
         return
     source = args.work / "llama-3.2-3b-random"
     if not (source / "model.safetensors.index.json").is_file():

@@ -11,9 +11,9 @@ from secateurs.criteria.zeroth_order import (
     column_multipliers,
     gate_directions,
     prior_scales,
-    window_losses,
 )
 from secateurs.errors import ConfigError
+from secateurs.pipeline import window_losses
 from secateurs.units import Unit, masked
 from tiny_models import tiny_model, tokens
 

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 _LOGIT_MULTIPLIERS = ("logit_scale",)  # Cohere: logits * logit_scale
 _LOGIT_DIVISORS = ("logits_scaling",)  # Granite: logits / logits_scaling
 _SOFTCAP = "final_logit_softcapping"  # Gemma 2/3: tanh(logits / c) * c
+_LOGITS_BYTES = 64 * 2**20  # the logits of one head block (``token_nll``)
 
 
 def checkpoint_bytes_on_disk(source: str | os.PathLike) -> int:
@@ -332,6 +333,12 @@ class LazyModel:
     def head_nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token NLL of windows ``ids`` from final hidden states (after the final
         norm), reading the output head in row blocks; and the number of predicted tokens."""
+        nll = self.token_nll(hidden, ids)
+        return float(nll.sum()), nll.numel()
+
+    def token_nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token NLL (B, T − 1) float64 of windows ``ids`` (B, T) from final hidden states,
+        reading the output head in row blocks."""
         head = self.model.get_output_embeddings()
         name = self.names[_param_name(self.model, head.weight)]
         bias = getattr(head, "bias", None)
@@ -341,7 +348,7 @@ class LazyModel:
         lse = torch.full((len(states),), -math.inf, dtype=torch.float64, device=self.device)
         picked = torch.zeros(len(states), dtype=torch.float64, device=self.device)
         start = 0
-        for block in self.reader.blocks(name):
+        for block in self.reader.blocks(name, self._head_block_bytes(name, len(states))):
             rows = len(block)
             logits = states @ block.to(self.device, self.dtype).T
             if bias_name is not None:
@@ -352,7 +359,15 @@ class LazyModel:
             local = (targets - start).clamp(0, rows - 1)
             picked += torch.where(inside, logits.gather(1, local[:, None])[:, 0], 0.0)
             start += rows
-        return float((lse - picked).sum()), len(targets)
+        return (lse - picked).reshape(ids.shape[0], -1)
+
+    def _head_block_bytes(self, name: str, positions: int) -> int:
+        """Head rows read at a time: their logits for ``positions`` tokens, in float32 and the
+        float64 copy, take at most ``_LOGITS_BYTES`` (not a whole default block's worth:
+        1016 positions × 29k rows were 0.36 GB at SmolLM2's size)."""
+        stored = self.reader.meta(name)
+        rows = max(1, _LOGITS_BYTES // (12 * max(1, positions)))
+        return rows * stored.shape[-1] * stored.dtype.itemsize
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         for key in _LOGIT_MULTIPLIERS:

@@ -14,32 +14,99 @@ flows and when the weights exist:
   inputs, drop its weights. Memory: one layer plus the calibration activations.
 
 Both run the same criterion code, so their scores agree to float rounding (tested for every
-adapter). ``SequentialPipeline.removal_nll`` is the layer-at-a-time form of "the calibration
-loss with unit i removed" (``ppl``): every candidate's stream advances in lockstep while each
-layer is loaded once.
+adapter).
+
+Criteria that measure the loss of modified models (``ppl``: a unit removed; ``mini-llm``: gates
+perturbed) describe each model as a ``Perturbation``: equal to the base model up to layer
+``start``, with some layers' calls modified from there (``edits``). ``perturbed_losses`` gives
+each one's per-window calibration losses. The whole-model pipeline runs them one after the
+other from cached layer inputs (``LayerRunner``); the sequential one advances every
+perturbation's activation stream in lockstep with the base stream, so each layer is loaded
+once for all of them (``removal_nll`` is its ``ppl`` case).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
+from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
-from secateurs.layerwise import Stop, _output_like
+from secateurs.layerwise import LayerRunner, Stop, _output_like
 from secateurs.reconstruct import LayerCalls, run_layer
 from secateurs.units import Unit, first_arg, masked
 
 if TYPE_CHECKING:
     from secateurs.criteria.base import Layerwise, ScoringContext
     from secateurs.lazy import LazyModel
+
+
+# --- modified models, as data -------------------------------------------------------------------
+class Edit(Protocol):
+    """How one layer's call differs in a perturbed model: ``applied`` installs the change
+    (hooks) while the layer runs; ``skip``: the layer is bypassed (its output is its input)."""
+
+    skip: bool
+
+    def applied(
+        self, model: PreTrainedModel, adapter: Adapter, layer: int
+    ) -> AbstractContextManager: ...
+
+
+@dataclass(frozen=True)
+class Removal:
+    """The ``kind`` unit of the layer removed (a block is skipped, a branch masked)."""
+
+    kind: str
+
+    @property
+    def skip(self) -> bool:
+        return self.kind == "block"
+
+    def applied(
+        self, model: PreTrainedModel, adapter: Adapter, layer: int
+    ) -> AbstractContextManager:
+        return masked(model, adapter, [Unit(layer, self.kind)])
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A model equal to the base one up to layer ``start``; ``edits[i]`` modifies layer i ≥
+    ``start`` (layers without an edit run as they are). No edits: the base model itself."""
+
+    start: int
+    edits: Mapping[int, Edit] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if any(layer < self.start for layer in self.edits):
+            raise ValueError(f"edits before the start layer {self.start}: {sorted(self.edits)}")
+
+
+def window_losses(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Mean next-token NLL of each window (B,), float64 — the per-window ``calibration_loss``.
+
+    Computed in float64 (as ``LazyModel.token_nll``: both pipelines give the same losses to
+    the logits' rounding, which finite differences divide by a small step), ``chunk`` positions
+    at a time, so no second logits-sized tensor is held next to the logits.
+    """
+    total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
+    steps = ids.shape[1] - 1
+    for start in range(0, steps, chunk):
+        part = logits[:, start : min(start + chunk, steps)].to(torch.float64)
+        target = ids[:, start + 1 : start + 1 + part.shape[1]]
+        total += F.cross_entropy(part.transpose(1, 2), target, reduction="none").sum(-1)
+    return total / steps
 
 
 class WholeModelPipeline:
@@ -60,6 +127,26 @@ class WholeModelPipeline:
                 for batch in ctx.bar(ctx.batches(), f"{criterion.name}: calibration"):
                     ctx.model(input_ids=batch, use_cache=False)
         return [criterion.layer_score(ctx, kind, i, observers[i]) for i in range(count)]
+
+    @torch.no_grad()
+    def perturbed_losses(
+        self, ctx: ScoringContext, perturbations: Sequence[Perturbation]
+    ) -> list[torch.Tensor]:
+        """Per-window losses (windows,) of each perturbed model (``ctx.removed`` gone too),
+        one after the other, each running only layers ``start..`` from cached inputs."""
+        runner = LayerRunner(ctx.model, ctx.adapter, ctx.calibration, ctx.batch_size)
+        last = max((p.start for p in perturbations), default=0)
+        if last > 0:
+            runner.capture(ctx.removed, stop=last + 1)
+        return [self._losses(ctx, runner, p) for p in ctx.bar(perturbations, "perturbed models")]
+
+    @staticmethod
+    def _losses(ctx: ScoringContext, runner: LayerRunner, p: Perturbation) -> torch.Tensor:
+        with ExitStack() as stack:
+            for layer, edit in p.edits.items():
+                stack.enter_context(edit.applied(ctx.model, ctx.adapter, layer))
+            parts = [window_losses(lg, ids) for ids, lg in runner.logits_from(p.start, ctx.removed)]
+        return torch.cat(parts).cpu()
 
 
 class SequentialPipeline:
@@ -107,36 +194,69 @@ class SequentialPipeline:
         calls = self.calls.calls[index]
         return [run_layer(layer, h, call) for h, call in zip(hidden, calls, strict=True)]
 
-    # --- "loss with unit i removed", every candidate at once -----------------------------------
+    # --- perturbed models, every stream at once ---------------------------------------------
     @torch.no_grad()
-    def removal_nll(self, unit: str, candidates: Sequence[int]) -> dict[int, float]:
-        """Mean calibration NLL with each candidate layer's ``unit`` removed alone.
+    def perturbed_losses(
+        self, ctx: ScoringContext | None, perturbations: Sequence[Perturbation]
+    ) -> list[torch.Tensor]:
+        """Per-window losses (windows,) of each perturbed model, all streams in lockstep."""
+        if ctx is not None and ctx.removed:
+            raise ConfigError("Sequential scoring starts from the unpruned model (no --iterative).")
+        return self.perturbed(perturbations, self.window_losses)
 
-        Candidate c's stream equals the unpruned stream up to layer c; from there it runs its
-        own copy of the activations (layer c skipped, or run with its branch masked). All
-        streams pass through a layer while it is loaded, so each layer is read once.
+    def perturbed(
+        self, perturbations: Sequence[Perturbation], reduce: Callable[[list[torch.Tensor]], Any]
+    ) -> list[Any]:
+        """``reduce`` of each perturbed model's last-layer outputs.
+
+        Perturbation p's stream equals the base stream up to layer ``p.start``; from there it
+        runs its own copy of the activations through the layers, modified by its edits. All
+        streams pass through a layer while it is loaded, so each layer is read once; streams
+        live in ``Streams`` (files under ``offload`` when set). A perturbation without edits
+        is the base stream itself.
         """
-        base = list(self.calls.hidden)
-        streams = Streams(self.offload)
-        wanted = set(candidates)
+        count = len(self.lazy.layers)
+        own = [i for i, p in enumerate(perturbations) if p.edits]
+        keep_base = len(own) < len(perturbations)
+        base, streams = list(self.calls.hidden), Streams(self.offload)
         try:
-            for index in self.bar(range(len(self.lazy.layers)), f"ppl: {unit} streams"):
+            for index in self.bar(range(count), f"{len(own)} perturbed streams"):
                 with self.lazy.loaded(index) as layer:
-                    for c in streams:
-                        streams[c] = self.run(layer, index, streams[c])
-                    if index in wanted:
-                        streams[index] = self._removed_at(layer, index, unit, base)
-                    last = index + 1 == len(self.lazy.layers)
-                    base = [] if last else self.run(layer, index, base)
-            return {c: self.mean_nll(streams[c]) for c in streams}
+                    for i in streams:
+                        streams[i] = self._step(perturbations[i], layer, index, streams[i])
+                    for i in own:
+                        if perturbations[i].start == index:
+                            streams[i] = self._step(perturbations[i], layer, index, base)
+                    last = index + 1 == count
+                    base = [] if last and not keep_base else self.run(layer, index, base)
+            return [reduce(streams[i] if p.edits else base) for i, p in enumerate(perturbations)]
         finally:
             streams.clear()
 
-    def _removed_at(self, layer, index: int, unit: str, base: list) -> list[torch.Tensor]:
-        if unit == "block":
-            return [h.clone() for h in base]  # the stream skips the layer: its input as is
-        with masked(self.lazy.model, self.lazy.adapter, [Unit(index, unit)]):
-            return self.run(layer, index, base)
+    def _step(self, p: Perturbation, layer: nn.Module, index: int, hidden: list) -> list:
+        """Stream ``hidden`` through loaded ``layer`` as perturbation ``p`` has it."""
+        edit = p.edits.get(index)
+        if edit is None:
+            return self.run(layer, index, hidden)
+        if edit.skip:
+            return [h.clone() for h in hidden]  # the stream skips the layer: its input as is
+        with edit.applied(self.lazy.model, self.lazy.adapter, index):
+            return self.run(layer, index, hidden)
+
+    @torch.no_grad()
+    def removal_nll(self, unit: str, candidates: Sequence[int]) -> dict[int, float]:
+        """Mean calibration NLL with each candidate layer's ``unit`` removed alone (``ppl``)."""
+        candidates = sorted(set(candidates))
+        removals = [Perturbation(c, {c: Removal(unit)}) for c in candidates]
+        return dict(zip(candidates, self.perturbed(removals, self.mean_nll), strict=True))
+
+    def window_losses(self, final: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean next-token NLL of each calibration window (windows,) float64."""
+        parts = [
+            self.lazy.token_nll(self.final_states(batch, hidden), batch).mean(-1)
+            for batch, hidden in zip(self.batches, final, strict=True)
+        ]
+        return torch.cat(parts).cpu()
 
     def mean_nll(self, final: Sequence[torch.Tensor]) -> float:
         """Mean next-token NLL of the calibration windows from the last layer's outputs."""
@@ -165,9 +285,10 @@ class SequentialPipeline:
 
 
 class Streams:
-    """Candidate activation streams by layer: in memory, or each in a file of ``directory``
-    (one stream per candidate layer adds up to L × the calibration activations: at 70B with
-    10 windows of 128 tokens, 80 × 42 MB). Read and written whole, one stream at a time."""
+    """Perturbed activation streams by perturbation: in memory, or each in a file of
+    ``directory`` (``ppl``'s one stream per candidate layer adds up to L × the calibration
+    activations: at 70B with 10 windows of 128 tokens, 80 × 42 MB). Read and written whole,
+    one stream at a time."""
 
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory

@@ -35,6 +35,7 @@ from secateurs.api import CriterionSpec, ScoreResult, _record, plan_from_scores
 from secateurs.checkpoint import RECORD_FILE, mark_config, structure_record, write_json
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.criteria.base import Layerwise
+from secateurs.criteria.mini_llm import MiniLLM
 from secateurs.criteria.ppl import Perplexity
 from secateurs.data import CalibrationConfig
 from secateurs.errors import ConfigError
@@ -76,10 +77,10 @@ log = logging.getLogger(__name__)
 def sequential_criterion(name: str, units: tuple[str, ...], **options: Any):
     """The criterion ``name``, if it can be computed layer by layer; else a clear refusal."""
     scorer = CRITERIA.get(CRITERIA.canonical(name.rstrip("+")))(**options)
-    if not isinstance(scorer, Layerwise | Perplexity):
+    if not isinstance(scorer, SEQUENTIAL):
         raise ConfigError(
-            f"Criterion {scorer.name!r} needs the whole model in memory (a backward pass or "
-            "whole-model perturbations); layer-by-layer criteria: "
+            f"Criterion {scorer.name!r} needs the whole model in memory (a backward pass); "
+            "layer-by-layer criteria: "
             f"{', '.join(sorted(layerwise_criteria()))}."
         )
     for unit in units:
@@ -88,8 +89,13 @@ def sequential_criterion(name: str, units: tuple[str, ...], **options: Any):
     return scorer
 
 
+# computed from what each layer shows, or from the losses of perturbed models (every stream
+# advanced in lockstep: ``SequentialPipeline.perturbed_losses``)
+SEQUENTIAL = Layerwise | Perplexity | MiniLLM
+
+
 def layerwise_criteria() -> list[str]:
-    return [n for n in CRITERIA.names() if issubclass(CRITERIA.get(n), Layerwise | Perplexity)]
+    return [n for n in CRITERIA.names() if issubclass(CRITERIA.get(n), SEQUENTIAL)]
 
 
 @dataclass(frozen=True)
@@ -186,20 +192,30 @@ def _score(lazy: LazyModel, scorer, kinds, tokens, data: _Data) -> tuple[dict, S
 
 
 def _offload_if_needed(scorer, lazy: LazyModel, tokens: torch.Tensor, data: _Data) -> Any:
-    """A temporary folder for ``ppl``'s candidate streams when, in memory, they would take
-    more than a quarter of the memory available now; None otherwise."""
+    """A temporary folder for the perturbed streams (``ppl``, ``mini-llm``) when, in memory,
+    they would take more than a quarter of the memory available now; None otherwise."""
     from secateurs.lazy import available_memory
 
-    if not isinstance(scorer, Perplexity):
+    count = _stream_count(scorer, len(lazy.layers))
+    if count == 0:
         return None
     itemsize = torch.empty((), dtype=lazy.dtype).element_size()
     stream = tokens.numel() * lazy.config.hidden_size * itemsize
-    need = stream * len(lazy.layers)
+    need = stream * count
     if need <= available_memory() / 4:
         return None
     folder = Path(tempfile.mkdtemp(prefix=".secateurs-streams-", dir=data.work))
-    log.info("ppl streams need %.1f GB: kept in %s", need / 2**30, folder)
+    log.info("%s streams need %.1f GB: kept in %s", scorer.name, need / 2**30, folder)
     return folder
+
+
+def _stream_count(scorer, num_layers: int) -> int:
+    """Perturbed streams held at once: one per candidate layer (``ppl``), one per SPSA run."""
+    if isinstance(scorer, Perplexity):
+        return num_layers
+    if isinstance(scorer, MiniLLM):
+        return scorer.stream_count(num_layers)
+    return 0
 
 
 class _DataFree:

@@ -217,7 +217,7 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
         "--offload-dir",
         type=Path,
         default=None,
-        help="--sequential ppl: keep the candidates' activation streams in files here "
+        help="--sequential ppl / mini-llm: keep the perturbed activation streams in files here "
         "(default: in memory, or a temporary folder beside --out when they would not fit)",
     )
 

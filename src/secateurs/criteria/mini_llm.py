@@ -10,7 +10,11 @@ of the layer's output projection W (o_proj / down_proj). Per group:
 (``combine="gate"``: |â_g| alone, the group-level first-order Taylor estimate). â comes from
 SPSA with one direction per calibration window (``zeroth_order``); ``scope="model"`` perturbs
 every layer's gates in the same passes over the whole model, ``scope="layer"`` one layer at a
-time, running only layers ℓ.. from cached layer inputs (``LayerRunner``). No ``backward()``.
+time (with ``layers_per_pass`` − 1 interleaved later ones), running only layers ℓ... No
+``backward()``. The perturbed models are handed to ``ctx.pipeline.perturbed_losses``: in
+memory they run one after the other from cached layer inputs; layer by layer from disk
+(``SequentialPipeline``) their streams advance in lockstep, each layer loaded once — the same
+directions and the same estimator, so the same scores.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from secateurs.criteria.base import Criterion, ScoringContext
 from secateurs.criteria.zeroth_order import (
     GateSet,
     SPSASettings,
-    estimate_gates,
+    draw_directions,
+    gate_estimates,
     prior_scales,
-    window_losses,
+    signed_steps,
+    spsa_perturbations,
 )
 from secateurs.errors import ConfigError
-from secateurs.layerwise import LayerRunner
-from secateurs.units import masked
+from secateurs.pipeline import Perturbation
 from secateurs.width import output_weight_columns
 
 SCOPES = ("model", "layer")
@@ -81,6 +86,11 @@ class MiniLLM(Criterion):
             "layers_per_pass": self.layers_per_pass,
         }
 
+    def stream_count(self, num_layers: int) -> int:
+        """Perturbed models scored at once (the streams a sequential pipeline holds)."""
+        passes = 1 if self.scope == "model" else len(layer_passes(num_layers, self.layers_per_pass))
+        return passes * self.settings.num_perturbations * len(signed_steps(self.settings))
+
     @torch.no_grad()
     def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
         # M_g = Σ_{j ∈ c(g)} Σ_i |W_ij| · ‖X_j‖: exactly the `activation` criterion (Wanda)
@@ -116,62 +126,59 @@ def gate_gradients(
     if scope not in SCOPES:
         raise ConfigError(f"mini-llm: unknown scope {scope!r}; expected one of {SCOPES}.")
     gates = gate_set(ctx, kind, priors, prior_power)
-    shape = tuple(ctx.calibration.shape)
-    with masked(ctx.model, ctx.adapter, ctx.removed):
-        base = None if settings.antithetic else _model_losses(ctx)
-        if scope == "model":
-            generator = torch.Generator().manual_seed(settings.seed)
-            run = lambda: _model_losses(ctx)  # noqa: E731
-            return estimate_gates(run, gates, shape, settings, generator, ctx.bar, base)
-    return _per_layer(ctx, gates, shape, settings, base, layers_per_pass)
+    windows, length = ctx.calibration.shape
+    passes = spsa_passes(gates, scope, windows, settings, layers_per_pass)
+    base = [] if settings.antithetic else [Perturbation(0)]  # shared by every pass
+    runs = [
+        spsa_perturbations(
+            picked, kind, draws, settings, picked.layers[0] if scope == "layer" else 0, length
+        )
+        for picked, draws in passes
+    ]
+    losses = ctx.pipeline.perturbed_losses(ctx, base + [p for r in runs for p in r])
+    unperturbed, losses = (losses[0] if base else None), losses[len(base) :]
+    out: list[torch.Tensor] = [torch.empty(0)] * len(gates.layers)
+    per_pass = settings.num_perturbations * len(signed_steps(settings))
+    for i, (picked, draws) in enumerate(passes):
+        pass_losses = losses[i * per_pass : (i + 1) * per_pass]
+        for layer, gate in zip(
+            picked.layers,
+            gate_estimates(pass_losses, unperturbed, picked, draws, settings),
+            strict=True,
+        ):
+            out[layer] = gate
+    return out
+
+
+def spsa_passes(
+    gates: GateSet, scope: str, windows: int, settings: SPSASettings, per_pass: int
+) -> list[tuple[GateSet, list[list[torch.Tensor]]]]:
+    """The gates perturbed together and their directions: all layers from one stream seeded by
+    ``seed`` (``scope="model"``), or ``layer_passes``, each from a stream of its own."""
+    if scope == "model":
+        generator = torch.Generator().manual_seed(settings.seed)
+        return [(gates, draw_directions(gates, windows, settings, generator))]
+    passes = []
+    for layers in layer_passes(len(gates.layers), per_pass):
+        picked = gates.pick(layers)
+        generator = layer_generator(settings.seed, layers[0])
+        passes.append((picked, draw_directions(picked, windows, settings, generator)))
+    return passes
 
 
 def gate_set(
     ctx: ScoringContext, kind: str, priors: list[torch.Tensor] | None, prior_power: float
 ) -> GateSet:
-    """Every layer's output projection, its groups' columns and direction scales."""
+    """Every layer's output projection's groups' columns, sizes and direction scales."""
     conv1d = ctx.adapter.width_layout(kind).conv1d
     projections = [ctx.output_projection(layer, kind) for layer in range(ctx.num_layers())]
-    modules = tuple(module for module, _ in projections)
     columns = tuple(cols for _, cols in projections)
-    sizes = tuple(output_weight_columns(m, conv1d).shape[1] for m in modules)
+    sizes = tuple(output_weight_columns(m, conv1d).shape[1] for m, _ in projections)
     if priors is None or prior_power == 0:
         scales = tuple(torch.ones(c.shape[0]) for c in columns)
     else:
         scales = tuple(prior_scales(priors, prior_power))
-    return GateSet(modules, columns, sizes, scales)
-
-
-def _model_losses(ctx: ScoringContext) -> torch.Tensor:
-    """Per-window losses of one whole-model pass over the calibration windows (in order)."""
-    parts = [
-        window_losses(ctx.model(input_ids=batch, use_cache=False).logits, batch)
-        for batch in ctx.batches()
-    ]
-    return torch.cat(parts).cpu()
-
-
-def _per_layer(ctx, gates: GateSet, shape, settings, base, per_pass: int) -> list[torch.Tensor]:
-    """Layer ℓ's gates perturbed with those of ``per_pass`` − 1 later layers (interleaved), each
-    pass running layers ℓ.. from cached inputs; the unperturbed losses (one-sided differences)
-    are the same for every layer."""
-    passes = layer_passes(len(gates.modules), per_pass)
-    runner = LayerRunner(ctx.model, ctx.adapter, ctx.calibration, ctx.batch_size)
-    runner.capture(ctx.removed, stop=len(passes))  # passes start at layers 0..len(passes)-1
-    out: list[torch.Tensor | None] = [None] * len(gates.modules)
-    for layers in ctx.bar(passes, "mini-llm: layers"):
-
-        def run(start: int = layers[0]) -> torch.Tensor:
-            parts = [window_losses(lg, ids) for ids, lg in runner.logits_from(start, ctx.removed)]
-            return torch.cat(parts).cpu()
-
-        generator = layer_generator(settings.seed, layers[0])
-        picked = gates.pick(layers)
-        for layer, gate in zip(
-            layers, estimate_gates(run, picked, shape, settings, generator, base=base), strict=True
-        ):
-            out[layer] = gate
-    return out
+    return GateSet(tuple(range(len(columns))), columns, sizes, scales)
 
 
 def layer_passes(num_layers: int, per_pass: int) -> list[list[int]]:

@@ -20,21 +20,26 @@ loss with K·N samples from K (or 2K) passes, instead of K from a direction shar
 
 Everything here is pure tensor math plus one pre-hook that rescales columns: weights are never
 modified, nothing but (windows × groups) directions is stored, and no ``backward()`` runs.
-How the passes are run (whole model, or from one layer's cached inputs) is the caller's choice:
-``estimate_gates`` only needs a function returning the per-window losses of one pass.
+The estimator says which perturbed models it needs (``spsa_perturbations``: one
+``pipeline.Perturbation`` per direction and sign) and combines their losses
+(``gate_estimates``); how the passes run — one after the other in memory, or every stream in
+lockstep layer by layer from disk — is the pipeline's business, so both give the same â.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from transformers import PreTrainedModel
 
+from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
+from secateurs.pipeline import Perturbation
+from secateurs.width import output_projection
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -86,23 +91,6 @@ def column_multipliers(
     return out
 
 
-def window_losses(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    """Mean next-token NLL of each window (B,), float64 — the per-window ``calibration_loss``.
-
-    Computed ``chunk`` positions at a time, so no second logits-sized tensor (the log-softmax)
-    is held next to the logits.
-    """
-    total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
-    steps = ids.shape[1] - 1
-    for start in range(0, steps, chunk):
-        part = logits[:, start : min(start + chunk, steps)]
-        part = part.to(torch.promote_types(part.dtype, torch.float32))  # bf16 → f32, f64 stays
-        target = ids[:, start + 1 : start + 1 + part.shape[1]]
-        nll = F.cross_entropy(part.transpose(1, 2), target, reduction="none")
-        total += nll.to(torch.float64).sum(-1)
-    return total / steps
-
-
 def projected_gradients(
     plus: torch.Tensor, other: torch.Tensor, epsilon: float, antithetic: bool
 ) -> torch.Tensor:
@@ -150,20 +138,42 @@ def _scaling_hook(multiplier: torch.Tensor, length: int):
 # --- the estimator ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GateSet:
-    """Gates perturbed together: per output projection, its groups' input columns (groups,
-    members) out of ``in_features``, and each group's direction scale σ_g (1: plain SPSA)."""
+    """Gates perturbed together: per layer, its output projection's groups' input columns
+    (groups, members) out of ``in_features``, and each group's direction scale σ_g (1: plain
+    SPSA)."""
 
-    modules: tuple[nn.Module, ...]
+    layers: tuple[int, ...]
     columns: tuple[torch.Tensor, ...]
     in_features: tuple[int, ...]
     scales: tuple[torch.Tensor, ...]
 
     def pick(self, indices: Sequence[int]) -> GateSet:
-        """The gates of some modules alone."""
+        """The gates of some layers alone (positions in this set)."""
         pick = lambda items: tuple(items[i] for i in indices)  # noqa: E731
         return GateSet(
-            *(pick(f) for f in (self.modules, self.columns, self.in_features, self.scales))
+            *(pick(f) for f in (self.layers, self.columns, self.in_features, self.scales))
         )
+
+
+@dataclass(frozen=True)
+class GateEdit:
+    """A layer's gates at 1 + step·u_b for window b (u: (windows, groups), σ ⊙ z): its output
+    projection's input columns scaled window by window (a ``pipeline.Edit``)."""
+
+    kind: str
+    columns: torch.Tensor
+    in_features: int
+    directions: torch.Tensor
+    step: float
+    length: int  # tokens per window
+    skip = False
+
+    def applied(
+        self, model: PreTrainedModel, adapter: Adapter, layer: int
+    ) -> AbstractContextManager:
+        module = output_projection(model, adapter, layer, self.kind)[0]
+        multipliers = column_multipliers(self.directions, self.columns, self.in_features, self.step)
+        return gated([module], [multipliers], self.length)
 
 
 def prior_scales(priors: Sequence[torch.Tensor], power: float) -> list[torch.Tensor]:
@@ -180,49 +190,67 @@ def prior_scales(priors: Sequence[torch.Tensor], power: float) -> list[torch.Ten
     return [(r / rms).float() for r in raw]
 
 
-def estimate_gates(
-    run: Callable[[], torch.Tensor],
-    gates: GateSet,
-    shape: tuple[int, int],
-    settings: SPSASettings,
-    generator: torch.Generator,
-    bar: Callable[[Iterable, str], Iterable] = lambda it, desc: it,
-    base: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """â (groups,) float64 for each module of ``gates``, all perturbed together.
-
-    ``run()`` does one pass over the calibration windows (``shape``: windows, tokens), in
-    order, and returns their losses (windows,); ``base``: those losses unperturbed, if already
-    known (one-sided).
-    With u = σ ⊙ z the perturbation, E[p · z / σ] = a: the estimate is unbiased for any σ.
-    """
-    windows, length = shape
-    sums = [torch.zeros(c.shape[0], dtype=torch.float64) for c in gates.columns]
-    if not settings.antithetic and base is None:
-        base = run()
-    for _ in bar(range(settings.num_perturbations), "mini-llm: perturbations"):
-        z = [
+def draw_directions(
+    gates: GateSet, windows: int, settings: SPSASettings, generator: torch.Generator
+) -> list[list[torch.Tensor]]:
+    """K draws, each one direction (windows, groups) per layer of ``gates``, in that order."""
+    return [
+        [
             gate_directions(windows, c.shape[0], generator, settings.distribution)
             for c in gates.columns
         ]
-        plus = _perturbed_run(run, gates, z, settings.epsilon, length)
-        other = (
-            _perturbed_run(run, gates, z, -settings.epsilon, length)
-            if settings.antithetic
-            else base
-        )
-        p = projected_gradients(plus, other, settings.epsilon, settings.antithetic)
-        for total, direction, scale in zip(sums, z, gates.scales, strict=True):
-            total += spsa_sum(p, direction / scale)
-    return [total / (settings.num_perturbations * windows) for total in sums]
-
-
-def _perturbed_run(
-    run, gates: GateSet, z: list[torch.Tensor], step: float, length: int
-) -> torch.Tensor:
-    multipliers = [
-        column_multipliers(d * scale, c, n, step)
-        for d, c, n, scale in zip(z, gates.columns, gates.in_features, gates.scales, strict=True)
+        for _ in range(settings.num_perturbations)
     ]
-    with gated(gates.modules, multipliers, length):
-        return run()
+
+
+def signed_steps(settings: SPSASettings) -> tuple[float, ...]:
+    """The steps each draw is run at: ±ε (antithetic) or +ε (against the shared base)."""
+    return (settings.epsilon, -settings.epsilon) if settings.antithetic else (settings.epsilon,)
+
+
+def spsa_perturbations(
+    gates: GateSet,
+    kind: str,
+    draws: list[list[torch.Tensor]],
+    settings: SPSASettings,
+    start: int,
+    length: int,
+) -> list[Perturbation]:
+    """The perturbed models of ``draws`` (draw-major, then step), running from layer ``start``."""
+    return [
+        Perturbation(
+            start,
+            {
+                layer: GateEdit(kind, cols, n, z * scale, step, length)
+                for layer, cols, n, z, scale in zip(
+                    gates.layers, gates.columns, gates.in_features, draw, gates.scales, strict=True
+                )
+            },
+        )
+        for draw in draws
+        for step in signed_steps(settings)
+    ]
+
+
+def gate_estimates(
+    losses: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    gates: GateSet,
+    draws: list[list[torch.Tensor]],
+    settings: SPSASettings,
+) -> list[torch.Tensor]:
+    """â (groups,) float64 per layer of ``gates`` from the losses (windows,) of
+    ``spsa_perturbations``' models, in their order; ``base``: the unperturbed losses
+    (one-sided). With u = σ ⊙ z the perturbation, E[p · z / σ] = a: unbiased for any σ."""
+    if not settings.antithetic and base is None:
+        raise ValueError("one-sided differences need the unperturbed losses")
+    sums = [torch.zeros(c.shape[0], dtype=torch.float64) for c in gates.columns]
+    per_draw = len(signed_steps(settings))
+    for k, draw in enumerate(draws):
+        runs = losses[k * per_draw : (k + 1) * per_draw]
+        other = runs[1] if settings.antithetic else base
+        p = projected_gradients(runs[0], other, settings.epsilon, settings.antithetic)
+        for total, direction, scale in zip(sums, draw, gates.scales, strict=True):
+            total += spsa_sum(p, direction / scale)
+    windows = draws[0][0].shape[0] if draws else 1
+    return [total / (len(draws) * windows) for total in sums]
