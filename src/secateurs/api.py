@@ -10,7 +10,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from secateurs import __version__
 from secateurs.adapters import adapter_for
-from secateurs.checkpoint import check_output_dir, save_checkpoint, write_json
+from secateurs.checkpoint import check_output_dir, write_json
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.data import CalibrationConfig
 from secateurs.defaults import DEFAULT_SHORTLIST, HEAL_SAMPLES
@@ -30,15 +28,15 @@ from secateurs.export import engines_for_model
 from secateurs.healing import heal_calibration, heal_plan
 from secateurs.plan import (
     Plan,
-    WidthPlan,
     check_scores,
     count_to_remove,
     lowest_unprotected,
     parse_protected,
     resolve_protected,
 )
+from secateurs.prune_flow import PruneResult, finish, run_record
 from secateurs.runinfo import calibration_tokens as _calibration
-from secateurs.runinfo import count_parameters, peak_rss_mb, versions
+from secateurs.runinfo import count_parameters, versions
 from secateurs.surgery import apply_plan
 from secateurs.units import Unit, check_unit_kind
 from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers, prune_width
@@ -143,15 +141,6 @@ def plan_from_scores(
     return Plan.of_units(num_layers, [Unit(i, scores.unit) for i in chosen], protected)
 
 
-@dataclass
-class PruneResult:
-    model: PreTrainedModel
-    plan: Plan | WidthPlan
-    scores: list[ScoreResult]
-    record: dict[str, Any]
-    out: Path | None = None
-
-
 def prune(
     model: PreTrainedModel,
     tokenizer: Tokenizer | None,
@@ -233,7 +222,7 @@ def prune(
             reconstruct_samples,
             sensitivity,
         )
-        width = prune_width(
+        return prune_width(
             model,
             tokenizer,
             criterion=criterion,
@@ -246,7 +235,6 @@ def prune(
             progress=progress,
             **options,
         )
-        return PruneResult(width.model, width.plan, [], width.record, width.out)
     if out is not None:
         check_output_dir(out, overwrite)  # before any costly work
     adapter = adapter_for(model)
@@ -259,6 +247,12 @@ def prune(
             raise ConfigError(
                 "An explicit selection (blocks/attn/mlp/plan) takes no ratio, remove, params, "
                 "scores or iterative."
+            )
+        if given.compensate and given.has_widths:
+            raise ConfigError(
+                "This plan folds the removed widths' mean inputs into biases (compensate), "
+                "which need the calibration of the run that made it: re-run that pruning, or "
+                'set "compensate": false in the plan to cut the same units without it.'
             )
         chosen, history, search, spec = given, [], None, CriterionSpec("explicit", ())
     else:
@@ -285,21 +279,21 @@ def prune(
     scoring_seconds = time.perf_counter() - start
     scoring_cpu = time.process_time() - cpu_start
     healing = None
+    if heal and chosen.parts != ("depth",):
+        raise ConfigError("Healing corrects removed blocks and branches: a depth-only plan.")
     if heal:
         tokens = _calibration_tokens(
             heal_calibration(calibration, heal_samples), tokenizer, data_root
         )
         healing = heal_plan(model, adapter, chosen, tokens, bias=heal_bias, target=heal_target)
     apply_plan(model, chosen, adapter)
-    record = _record(
+    record = depth_record(
         model, chosen, spec, history, iterative, params_before, scoring_seconds, source
     )
     record["search"], record["healing"] = search, healing
     record["engines"] = engines_for_model(model)  # per output kind, as saving records it
     record["timings"]["scoring_cpu_s"] = round(scoring_cpu, 3)  # robust to a busy machine
-    if out is not None:
-        save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
-    return PruneResult(model, chosen, history, record, Path(out) if out else None)
+    return finish(model, tokenizer, chosen, record, scores=history, out=out, overwrite=overwrite)
 
 
 def stream_prune(
@@ -325,7 +319,7 @@ def stream_prune(
     before = count_parameters(skeleton)
     apply_plan(skeleton, chosen, adapter)
     spec = CriterionSpec("explicit", ())
-    record = _record(skeleton, chosen, spec, [], False, before, 0.0, str(source))
+    record = depth_record(skeleton, chosen, spec, [], False, before, 0.0, str(source))
     record["streamed"] = True
     start = time.perf_counter()
     stream_depth_prune(source, chosen, out, record, overwrite=overwrite)
@@ -427,8 +421,7 @@ def _prune_experts(model, tokenizer, criterion, amount: tuple, run: dict) -> Pru
     from secateurs.experts_api import ExpertOptions, prune_experts
 
     options = ExpertOptions(*amount)
-    result = prune_experts(model, tokenizer, criterion=criterion, options=options, **run)
-    return PruneResult(result.model, result.plan, [], result.record, result.out)
+    return prune_experts(model, tokenizer, criterion=criterion, options=options, **run)
 
 
 def _check_reused(scores: ScoreResult, name: str, unit: str) -> None:
@@ -465,28 +458,34 @@ def _iterative_plan(model, tokenizer, name, unit, count, protected, score_kwargs
     return Plan.of_units(num_layers, removed, protected), history
 
 
-def _record(
-    model, plan, spec, history, iterative, params_before, seconds, source
+def depth_record(
+    model: PreTrainedModel,
+    plan: Plan,
+    spec: CriterionSpec,
+    history: list[ScoreResult],
+    iterative: bool,
+    before: int,
+    seconds: float,
+    source: str | None,
 ) -> dict[str, Any]:
+    """The run record (``prune_flow.run_record``) of a depth pruning or an explicit plan."""
     first = history[0] if history else None
-    return {
-        "secateurs_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_model": source,
-        "model_type": model.config.model_type,
-        "plan": plan.to_dict(),
-        "criterion": {
-            "name": spec.name,
-            "protected": list(plan.protected),
-            "iterative": iterative,
-            "options": first.options if first else {},
-        },
-        "calibration": first.calibration if first else None,
-        "scores": [s.to_dict() for s in history],
-        "parameters": {"before": params_before, "after": count_parameters(model)},
-        "timings": {"scoring_s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)},
-        "versions": versions(),
+    criterion = {
+        "name": spec.name,
+        "protected": list(plan.protected),
+        "iterative": iterative,
+        "options": first.options if first else {},
     }
+    return run_record(
+        model,
+        plan,
+        criterion=criterion,
+        calibration=first.calibration if first else None,
+        before=before,
+        seconds=seconds,
+        source=source,
+        scores=[s.to_dict() for s in history],
+    )
 
 
 def save_scores(scores: ScoreResult, path: str | os.PathLike, extra: dict | None = None) -> None:

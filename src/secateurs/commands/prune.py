@@ -74,15 +74,27 @@ def add_width_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _report_width(result) -> int:
-    params = result.record["parameters"]
-    print(f"kept head groups per layer: {list(result.plan.kept('heads'))}")
-    print(f"kept MLP channels per layer: {list(result.plan.kept('channels'))}")
-    print(
-        f"parameters: {params['before']:,} -> {params['after']:,}; removed "
-        f"{params['achieved_ratio']:.4%} of the {params['base']:,} counted "
-        f"(asked {params['asked_ratio']:.2%})"
-    )
+def _report(result) -> int:
+    """What ``prune`` prints for any plan: each part's units, the parameters, how to load."""
+    plan, params = result.plan, result.record["parameters"]
+    if plan.has_depth or plan.is_empty:
+        removed = ", ".join(f"{kind} {layer}" for layer, kind in plan.units) or "nothing"
+        print(f"removed: {removed}")
+    if plan.has_widths:
+        print(f"kept head groups per layer: {list(plan.kept('heads'))}")
+        print(f"kept MLP channels per layer: {list(plan.kept('channels'))}")
+    if plan.has_experts:
+        kept = [plan.kept("experts")[i] for i in plan.expert_layers]
+        print(f"kept experts per MoE layer {list(plan.expert_layers)}: {kept}")
+    line = f"parameters: {params['before']:,} -> {params['after']:,}"
+    if "achieved_ratio" in params:
+        line += (
+            f"; removed {params['achieved_ratio']:.4%} of the {params['base']:,} counted "
+            f"(asked {params['asked_ratio']:.2%})"
+        )
+    else:
+        line += f" ({1 - params['after'] / params['before']:.1%} fewer)"
+    print(line)
     print(f"loading: {read_record(result.out).get('loading', {}).get('how', '')}")
     print(f"saved: {result.out}")
     return 0
@@ -104,15 +116,6 @@ def check_experts_config(model: str) -> None:
 
     config = read_config(model)
     expert_layout(adapter_for(config), config)
-
-
-def _report_experts(result) -> int:
-    params = result.record["parameters"]
-    print(f"kept experts per MoE layer {list(result.plan.layers)}: {list(result.plan.kept())}")
-    print(f"parameters: {params['before']:,} -> {params['after']:,}")
-    print(f"loading: {read_record(result.out).get('loading', {}).get('how', '')}")
-    print(f"saved: {result.out}")
-    return 0
 
 
 def _shortlist(text: str) -> int | None:
@@ -460,17 +463,4 @@ class Prune(Command):
             **depth_extras(args),
             **criterion_options(args),
         )
-        if args.unit in WIDTH_UNITS:
-            return _report_width(result)
-        if args.unit == "experts":
-            return _report_experts(result)
-        params = result.record["parameters"]
-        removed = ", ".join(f"{kind} {layer}" for layer, kind in result.plan.units) or "nothing"
-        print(f"removed: {removed}")
-        print(
-            f"parameters: {params['before']:,} -> {params['after']:,} "
-            f"({1 - params['after'] / params['before']:.1%} fewer)"
-        )
-        print(f"loading: {read_record(result.out).get('loading', {}).get('how', '')}")
-        print(f"saved: {result.out}")
-        return 0
+        return _report(result)

@@ -51,7 +51,7 @@ METHODS.add("distill", ("distill",), aliases=("kd", "distillation"))
 # steps; 2e-4 is the usual LoRA choice for short runs), full-parameter stages lower.
 DEFAULT_LR = {"lora": 2e-4, "cpt": 5e-5, "distill": 5e-5}
 
-PRUNING_KEYS = ("plan", "width_plan")  # depth / width records of secateurs prune
+PRUNING_KEYS = ("plan", "width_plan", "expert_plan")  # any version of secateurs prune
 EVAL_FILES = ("wikitext-2-raw", "ptb", "c4_validation_2k")
 
 
