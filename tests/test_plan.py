@@ -12,6 +12,7 @@ import torch
 from secateurs.adapters import adapter_for
 from secateurs.api import prune
 from secateurs.checkpoint import read_record, save_checkpoint
+from secateurs.cli import main
 from secateurs.errors import ConfigError
 from secateurs.evaluate.efficiency import kind_of
 from secateurs.experts import apply_expert_plan, expert_plan, experts_masked
@@ -21,6 +22,7 @@ from secateurs.report import describe_removed
 from secateurs.surgery import apply_plan, apply_width_plan
 from secateurs.units import masked
 from secateurs.width import width_masked, widths
+from secateurs.width_api import parameter_base
 from tiny_models import LAYERS, tiny_model, tokens
 
 
@@ -208,3 +210,60 @@ def test_an_explicit_compensated_width_plan_is_refused_before_work():
     with pytest.raises(ConfigError, match="compensate"):
         prune(model, None, plan=plan.to_dict(), progress=False)
     assert torch.equal(_logits(model), before)
+
+
+# --- depth + width under one budget (--unit block,width) ----------------------------------------
+def test_combined_pruning_is_one_budget_and_its_plan_reproduces_the_model():
+    model = tiny_model("llama")
+    base = parameter_base(model, include_embeddings=False)
+    block = sum(p.numel() for p in adapter_for(model).layers(model)[0].parameters())
+    result = prune(model, None, criterion="magnitude", unit="block,width", ratio=0.4)
+    plan, params = result.plan, result.record["parameters"]
+    assert plan.parts == ("depth", "width") and result.record["units"] == ["depth", "width"]
+    assert len(plan.blocks) == round(0.5 * 0.4 * base / block)  # the depth share, in blocks
+    assert params["removed_by_depth"] == len(plan.blocks) * block
+    assert params["removed_by_depth"] + params["removed_by_width"] == (
+        params["before"] - params["after"]
+    )
+    assert all(not plan.heads[i] and not plan.channels[i] for i in plan.blocks)
+    assert len(result.record["width_scores"]["channels"]) == LAYERS  # original indices
+    # the recorded plan, applied to the original model, gives the very same model
+    again = apply_plan(tiny_model("llama"), Plan.from_dict(result.record["plan"]))
+    assert torch.equal(_logits(again), _logits(result.model))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(unit="block,attn"), "block and a width kind"),
+        (dict(unit="block,width", criterion="block-influence"), "cannot score heads"),
+        (dict(unit="block,width", criterion="fluctuation"), "cannot score block"),
+        (dict(unit="block,width", depth_share=0.01), "less than half a block"),
+        (dict(unit="block,width", ratio=0.3, depth_share=0.9), "leaving nothing for width"),
+        (dict(unit="block,width", depth_share=1.0), r"depth_share must be in \(0, 1\)"),
+    ],
+)
+def test_bad_combined_input_fails_before_any_work(kwargs, message):
+    model = tiny_model("llama")
+    before = _logits(model)
+    args = {"criterion": "magnitude", "ratio": 0.4, "progress": False, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        prune(model, None, **args)
+    assert torch.equal(_logits(model), before)
+
+
+def test_cli_prunes_blocks_and_width_together(model_dir, calibration_file, tmp_path, capsys):
+    out = tmp_path / "both"
+    calib = ["--calibration", str(calibration_file), "--n-samples", "4", "--calib-seq-len", "16"]
+    flags = ["--unit", "block,width", "--criterion", "block-influence,fluctuation"]
+    flags += ["--no-reconstruct"]  # a fit wants more calibration text than this file has
+    code = main(["prune", str(model_dir), *flags, "--ratio", "0.3", *calib, "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "removed: block" in printed and "kept MLP channels per layer" in printed
+    record = read_record(out)
+    assert kind_of(record) == "depth+width" and record["plan"]["blocks"]
+    assert record["criterion"]["name"] == "block-influence,fluctuation"
+    assert record["parameters"]["depth_share"] == 0.5
+    reloaded, _ = load_model(out)
+    assert reloaded.config.num_hidden_layers == LAYERS - len(record["plan"]["blocks"])

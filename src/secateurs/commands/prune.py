@@ -24,7 +24,9 @@ from secateurs.targets import TARGETS, width_constraints
 
 
 def add_width_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("width (--unit heads|channels|width) and experts")
+    group = parser.add_argument_group(
+        "width (--unit heads|channels|width), depth + width (--unit block,width) and experts"
+    )
     group.add_argument(
         "--allocation",
         default="uniform",
@@ -71,6 +73,13 @@ def add_width_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--reconstruct-samples", type=int, default=64, help="calibration windows for the fit"
+    )
+    group.add_argument(
+        "--depth-share",
+        type=float,
+        default=0.5,
+        help="--unit block,width: share of the --ratio budget removed as whole blocks "
+        "(%(default)s); width takes the rest",
     )
 
 
@@ -183,7 +192,7 @@ def width_options(args: argparse.Namespace):
     if args.ratio is None:
         raise ConfigError("Width pruning takes --ratio (a fraction of the parameters).")
     return WidthOptions(
-        args.unit,
+        width_unit(args.unit),
         args.ratio,
         args.allocation,
         parse_layers(args.layers),
@@ -198,6 +207,21 @@ def width_options(args: argparse.Namespace):
         reconstruct_samples=args.reconstruct_samples,
         sensitivity=args.sensitivity,
     )
+
+
+def width_unit(unit: str) -> str:
+    """The width kind of ``--unit`` (``block,width`` → ``width``)."""
+    from secateurs.api import combined_units
+
+    combined = combined_units(unit)
+    return combined[1] if combined else unit
+
+
+def is_width(unit: str) -> bool:
+    """``--unit`` prunes width (alone or with blocks)."""
+    from secateurs.width_api import WIDTH_UNITS
+
+    return width_unit(unit) in WIDTH_UNITS
 
 
 def add_memory_args(parser: argparse.ArgumentParser) -> None:
@@ -314,6 +338,8 @@ def depth_extras(args: argparse.Namespace) -> dict:
 
     if args.unit in WIDTH_UNITS or args.unit == "experts":
         return {}
+    if is_width(args.unit):
+        return dict(depth_share=args.depth_share)
     return dict(
         blocks=args.blocks,
         attn=args.attn,
@@ -398,7 +424,6 @@ class Prune(Command):
         from secateurs.experts_api import ExpertOptions
         from secateurs.models import load_model
         from secateurs.outputs import check_disk_space
-        from secateurs.width_api import WIDTH_UNITS
 
         explicit = any(x is not None for x in (args.blocks, args.attn, args.mlp, args.plan))
         if args.ratio is None and args.remove is None and args.params is None and not explicit:
@@ -410,14 +435,15 @@ class Prune(Command):
             return _stream(args)
         if _wants_sequential(args):
             return _sequential(args)
-        if args.target is not None and args.unit not in WIDTH_UNITS:
+        if args.target is not None and not is_width(args.unit):
             raise ConfigError("--target constrains width pruning (--unit heads|channels|width).")
-        if args.unit in WIDTH_UNITS:  # validate width options before loading anything
-            CRITERIA.canonical(args.criterion.rstrip("+"))
+        if is_width(args.unit):  # validate width options before loading anything
+            for name in args.criterion.split(","):
+                CRITERIA.canonical(name.strip().rstrip("+"))
             vars(args).update(
                 width_constraints(
                     args.target,
-                    unit=args.unit,
+                    unit=width_unit(args.unit),
                     allocation=args.allocation,
                     layers=args.layers,
                     round_to=args.round_to,
@@ -438,7 +464,7 @@ class Prune(Command):
         )
         check_disk_space(args.out, _bytes(model))  # the unpruned size bounds the output
         width = {}
-        if args.unit in WIDTH_UNITS:  # prune() takes the options' fields as keywords
+        if is_width(args.unit):  # prune() takes the options' fields as keywords
             width = asdict(width_options(args))
             del width["unit"], width["ratio"]
         if args.unit == "experts":
