@@ -16,7 +16,7 @@ from secateurs.adapters import Adapter
 from secateurs.depth_search import SearchState, greedy_search, step_scores, unit_params
 from secateurs.errors import ConfigError
 from secateurs.layerwise import LayerRunner
-from secateurs.plan import Plan
+from secateurs.plan import RECORD_KEYS, Plan
 from secateurs.units import Unit
 
 SUBBLOCK = "subblock"  # attention and MLP branches ranked together under a parameter budget
@@ -65,7 +65,7 @@ def explicit_plan(
 def given_plan(data: dict[str, Any], num_layers: int) -> Plan:
     """A plan from JSON: a ``secateurs.json`` record (any version) or a bare plan, whose
     ``num_layers`` may be left out."""
-    if any(key in data for key in RECORD_PLAN_KEYS):
+    if any(key in data for key in RECORD_KEYS):
         chosen = Plan.of_record(data)
     else:
         chosen = Plan.from_dict({"num_layers": num_layers, **data})
@@ -74,9 +74,6 @@ def given_plan(data: dict[str, Any], num_layers: int) -> Plan:
             f"The plan is for {chosen.num_layers} layers; the model has {num_layers}."
         )
     return chosen
-
-
-RECORD_PLAN_KEYS = ("plan", "width_plan", "expert_plan")
 
 
 def _read_plan(path: Path) -> dict:

@@ -57,6 +57,9 @@ PARTS: dict[str, tuple[str, ...]] = {
 }
 WIDTH_PAIRS = (("heads", "num_heads"), ("channels", "num_channels"))
 EXPERT_PAIRS = (("experts", "num_experts"),)
+# Where a secateurs.json record keeps its plan: ``plan`` (every kind, this version), and the
+# width-only / experts-only plans of earlier versions.
+RECORD_KEYS = ("plan", "width_plan", "expert_plan")
 
 
 @dataclass(frozen=True)
@@ -280,11 +283,7 @@ class Plan:
     @classmethod
     def of_record(cls, record: dict[str, Any]) -> Plan | None:
         """The plan of a ``secateurs.json`` record of any version (None: the record has none)."""
-        found = [
-            cls.from_dict(record[key])
-            for key in ("plan", "width_plan", "expert_plan")
-            if record.get(key)
-        ]
+        found = [cls.from_dict(record[key]) for key in RECORD_KEYS if record.get(key)]
         plan = found[0] if found else None
         for other in found[1:]:
             plan = plan.merged(other)

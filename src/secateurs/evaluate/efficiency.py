@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from secateurs.errors import ConfigError
-from secateurs.plan import SL_PROTECTED, Plan, resolve_protected
+from secateurs.plan import RECORD_KEYS, SL_PROTECTED, Plan, resolve_protected
 from secateurs.runinfo import count_parameters
 
 log = logging.getLogger(__name__)
@@ -433,13 +433,12 @@ PART_KEYS = {
     "width": ("heads", "channels"),
     "experts": ("experts", "removed"),
 }
-RECORD_PLAN_KEYS = ("plan", "width_plan", "expert_plan")
 
 
 def kind_of(record: dict[str, Any]) -> str:
     """ "dense", or the parts a ``secateurs.json`` record removes joined by "+": "depth",
     "width", "experts", "depth+width", ... (read from the keys: any plan format)."""
-    plans = [record.get(key) or {} for key in RECORD_PLAN_KEYS]
+    plans = [record.get(key) or {} for key in RECORD_KEYS]
     parts = [
         part
         for part, keys in PART_KEYS.items()
