@@ -217,7 +217,9 @@ def test_combined_pruning_is_one_budget_and_its_plan_reproduces_the_model():
     model = tiny_model("llama")
     base = parameter_base(model, include_embeddings=False)
     block = sum(p.numel() for p in adapter_for(model).layers(model)[0].parameters())
-    result = prune(model, None, criterion="magnitude", unit="block,width", ratio=0.4)
+    result = prune(
+        model, None, criterion="magnitude", unit="block,width", ratio=0.4, depth_share=0.5
+    )
     plan, params = result.plan, result.record["parameters"]
     assert plan.parts == ("depth", "width") and result.record["units"] == ["depth", "width"]
     assert len(plan.blocks) == round(0.5 * 0.4 * base / block)  # the depth share, in blocks
@@ -239,6 +241,7 @@ def test_combined_pruning_is_one_budget_and_its_plan_reproduces_the_model():
         (dict(unit="block,width", criterion="block-influence"), "cannot score heads"),
         (dict(unit="block,width", criterion="fluctuation"), "cannot score block"),
         (dict(unit="block,width", depth_share=0.01), "less than half a block"),
+        (dict(unit="block,width", ratio=0.3), "less than half a block"),  # default share
         (dict(unit="block,width", ratio=0.3, depth_share=0.9), "leaving nothing for width"),
         (dict(unit="block,width", depth_share=1.0), r"depth_share must be in \(0, 1\)"),
     ],
@@ -257,6 +260,7 @@ def test_cli_prunes_blocks_and_width_together(model_dir, calibration_file, tmp_p
     calib = ["--calibration", str(calibration_file), "--n-samples", "4", "--calib-seq-len", "16"]
     flags = ["--unit", "block,width", "--criterion", "block-influence,fluctuation"]
     flags += ["--no-reconstruct"]  # a fit wants more calibration text than this file has
+    flags += ["--depth-share", "0.5"]  # the default (0.25) is less than a block here
     code = main(["prune", str(model_dir), *flags, "--ratio", "0.3", *calib, "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out

@@ -21,7 +21,7 @@ from secateurs.adapters import adapter_for
 from secateurs.checkpoint import check_output_dir, write_json
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.data import CalibrationConfig
-from secateurs.defaults import DEFAULT_SHORTLIST, HEAL_SAMPLES
+from secateurs.defaults import DEFAULT_SHORTLIST, DEPTH_SHARE, HEAL_SAMPLES
 from secateurs.depth_api import SUBBLOCK, explicit_plan, run_search, search_budget, search_record
 from secateurs.errors import ConfigError
 from secateurs.export import engines_for_model
@@ -186,7 +186,7 @@ def prune(
     heal_samples: int = HEAL_SAMPLES,
     heal_bias: bool = False,
     heal_target: str = "local",
-    depth_share: float = 0.5,
+    depth_share: float = DEPTH_SHARE,
     **options: Any,
 ) -> PruneResult:
     """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.

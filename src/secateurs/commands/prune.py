@@ -18,7 +18,7 @@ from secateurs.commands.common import (
     check_data_needs,
     criterion_options,
 )
-from secateurs.defaults import DEFAULT_SHORTLIST, HEAL_SAMPLES, HEAL_TARGETS
+from secateurs.defaults import DEFAULT_SHORTLIST, DEPTH_SHARE, HEAL_SAMPLES, HEAL_TARGETS
 from secateurs.errors import ConfigError
 from secateurs.targets import TARGETS, width_constraints
 
@@ -77,7 +77,7 @@ def add_width_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--depth-share",
         type=float,
-        default=0.5,
+        default=DEPTH_SHARE,
         help="--unit block,width: share of the --ratio budget removed as whole blocks "
         "(%(default)s); width takes the rest",
     )
