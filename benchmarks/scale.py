@@ -151,8 +151,8 @@ def run_step(name: str, flags: list[str], source: Path, out: Path, calib: list[s
 
 
 def _widths(record: dict) -> str | None:
-    plan = record.get("width_plan")
-    if not plan:
+    plan = record.get("width_plan") or record.get("plan", {})  # earlier versions: width_plan
+    if not plan.get("num_heads"):
         return None
     heads = {n - len(r) for n, r in zip(plan["num_heads"], plan["heads"], strict=True)}
     channels = {n - len(r) for n, r in zip(plan["num_channels"], plan["channels"], strict=True)}
@@ -216,8 +216,7 @@ def smollm2_equivalence(work: Path, n_samples: int, seq_len: int) -> None:
         a, b = load_model(work / "memory")[0], load_model(work / "layered")[0]
         with torch.no_grad():
             delta = max(float((a(w[None]).logits - b(w[None]).logits).abs().max()) for w in probe)
-        key = "plan" if unit == "block" else "width_plan"
-        same = memory.record[key] == layered[key]
+        same = memory.record["plan"] == layered["plan"]
         rows.append(dict(case=name, same_units=same, max_abs_logit_delta=delta))
         print(rows[-1], flush=True)
     protocol = {"calibration": f"C4, {n_samples} windows x {seq_len} tokens, same tensor"}

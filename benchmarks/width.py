@@ -40,10 +40,10 @@ from secateurs.evaluate.efficiency import PeakMemory, _proc_status_kb  # noqa: E
 from secateurs.evaluate.ppl import PPLProtocol, perplexity  # noqa: E402
 from secateurs.models import load_model  # noqa: E402
 from secateurs.sensitivity import layer_sensitivity  # noqa: E402
+from secateurs.surgery import apply_width_plan  # noqa: E402
 from secateurs.width_api import (  # noqa: E402
     WidthOptions,
     _plan,
-    apply_width_plan,
     ensure_input_means,
     parameter_base,
     reconstruct_plan,

@@ -18,10 +18,10 @@ from secateurs.checkpoint import save_checkpoint
 from secateurs.errors import UnsupportedModelError
 from secateurs.models import load_model
 from secateurs.plan import Plan
-from secateurs.surgery import apply_plan
+from secateurs.surgery import apply_plan, apply_width_plan
 from secateurs.units import masked
 from secateurs.width import width_masked, widths
-from secateurs.width_api import WidthOptions, apply_width_plan, prune_width
+from secateurs.width_api import WidthOptions, prune_width
 from tiny_models import LAYERS, TINY_CONFIGS, _randomise_norms, tokens
 
 ISSUE_FAMILIES = (
@@ -95,11 +95,11 @@ def test_falcon_variants_reload_blocks_with_plain_transformers(name, tmp_path):
 def test_phi_with_qk_layernorm_prunes_heads_exactly():
     model = variant("phi-qk-layernorm")
     adapter = adapter_for(model)
-    from secateurs.plan import WidthPlan
+    from secateurs.plan import Plan
 
     ws = widths(model, adapter)
     heads = tuple((layer % 2,) for layer in range(LAYERS))
-    plan = WidthPlan(
+    plan = Plan.of_widths(
         LAYERS, heads, ((),) * LAYERS, tuple(w.kv_heads for w in ws), tuple(w.channels for w in ws)
     )
     with width_masked(model, adapter, {"heads": plan.heads}):

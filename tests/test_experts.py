@@ -22,8 +22,8 @@ from secateurs.cli import main
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.experts import (
-    ExpertPlan,
     apply_expert_plan,
+    expert_plan,
     experts_masked,
     moe_layers,
     num_experts,
@@ -61,7 +61,7 @@ def original(request):
 
 @pytest.mark.parametrize("removal", [per_layer_removal, uniform_removal])
 def test_pruned_equals_router_masked(original, removal):
-    plan = ExpertPlan.of_removed(original, removal(original))
+    plan = expert_plan(original, removal(original))
     adapter = adapter_for(original)
     with experts_masked(original, adapter, plan.removed_by_layer()):
         expected = logits(original)
@@ -69,16 +69,19 @@ def test_pruned_equals_router_masked(original, removal):
     apply_expert_plan(pruned, plan)
     torch.testing.assert_close(logits(pruned), expected, rtol=0, atol=1e-6)
     assert not torch.allclose(logits(original), expected, atol=1e-3)  # the experts mattered
-    assert [num_experts(pruned, adapter, i) for i in plan.layers] == list(plan.kept())
+    kept = plan.kept("experts")
+    assert [num_experts(pruned, adapter, i) for i in plan.expert_layers] == [
+        kept[i] for i in plan.expert_layers
+    ]
 
 
 def test_uniform_counts_reload_with_plain_transformers(original, tmp_path):
     pruned = copy.deepcopy(original)
-    plan = ExpertPlan.of_removed(pruned, uniform_removal(pruned))
+    plan = expert_plan(pruned, uniform_removal(pruned))
     assert apply_expert_plan(pruned, plan) is True
     key = adapter_for(pruned).experts.count_key
     assert getattr(pruned.config, key) == 5
-    save_checkpoint(pruned, None, tmp_path / "m", {"expert_plan": plan.to_dict()})
+    save_checkpoint(pruned, None, tmp_path / "m", {"plan": plan.to_dict()})
     record = read_record(tmp_path / "m")
     assert record["loading"]["plain_transformers"] is True
     assert "experts" not in record["structure"]
@@ -91,13 +94,13 @@ def test_uniform_counts_reload_with_plain_transformers(original, tmp_path):
 
 def test_per_layer_counts_reload_with_secateurs(original, tmp_path):
     pruned = copy.deepcopy(original)
-    plan = ExpertPlan.of_removed(pruned, per_layer_removal(pruned))
+    plan = expert_plan(pruned, per_layer_removal(pruned))
     assert apply_expert_plan(pruned, plan) is False
     save_checkpoint(pruned, None, tmp_path / "m", {})
     record = read_record(tmp_path / "m")
     assert record["loading"]["plain_transformers"] is False
     assert record["structure"]["experts"] == {
-        str(layer): kept for layer, kept in zip(plan.layers, plan.kept(), strict=True)
+        str(layer): plan.kept("experts")[layer] for layer in plan.expert_layers
     }
     with pytest.raises(Exception, match="secateurs-pruned"):  # a plain load refuses it
         AutoModelForCausalLM.from_pretrained(tmp_path / "m")
@@ -107,7 +110,7 @@ def test_per_layer_counts_reload_with_secateurs(original, tmp_path):
 
 def test_generate_with_cache_matches_without(original):
     pruned = copy.deepcopy(original)
-    apply_expert_plan(pruned, ExpertPlan.of_removed(pruned, per_layer_removal(pruned)))
+    apply_expert_plan(pruned, expert_plan(pruned, per_layer_removal(pruned)))
     prompt = tokens(batch=1, length=5)
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     cached = pruned.generate(prompt, use_cache=True, **kwargs)
@@ -119,7 +122,7 @@ def test_router_and_expert_tensors_are_sliced(original):
     adapter = adapter_for(pruned)
     layer = moe_layers(pruned, adapter)[0]
     router0, experts0 = router_and_experts(original, adapter, layer)
-    apply_expert_plan(pruned, ExpertPlan.of_removed(pruned, {layer: (2, 5)}))
+    apply_expert_plan(pruned, expert_plan(pruned, {layer: (2, 5)}))
     router, experts = router_and_experts(pruned, adapter, layer)
     keep = [0, 1, 3, 4, 6, 7]
     torch.testing.assert_close(router.weight, router0.weight[keep], rtol=0, atol=0)
@@ -149,13 +152,13 @@ def test_a_router_that_cannot_be_masked_fails_loudly():
 def test_removing_all_experts_or_below_top_k_is_refused():
     model = tiny_model("mixtral")
     with pytest.raises(ConfigError, match="top-2"):
-        ExpertPlan.of_removed(model, {0: tuple(range(7))})  # 1 left < top-2
+        expert_plan(model, {0: tuple(range(7))})  # 1 left < top-2
     with pytest.raises(ConfigError, match="leaves 0"):
-        ExpertPlan.of_removed(model, {0: tuple(range(8))})
+        expert_plan(model, {0: tuple(range(8))})
     with pytest.raises(ConfigError, match="top-k"):
         allocate_experts([torch.rand(8)] * 2, ExpertOptions(remove=7), floor=2)
     with pytest.raises(ConfigError, match="no routed experts"):
-        ExpertPlan.of_removed(tiny_model("qwen3_moe"), {0: (1,)})  # layer 0 is dense
+        expert_plan(tiny_model("qwen3_moe"), {0: (1,)})  # layer 0 is dense
 
 
 def test_bad_expert_options_fail_before_work():
@@ -179,7 +182,7 @@ def test_routing_criteria_refuse_llama4_before_work(tokenizer):
     with pytest.raises(UnsupportedModelError, match="magnitude"):
         prune(model, tokenizer, criterion="reap", unit="experts", ratio=0.25, calibration=None)
     result = prune(model, tokenizer, criterion="magnitude", unit="experts", remove=2)
-    assert result.plan.kept() == (6,) * 6 and model.config.num_local_experts == 6
+    assert result.plan.kept("experts") == (6,) * 6 and model.config.num_local_experts == 6
 
 
 # --- criteria ---------------------------------------------------------------------------------
@@ -264,10 +267,10 @@ def test_prune_experts_end_to_end(allocation, tokenizer, tmp_path):
         progress=False,
     )
     plan = result.plan
-    assert sum(map(len, plan.removed)) == 12  # a quarter of 6 layers x 8 experts
+    assert sum(map(len, plan.experts)) == 12  # a quarter of 6 layers x 8 experts
     record = read_record(tmp_path / "out")
-    assert record["expert_plan"] == plan.to_dict() and record["criterion"]["name"] == "reap"
-    assert set(record["expert_usage"]) == {str(i) for i in plan.layers}
+    assert record["plan"] == plan.to_dict() and record["criterion"]["name"] == "reap"
+    assert set(record["expert_usage"]) == {str(i) for i in plan.expert_layers}
     with experts_masked(reference, adapter_for(reference), plan.removed_by_layer()):
         expected = logits(reference)
     reloaded, _ = load_model(tmp_path / "out")
@@ -310,7 +313,7 @@ def test_bench_and_report_on_a_pruned_moe(tmp_path, tokenizer, capsys):
         progress=False,
     )
     # Each token still runs top-2 experts: only the router's rows of removed experts go.
-    removed = sum(map(len, result.plan.removed))
+    removed = sum(map(len, result.plan.experts))
     assert linear_macs_per_token(result.model) == dense_macs - removed * 32
     assert dense_macs > sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)
@@ -347,7 +350,7 @@ def test_group_limited_routers_are_refused(model_type, overrides, tokenizer):
         prune(model, tokenizer, criterion="magnitude", unit="experts", remove=2)
     layer = moe_layers(model, adapter_for(model))[0]
     with pytest.raises(UnsupportedModelError, match="group"):
-        apply_expert_plan(model, ExpertPlan.of_removed(model, {layer: (1,)}))
+        apply_expert_plan(model, expert_plan(model, {layer: (1,)}))
 
 
 def test_cli_refuses_experts_on_a_dense_model_from_its_config(tmp_path, capsys):
@@ -362,7 +365,7 @@ def test_per_layer_experts_with_a_removed_branch_reload_exactly(tmp_path):
     from secateurs.surgery import apply_plan
 
     model = tiny_model("qwen2_moe")
-    apply_expert_plan(model, ExpertPlan.of_removed(model, per_layer_removal(model)))
+    apply_expert_plan(model, expert_plan(model, per_layer_removal(model)))
     apply_plan(model, Plan(6, attn=(2,), mlp=(4,)))
     save_checkpoint(model, None, tmp_path / "m", {})
     structure = read_record(tmp_path / "m")["structure"]

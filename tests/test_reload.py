@@ -17,11 +17,10 @@ from secateurs.adapters import adapter_for, supported_model_types
 from secateurs.checkpoint import read_record, save_checkpoint
 from secateurs.errors import UnsupportedModelError
 from secateurs.models import load_model
-from secateurs.plan import Plan, WidthPlan
-from secateurs.surgery import apply_plan
+from secateurs.plan import Plan
+from secateurs.surgery import apply_plan, apply_width_plan
 from secateurs.units import Unit, masked
 from secateurs.width import width_masked, widths
-from secateurs.width_api import apply_width_plan
 from tiny_models import TINY_CONFIGS, tokens
 
 KINDS = ("block", "attn", "mlp", "heads", "channels")
@@ -79,7 +78,7 @@ def _depth_plan(model, kind: str) -> Plan:
     return Plan.of_units(n, [Unit(i, kind) for i in layers])
 
 
-def _width_plan(model, kind: str) -> WidthPlan:
+def _width_plan(model, kind: str) -> Plan:
     """Different removals per layer, so the widths are not expressible in a plain config."""
     adapter = adapter_for(model)
     try:
@@ -95,7 +94,7 @@ def _width_plan(model, kind: str) -> WidthPlan:
         removed[0], removed[2] = tuple(range(0, 16, 2)), tuple(range(5))
     empty = [()] * n
     heads, channels = (removed, empty) if kind == "heads" else (empty, removed)
-    return WidthPlan(
+    return Plan.of_widths(
         n,
         tuple(heads),
         tuple(channels),

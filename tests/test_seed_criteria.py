@@ -131,7 +131,7 @@ def _measured_loss_changes(model, layer: int, calib: torch.Tensor) -> torch.Tens
     """Calibration-loss change of removing each channel of ``layer`` alone, *reconstructed*."""
     import copy
 
-    from secateurs.plan import WidthPlan
+    from secateurs.plan import Plan
     from secateurs.width_api import WidthOptions, reconstruct_plan
 
     def loss(m) -> float:
@@ -142,7 +142,7 @@ def _measured_loss_changes(model, layer: int, calib: torch.Tensor) -> torch.Tens
     for channel in range(model.config.intermediate_size):
         pruned = copy.deepcopy(model)
         removed = tuple((channel,) if i == layer else () for i in range(n))
-        plan = WidthPlan(n, ((),) * n, removed, (0,) * n, (64,) * n)
+        plan = Plan.of_widths(n, ((),) * n, removed, (0,) * n, (64,) * n)
         reconstruct_plan(pruned, plan, calib, WidthOptions())
         changes.append(loss(pruned) - base)
     return torch.tensor(changes)

@@ -152,7 +152,7 @@ def test_streamed_width_surgery_equals_in_memory(
     record = sequential_prune(path, tmp_path / "layered", unit="width", criterion=criterion,
                               width=opts, calibration=calibration, progress=False,
                               attn_implementation=EAGER)  # fmt: skip
-    assert record["width_plan"] == memory.plan.to_dict()
+    assert record["plan"] == memory.plan.to_dict()
     assert _files(tmp_path / "layered") == _files(tmp_path / "memory")
     config = json.loads((tmp_path / "layered" / "config.json").read_text())
     assert config == json.loads((tmp_path / "memory" / "config.json").read_text())
@@ -277,7 +277,7 @@ def test_head_counts_transformers_refuses_are_saved_as_per_layer_widths(tmp_path
         )
         assert not saved["loading"]["plain_transformers"]
     assert _files(tmp_path / "layered") == _files(tmp_path / "memory")
-    assert record["width_plan"] == memory.plan.to_dict()
+    assert record["plan"] == memory.plan.to_dict()
     reloaded = load_model(tmp_path / "layered")[0].eval()
     ids = tokens(2, 10)
     with torch.no_grad():

@@ -9,9 +9,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from secateurs.adapters import adapter_for
 from secateurs.checkpoint import read_record, save_checkpoint
 from secateurs.models import load_model
-from secateurs.plan import WidthPlan
+from secateurs.plan import Plan
+from secateurs.surgery import apply_width_plan
 from secateurs.width import width_masked, widths
-from secateurs.width_api import apply_width_plan
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
 
 
@@ -26,12 +26,12 @@ HEAD_TYPES = [t for t in TINY_CONFIGS if _has(t, "heads")]
 CHANNEL_TYPES = [t for t in TINY_CONFIGS if _has(t, "channels")]
 
 
-def _plan(model, heads: list, channels: list) -> WidthPlan:
+def _plan(model, heads: list, channels: list) -> Plan:
     ws = widths(model, adapter_for(model))
     n = len(ws)
     heads = heads if heads else [()] * n
     channels = channels if channels else [()] * n
-    return WidthPlan(
+    return Plan.of_widths(
         n,
         tuple(heads),
         tuple(channels),

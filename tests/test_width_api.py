@@ -14,9 +14,9 @@ from secateurs.api import prune
 from secateurs.checkpoint import save_checkpoint
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, SecateursError, UnsupportedModelError
-from secateurs.plan import WidthPlan
+from secateurs.plan import Plan
+from secateurs.surgery import apply_width_plan
 from secateurs.width import width_masked, widths
-from secateurs.width_api import apply_width_plan
 from tiny_models import tiny_model, tokens
 
 WIDTH_CRITERIA = [name for name, cls in CRITERIA.items() if "heads" in cls.units]
@@ -40,7 +40,7 @@ def test_every_width_criterion_prunes_to_the_budget(criterion, allocation):
     params = result.record["parameters"]
     assert abs(params["achieved_ratio"] - 0.3) < 0.05
     assert params["before"] - params["after"] == round(params["achieved_ratio"] * params["base"])
-    assert WidthPlan.from_dict(result.plan.to_dict()) == result.plan
+    assert Plan.from_dict(result.plan.to_dict()) == result.plan
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings intact
     assert torch.isfinite(model(input_ids=tokens()).logits).all()
 
@@ -77,7 +77,7 @@ def test_fluctuation_compensation_equals_mean_filled_masking(tmp_path):
         removed[kind] = [tuple(s.argsort()[: len(s) // 4 or 1].tolist()) for s in scores]
     means = ctx.extras["input_mean"]
     ws = widths(model, adapter)
-    plan = WidthPlan(
+    plan = Plan.of_widths(
         6,
         tuple(removed["heads"]),
         tuple(removed["channels"]),
@@ -188,7 +188,7 @@ def test_unsupported_adapter_and_compensation_are_clear_errors():
 
 def test_a_plan_that_empties_a_layer_is_rejected():
     with pytest.raises(SecateursError, match="empty the layer"):
-        WidthPlan(1, ((0, 1),), ((),), (2,), (64,))
+        Plan.of_widths(1, ((0, 1),), ((),), (2,), (64,))
 
 
 def test_compensation_applies_to_any_criterion_and_matches_mean_replacement():

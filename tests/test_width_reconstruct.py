@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from secateurs.adapters import adapter_for
 from secateurs.checkpoint import read_record
 from secateurs.errors import UnsupportedModelError
-from secateurs.plan import WidthPlan
+from secateurs.plan import Plan
 from secateurs.reconstruct import refit
 from secateurs.width import group_slices, output_projection, output_weight_columns, widths
 from secateurs.width_api import WidthOptions, prune_width, reconstruct_plan
@@ -19,10 +19,10 @@ from tiny_models import LAYERS, TINY_CONFIGS, tiny_model, tokens
 CALIBRATION = dict(batch=8, length=16, seed=5)  # 128 tokens: more than any layer's inputs
 
 
-def _plan(model, heads, channels) -> WidthPlan:
+def _plan(model, heads, channels) -> Plan:
     ws = widths(model, adapter_for(model))
     n = len(ws)
-    return WidthPlan(
+    return Plan.of_widths(
         n,
         tuple(heads or [()] * n),
         tuple(channels or [()] * n),
@@ -148,7 +148,7 @@ def test_prune_width_records_reconstruction_and_saves_a_standard_checkpoint(mode
     assert rec["enabled"] and rec["tokens"] == 128
     assert rec["intercept"] == {"heads": model_type == "llama", "channels": model_type == "llama"}
     assert {r["layer"] for r in rec["layers"]} == set(range(LAYERS))
-    assert record["width_plan"]["compensate"] is False  # the intercept replaces FLAP's bias
+    assert record["plan"]["compensate"] is False  # the intercept replaces FLAP's bias
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager")
     ids = tokens()
     torch.testing.assert_close(_logits(reloaded.eval(), ids), _logits(result.model, ids))

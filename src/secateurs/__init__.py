@@ -16,7 +16,7 @@ _EXPORTS = {
     "CriterionSpec": "secateurs.api",
     "PPLProtocol": "secateurs.evaluate.ppl",
     "Plan": "secateurs.plan",
-    "PruneResult": "secateurs.api",
+    "PruneResult": "secateurs.prune_flow",
     "ScoreResult": "secateurs.api",
     "apply_plan": "secateurs.surgery",
     "load_model": "secateurs.models",

@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +17,35 @@ import torch
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from secateurs import __version__
 from secateurs.adapters import adapter_for
-from secateurs.checkpoint import check_output_dir, save_checkpoint, write_json
+from secateurs.checkpoint import check_output_dir, write_json
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.data import CalibrationConfig
-from secateurs.defaults import DEFAULT_SHORTLIST, HEAL_SAMPLES
+from secateurs.defaults import DEFAULT_SHORTLIST, DEPTH_SHARE, HEAL_SAMPLES
 from secateurs.depth_api import SUBBLOCK, explicit_plan, run_search, search_budget, search_record
 from secateurs.errors import ConfigError
 from secateurs.export import engines_for_model
 from secateurs.healing import heal_calibration, heal_plan
 from secateurs.plan import (
     Plan,
-    WidthPlan,
     check_scores,
     count_to_remove,
     lowest_unprotected,
     parse_protected,
     resolve_protected,
 )
+from secateurs.prune_flow import PruneResult, finish, run_record
 from secateurs.runinfo import calibration_tokens as _calibration
-from secateurs.runinfo import count_parameters, peak_rss_mb, versions
+from secateurs.runinfo import count_parameters, versions
 from secateurs.surgery import apply_plan
 from secateurs.units import Unit, check_unit_kind
-from secateurs.width_api import WIDTH_UNITS, WidthOptions, parse_layers, prune_width
+from secateurs.width_api import (
+    WIDTH_UNITS,
+    WidthOptions,
+    parameter_base,
+    parse_layers,
+    prune_width,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +147,6 @@ def plan_from_scores(
     return Plan.of_units(num_layers, [Unit(i, scores.unit) for i in chosen], protected)
 
 
-@dataclass
-class PruneResult:
-    model: PreTrainedModel
-    plan: Plan | WidthPlan
-    scores: list[ScoreResult]
-    record: dict[str, Any]
-    out: Path | None = None
-
-
 def prune(
     model: PreTrainedModel,
     tokenizer: Tokenizer | None,
@@ -191,6 +186,7 @@ def prune(
     heal_samples: int = HEAL_SAMPLES,
     heal_bias: bool = False,
     heal_target: str = "local",
+    depth_share: float = DEPTH_SHARE,
     **options: Any,
 ) -> PruneResult:
     """Score, plan and remove units of ``model`` (in place); save to ``out`` if given.
@@ -207,18 +203,23 @@ def prune(
     ``secateurs.depth_search`` re-scoring a ``shortlist`` per step (None: all). ``blocks`` /
     ``attn`` / ``mlp`` ("12,13") or ``plan`` (a plan or secateurs.json file) remove exactly
     those units, no scoring. ``heal`` fits a least-squares correction (``secateurs.healing``).
+    Depth and width together (``unit="block,width"``, or ``block,heads`` / ``block,channels``):
+    ``ratio`` of the parameters as for width, ``depth_share`` of it taken by whole blocks and
+    the rest by width; ``criterion`` "BLOCK,WIDTH" (or one name that scores both). See
+    ``_prune_combined`` and docs/plans.md.
     """
     if unit == "experts":  # mixture-of-experts models: secateurs.experts_api
         run = dict(calibration=calibration, data_root=data_root, out=out, overwrite=overwrite)
         run.update(source=source, progress=progress, **options)
         return _prune_experts(model, tokenizer, criterion, (ratio, remove, allocation), run)
-    if unit in WIDTH_UNITS:
+    combined = combined_units(unit)
+    if unit in WIDTH_UNITS or combined:
         if remove is not None or iterative or scores is not None:
             raise ConfigError("Width pruning takes --ratio (of parameters) only.")
         if ratio is None:
             raise ConfigError("Width pruning needs a ratio: a fraction of the parameters.")
         opts = WidthOptions(
-            unit,
+            combined[1] if combined else unit,
             ratio,
             allocation,
             parse_layers(layers),
@@ -233,7 +234,11 @@ def prune(
             reconstruct_samples,
             sensitivity,
         )
-        width = prune_width(
+        if combined:
+            run = dict(calibration=calibration, data_root=data_root, out=out, overwrite=overwrite)
+            run.update(source=source, progress=progress, protect=protect)
+            return _prune_combined(model, tokenizer, criterion, opts, depth_share, run, options)
+        return prune_width(
             model,
             tokenizer,
             criterion=criterion,
@@ -246,7 +251,6 @@ def prune(
             progress=progress,
             **options,
         )
-        return PruneResult(width.model, width.plan, [], width.record, width.out)
     if out is not None:
         check_output_dir(out, overwrite)  # before any costly work
     adapter = adapter_for(model)
@@ -259,6 +263,12 @@ def prune(
             raise ConfigError(
                 "An explicit selection (blocks/attn/mlp/plan) takes no ratio, remove, params, "
                 "scores or iterative."
+            )
+        if given.compensate and given.has_widths:
+            raise ConfigError(
+                "This plan folds the removed widths' mean inputs into biases (compensate), "
+                "which need the calibration of the run that made it: re-run that pruning, or "
+                'set "compensate": false in the plan to cut the same units without it.'
             )
         chosen, history, search, spec = given, [], None, CriterionSpec("explicit", ())
     else:
@@ -285,21 +295,187 @@ def prune(
     scoring_seconds = time.perf_counter() - start
     scoring_cpu = time.process_time() - cpu_start
     healing = None
+    if heal and chosen.parts != ("depth",):
+        raise ConfigError("Healing corrects removed blocks and branches: a depth-only plan.")
     if heal:
         tokens = _calibration_tokens(
             heal_calibration(calibration, heal_samples), tokenizer, data_root
         )
         healing = heal_plan(model, adapter, chosen, tokens, bias=heal_bias, target=heal_target)
     apply_plan(model, chosen, adapter)
-    record = _record(
+    record = depth_record(
         model, chosen, spec, history, iterative, params_before, scoring_seconds, source
     )
     record["search"], record["healing"] = search, healing
     record["engines"] = engines_for_model(model)  # per output kind, as saving records it
     record["timings"]["scoring_cpu_s"] = round(scoring_cpu, 3)  # robust to a busy machine
-    if out is not None:
-        save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
-    return PruneResult(model, chosen, history, record, Path(out) if out else None)
+    return finish(model, tokenizer, chosen, record, scores=history, out=out, overwrite=overwrite)
+
+
+def combined_units(unit: str) -> tuple[str, str] | None:
+    """``"block,width"`` → ("block", "width") (either order; the width kind may be heads,
+    channels or width); None for a single unit kind."""
+    kinds = [part.strip() for part in unit.split(",") if part.strip()]
+    if len(kinds) < 2:
+        return None
+    depth = [k for k in kinds if k == "block"]
+    width = [k for k in kinds if k in WIDTH_UNITS]
+    if len(kinds) != 2 or len(depth) != 1 or len(width) != 1:
+        raise ConfigError(
+            f"Combined units are a block and a width kind (block,width / block,heads / "
+            f"block,channels), not {unit!r}."
+        )
+    return "block", width[0]
+
+
+def _combined_criteria(criterion: str, options: dict[str, Any]) -> tuple[str, str]:
+    """(block criterion, width criterion) from "BLOCK,WIDTH" or one name that scores both;
+    checked before any work."""
+    names = [part.strip() for part in criterion.split(",")]
+    if len(names) == 1:
+        names *= 2
+    if len(names) != 2:
+        raise ConfigError(f"--criterion takes BLOCK,WIDTH for combined units, not {criterion!r}.")
+    for name, kind in zip(names, ("block", "heads"), strict=True):
+        found = CRITERIA.get(CRITERIA.canonical(name.rstrip("+")))
+        if kind not in found.units:
+            raise ConfigError(
+                f"Criterion {name!r} cannot score {kind} units: give --criterion BLOCK,WIDTH "
+                "(e.g. block-influence,fluctuation)."
+            )
+    if names[0] != names[1] and set(options) - {"batch_size"}:
+        raise ConfigError("Criterion options need one criterion for both kinds (not A,B).")
+    return names[0], names[1]
+
+
+def _prune_combined(model, tokenizer, criterion, opts, depth_share, run, options) -> PruneResult:
+    """Blocks and width under ONE parameter budget: ``opts.ratio`` of the parameters (as width
+    counts them), ``depth_share`` of it as whole blocks (the lowest-scoring, chosen first on
+    the dense model), the rest as width scored and allocated on the block-pruned model. The
+    plan is recorded in the original model's indices (``apply_plan`` reproduces the cut)."""
+    block_criterion, width_criterion = _combined_criteria(criterion, options)
+    if not 0 < depth_share < 1:
+        raise ConfigError(f"depth_share must be in (0, 1); got {depth_share}.")
+    if run["out"] is not None:
+        check_output_dir(run["out"], run["overwrite"])
+    adapter = adapter_for(model)
+    n, before = adapter.num_layers(model), count_parameters(model)
+    base = parameter_base(model, opts.include_embeddings)
+    blocks = _budget_blocks(model, adapter, opts.ratio * base, depth_share)
+    common = {k: run[k] for k in ("calibration", "data_root", "progress")}
+    depth = prune(
+        model, tokenizer, criterion=block_criterion, unit="block", remove=blocks,
+        protect=run["protect"], **common, **options,
+    )  # fmt: skip
+    kept = depth.plan.kept_layers
+    width_ratio = (opts.ratio * base - (before - count_parameters(model))) / parameter_base(
+        model, opts.include_embeddings
+    )
+    layers = _kept_range(opts.layer_range(n), kept)
+    width_opts = replace(opts, ratio=width_ratio, layers=layers)
+    width = prune_width(
+        model, tokenizer, criterion=width_criterion, options=width_opts, **common, **options
+    )
+    plan = depth.plan.merged(_lifted(width.plan, kept, n))
+    record = _combined_record(model, plan, depth, width, (before, base, opts, depth_share), run)
+    return finish(
+        model, tokenizer, plan, record, scores=depth.scores, out=run["out"],
+        overwrite=run["overwrite"],
+    )  # fmt: skip
+
+
+def _budget_blocks(model, adapter, budget: float, share: float) -> int:
+    """Blocks whose parameters make ``share`` of ``budget`` (blocks of average size)."""
+    sizes = [count_parameters(layer) for layer in adapter.layers(model)]
+    mean = sum(sizes) / len(sizes)
+    count = round(share * budget / mean)
+    if count < 1:
+        raise ConfigError(
+            f"A depth share of {share} of the budget is less than half a block; raise the "
+            "ratio or the depth share (or prune width alone)."
+        )
+    if count * mean >= budget:
+        raise ConfigError(
+            f"{count} blocks take the whole budget, leaving nothing for width; lower the depth "
+            "share (or prune blocks alone)."
+        )
+    return count
+
+
+def _kept_range(allowed: list[int], kept: tuple[int, ...]) -> tuple[int, int]:
+    """The width layer range (original indices) in the block-pruned model's indices: the kept
+    layers inside it are contiguous there."""
+    inside = [new for new, old in enumerate(kept) if old in allowed]
+    if not inside:
+        raise ConfigError("Every layer of --layers is removed as a block; nothing to narrow.")
+    return inside[0], inside[-1] + 1
+
+
+def _lifted(width: Plan, kept: tuple[int, ...], num_layers: int) -> Plan:
+    """A width plan of the block-pruned model in the original model's layer indices."""
+
+    def spread(values: tuple, empty: Any) -> tuple:
+        out = [empty] * num_layers
+        for new, old in enumerate(kept):
+            out[old] = values[new]
+        return tuple(out)
+
+    return Plan.of_widths(
+        num_layers,
+        spread(width.heads, ()),
+        spread(width.channels, ()),
+        spread(width.num_heads, 0),
+        spread(width.num_channels, 0),
+        width.compensate,
+    )
+
+
+def _combined_record(model, plan, depth, width, amounts, run) -> dict[str, Any]:
+    before, base, opts, share = amounts
+    middle = depth.record["parameters"]["after"]
+    after = count_parameters(model)
+    kept = plan.kept_layers
+    width_scores = {
+        kind: list(_lifted_list(per_layer, kept, plan.num_layers))
+        for kind, per_layer in width.record["width_scores"].items()
+    }
+    parameters = {
+        "base": base,
+        "base_excludes_embeddings": not opts.include_embeddings,
+        "asked_ratio": opts.ratio,
+        "achieved_ratio": (before - after) / base,
+        "depth_share": share,
+        "removed_by_depth": before - middle,
+        "removed_by_width": middle - after,
+    }
+    criterion = {
+        "name": f"{depth.record['criterion']['name']},{width.record['criterion']['name']}",
+        "block": depth.record["criterion"],
+        "width": width.record["criterion"],
+    }
+    return run_record(
+        model,
+        plan,
+        criterion=criterion,
+        calibration=width.record["calibration"] or depth.record["calibration"],
+        before=before,
+        seconds=depth.record["timings"]["scoring_s"] + width.record["timings"]["scoring_s"],
+        source=run["source"],
+        parameters=parameters,
+        scores=depth.record["scores"],
+        width={**width.record["width"], "layers": opts.layers},
+        width_scores=width_scores,
+        reconstruction=width.record["reconstruction"],
+        layer_sensitivity=width.record["layer_sensitivity"],
+        engines=engines_for_model(model),
+    )
+
+
+def _lifted_list(per_layer: list, kept: tuple[int, ...], num_layers: int) -> list:
+    out: list = [[] for _ in range(num_layers)]
+    for new, old in enumerate(kept):
+        out[old] = per_layer[new]
+    return out
 
 
 def stream_prune(
@@ -325,7 +501,7 @@ def stream_prune(
     before = count_parameters(skeleton)
     apply_plan(skeleton, chosen, adapter)
     spec = CriterionSpec("explicit", ())
-    record = _record(skeleton, chosen, spec, [], False, before, 0.0, str(source))
+    record = depth_record(skeleton, chosen, spec, [], False, before, 0.0, str(source))
     record["streamed"] = True
     start = time.perf_counter()
     stream_depth_prune(source, chosen, out, record, overwrite=overwrite)
@@ -427,8 +603,7 @@ def _prune_experts(model, tokenizer, criterion, amount: tuple, run: dict) -> Pru
     from secateurs.experts_api import ExpertOptions, prune_experts
 
     options = ExpertOptions(*amount)
-    result = prune_experts(model, tokenizer, criterion=criterion, options=options, **run)
-    return PruneResult(result.model, result.plan, [], result.record, result.out)
+    return prune_experts(model, tokenizer, criterion=criterion, options=options, **run)
 
 
 def _check_reused(scores: ScoreResult, name: str, unit: str) -> None:
@@ -465,28 +640,34 @@ def _iterative_plan(model, tokenizer, name, unit, count, protected, score_kwargs
     return Plan.of_units(num_layers, removed, protected), history
 
 
-def _record(
-    model, plan, spec, history, iterative, params_before, seconds, source
+def depth_record(
+    model: PreTrainedModel,
+    plan: Plan,
+    spec: CriterionSpec,
+    history: list[ScoreResult],
+    iterative: bool,
+    before: int,
+    seconds: float,
+    source: str | None,
 ) -> dict[str, Any]:
+    """The run record (``prune_flow.run_record``) of a depth pruning or an explicit plan."""
     first = history[0] if history else None
-    return {
-        "secateurs_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source_model": source,
-        "model_type": model.config.model_type,
-        "plan": plan.to_dict(),
-        "criterion": {
-            "name": spec.name,
-            "protected": list(plan.protected),
-            "iterative": iterative,
-            "options": first.options if first else {},
-        },
-        "calibration": first.calibration if first else None,
-        "scores": [s.to_dict() for s in history],
-        "parameters": {"before": params_before, "after": count_parameters(model)},
-        "timings": {"scoring_s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)},
-        "versions": versions(),
+    criterion = {
+        "name": spec.name,
+        "protected": list(plan.protected),
+        "iterative": iterative,
+        "options": first.options if first else {},
     }
+    return run_record(
+        model,
+        plan,
+        criterion=criterion,
+        calibration=first.calibration if first else None,
+        before=before,
+        seconds=seconds,
+        source=source,
+        scores=[s.to_dict() for s in history],
+    )
 
 
 def save_scores(scores: ScoreResult, path: str | os.PathLike, extra: dict | None = None) -> None:

@@ -11,3 +11,7 @@ DEFAULT_SHORTLIST = 3
 # under-determine it.
 HEAL_SAMPLES = 64
 HEAL_TARGETS = ("local", "dense")
+
+# --unit block,width: the share of the parameter budget taken by whole blocks. Decided by
+# benchmarks/combined.py (docs/plans.md): at 20% of SmolLM2-135M, 0.25 was the best mixed split.
+DEPTH_SHARE = 0.25

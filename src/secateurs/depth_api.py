@@ -16,7 +16,7 @@ from secateurs.adapters import Adapter
 from secateurs.depth_search import SearchState, greedy_search, step_scores, unit_params
 from secateurs.errors import ConfigError
 from secateurs.layerwise import LayerRunner
-from secateurs.plan import Plan
+from secateurs.plan import RECORD_KEYS, Plan
 from secateurs.units import Unit
 
 SUBBLOCK = "subblock"  # attention and MLP branches ranked together under a parameter budget
@@ -44,18 +44,14 @@ def explicit_plan(
     mlp: str | Sequence[int] | None = None,
     plan: str | os.PathLike | dict | None = None,
 ) -> Plan | None:
-    """The plan a user gave (``--blocks``/``--attn``/``--mlp`` or a plan JSON), or None."""
+    """The plan a user gave (``--blocks``/``--attn``/``--mlp``, or a plan JSON or a
+    ``secateurs.json`` record of any kind: depth, width, experts or combined), or None."""
     given = [x for x in (blocks, attn, mlp) if x is not None]
     if plan is not None and given:
         raise ConfigError("Give either --plan or --blocks/--attn/--mlp, not both.")
     if plan is not None:
         data = plan if isinstance(plan, dict) else _read_plan(Path(plan))
-        data = data.get("plan", data)  # a secateurs.json record holds its plan under "plan"
-        if int(data.get("num_layers", num_layers)) != num_layers:
-            raise ConfigError(
-                f"The plan is for {data['num_layers']} layers; the model has {num_layers}."
-            )
-        return Plan(num_layers, data.get("blocks", ()), data.get("attn", ()), data.get("mlp", ()))
+        return given_plan(data, num_layers)
     if not given:
         return None
     return Plan(
@@ -64,6 +60,20 @@ def explicit_plan(
         parse_layer_list(attn, "attn"),
         parse_layer_list(mlp, "mlp"),
     )
+
+
+def given_plan(data: dict[str, Any], num_layers: int) -> Plan:
+    """A plan from JSON: a ``secateurs.json`` record (any version) or a bare plan, whose
+    ``num_layers`` may be left out."""
+    if any(key in data for key in RECORD_KEYS):
+        chosen = Plan.of_record(data)
+    else:
+        chosen = Plan.from_dict({"num_layers": num_layers, **data})
+    if chosen.num_layers != num_layers:
+        raise ConfigError(
+            f"The plan is for {chosen.num_layers} layers; the model has {num_layers}."
+        )
+    return chosen
 
 
 def _read_plan(path: Path) -> dict:

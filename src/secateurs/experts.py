@@ -6,7 +6,7 @@ reproduce is the original model with the removed experts' router logits set to -
 top-k and any top-k renormalisation then see only the kept experts, exactly as the pruned router
 does. Shared experts are not routed and are never touched.
 
-    plan = ExpertPlan.of_removed(model, {0: (1, 5), 3: (2,)})
+    plan = expert_plan(model, {0: (1, 5), 3: (2,)})
     with experts_masked(model, adapter, plan.removed_by_layer()):
         reference = model(ids).logits
     apply_expert_plan(model, plan)
@@ -30,6 +30,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from secateurs.adapters import Adapter, adapter_for
 from secateurs.adapters.base import ExpertLayout
 from secateurs.errors import ConfigError, UnsupportedModelError
+from secateurs.plan import Plan
 from secateurs.width import slice_param
 
 log = logging.getLogger(__name__)
@@ -105,88 +106,20 @@ def expert_weights(model: PreTrainedModel, adapter: Adapter, layer: int) -> list
 
 
 # --- the plan ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ExpertPlan:
-    """Experts to remove per MoE layer (original expert indices; layers are model indices).
-
-    ``num_experts[i]`` is layer ``layers[i]``'s expert count before pruning; every layer must
-    keep at least ``top_k`` experts (the router picks top-k of what is left).
-    """
-
-    num_layers: int
-    layers: tuple[int, ...]
-    num_experts: tuple[int, ...]
-    removed: tuple[tuple[int, ...], ...]
-    top_k: int
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        object.__setattr__(self, "num_experts", tuple(int(n) for n in self.num_experts))
-        removed = tuple(tuple(sorted({int(e) for e in r})) for r in self.removed)
-        object.__setattr__(self, "removed", removed)
-        if not len(self.layers) == len(self.num_experts) == len(removed):
-            raise ConfigError("ExpertPlan needs one expert count and one removal list per layer.")
-        for layer, count, gone in zip(self.layers, self.num_experts, removed, strict=True):
-            self._check_layer(layer, count, gone)
-
-    def _check_layer(self, layer: int, count: int, gone: tuple[int, ...]) -> None:
-        if not 0 <= layer < self.num_layers:
-            raise ConfigError(f"ExpertPlan layer {layer} is out of range ({self.num_layers}).")
-        bad = [e for e in gone if not 0 <= e < count]
-        if bad:
-            raise ConfigError(f"Layer {layer}: experts {bad} out of range (it has {count}).")
-        left = count - len(gone)
-        if left < max(self.top_k, 1):
-            raise ConfigError(
-                f"Layer {layer}: removing {len(gone)} of {count} experts leaves {left}, but the "
-                f"router picks top-{self.top_k} per token; keep at least {max(self.top_k, 1)} "
-                "(lower the ratio)."
-            )
-
-    def kept(self) -> tuple[int, ...]:
-        return tuple(n - len(r) for n, r in zip(self.num_experts, self.removed, strict=True))
-
-    def removed_by_layer(self) -> dict[int, tuple[int, ...]]:
-        return {layer: r for layer, r in zip(self.layers, self.removed, strict=True) if r}
-
-    @property
-    def is_empty(self) -> bool:
-        return not any(self.removed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "num_layers": self.num_layers,
-            "layers": list(self.layers),
-            "num_experts": list(self.num_experts),
-            "removed": [list(r) for r in self.removed],
-            "top_k": self.top_k,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ExpertPlan:
-        return cls(
-            data["num_layers"],
-            tuple(data["layers"]),
-            tuple(data["num_experts"]),
-            tuple(tuple(r) for r in data["removed"]),
-            data["top_k"],
-        )
-
-    @classmethod
-    def of_removed(cls, model: PreTrainedModel, removed: Mapping[int, Sequence[int]]) -> ExpertPlan:
-        """A plan for ``model`` removing ``removed[layer]`` experts (other MoE layers keep all)."""
-        adapter = adapter_for(model)
-        layers = moe_layers(model, adapter)
-        stray = sorted(set(removed) - set(layers))
-        if stray:
-            raise ConfigError(f"Layers {stray} have no routed experts (MoE layers: {layers}).")
-        return cls(
-            adapter.num_layers(model),
-            tuple(layers),
-            tuple(num_experts(model, adapter, i) for i in layers),
-            tuple(tuple(removed.get(i, ())) for i in layers),
-            top_k(model, adapter),
-        )
+def expert_plan(model: PreTrainedModel, removed: Mapping[int, Sequence[int]]) -> Plan:
+    """A ``Plan`` for ``model`` removing ``removed[layer]`` experts (other MoE layers keep all)."""
+    adapter = adapter_for(model)
+    layers = moe_layers(model, adapter)
+    stray = sorted(set(removed) - set(layers))
+    if stray:
+        raise ConfigError(f"Layers {stray} have no routed experts (MoE layers: {layers}).")
+    n = adapter.num_layers(model)
+    return Plan(
+        n,
+        experts=tuple(tuple(removed.get(i, ())) for i in range(n)),
+        num_experts=tuple(num_experts(model, adapter, i) if i in layers else 0 for i in range(n)),
+        top_k=top_k(model, adapter),
+    )
 
 
 # --- masking: router logits of removed experts are -inf ---------------------------------------
@@ -327,10 +260,8 @@ def _parent(adapter: Adapter, layer: int, model: PreTrainedModel) -> nn.Module:
     return block.get_submodule(path) if path else block
 
 
-def apply_expert_plan(
-    model: PreTrainedModel, plan: ExpertPlan, adapter: Adapter | None = None
-) -> bool:
-    """Cut ``plan`` out of ``model`` in place; True if the config describes the result.
+def apply_expert_plan(model: PreTrainedModel, plan: Plan, adapter: Adapter | None = None) -> bool:
+    """Cut ``plan``'s experts out of ``model`` in place; True if the config describes the result.
 
     With one expert count left in every MoE layer, the config's count is updated and plain
     ``from_pretrained`` loads the checkpoint. With per-layer counts the config keeps the original
@@ -343,9 +274,10 @@ def apply_expert_plan(
             f"Expert plan is for {plan.num_layers} layers; the model has "
             f"{adapter.num_layers(model)}."
         )
-    current = tuple(num_experts(model, adapter, i) for i in plan.layers)
-    if current != plan.num_experts:
-        raise ConfigError(f"Expert plan expects counts {plan.num_experts}, model has {current}.")
+    current = tuple(layer_counts(model, adapter).items())
+    expected = tuple((i, plan.num_experts[i]) for i in plan.expert_layers)
+    if current != expected:
+        raise ConfigError(f"Expert plan expects (layer, count) {expected}, model has {current}.")
     for layer, removed in plan.removed_by_layer().items():
         left = prune_layer_experts(model, adapter, layer, removed)
         log.info("layer %d: removed experts %s (%d left)", layer, list(removed), left)

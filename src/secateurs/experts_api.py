@@ -15,29 +15,22 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from secateurs import __version__
 from secateurs.adapters import adapter_for
-from secateurs.checkpoint import check_output_dir, save_checkpoint
+from secateurs.checkpoint import check_output_dir
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, UnsupportedModelError
-from secateurs.experts import (
-    ExpertPlan,
-    apply_expert_plan,
-    expert_layout,
-    moe_layers,
-    num_experts,
-    top_k,
-)
+from secateurs.experts import expert_layout, expert_plan, moe_layers, top_k
 from secateurs.plan import check_scores
+from secateurs.prune_flow import PruneResult, finish, run_record
 from secateurs.runinfo import calibration_tokens as _calibration
-from secateurs.runinfo import count_parameters, peak_rss_mb, versions
+from secateurs.runinfo import count_parameters
+from secateurs.surgery import apply_plan
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +117,6 @@ def _global(scores: list[torch.Tensor], total: int, floor: int) -> list[tuple[in
     return [tuple(sorted(r)) for r in removed]
 
 
-@dataclass
-class ExpertResult:
-    model: PreTrainedModel
-    plan: ExpertPlan
-    record: dict[str, Any]
-    out: Path | None = None
-
-
 def prune_experts(
     model: PreTrainedModel,
     tokenizer: Tokenizer | None,
@@ -146,7 +131,7 @@ def prune_experts(
     progress: bool = True,
     batch_size: int = 1,
     **criterion_options: Any,
-) -> ExpertResult:
+) -> PruneResult:
     """Score, allocate and remove routed experts of ``model`` (in place); save to ``out``."""
     opts = options or ExpertOptions(ratio=0.25)
     if out is not None:
@@ -171,20 +156,28 @@ def prune_experts(
     for values in scores:
         check_scores(values, scorer.name)
     removed = allocate_experts(scores, opts, floor)
-    plan = ExpertPlan(
-        adapter.num_layers(model),
-        tuple(layers),
-        tuple(num_experts(model, adapter, i) for i in layers),
-        tuple(removed),
-        top_k(model, adapter),
+    plan = expert_plan(model, dict(zip(layers, removed, strict=True)))
+    apply_plan(model, plan, adapter)
+    log.info(
+        "removed %d experts; parameters %d -> %d",
+        sum(map(len, plan.experts)),
+        before,
+        count_parameters(model),
     )
-    apply_expert_plan(model, plan, adapter)
-    record = _record(model, plan, scorer, opts, scores, calib_record, before, seconds, source)
+    record = run_record(
+        model,
+        plan,
+        criterion={"name": scorer.name, "options": scorer.options()},
+        calibration=calib_record,
+        before=before,
+        seconds=seconds,
+        source=source,
+        experts=asdict(opts),
+        expert_scores={str(i): s.tolist() for i, s in zip(layers, scores, strict=True)},
+    )
     if "expert_usage" in ctx.extras:
         record["expert_usage"] = ctx.extras["expert_usage"]
-    if out is not None:
-        save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
-    return ExpertResult(model, plan, record, Path(out) if out else None)
+    return finish(model, tokenizer, plan, record, out=out, overwrite=overwrite)
 
 
 def _checked_scorer(criterion: str, options: dict[str, Any]):
@@ -194,21 +187,3 @@ def _checked_scorer(criterion: str, options: dict[str, Any]):
         experts = sorted(n for n, c in CRITERIA.items() if "experts" in c.units)
         raise ConfigError(f"Criterion {name!r} cannot score experts; use one of {experts}.")
     return scorer
-
-
-def _record(model, plan, scorer, opts, scores, calib, before, seconds, source) -> dict[str, Any]:
-    after = count_parameters(model)
-    log.info("removed %d experts; parameters %d -> %d", sum(map(len, plan.removed)), before, after)
-    return {
-        "secateurs_version": __version__,
-        "source_model": source,
-        "model_type": model.config.model_type,
-        "expert_plan": plan.to_dict(),
-        "criterion": {"name": scorer.name, "options": scorer.options()},
-        "experts": asdict(opts),
-        "calibration": calib,
-        "expert_scores": {str(i): s.tolist() for i, s in zip(plan.layers, scores, strict=True)},
-        "parameters": {"before": before, "after": after},
-        "timings": {"scoring_s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)},
-        "versions": versions(),
-    }

@@ -40,7 +40,7 @@ from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
-from secateurs.plan import WidthPlan
+from secateurs.plan import Plan
 from secateurs.runinfo import return_freed_memory
 from secateurs.width import (
     _keep,
@@ -312,7 +312,7 @@ class Refitter:
         self.start = time.perf_counter()
 
     @torch.no_grad()
-    def layer(self, model: PreTrainedModel, adapter: Adapter, plan: WidthPlan, index: int) -> None:
+    def layer(self, model: PreTrainedModel, adapter: Adapter, plan: Plan, index: int) -> None:
         layers = adapter.layers(model)
         for kind, intercept in self.fits.items():  # heads before channels, as in the layer
             units = plan.removed(kind)[index]
@@ -336,7 +336,7 @@ class Refitter:
 def prune_and_reconstruct(
     model: PreTrainedModel,
     adapter: Adapter,
-    plan: WidthPlan,
+    plan: Plan,
     batches: Sequence[torch.Tensor],
     damping: float = 0.01,
     intercept: bool = True,

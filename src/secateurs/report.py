@@ -73,9 +73,7 @@ class RunInfo:
 
     @property
     def removed(self) -> str:
-        plan = self.record.get("plan") or {}
-        parts = [f"{k} {v}" for k, v in plan.items() if k not in ("num_layers", "protected") and v]
-        return "; ".join(parts) or "–"
+        return describe_removed(self.record)
 
     def ppl(self) -> dict[str, float]:
         return _ppl_values(self.results.get("ppl", {}))
@@ -235,10 +233,8 @@ def plot_expert_usage(run: RunInfo, out: Path) -> Path | None:
     grid = [values[layer] for layer in layers]
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(grid[0]) + 2), 0.35 * len(layers) + 1.8))
     image = ax.imshow(grid, aspect="auto", cmap="viridis")
-    plan = record.get("expert_plan") or {}
-    removed = {
-        str(i): r for i, r in zip(plan.get("layers", []), plan.get("removed", []), strict=True)
-    }
+    plan = _plan_of(record)
+    removed = {str(i): r for i, r in plan.removed_by_layer().items()} if plan else {}
     for row, layer in enumerate(layers):
         for expert in removed.get(layer, []):
             ax.text(expert, row, "x", ha="center", va="center", color="tab:red", fontsize=9)
@@ -259,6 +255,30 @@ def _legend_patches() -> list:
         Patch(color="tab:gray", label="kept"),
         Patch(color="lightgray", label="protected"),
     ]
+
+
+def _plan_of(record: dict[str, Any]) -> Any:
+    """The record's ``Plan`` (any version's format); None for a record without a readable one."""
+    from secateurs.plan import Plan  # torch: not for --help
+
+    try:
+        return Plan.of_record(record)
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
+
+
+def describe_removed(record: dict[str, Any]) -> str:
+    """What a run removed, in a table cell: depth units by layer, width and expert counts."""
+    plan = _plan_of(record)
+    if plan is None:
+        return "–"
+    parts = [f"{k} {list(getattr(plan, k))}" for k in ("blocks", "attn", "mlp") if getattr(plan, k)]
+    for kind in ("heads", "channels", "experts"):
+        count = sum(map(len, plan.removed(kind)))
+        if count:
+            layers = sum(1 for units in plan.removed(kind) if units)
+            parts.append(f"{count} {kind} in {layers} layers")
+    return "; ".join(parts) or "–"
 
 
 def _removed_units(plan: dict[str, Any]) -> set[tuple[int, str]]:

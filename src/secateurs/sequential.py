@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from secateurs.api import CriterionSpec, ScoreResult, _record, plan_from_scores
+from secateurs.api import CriterionSpec, ScoreResult, depth_record, plan_from_scores
 from secateurs.checkpoint import RECORD_FILE, mark_config, structure_record, write_json
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.criteria.base import Layerwise
@@ -42,7 +42,7 @@ from secateurs.errors import ConfigError
 from secateurs.lazy import LazyModel
 from secateurs.outputs import atomic_directory, check_output_dir
 from secateurs.pipeline import SequentialPipeline, capture_calls
-from secateurs.plan import WidthPlan, parse_protected
+from secateurs.plan import Plan, parse_protected
 from secateurs.reconstruct import Refitter, prepare_intercepts
 from secateurs.runinfo import calibration_tokens as _calibration
 from secateurs.runinfo import count_parameters, peak_rss_mb, return_freed_memory
@@ -56,7 +56,7 @@ from secateurs.streaming import (
     stream_depth_prune,
     write_safetensors,
 )
-from secateurs.surgery import apply_plan
+from secateurs.surgery import apply_plan, cut_layer, prepare_compensation
 from secateurs.width import update_config, widths
 from secateurs.width_api import (
     WidthOptions,
@@ -65,11 +65,9 @@ from secateurs.width_api import (
     _fit_calibration,
     _plan,
     criterion_details,
-    cut_layer,
     parameter_base,
-    prepare_compensation,
+    width_record,
 )
-from secateurs.width_api import _record as _width_record
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +242,9 @@ def _depth(lazy: LazyModel, out, scorer, remove: int, protected, data: _Data, ov
     before = count_parameters(lazy.model)
     apply_plan(lazy.model, plan, lazy.adapter)
     spec = CriterionSpec(scorer.name, plan.protected)
-    record = _record(lazy.model, plan, spec, [result], False, before, seconds, str(data.source))
+    record = depth_record(
+        lazy.model, plan, spec, [result], False, before, seconds, str(data.source)
+    )
     record["pipeline"] = pipeline_record(lazy, data.batch_size)
     stream_depth_prune(data.source, plan, out, record, overwrite=overwrite)
     return _saved_record(out)
@@ -281,19 +281,13 @@ def _width(lazy: LazyModel, out, scorer, opts: WidthOptions, data: _Data, overwr
     target = round(opts.ratio * base)
     plan = _plan(model, adapter, scores, opts, layers, target, scorer, compensating, None)
     fit = data.tokens(_fit_calibration(data.calibration, opts))[0] if opts.reconstructing else None
-    extra = {
-        "criterion": {
-            "name": scorer.name,
-            "options": scorer.options(),
-            "details": criterion_details(ctx.extras),
-        },
-        "pipeline": pipeline_record(lazy, data.batch_size),
-    }
-    source = str(data.source)
+    details = criterion_details(ctx.extras)
+    pipeline = pipeline_record(lazy, data.batch_size)
 
     def describe(pruned: PreTrainedModel) -> dict[str, Any]:
-        args = (pruned, plan, scorer, opts, scores, calib, before, base, seconds, source)
-        return _width_record(*args) | extra
+        counts = (before, base, seconds)
+        args = (pruned, plan, scorer, opts, scores, calib, counts, str(data.source), details)
+        return width_record(*args, pipeline=pipeline)
 
     means = ctx.extras.get("input_mean", {}) if plan.compensate else {}
     stream_width_prune(lazy, plan, out, describe, opts, fit, means, overwrite, data.progress)
@@ -303,7 +297,7 @@ def _width(lazy: LazyModel, out, scorer, opts: WidthOptions, data: _Data, overwr
 # --- streaming width surgery -------------------------------------------------------------------
 def stream_width_prune(
     lazy: LazyModel,
-    plan: WidthPlan,
+    plan: Plan,
     out: str | os.PathLike,
     describe: Callable[[PreTrainedModel], dict[str, Any]],
     opts: WidthOptions,
@@ -350,7 +344,7 @@ def stream_width_prune(
     return Path(out)
 
 
-def _prepare(lazy: LazyModel, plan: WidthPlan, opts: WidthOptions, fit_tokens, means):
+def _prepare(lazy: LazyModel, plan: Plan, opts: WidthOptions, fit_tokens, means):
     """Zero biases where reconstruction fits an intercept or compensation adds one (new
     parameters: not on disk, the lazy model creates them as zeros when a layer loads), and the
     ``Refitter`` fed from the lazy model's cached calls (None without reconstruction)."""

@@ -278,10 +278,10 @@ def stream_depth_prune(
     Only whole blocks can be removed this way (branches and widths change shapes or module
     types: use the in-memory path). Memory: the largest single tensor.
     """
-    if plan.attn or plan.mlp:
+    if plan.attn or plan.mlp or plan.parts not in ((), ("depth",)):
         raise ConfigError(
-            "Streaming surgery removes whole blocks only; branch removal needs the in-memory "
-            "path (drop --streaming)."
+            "Streaming surgery removes whole blocks only; branches, widths and experts need "
+            "the in-memory path (drop --stream)."
         )
     start = time.perf_counter()
     check_output_dir(out, overwrite)

@@ -1,4 +1,5 @@
-"""Apply a plan: drop decoder layers or replace branches, and keep the config consistent.
+"""Apply a plan: cut experts and widths, replace branches, drop decoder layers; keep the config
+consistent. ``apply_plan`` is the one entry for every kind of plan.
 
 Surgery edits the model in place (no copy of the weights). After removing blocks every module's
 ``layer_idx`` is renumbered and per-layer config lists are sliced, so ``generate()`` with a KV
@@ -26,9 +27,11 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from secateurs.adapters import Adapter, adapter_for
-from secateurs.errors import UnsupportedModelError
+from secateurs.adapters.base import WIDTH_KINDS
+from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.plan import Plan
 from secateurs.units import Unit, branch_zero, first_arg
+from secateurs.width import add_output_bias, compensate, prune_layer, update_config, widths
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +70,87 @@ class SkippedBranch(nn.Module):
 
 
 def apply_plan(
-    model: PreTrainedModel, plan: Plan, adapter: Adapter | None = None
+    model: PreTrainedModel,
+    plan: Plan,
+    adapter: Adapter | None = None,
+    means: dict[str, list[torch.Tensor]] | None = None,
 ) -> PreTrainedModel:
-    """Physically remove the plan's units from ``model`` (in place) and return it."""
+    """Physically remove every unit of ``plan`` from ``model`` (in place) and return it.
+
+    The one surgery entry for every kind: experts and widths first, while the layers still have
+    their original indices (the plan's), then branches, then blocks. ``means`` are the output
+    projections' mean inputs that a compensating width plan folds into the biases.
+    """
     adapter = adapter or adapter_for(model)
     if adapter.num_layers(model) != plan.num_layers:
-        raise ValueError(
+        raise ConfigError(
             f"Plan is for {plan.num_layers} layers but the model has {adapter.num_layers(model)}."
         )
+    if plan.has_experts:
+        from secateurs.experts import apply_expert_plan
+
+        apply_expert_plan(model, plan, adapter)
+    if plan.has_widths:
+        apply_width_plan(model, plan, adapter, means)
     for unit in plan.units:
         if unit.kind != "block":
             skip_branch(model, adapter, unit)
     if plan.blocks:
         remove_blocks(model, adapter, plan.blocks)
     return model
+
+
+def apply_width_plan(
+    model: PreTrainedModel,
+    plan: Plan,
+    adapter: Adapter | None = None,
+    means: dict[str, list[torch.Tensor]] | None = None,
+) -> bool:
+    """Cut ``plan``'s head groups and channels out of ``model`` in place; True if a plain
+    config describes the result.
+
+    With ``plan.compensate``, ``means[kind][layer]`` (the output projection's mean input) is
+    folded into its bias first: b += W[:, removed] · mean[removed].
+    """
+    adapter = adapter or adapter_for(model)
+    original = widths(model, adapter)[0]
+    prepare_compensation(model, adapter, plan, means)
+    for index in range(plan.num_layers):
+        cut_layer(model, adapter, plan, index, means)
+    return update_config(model, adapter, original)
+
+
+def prepare_compensation(
+    model: PreTrainedModel,
+    adapter: Adapter,
+    plan: Plan,
+    means: dict[str, list[torch.Tensor]] | None,
+) -> None:
+    """For ``plan.compensate``: check the input means are there, add the zero biases."""
+    if not plan.compensate:
+        return
+    for kind in WIDTH_KINDS:
+        if any(plan.removed(kind)):
+            if kind not in (means or {}):
+                raise ConfigError(f"Compensation needs the {kind} input means from the criterion.")
+            add_output_bias(model, adapter, kind)
+
+
+def cut_layer(
+    model: PreTrainedModel,
+    adapter: Adapter,
+    plan: Plan,
+    index: int,
+    means: dict[str, list[torch.Tensor]] | None = None,
+) -> None:
+    """Slice layer ``index``'s removed head groups / channels, after folding their mean
+    contribution into the bias if the plan compensates (``prepare_compensation`` first)."""
+    for kind in WIDTH_KINDS:
+        units = plan.removed(kind)[index]
+        if units and plan.compensate:
+            compensate(model, adapter, kind, index, units, means[kind][index])
+        if units:
+            prune_layer(model, adapter, index, kind, units)
 
 
 def skip_branch(model: PreTrainedModel, adapter: Adapter, unit: Unit) -> None:

@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,28 +22,21 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from secateurs import __version__
 from secateurs.adapters import Adapter, adapter_for
 from secateurs.allocation import ALLOCATIONS, Bounds, UnitTable, allocate
-from secateurs.checkpoint import check_output_dir, save_checkpoint
+from secateurs.checkpoint import check_output_dir
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.criteria.base import input_statistics
 from secateurs.data import CalibrationConfig
 from secateurs.errors import ConfigError
-from secateurs.plan import WidthPlan, check_scores
+from secateurs.plan import Plan, check_scores
+from secateurs.prune_flow import PruneResult, finish, run_record
 from secateurs.reconstruct import prune_and_reconstruct
 from secateurs.runinfo import calibration_tokens as _calibration
-from secateurs.runinfo import count_parameters, peak_rss_mb, versions
+from secateurs.runinfo import count_parameters
 from secateurs.sensitivity import layer_sensitivity
-from secateurs.width import (
-    add_output_bias,
-    check_compensation,
-    compensate,
-    prune_layer,
-    unit_cost,
-    update_config,
-    widths,
-)
+from secateurs.surgery import apply_plan
+from secateurs.width import check_compensation, unit_cost, update_config, widths
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +128,6 @@ def parse_layers(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
         raise ConfigError(f"--layers takes START:STOP (e.g. 4:28), not {text!r}.") from err
 
 
-@dataclass
-class WidthResult:
-    model: PreTrainedModel
-    plan: WidthPlan
-    record: dict[str, Any]
-    out: Path | None = None
-
-
 def prune_width(
     model: PreTrainedModel,
     tokenizer: Tokenizer | None,
@@ -158,7 +142,7 @@ def prune_width(
     progress: bool = True,
     batch_size: int = 1,
     **criterion_options: Any,
-) -> WidthResult:
+) -> PruneResult:
     """Score, allocate and remove head groups / MLP channels of ``model`` (in place)."""
     opts = _resolved(options or WidthOptions(), calibration, tokenizer)
     if out is not None:
@@ -185,15 +169,22 @@ def prune_width(
         reconstruction = reconstruct_plan(model, plan, fit, opts, adapter, progress)
     else:
         means = ctx.extras.get("input_mean", {}) if plan.compensate else {}
-        apply_width_plan(model, plan, adapter, means)
+        apply_plan(model, plan, adapter, means)
         reconstruction = {"enabled": False}
-    record = _record(model, plan, scorer, opts, scores, calib_record, before, base, seconds, source)
-    record["criterion"]["details"] = criterion_details(ctx.extras)
-    record["reconstruction"] = reconstruction
-    record["layer_sensitivity"] = sensitivity
-    if out is not None:
-        save_checkpoint(model, tokenizer, out, record, overwrite=overwrite)
-    return WidthResult(model, plan, record, Path(out) if out else None)
+    record = width_record(
+        model,
+        plan,
+        scorer,
+        opts,
+        scores,
+        calib_record,
+        (before, base, seconds),
+        source,
+        details=criterion_details(ctx.extras),
+        reconstruction=reconstruction,
+        layer_sensitivity=sensitivity,
+    )
+    return finish(model, tokenizer, plan, record, out=out, overwrite=overwrite)
 
 
 def _resolved(opts: WidthOptions, calibration: Any, tokenizer: Tokenizer | None) -> WidthOptions:
@@ -238,7 +229,7 @@ def _fit_calibration(calibration: Any, opts: WidthOptions) -> Any:
 
 def reconstruct_plan(
     model: PreTrainedModel,
-    plan: WidthPlan,
+    plan: Plan,
     tokens: torch.Tensor,
     opts: WidthOptions,
     adapter: Adapter | None = None,
@@ -278,7 +269,7 @@ def _plan(
     scorer,
     compensate=None,
     sensitivity=None,
-) -> WidthPlan:
+) -> Plan:
     tables = []
     for kind, per_layer in scores.items():
         for values in per_layer:
@@ -292,7 +283,7 @@ def _plan(
     n = len(tables[0].scores)
     empty: tuple[tuple[int, ...], ...] = tuple(() for _ in range(n))
     counts = {t.kind: tuple(len(v) for v in t.scores) for t in tables}
-    return WidthPlan(
+    return Plan(
         num_layers=n,
         heads=tuple(removed.get("heads", empty)),
         channels=tuple(removed.get("channels", empty)),
@@ -300,58 +291,6 @@ def _plan(
         num_channels=counts.get("channels", (0,) * n),
         compensate=_compensating(scorer, opts) if compensate is None else compensate,
     )
-
-
-def apply_width_plan(
-    model: PreTrainedModel,
-    plan: WidthPlan,
-    adapter: Adapter | None = None,
-    means: dict[str, list[torch.Tensor]] | None = None,
-) -> bool:
-    """Cut ``plan`` out of ``model`` in place; True if a plain config describes the result.
-
-    With ``plan.compensate``, ``means[kind][layer]`` (the output projection's mean input) is
-    folded into its bias first: b += W[:, removed] · mean[removed].
-    """
-    adapter = adapter or adapter_for(model)
-    original = widths(model, adapter)[0]
-    prepare_compensation(model, adapter, plan, means)
-    for index in range(plan.num_layers):
-        cut_layer(model, adapter, plan, index, means)
-    return update_config(model, adapter, original)
-
-
-def prepare_compensation(
-    model: PreTrainedModel,
-    adapter: Adapter,
-    plan: WidthPlan,
-    means: dict[str, list[torch.Tensor]] | None,
-) -> None:
-    """For ``plan.compensate``: check the input means are there, add the zero biases."""
-    if not plan.compensate:
-        return
-    for kind in ("heads", "channels"):
-        if any(plan.removed(kind)):
-            if kind not in (means or {}):
-                raise ConfigError(f"Compensation needs the {kind} input means from the criterion.")
-            add_output_bias(model, adapter, kind)
-
-
-def cut_layer(
-    model: PreTrainedModel,
-    adapter: Adapter,
-    plan: WidthPlan,
-    index: int,
-    means: dict[str, list[torch.Tensor]] | None = None,
-) -> None:
-    """Slice layer ``index``'s removed units, after folding their mean contribution into the
-    bias if the plan compensates (``prepare_compensation`` first)."""
-    for kind in ("heads", "channels"):
-        units = plan.removed(kind)[index]
-        if units and plan.compensate:
-            compensate(model, adapter, kind, index, units, means[kind][index])
-        if units:
-            prune_layer(model, adapter, index, kind, units)
 
 
 def parameter_base(model: PreTrainedModel, include_embeddings: bool) -> int:
@@ -373,7 +312,21 @@ def criterion_details(extras: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in extras.items() if key != "input_mean"}
 
 
-def _record(model, plan, scorer, opts, scores, calib, before, base, seconds, source) -> dict:
+def width_record(
+    model: PreTrainedModel,
+    plan: Plan,
+    scorer: Any,
+    opts: WidthOptions,
+    scores: dict[str, list[torch.Tensor]],
+    calibration: dict[str, Any] | None,
+    counts: tuple[int, int, float],
+    source: str | None,
+    details: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The run record (``prune_flow.run_record``) of a width pruning; ``counts`` are
+    (parameters before, the ratio's base, scoring seconds)."""
+    before, base, seconds = counts
     after = count_parameters(model)
     achieved = (before - after) / base
     log.info(
@@ -383,23 +336,25 @@ def _record(model, plan, scorer, opts, scores, calib, before, base, seconds, sou
         "parameters" if opts.include_embeddings else "non-embedding parameters",
         opts.ratio,
     )
-    return {
-        "secateurs_version": __version__,
-        "source_model": source,
-        "model_type": model.config.model_type,
-        "width_plan": plan.to_dict(),
-        "criterion": {"name": scorer.name, "options": scorer.options()},
-        "width": asdict(opts),
-        "calibration": calib,
-        "width_scores": {k: [v.tolist() for v in per] for k, per in scores.items()},
-        "parameters": {
-            "before": before,
-            "after": after,
-            "base": base,
-            "base_excludes_embeddings": not opts.include_embeddings,
-            "asked_ratio": opts.ratio,
-            "achieved_ratio": achieved,
-        },
-        "timings": {"scoring_s": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)},
-        "versions": versions(),
+    criterion = {"name": scorer.name, "options": scorer.options()}
+    if details is not None:
+        criterion["details"] = details
+    parameters = {
+        "base": base,
+        "base_excludes_embeddings": not opts.include_embeddings,
+        "asked_ratio": opts.ratio,
+        "achieved_ratio": achieved,
     }
+    return run_record(
+        model,
+        plan,
+        criterion=criterion,
+        calibration=calibration,
+        before=before,
+        seconds=seconds,
+        source=source,
+        parameters=parameters,
+        width=asdict(opts),
+        width_scores={k: [v.tolist() for v in per] for k, per in scores.items()},
+        **extra,
+    )

@@ -18,13 +18,15 @@ from secateurs.commands.common import (
     check_data_needs,
     criterion_options,
 )
-from secateurs.defaults import DEFAULT_SHORTLIST, HEAL_SAMPLES, HEAL_TARGETS
+from secateurs.defaults import DEFAULT_SHORTLIST, DEPTH_SHARE, HEAL_SAMPLES, HEAL_TARGETS
 from secateurs.errors import ConfigError
 from secateurs.targets import TARGETS, width_constraints
 
 
 def add_width_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("width (--unit heads|channels|width) and experts")
+    group = parser.add_argument_group(
+        "width (--unit heads|channels|width), depth + width (--unit block,width) and experts"
+    )
     group.add_argument(
         "--allocation",
         default="uniform",
@@ -72,17 +74,36 @@ def add_width_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--reconstruct-samples", type=int, default=64, help="calibration windows for the fit"
     )
-
-
-def _report_width(result) -> int:
-    params = result.record["parameters"]
-    print(f"kept head groups per layer: {list(result.plan.kept('heads'))}")
-    print(f"kept MLP channels per layer: {list(result.plan.kept('channels'))}")
-    print(
-        f"parameters: {params['before']:,} -> {params['after']:,}; removed "
-        f"{params['achieved_ratio']:.4%} of the {params['base']:,} counted "
-        f"(asked {params['asked_ratio']:.2%})"
+    group.add_argument(
+        "--depth-share",
+        type=float,
+        default=DEPTH_SHARE,
+        help="--unit block,width: share of the --ratio budget removed as whole blocks "
+        "(%(default)s); width takes the rest",
     )
+
+
+def _report(result) -> int:
+    """What ``prune`` prints for any plan: each part's units, the parameters, how to load."""
+    plan, params = result.plan, result.record["parameters"]
+    if plan.has_depth or plan.is_empty:
+        removed = ", ".join(f"{kind} {layer}" for layer, kind in plan.units) or "nothing"
+        print(f"removed: {removed}")
+    if plan.has_widths:
+        print(f"kept head groups per layer: {list(plan.kept('heads'))}")
+        print(f"kept MLP channels per layer: {list(plan.kept('channels'))}")
+    if plan.has_experts:
+        kept = [plan.kept("experts")[i] for i in plan.expert_layers]
+        print(f"kept experts per MoE layer {list(plan.expert_layers)}: {kept}")
+    line = f"parameters: {params['before']:,} -> {params['after']:,}"
+    if "achieved_ratio" in params:
+        line += (
+            f"; removed {params['achieved_ratio']:.4%} of the {params['base']:,} counted "
+            f"(asked {params['asked_ratio']:.2%})"
+        )
+    else:
+        line += f" ({1 - params['after'] / params['before']:.1%} fewer)"
+    print(line)
     print(f"loading: {read_record(result.out).get('loading', {}).get('how', '')}")
     print(f"saved: {result.out}")
     return 0
@@ -104,15 +125,6 @@ def check_experts_config(model: str) -> None:
 
     config = read_config(model)
     expert_layout(adapter_for(config), config)
-
-
-def _report_experts(result) -> int:
-    params = result.record["parameters"]
-    print(f"kept experts per MoE layer {list(result.plan.layers)}: {list(result.plan.kept())}")
-    print(f"parameters: {params['before']:,} -> {params['after']:,}")
-    print(f"loading: {read_record(result.out).get('loading', {}).get('how', '')}")
-    print(f"saved: {result.out}")
-    return 0
 
 
 def _shortlist(text: str) -> int | None:
@@ -180,7 +192,7 @@ def width_options(args: argparse.Namespace):
     if args.ratio is None:
         raise ConfigError("Width pruning takes --ratio (a fraction of the parameters).")
     return WidthOptions(
-        args.unit,
+        width_unit(args.unit),
         args.ratio,
         args.allocation,
         parse_layers(args.layers),
@@ -195,6 +207,21 @@ def width_options(args: argparse.Namespace):
         reconstruct_samples=args.reconstruct_samples,
         sensitivity=args.sensitivity,
     )
+
+
+def width_unit(unit: str) -> str:
+    """The width kind of ``--unit`` (``block,width`` → ``width``)."""
+    from secateurs.api import combined_units
+
+    combined = combined_units(unit)
+    return combined[1] if combined else unit
+
+
+def is_width(unit: str) -> bool:
+    """``--unit`` prunes width (alone or with blocks)."""
+    from secateurs.width_api import WIDTH_UNITS
+
+    return width_unit(unit) in WIDTH_UNITS
 
 
 def add_memory_args(parser: argparse.ArgumentParser) -> None:
@@ -332,6 +359,8 @@ def depth_extras(args: argparse.Namespace) -> dict:
 
     if args.unit in WIDTH_UNITS or args.unit == "experts":
         return {}
+    if is_width(args.unit):
+        return dict(depth_share=args.depth_share)
     return dict(
         blocks=args.blocks,
         attn=args.attn,
@@ -416,7 +445,6 @@ class Prune(Command):
         from secateurs.experts_api import ExpertOptions
         from secateurs.models import load_model
         from secateurs.outputs import check_disk_space
-        from secateurs.width_api import WIDTH_UNITS
 
         explicit = any(x is not None for x in (args.blocks, args.attn, args.mlp, args.plan))
         if args.ratio is None and args.remove is None and args.params is None and not explicit:
@@ -428,14 +456,15 @@ class Prune(Command):
             return _stream(args)
         if _wants_sequential(args):
             return _sequential(args)
-        if args.target is not None and args.unit not in WIDTH_UNITS:
+        if args.target is not None and not is_width(args.unit):
             raise ConfigError("--target constrains width pruning (--unit heads|channels|width).")
-        if args.unit in WIDTH_UNITS:  # validate width options before loading anything
-            CRITERIA.canonical(args.criterion.rstrip("+"))
+        if is_width(args.unit):  # validate width options before loading anything
+            for name in args.criterion.split(","):
+                CRITERIA.canonical(name.strip().rstrip("+"))
             vars(args).update(
                 width_constraints(
                     args.target,
-                    unit=args.unit,
+                    unit=width_unit(args.unit),
                     allocation=args.allocation,
                     layers=args.layers,
                     round_to=args.round_to,
@@ -456,7 +485,7 @@ class Prune(Command):
         )
         check_disk_space(args.out, _bytes(model))  # the unpruned size bounds the output
         width = {}
-        if args.unit in WIDTH_UNITS:  # prune() takes the options' fields as keywords
+        if is_width(args.unit):  # prune() takes the options' fields as keywords
             width = asdict(width_options(args))
             del width["unit"], width["ratio"]
         if args.unit == "experts":
@@ -481,17 +510,4 @@ class Prune(Command):
             **depth_extras(args),
             **criterion_options(args),
         )
-        if args.unit in WIDTH_UNITS:
-            return _report_width(result)
-        if args.unit == "experts":
-            return _report_experts(result)
-        params = result.record["parameters"]
-        removed = ", ".join(f"{kind} {layer}" for layer, kind in result.plan.units) or "nothing"
-        print(f"removed: {removed}")
-        print(
-            f"parameters: {params['before']:,} -> {params['after']:,} "
-            f"({1 - params['after'] / params['before']:.1%} fewer)"
-        )
-        print(f"loading: {read_record(result.out).get('loading', {}).get('how', '')}")
-        print(f"saved: {result.out}")
-        return 0
+        return _report(result)

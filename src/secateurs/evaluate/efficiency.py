@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from secateurs.errors import ConfigError
-from secateurs.plan import SL_PROTECTED, Plan, resolve_protected
+from secateurs.plan import RECORD_KEYS, SL_PROTECTED, Plan, resolve_protected
 from secateurs.runinfo import count_parameters
 
 log = logging.getLogger(__name__)
@@ -425,20 +425,35 @@ def _fmt(value: float | None, digits: int) -> str:
 # --- building candidates ------------------------------------------------------------------------
 
 
-DEPTH_KEYS = ("blocks", "attn", "mlp")
+# Plan keys that name removed units, per part, in every plan format written so far: the one
+# ``plan`` of a run record (``secateurs.plan.Plan.to_dict``) and the width_plan / expert_plan
+# of earlier versions' records.
+PART_KEYS = {
+    "depth": ("blocks", "attn", "mlp"),
+    "width": ("heads", "channels"),
+    "experts": ("experts", "removed"),
+}
 
 
 def kind_of(record: dict[str, Any]) -> str:
-    """ "dense", "depth" or "width" from a ``secateurs.json`` record (empty: dense)."""
-    if record.get("width_plan"):  # written by width pruning (secateurs.width_api)
-        return "width"
-    if record.get("expert_plan"):  # written by expert pruning (secateurs.experts_api)
-        return "experts"
-    plan = record.get("plan") or {}
-    if any(plan.get(key) for key in DEPTH_KEYS):
-        return "depth"
-    ignored = {"num_layers", "protected", *DEPTH_KEYS}
-    return "width" if any(v for k, v in plan.items() if k not in ignored) else "dense"
+    """ "dense", or the parts a ``secateurs.json`` record removes joined by "+": "depth",
+    "width", "experts", "depth+width", ... (read from the keys: any plan format)."""
+    plans = [record.get(key) or {} for key in RECORD_KEYS]
+    parts = [
+        part
+        for part, keys in PART_KEYS.items()
+        if any(_names_units(plan.get(key)) for plan in plans for key in keys)
+    ]
+    return "+".join(parts) or "dense"
+
+
+def _names_units(value: Any) -> bool:
+    """True if a per-layer list (or dict) of removals removes anything."""
+    if isinstance(value, dict):
+        return any(_names_units(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_names_units(v) if isinstance(v, list | tuple | dict) else True for v in value)
+    return False
 
 
 def load_candidate(spec: str, dtype: str | None = None, device: str = "cpu") -> Candidate:

@@ -31,6 +31,7 @@ from secateurs.checkpoint import (
 from secateurs.data import calibration_documents, data_dir, read_documents
 from secateurs.errors import ConfigError, DataError
 from secateurs.models import load_model
+from secateurs.plan import RECORD_KEYS
 from secateurs.recover.common import StageResult, TrainConfig, resume_point, training_blocks
 from secateurs.recover.cpt import train_cpt
 from secateurs.recover.distill import DistillSettings, train_distill
@@ -51,7 +52,6 @@ METHODS.add("distill", ("distill",), aliases=("kd", "distillation"))
 # steps; 2e-4 is the usual LoRA choice for short runs), full-parameter stages lower.
 DEFAULT_LR = {"lora": 2e-4, "cpt": 5e-5, "distill": 5e-5}
 
-PRUNING_KEYS = ("plan", "width_plan")  # depth / width records of secateurs prune
 EVAL_FILES = ("wikitext-2-raw", "ptb", "c4_validation_2k")
 
 
@@ -209,7 +209,7 @@ def recover(
 
 def _input_record(pruned: str | os.PathLike) -> dict[str, Any]:
     record = read_record(pruned) if Path(pruned).is_dir() else {}
-    if not any(key in record for key in PRUNING_KEYS):
+    if not any(key in record for key in RECORD_KEYS):  # any version of secateurs prune
         log.warning(
             "%s has no secateurs pruning record (%s): it looks like an unpruned model. "
             "Recovering it anyway.",
