@@ -122,9 +122,10 @@ def run_step(name: str, flags: list[str], source: Path, out: Path, calib: list[s
 
 
 def _removed(record: dict) -> str:
-    if "plan" in record:
-        return "block " + ",".join(map(str, record["plan"]["blocks"]))
-    removed = {len(r) for r in record["expert_plan"]["removed"]}
+    plan = record["plan"]
+    if not plan.get("experts"):
+        return "block " + ",".join(map(str, plan["blocks"]))
+    removed = {len(plan["experts"][i]) for i, n in enumerate(plan["num_experts"]) if n}
     return f"{'/'.join(map(str, sorted(removed)))} experts per layer"
 
 

@@ -437,5 +437,5 @@ def test_cli_sequential_mini_llm_saves_what_the_in_memory_path_saves(
     ]
     assert records[1]["pipeline"]["name"] == "sequential"
     assert records[1]["criterion"]["options"] == records[0]["criterion"]["options"]
-    assert records[1]["width_plan"] == records[0]["width_plan"]
+    assert records[1]["plan"] == records[0]["plan"]
     assert _files(tmp_path / "layered") == _files(tmp_path / "memory")

@@ -26,7 +26,7 @@ from secateurs.checkpoint import check_output_dir
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.experts import expert_layout, expert_plan, moe_layers, top_k
-from secateurs.plan import check_scores
+from secateurs.plan import Plan, check_scores
 from secateurs.prune_flow import PruneResult, finish, run_record
 from secateurs.runinfo import calibration_tokens as _calibration
 from secateurs.runinfo import count_parameters
@@ -164,20 +164,39 @@ def prune_experts(
         before,
         count_parameters(model),
     )
+    record = experts_record(
+        model, plan, scorer, opts, scores, (calib_record, before, seconds, source), ctx.extras
+    )
+    return finish(model, tokenizer, plan, record, out=out, overwrite=overwrite)
+
+
+def experts_record(
+    model: PreTrainedModel,
+    plan: Plan,
+    scorer: Any,
+    opts: ExpertOptions,
+    scores: list[torch.Tensor],
+    run: tuple[dict[str, Any] | None, int, float, str | None],
+    extras: dict[str, Any],
+) -> dict[str, Any]:
+    """The record of an expert-pruning run (``model`` already pruned); ``run`` is (calibration
+    record, parameters before, scoring seconds, source). Shared by the layer-by-layer path."""
+    calibration, before, seconds, source = run
+    layers = plan.expert_layers
     record = run_record(
         model,
         plan,
         criterion={"name": scorer.name, "options": scorer.options()},
-        calibration=calib_record,
+        calibration=calibration,
         before=before,
         seconds=seconds,
         source=source,
         experts=asdict(opts),
         expert_scores={str(i): s.tolist() for i, s in zip(layers, scores, strict=True)},
     )
-    if "expert_usage" in ctx.extras:
-        record["expert_usage"] = ctx.extras["expert_usage"]
-    return finish(model, tokenizer, plan, record, out=out, overwrite=overwrite)
+    if "expert_usage" in extras:
+        record["expert_usage"] = extras["expert_usage"]
+    return record
 
 
 def _checked_scorer(criterion: str, options: dict[str, Any]):

@@ -32,20 +32,19 @@ from secateurs.checkpoint import (
 from secateurs.criteria import ScoringContext
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.experts import (
-    ExpertPlan,
     expert_layout,
+    expert_plan,
     moe_layers,
-    num_experts,
     observe_routing,
     prune_layer_experts,
     top_k,
     update_expert_config,
 )
-from secateurs.experts_api import ExpertOptions, _checked_scorer, _record, allocate_experts
+from secateurs.experts_api import ExpertOptions, _checked_scorer, allocate_experts, experts_record
 from secateurs.lazy import LazyModel
 from secateurs.outputs import atomic_directory
 from secateurs.pipeline import SequentialPipeline
-from secateurs.plan import check_scores
+from secateurs.plan import Plan, check_scores
 from secateurs.runinfo import count_parameters, peak_rss_mb
 from secateurs.sequential import (
     _Data,
@@ -91,11 +90,11 @@ def sequential_prune_experts(
     layers = moe_layers(model, adapter)
     k = top_k(model, adapter)
     removed = allocate_experts(scores, opts, max(k, opts.min_keep, 1))
-    counts = tuple(num_experts(model, adapter, i) for i in layers)
-    plan = ExpertPlan(len(lazy.layers), tuple(layers), counts, tuple(removed), k)
+    plan = expert_plan(model, dict(zip(layers, removed, strict=True)))
 
     def describe(pruned) -> dict[str, Any]:
-        record = _record(pruned, plan, scorer, opts, scores, calib, before, seconds, str(source))
+        run = (calib, before, seconds, str(source))
+        record = experts_record(pruned, plan, scorer, opts, scores, run, extras)
         return record | {"pipeline": pipeline_record(lazy, batch_size), **extras}
 
     return stream_expert_prune(lazy, plan, out, describe, overwrite, progress)
@@ -141,7 +140,7 @@ def expert_scores(
 
 def stream_expert_prune(
     lazy: LazyModel,
-    plan: ExpertPlan,
+    plan: Plan,
     out: str | os.PathLike,
     describe: Callable[[PreTrainedModel], dict[str, Any]],
     overwrite: bool = False,

@@ -342,14 +342,15 @@ def _sequential(args: argparse.Namespace) -> int:
 def _sequential_experts(args: argparse.Namespace, common: dict) -> int:
     """``--sequential --unit experts``: experts scored and cut one layer at a time."""
     from secateurs.experts_api import ExpertOptions
+    from secateurs.plan import Plan
     from secateurs.sequential_experts import sequential_prune_experts
 
     options = ExpertOptions(args.ratio, args.remove, args.allocation)
     common = {key: value for key, value in common.items() if key != "offload_dir"}
     record = sequential_prune_experts(args.model, args.out, options=options, **common)
-    plan = record["expert_plan"]
-    kept = [n - len(r) for n, r in zip(plan["num_experts"], plan["removed"], strict=True)]
-    print(f"kept experts per MoE layer {plan['layers']}: {kept}")
+    plan = Plan.from_dict(record["plan"])
+    kept = [plan.num_experts[i] - len(plan.experts[i]) for i in plan.expert_layers]
+    print(f"kept experts per MoE layer {list(plan.expert_layers)}: {kept}")
     return _report_streamed(record, args.out, "layer by layer")
 
 
