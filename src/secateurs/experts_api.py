@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from secateurs.adapters import adapter_for
+from secateurs.adapters import Adapter, adapter_for
 from secateurs.checkpoint import check_output_dir
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, UnsupportedModelError
@@ -137,14 +137,8 @@ def prune_experts(
     if out is not None:
         check_output_dir(out, overwrite)
     adapter = adapter_for(model)
-    layout = expert_layout(adapter, model.config)  # dense or unsupported → error before work
     scorer = _checked_scorer(criterion, criterion_options)
-    if scorer.needs_calibration and not layout.observable:
-        raise UnsupportedModelError(
-            f"{model.config.model_type}: its experts are not called with the routing "
-            f"(hidden, top-k ids, weights), so {scorer.name!r} cannot observe them; "
-            "use --criterion magnitude."
-        )
+    check_observable(adapter, model.config, scorer)
     tokens, calib_record = _calibration(scorer.needs_calibration, calibration, tokenizer, data_root)
     layers = moe_layers(model, adapter)
     floor = max(top_k(model, adapter), opts.min_keep, 1)
@@ -197,6 +191,18 @@ def experts_record(
     if "expert_usage" in extras:
         record["expert_usage"] = extras["expert_usage"]
     return record
+
+
+def check_observable(adapter: Adapter, config: Any, scorer: Any) -> None:
+    """Refuse (before any work) a dense or unsupported model, and a routing criterion on
+    experts that are not called with the routing."""
+    layout = expert_layout(adapter, config)
+    if scorer.needs_calibration and not layout.observable:
+        raise UnsupportedModelError(
+            f"{config.model_type}: its experts are not called with the routing "
+            f"(hidden, top-k ids, weights), so {scorer.name!r} cannot observe them; "
+            "use --criterion magnitude."
+        )
 
 
 def _checked_scorer(criterion: str, options: dict[str, Any]):

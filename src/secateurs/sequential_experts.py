@@ -30,9 +30,8 @@ from secateurs.checkpoint import (
     write_json,
 )
 from secateurs.criteria import ScoringContext
-from secateurs.errors import ConfigError, UnsupportedModelError
+from secateurs.errors import ConfigError
 from secateurs.experts import (
-    expert_layout,
     expert_plan,
     moe_layers,
     observe_routing,
@@ -40,7 +39,13 @@ from secateurs.experts import (
     top_k,
     update_expert_config,
 )
-from secateurs.experts_api import ExpertOptions, _checked_scorer, allocate_experts, experts_record
+from secateurs.experts_api import (
+    ExpertOptions,
+    _checked_scorer,
+    allocate_experts,
+    check_observable,
+    experts_record,
+)
 from secateurs.lazy import LazyModel
 from secateurs.outputs import atomic_directory
 from secateurs.pipeline import SequentialPipeline
@@ -78,7 +83,7 @@ def sequential_prune_experts(
     opts = options or ExpertOptions(ratio=0.25)
     scorer = _checked_scorer(criterion, criterion_options)
     lazy = LazyModel(source, dtype, device, attn_implementation)
-    _check_observable(lazy, scorer)
+    check_observable(lazy.adapter, lazy.config, scorer)
     data = _Data(Path(source), calibration, data_root, batch_size, progress)
     tokens, calib = data.tokens() if scorer.needs_calibration else (None, None)
     model, adapter = lazy.model, lazy.adapter
@@ -98,16 +103,6 @@ def sequential_prune_experts(
         return record | {"pipeline": pipeline_record(lazy, batch_size), **extras}
 
     return stream_expert_prune(lazy, plan, out, describe, overwrite, progress)
-
-
-def _check_observable(lazy: LazyModel, scorer) -> None:
-    layout = expert_layout(lazy.adapter, lazy.config)  # dense or unsupported: refused here
-    if scorer.needs_calibration and not layout.observable:
-        raise UnsupportedModelError(
-            f"{lazy.config.model_type}: its experts are not called with the routing "
-            f"(hidden, top-k ids, weights), so {scorer.name!r} cannot observe them; "
-            "use --criterion magnitude."
-        )
 
 
 @torch.no_grad()
