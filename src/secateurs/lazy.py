@@ -362,11 +362,14 @@ class LazyModel:
         return (lse - picked).reshape(ids.shape[0], -1)
 
     def _head_block_bytes(self, name: str, positions: int) -> int:
-        """Head rows read at a time: their logits for ``positions`` tokens, in float32 and the
-        float64 copy, take at most ``_LOGITS_BYTES`` (not a whole default block's worth:
-        1016 positions × 29k rows were 0.36 GB at SmolLM2's size)."""
+        """Head rows read at a time: their logits for ``positions`` tokens (float32 and the
+        float64 copy) and their weights in the compute dtype each take at most
+        ``_LOGITS_BYTES`` (1016 positions × 29k rows of logits were 0.36 GB at SmolLM2's size;
+        126 positions sized by logits alone were 44k rows of a 3B head: 0.54 GB of weights)."""
         stored = self.reader.meta(name)
-        rows = max(1, _LOGITS_BYTES // (12 * max(1, positions)))
+        by_logits = _LOGITS_BYTES // (12 * max(1, positions))
+        by_weights = _LOGITS_BYTES // (4 * stored.shape[-1])  # the block's compute-dtype copy
+        rows = max(1, min(by_logits, by_weights))
         return rows * stored.shape[-1] * stored.dtype.itemsize
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
