@@ -93,8 +93,7 @@ def _report(result) -> int:
         print(f"kept head groups per layer: {list(plan.kept('heads'))}")
         print(f"kept MLP channels per layer: {list(plan.kept('channels'))}")
     if plan.has_experts:
-        kept = [plan.kept("experts")[i] for i in plan.expert_layers]
-        print(f"kept experts per MoE layer {list(plan.expert_layers)}: {kept}")
+        _print_kept_experts(plan)
     line = f"parameters: {params['before']:,} -> {params['after']:,}"
     if "achieved_ratio" in params:
         line += (
@@ -348,10 +347,13 @@ def _sequential_experts(args: argparse.Namespace, common: dict) -> int:
     options = ExpertOptions(args.ratio, args.remove, args.allocation)
     common = {key: value for key, value in common.items() if key != "offload_dir"}
     record = sequential_prune_experts(args.model, args.out, options=options, **common)
-    plan = Plan.from_dict(record["plan"])
-    kept = [plan.num_experts[i] - len(plan.experts[i]) for i in plan.expert_layers]
-    print(f"kept experts per MoE layer {list(plan.expert_layers)}: {kept}")
+    _print_kept_experts(Plan.from_dict(record["plan"]))
     return _report_streamed(record, args.out, "layer by layer")
+
+
+def _print_kept_experts(plan) -> None:
+    kept = [plan.kept("experts")[i] for i in plan.expert_layers]
+    print(f"kept experts per MoE layer {list(plan.expert_layers)}: {kept}")
 
 
 def depth_extras(args: argparse.Namespace) -> dict:
