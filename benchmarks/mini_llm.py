@@ -35,8 +35,9 @@ from _common import RESULTS, markdown_table, write_results  # noqa: E402
 from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.criteria import CRITERIA, ScoringContext  # noqa: E402
 from secateurs.criteria.mini_llm import combine, gate_gradients  # noqa: E402
-from secateurs.criteria.zeroth_order import SPSASettings, window_losses  # noqa: E402
+from secateurs.criteria.zeroth_order import SPSASettings  # noqa: E402
 from secateurs.models import load_model  # noqa: E402
+from secateurs.pipeline import window_losses  # noqa: E402
 
 KINDS = ("heads", "channels")
 # (label, windows, scope [+ layers per pass], prior power, SPSASettings kwargs)

@@ -44,6 +44,7 @@ from secateurs.surgery import apply_width_plan  # noqa: E402
 from secateurs.width_api import (  # noqa: E402
     WidthOptions,
     _plan,
+    _sensing,
     ensure_input_means,
     parameter_base,
     reconstruct_plan,
@@ -162,7 +163,7 @@ def prune_copy(dense, scored: dict, criterion: str, setting: dict, fit_tokens, a
     layers = opts.layer_range(adapter.num_layers(model))
     compensate = None if fit_tokens is None else False
     sensitivity, sensing_s = None, 0.0
-    if opts.allocation == "global" and opts.sensitivity is not False:
+    if _sensing(opts, scorer):  # as `secateurs prune`: not for loss-unit scores (influence)
         sensitivity, sensing_s = sensitivity_of(dense, scored, opts, layers, args)
     plan = _plan(
         model, adapter, scored["scores"], opts, layers, target, scorer, compensate, sensitivity

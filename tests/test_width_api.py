@@ -259,3 +259,46 @@ def test_global_allocation_learns_to_spare_a_layer_that_matters():
     kept = result.plan.kept("channels")
     assert kept[0] == max(kept)
     assert result.record["width"]["sensitivity"] is True
+
+
+def test_loss_scores_are_ranked_per_parameter_across_layers_and_kinds():
+    """Predicted loss changes are spent like a knapsack: cheapest loss per parameter first,
+    whatever the layer or kind — not per-layer z-scores, which would cut every layer alike."""
+    heads = UnitTable("heads", (torch.tensor([5.0, 9.0]), torch.tensor([50.0, 60.0])), (100, 100))
+    channels = UnitTable(
+        "channels", (torch.tensor([0.4, 0.3, 2.0]), torch.tensor([0.1, 3.0, 0.2])), (10, 10)
+    )
+    target = 100 + 3 * 10  # one head group and three channels' worth
+    removed = allocate([heads, channels], target, [0, 1], "global", Bounds(), loss_scores=True)
+    # per parameter: heads 0.05, 0.09 | 0.5, 0.6; channels 0.04, 0.03, 0.2 | 0.01, 0.3, 0.02
+    assert removed["heads"] == [(0,), ()]
+    assert removed["channels"] == [(0, 1), (0, 2)]
+    standardised = allocate([heads, channels], target, [0, 1], "global", Bounds())
+    assert standardised != removed  # the z-scores would take layer 1's head group
+
+
+def test_influence_global_allocation_needs_no_sensitivity_probe():
+    model = tiny_model("llama")
+    result = prune(
+        model,
+        None,
+        criterion="influence",
+        unit="width",
+        ratio=0.25,
+        allocation="global",
+        calibration=tokens(batch=8, length=16, seed=5),
+        progress=False,
+    )
+    record = result.record
+    assert record["width"]["sensitivity"] is False and record["layer_sensitivity"] is None
+    assert "per parameter" in record["allocation_rule"]
+    # every removed unit predicts less loss than every kept one of its kind (one cost per kind
+    # in this uniform model, so that is the per-parameter order)
+    for kind, removed in (("heads", result.plan.heads), ("channels", result.plan.channels)):
+        scores = record["width_scores"][kind]
+        gone = [s for layer, r in enumerate(removed) for i, s in enumerate(scores[layer]) if i in r]
+        kept = [
+            s for layer, r in enumerate(removed) for i, s in enumerate(scores[layer]) if i not in r
+        ]
+        if gone and kept:
+            assert max(gone) <= min(kept)

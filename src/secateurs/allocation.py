@@ -2,8 +2,11 @@
 
 ``uniform``: the same fraction of each unit kind in every pruned layer (heads rounded to whole
 KV groups per layer, channels to ``round_to``), the fraction chosen so that the parameters
-removed are closest to the target. ``global``: every unit of every pruned layer ranked together
-after per-layer, per-kind standardisation (FLAP), removed lowest first until the target is met.
+removed are closest to the target. ``global``: every unit of every pruned layer ranked together,
+removed lowest first until the target is met — ranked by predicted loss change per parameter
+where the criterion's scores are predicted loss changes (``influence``: comparable across
+layers and kinds as they are), else after per-layer, per-kind standardisation (FLAP), or sized
+by measured per-layer sensitivity (``secateurs.sensitivity``).
 """
 
 from __future__ import annotations
@@ -67,11 +70,13 @@ def allocate(
     bounds: Bounds,
     uniform_widths: bool | tuple[str, ...] = False,
     sensitivity: dict[str, Sequence[float]] | None = None,
+    loss_scores: bool = False,
 ) -> dict[str, list[tuple[int, ...]]]:
     """Removed unit indices per kind and layer, aiming at ``target`` parameters removed.
 
     ``global`` with ``sensitivity`` (per kind and layer, see ``secateurs.sensitivity``) sizes
-    each layer by it; without, it ranks all units together after per-layer standardisation.
+    each layer by it; without, it ranks all units together: by score per parameter if the
+    scores are predicted loss changes (``loss_scores``), else after per-layer standardisation.
     ``uniform_widths`` (global only): True, or the unit kinds, to spread evenly over layers.
     """
     if mode not in ALLOCATIONS:
@@ -82,11 +87,11 @@ def allocate(
         if sensitivity is not None:
             counts = sensitivity_counts(tables, target, layers, bounds, sensitivity)
         else:
-            counts = _global_counts(tables, target, layers, bounds)
+            counts = _global_counts(tables, target, layers, bounds, loss_scores)
         if uniform_widths:
             kinds = {t.kind for t in tables} if uniform_widths is True else set(uniform_widths)
             counts = _even_out(tables, counts, layers, bounds, kinds)
-            counts.update(_rebalance(tables, counts, target, layers, bounds, kinds))
+            counts.update(_rebalance(tables, counts, target, layers, bounds, kinds, loss_scores))
     return {t.kind: _lowest(t, counts[t.kind]) for t in tables}
 
 
@@ -154,14 +159,20 @@ def standardised(values: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / std
 
 
-def _global_counts(tables, target, layers, bounds) -> dict[str, list[int]]:
+def per_parameter(values: torch.Tensor, cost: int) -> torch.Tensor:
+    """Predicted loss change per parameter removed: the knapsack order of a global budget."""
+    return values.to(torch.float64) / max(cost, 1)
+
+
+def _global_counts(tables, target, layers, bounds, loss_scores=False) -> dict[str, list[int]]:
     counts = {t.kind: [0] * len(t.scores) for t in tables}
     candidates = []
     for t in tables:
         for layer in layers:
             least, _ = bounds.limits(t.count(layer), t.kind)
             counts[t.kind][layer] = least  # the per-layer minimum goes first
-            z = standardised(t.scores[layer])
+            values = t.scores[layer]
+            z = per_parameter(values, t.costs[layer]) if loss_scores else standardised(values)
             ranked = sorted(range(len(z)), key=lambda i: (float(t.scores[layer][i]), i))
             candidates += [(float(z[i]), t.kind, layer) for i in ranked[least:]]
     removed = _removed(tables, counts)
@@ -190,13 +201,15 @@ def _round_channels(tables, counts, layers, bounds) -> dict[str, list[int]]:
     return counts
 
 
-def _rebalance(tables, counts, target, layers, bounds, kinds) -> dict[str, list[int]]:
+def _rebalance(
+    tables, counts, target, layers, bounds, kinds, loss_scores=False
+) -> dict[str, list[int]]:
     """Kinds left free re-allocated globally for what the evened-out kinds did not remove."""
     free = [t for t in tables if t.kind not in kinds]
     if not free:
         return {}
     fixed = _removed([t for t in tables if t.kind in kinds], counts)
-    return _global_counts(free, target - fixed, layers, bounds)
+    return _global_counts(free, target - fixed, layers, bounds, loss_scores)
 
 
 def _even_out(tables, counts, layers, bounds, kinds=None) -> dict[str, list[int]]:

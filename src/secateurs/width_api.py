@@ -74,7 +74,8 @@ class WidthOptions:
     reconstruct_damping: float = 0.01
     reconstruct_samples: int = 64  # calibration windows for the fit (at least the scoring ones)
     # Global allocation sized by per-layer sensitivity measured on the calibration loss
-    # (``secateurs.sensitivity``); None: on where calibration data can be had.
+    # (``secateurs.sensitivity``); None: on where calibration data can be had, except for
+    # criteria whose scores are predicted loss changes (ranked per parameter as they are).
     sensitivity: bool | None = None
 
     def __post_init__(self) -> None:
@@ -152,7 +153,8 @@ def prune_width(
     layers = opts.layer_range(adapter.num_layers(model))
     base, before = parameter_base(model, opts.include_embeddings), count_parameters(model)
     compensating = _compensating(scorer, opts) and not opts.reconstructing
-    sensing = opts.allocation == "global" and bool(opts.sensitivity)
+    sensing = _sensing(opts, scorer)
+    opts = replace(opts, sensitivity=sensing)  # the record says what was done
     needs_data = scorer.needs_calibration or compensating or opts.reconstructing or sensing
     tokens, calib_record = _calibration(needs_data, calibration, tokenizer, data_root)
     ctx = ScoringContext(model.eval(), adapter, tokens, batch_size, (), progress)
@@ -183,6 +185,7 @@ def prune_width(
         details=criterion_details(ctx.extras),
         reconstruction=reconstruction,
         layer_sensitivity=sensitivity,
+        allocation_rule=allocation_rule(opts, scorer, sensitivity is not None),
     )
     return finish(model, tokenizer, plan, record, out=out, overwrite=overwrite)
 
@@ -194,8 +197,29 @@ def _resolved(opts: WidthOptions, calibration: Any, tokenizer: Tokenizer | None)
     if not able and None in (opts.reconstruct, opts.sensitivity):
         log.info("no calibration data (no tokenizer, no tensor): no reconstruction/sensitivity")
     reconstruct = RECONSTRUCT_DEFAULT and able if opts.reconstruct is None else opts.reconstruct
-    sensitivity = able if opts.sensitivity is None else opts.sensitivity
+    sensitivity = (None if able else False) if opts.sensitivity is None else opts.sensitivity
     return replace(opts, reconstruct=reconstruct, sensitivity=sensitivity)
+
+
+def allocation_rule(opts: WidthOptions, scorer: Any, sensed: bool) -> str:
+    """How the layers' widths were decided, in words for ``secateurs.json``."""
+    if opts.allocation == "uniform":
+        return "uniform: the same fraction in every pruned layer"
+    if sensed:
+        return "global: per-layer widths sized by measured loss sensitivity"
+    if getattr(scorer, "loss_scores", False):
+        return "global: units ranked by predicted loss change per parameter"
+    return "global: units ranked by per-layer standardised score"
+
+
+def _sensing(opts: WidthOptions, scorer: Any) -> bool:
+    """Whether global allocation measures per-layer sensitivity: as asked, else on unless the
+    criterion's scores already are predicted loss changes (``Criterion.loss_scores``)."""
+    if opts.allocation != "global":
+        return False
+    if opts.sensitivity is not None:
+        return opts.sensitivity
+    return not getattr(scorer, "loss_scores", False)
 
 
 def _checked_scorer(model, adapter: Adapter, criterion: str, opts: WidthOptions, options: dict):
@@ -278,7 +302,14 @@ def _plan(
         tables.append(UnitTable(kind, tuple(per_layer), costs))
     bounds = Bounds(opts.min_ratio, opts.max_ratio, opts.round_to)
     removed = allocate(
-        tables, target, layers, opts.allocation, bounds, opts.uniform_widths, sensitivity
+        tables,
+        target,
+        layers,
+        opts.allocation,
+        bounds,
+        opts.uniform_widths,
+        sensitivity,
+        loss_scores=getattr(scorer, "loss_scores", False),
     )
     n = len(tables[0].scores)
     empty: tuple[tuple[int, ...], ...] = tuple(() for _ in range(n))

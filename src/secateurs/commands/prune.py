@@ -66,7 +66,8 @@ def add_width_args(parser: argparse.ArgumentParser) -> None:
         "--sensitivity",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="global allocation sized by per-layer loss sensitivity (default: on)",
+        help="global allocation sized by per-layer loss sensitivity (default: on, except for "
+        "criteria scoring predicted loss changes, e.g. influence: ranked per parameter)",
     )
     group.add_argument(
         "--reconstruct-damping", type=float, default=0.01, help="ridge λ / mean diag of the Gram"

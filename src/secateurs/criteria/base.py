@@ -76,6 +76,9 @@ class Criterion(ABC):
     units: ClassVar[frozenset[str]] = frozenset({"block", "attn", "mlp"})
     needs_calibration: ClassVar[bool] = True
     uses_backward: ClassVar[bool] = False
+    # width scores are predicted calibration-loss changes, comparable across layers and kinds
+    # as they are: global allocation ranks them per parameter and needs no sensitivity probe
+    loss_scores: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:
