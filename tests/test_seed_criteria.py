@@ -8,6 +8,7 @@ from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.criteria.base import calibration_loss
 from secateurs.criteria.hywia import fuse
 from secateurs.criteria.influence import removal_loss_change
+from secateurs.errors import ConfigError
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
 
 SEED_CRITERIA = ("mini-llm", "hywia", "influence")
@@ -77,6 +78,32 @@ def test_hywia_saves_fusion_weights_and_zero_group_scores_lowest():
     assert scores[1][7] == 0 and scores[1].argmin() == 7
     fusion = ctx.extras["fusion_weight_fine"]["channels"]
     assert len(fusion) == 6 and len(fusion[1]) == 64 and all(0 <= a <= 1 for a in fusion[1])
+
+
+def test_hywia_coarse_view_is_the_influence_estimate_or_group_taylor():
+    """coarse="influence": the fused views are F and influence's ΔL (floored at 0), exactly;
+    coarse="taylor": F and |Σ w·G|, the group-level first-order Taylor."""
+    from secateurs.criteria.taylor import gradient_moments
+
+    model = tiny_model("llama")
+    ctx = context(model)
+    fine, taylor_coarse = [], []
+    slices = [ctx.groups(layer, "channels") for layer in range(ctx.num_layers())]
+    params = list({id(s.param): s.param for layer in slices for s in layer}.values())
+    grads, _ = gradient_moments(ctx, params)
+    for layer in slices:
+        wg = [s.per_group(s.param.detach().double() * grads[id(s.param)]) for s in layer]
+        fine.append(sum(part.abs().sum((1, 2)) for part in wg))
+        taylor_coarse.append(sum(part.sum((1, 2)) for part in wg).abs())
+    changes = CRITERIA.get("influence")().score_width(ctx, "channels")
+    fused = CRITERIA.get("hywia")().score_width(ctx, "channels")
+    plain = CRITERIA.get("hywia")(coarse="taylor").score_width(ctx, "channels")
+    for layer in range(ctx.num_layers()):
+        expected = fuse(fine[layer], changes[layer].double().clamp_min(0), 1.0)[0]
+        torch.testing.assert_close(fused[layer], expected)
+        torch.testing.assert_close(plain[layer], fuse(fine[layer], taylor_coarse[layer], 1.0)[0])
+    with pytest.raises(ConfigError, match="coarse view"):
+        CRITERIA.get("hywia")(coarse="vector")
 
 
 # --- influence ------------------------------------------------------------------------------------

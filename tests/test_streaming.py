@@ -148,3 +148,20 @@ def test_cli_stream_refuses_what_it_cannot_do(tmp_path, capsys, flags, message):
     assert main(["prune", str(source), "--stream", *flags, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_explicit_cut_needs_no_data_but_healing_does(tmp_path, monkeypatch, capsys):
+    """`--blocks` alone reads no calibration: it runs with no data directory; `--heal` fits on
+    C4 and says so before the model is loaded."""
+    from secateurs.cli import main
+
+    monkeypatch.delenv("SECATEURS_DATA_DIR", raising=False)
+    monkeypatch.setattr("secateurs.data.hub_reachable", lambda: False)
+    source = tmp_path / "source"
+    tiny_model("llama").save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    assert main(["prune", str(source), "--blocks", "1,4", "--out", str(tmp_path / "a")]) == 0
+    healed = ["prune", str(source), "--blocks", "1,4", "--heal", "--out", str(tmp_path / "b")]
+    assert main(healed) == 2
+    assert "C4 calibration needs data" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -37,12 +37,9 @@ def layer_sensitivity(
     scores: dict[str, Sequence[torch.Tensor]],
     layers: Sequence[int],
     fraction: float,
-    fill: dict[str, Sequence[torch.Tensor]] | None = None,
 ) -> dict[str, list[float]]:
     """s[kind][layer] = ΔL(masking the ``fraction`` lowest units of that layer) / fraction²
-    (0 for layers outside ``layers``). ``fill``: per kind, each layer's mean output-projection
-    inputs — the masked units are replaced by their means (FLAP's compensation, the part of
-    reconstruction a mask can show) instead of zeros."""
+    (0 for layers outside ``layers``)."""
     base = mean_loss(ctx)
     out: dict[str, list[float]] = {}
     for kind, per_layer in scores.items():
@@ -52,8 +49,7 @@ def layer_sensitivity(
                 continue
             units = lowest(per_layer[layer], fraction)
             removed = [units if i == layer else () for i in range(len(per_layer))]
-            means = None if fill is None else {kind: fill[kind]}
-            with width_masked(ctx.model, ctx.adapter, {kind: removed}, means):
+            with width_masked(ctx.model, ctx.adapter, {kind: removed}):
                 change = mean_loss(ctx) - base
             share = len(units) / len(per_layer[layer])
             out[kind][layer] = max(change, 0.0) / share**2

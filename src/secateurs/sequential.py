@@ -312,36 +312,60 @@ def stream_width_prune(
     model, adapter = lazy.model, lazy.adapter
     original = widths(model, adapter)[0]
     refitter = _prepare(lazy, plan, opts, fit_tokens, means)
-    reader = CheckpointReader(lazy.source)
+
+    def cut(index: int) -> None:
+        if refitter is not None:
+            refitter.layer(model, adapter, plan, index)
+        else:
+            cut_layer(model, adapter, plan, index, means)
+
+    def complete(record: dict[str, Any], plain: bool) -> None:
+        record["reconstruction"] = _reconstruction_record(refitter, fit_tokens)
+        record["parameters"]["plain_config"] = plain
+        record.setdefault("timings", {})["surgery_s"] = round(time.perf_counter() - start, 3)
+
+    update = lambda: update_config(model, adapter, original)  # noqa: E731
+    stream_surgery(lazy, out, cut, update, describe, complete, overwrite, progress)
+    return Path(out)
+
+
+def stream_surgery(
+    lazy: LazyModel,
+    out: str | os.PathLike,
+    cut: Callable[[int], None],
+    update_config: Callable[[], Any],
+    describe: Callable[[PreTrainedModel], dict[str, Any]],
+    complete: Callable[[dict[str, Any], Any], None] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The streamed write shared by width and expert pruning: each layer loaded, ``cut``
+    (index) and spilled to disk; then the config (``update_config()``, its result handed to
+    ``complete``), the weights in the checkpoint's layout, the tokenizer and the record
+    (``describe(model)`` + structure, completed by ``complete(record, updated)``), atomically.
+    Returns the record saved."""
+    model = lazy.model
     with atomic_directory(out, overwrite=overwrite, needed=_output_bytes(lazy)) as tmp:
         spill = tmp / ".layers"
         spill.mkdir()
-        steps = tqdm(range(len(lazy.layers)), desc="surgery", disable=not progress, leave=False)
-        for index in steps:
+        for index in tqdm(range(len(lazy.layers)), "surgery", disable=not progress, leave=False):
             with lazy.loaded(index):
-                if refitter is not None:
-                    refitter.layer(model, adapter, plan, index)
-                else:
-                    cut_layer(model, adapter, plan, index, means)
+                cut(index)
                 _spill_layer(lazy, index, spill)
-        plain = update_config(model, adapter, original)
+        updated = update_config()
         model.config.dtype = _checkpoint_dtype(lazy.config)
         _write_config(model, lazy.source, tmp)
-        _write_weights(lazy, reader, spill, tmp)
-        for path in spill.iterdir():
-            path.unlink()
-        spill.rmdir()
+        _write_weights(lazy, CheckpointReader(lazy.source), spill, tmp)
+        shutil.rmtree(spill)
         _copy_tokenizer(lazy.source, tmp)
-        full = {**describe(model), **structure_record(model)}
-        if not full["loading"]["plain_transformers"]:
+        record = {**describe(model), **structure_record(model), "streamed": True}
+        if not record["loading"]["plain_transformers"]:
             mark_config(tmp)
-        full["reconstruction"] = _reconstruction_record(refitter, fit_tokens)
-        full["parameters"]["plain_config"] = plain
-        full.setdefault("timings", {})["surgery_s"] = round(time.perf_counter() - start, 3)
-        full["timings"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        full["streamed"] = True
-        write_json(tmp / RECORD_FILE, full)
-    return Path(out)
+        if complete is not None:
+            complete(record, updated)
+        record.setdefault("timings", {})["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        write_json(tmp / RECORD_FILE, record)
+    return record
 
 
 def _prepare(lazy: LazyModel, plan: Plan, opts: WidthOptions, fit_tokens, means):

@@ -12,22 +12,16 @@ layer plus the calibration activations.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from secateurs.checkpoint import (
-    RECORD_FILE,
     check_output_dir,
-    mark_config,
-    structure_record,
-    write_json,
 )
 from secateurs.criteria import ScoringContext
 from secateurs.errors import ConfigError
@@ -47,18 +41,14 @@ from secateurs.experts_api import (
     experts_record,
 )
 from secateurs.lazy import LazyModel
-from secateurs.outputs import atomic_directory
 from secateurs.pipeline import SequentialPipeline
 from secateurs.plan import Plan, check_scores
-from secateurs.runinfo import count_parameters, peak_rss_mb
+from secateurs.runinfo import count_parameters
 from secateurs.sequential import (
     _Data,
-    _output_bytes,
-    _spill_layer,
-    _write_weights,
     pipeline_record,
+    stream_surgery,
 )
-from secateurs.streaming import CheckpointReader, _checkpoint_dtype, _copy_tokenizer, _write_config
 
 
 def sequential_prune_experts(
@@ -145,23 +135,10 @@ def stream_expert_prune(
     the record of the pruned (meta) model. Returns the record saved."""
     model, adapter = lazy.model, lazy.adapter
     removed = plan.removed_by_layer()
-    with atomic_directory(out, overwrite=overwrite, needed=_output_bytes(lazy)) as tmp:
-        spill = tmp / ".layers"
-        spill.mkdir()
-        for index in tqdm(range(len(lazy.layers)), "surgery", disable=not progress, leave=False):
-            with lazy.loaded(index):
-                if removed.get(index):
-                    prune_layer_experts(model, adapter, index, removed[index])
-                _spill_layer(lazy, index, spill)
-        update_expert_config(model, adapter)
-        model.config.dtype = _checkpoint_dtype(lazy.config)
-        _write_config(model, lazy.source, tmp)
-        _write_weights(lazy, CheckpointReader(lazy.source), spill, tmp)
-        shutil.rmtree(spill)
-        _copy_tokenizer(lazy.source, tmp)
-        record = {**describe(model), **structure_record(model), "streamed": True}
-        if not record["loading"]["plain_transformers"]:
-            mark_config(tmp)
-        record["timings"]["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        write_json(tmp / RECORD_FILE, record)
-    return record
+
+    def cut(index: int) -> None:
+        if removed.get(index):
+            prune_layer_experts(model, adapter, index, removed[index])
+
+    update = lambda: update_expert_config(model, adapter)  # noqa: E731
+    return stream_surgery(lazy, out, cut, update, describe, None, overwrite, progress)

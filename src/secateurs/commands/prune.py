@@ -482,7 +482,7 @@ class Prune(Command):
             check_experts_config(args.model)
         check_output_dir(args.out, args.overwrite)  # before loading or scoring anything
         scores = ScoreResult.from_dict(json.loads(args.scores.read_text())) if args.scores else None
-        if scores is None:
+        if scores is None and not (explicit and not args.heal):  # an explicit cut reads no data
             check_data_needs(args)
         model, tokenizer = load_model(
             args.model, dtype=args.dtype, device=args.device, require_adapter=True

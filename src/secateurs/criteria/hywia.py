@@ -7,8 +7,12 @@ G the calibration-loss gradient summed (signed) over batches and the group's wei
 its rows/columns in every projection):
 
     fine      F_g = Σ_{w ∈ W_g} |w · G_w|          (element-wise first-order Taylor)
-    coarse    C_g = |Σ_{w ∈ W_g} w · G_w|          (group-level first-order Taylor: the loss
-                                                    change of zeroing the whole group)
+    coarse    C_g = ΔL_g of ``influence``           (``coarse="influence"``, default: the
+                                                    loss change of removing the whole group
+                                                    *and* re-fitting what remains, floored
+                                                    at 0 — the model reconstruction makes)
+          or  C_g = |Σ_{w ∈ W_g} w · G_w|          (``coarse="taylor"``: group-level first-order
+                                                    Taylor, the loss change of zeroing it)
     normalise F̃ = F / mean_layer(F),  C̃ = C / mean_layer(C)      (scale-free per layer)
     fuse      (α_F, α_C) = softmax([F̃_g, C̃_g] / τ);   score_g = α_F F̃_g + α_C C̃_g
 
@@ -27,6 +31,8 @@ from secateurs.criteria.taylor import gradient_moments
 from secateurs.errors import ConfigError
 from secateurs.units import masked
 
+COARSE_VIEWS = ("influence", "taylor")
+
 
 @CRITERIA.register("hywia")
 class HyWIA(Criterion):
@@ -34,34 +40,48 @@ class HyWIA(Criterion):
     uses_backward = True
     units = frozenset({"heads", "channels"})
     summary = (
-        "fine (|W·G| per weight) and coarse (|ΣW·G| per group) Taylor, fused by softmax attention"
+        "fine (|W·G| per weight) and coarse (group ΔL after re-fit) importance, fused by attention"
     )
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float = 1.0, coarse: str = "influence") -> None:
         if not temperature > 0:
             raise ConfigError(f"hywia: temperature must be positive, got {temperature}.")
-        self.temperature = float(temperature)
+        if coarse not in COARSE_VIEWS:
+            raise ConfigError(
+                f"hywia: unknown coarse view {coarse!r}; expected one of {COARSE_VIEWS}."
+            )
+        self.temperature, self.coarse = float(temperature), coarse
 
-    def options(self) -> dict[str, float]:
-        return {"temperature": self.temperature}
+    def options(self) -> dict[str, float | str]:
+        return {"temperature": self.temperature, "coarse": self.coarse}
 
     def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
         slices = [ctx.groups(layer, kind) for layer in range(ctx.num_layers())]
         params = list({id(s.param): s.param for layer in slices for s in layer}.values())
         with masked(ctx.model, ctx.adapter, ctx.removed):
             grads, _ = gradient_moments(ctx, params)
+        group_changes = self._group_changes(ctx, kind)
         scores, fusion = [], []
-        for layer in slices:
+        for index, layer in enumerate(slices):
             wg = [
                 s.per_group(s.param.detach().to(torch.float64) * grads[id(s.param)]) for s in layer
             ]
             fine = sum(part.abs().sum((1, 2)) for part in wg)
-            coarse = sum(part.sum((1, 2)) for part in wg).abs()
+            if group_changes is None:
+                coarse = sum(part.sum((1, 2)) for part in wg).abs()
+            else:  # a removal predicted to help is as unimportant as one predicted free
+                coarse = group_changes[index].to(torch.float64).clamp_min(0)
             score, alpha = fuse(fine, coarse, self.temperature)
             scores.append(score)
             fusion.append(alpha.tolist())
         ctx.extras.setdefault("fusion_weight_fine", {})[kind] = fusion
         return scores
+
+    def _group_changes(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor] | None:
+        """The coarse view from ``influence`` (None: the group-level Taylor view)."""
+        if self.coarse != "influence":
+            return None
+        return CRITERIA.get("influence")().score_width(ctx, kind)
 
 
 def fuse(
