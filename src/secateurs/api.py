@@ -26,6 +26,7 @@ from secateurs.depth_api import SUBBLOCK, explicit_plan, run_search, search_budg
 from secateurs.errors import ConfigError
 from secateurs.export import engines_for_model
 from secateurs.healing import heal_calibration, heal_plan
+from secateurs.objectives import objective
 from secateurs.plan import (
     Plan,
     check_scores,
@@ -568,6 +569,12 @@ def _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how):
     tokens, calib_record = _calibration(True, how["calibration"], tokenizer, how["data_root"])
     options = dict(how["options"])
     batch_size = int(options.pop("batch_size", 8))
+    if set(options) - {"objective", "top_k"}:
+        raise ConfigError(
+            "The greedy search takes --option batch_size, objective (nll, kl) and top_k; got "
+            f"{sorted(set(options) - {'objective', 'top_k'})}."
+        )
+    goal = objective(str(options.pop("objective", "nll")), **options)
     start = time.perf_counter()
     units, state = run_search(
         model.eval(),
@@ -580,6 +587,7 @@ def _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how):
         how["shortlist"],
         batch_size,
         how["progress"],
+        goal,
     )
     seconds = time.perf_counter() - start
     search = search_record(state, unit, num_layers, how["shortlist"])
@@ -589,7 +597,7 @@ def _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how):
             spec.name,
             kind,
             tuple(values),
-            {"search": True, "batch_size": batch_size},
+            {"search": True, "batch_size": batch_size, **goal.options()},
             calib_record,
             seconds,
         )

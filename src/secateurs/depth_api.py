@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from secateurs.adapters import Adapter
 from secateurs.depth_search import SearchState, greedy_search, step_scores, unit_params
 from secateurs.errors import ConfigError
 from secateurs.layerwise import LayerRunner
+from secateurs.objectives import NLL, DenseKL
 from secateurs.plan import RECORD_KEYS, Plan
 from secateurs.units import Unit
 
@@ -140,8 +140,10 @@ def run_search(
     shortlist: int | None,
     batch_size: int = 8,
     progress: bool = True,
+    objective: NLL | DenseKL | None = None,
 ) -> tuple[list[Unit], SearchState]:
-    """Greedy PPL search over ``unit`` candidates outside ``protected`` (see depth_search)."""
+    """Greedy search over ``unit`` candidates outside ``protected`` (see depth_search), by
+    calibration NLL or another ``objective``."""
     num_layers = adapter.num_layers(model)
     candidates = [
         Unit(layer, kind)
@@ -154,7 +156,7 @@ def run_search(
     else:
         cost = {u: 1 for u in candidates}
     runner = LayerRunner(model, adapter, calibration, batch_size)
-    state = greedy_search(runner, candidates, cost, budget, shortlist, progress)
+    state = greedy_search(runner, candidates, cost, budget, shortlist, progress, objective)
     return merge_branches(state.removed), state
 
 
@@ -165,7 +167,10 @@ def search_record(
     return {
         "order": [list(u) for u in state.removed],
         "shortlist": shortlist,
-        "calibration_ppl": [math.exp(state.measured[u][0]) for u in state.removed],
+        "objective": state.objective.options(),
+        "calibration_" + ("ppl" if state.objective.name == "nll" else state.objective.name): [
+            state.objective.shown(state.measured[u][0]) for u in state.removed
+        ],
         "scored_per_step": [len(step["nll"]) for step in state.steps],
         "steps": state.steps,
         "first_step_scores": {

@@ -8,6 +8,9 @@ first (full, one-shot) step only a ``shortlist`` of candidates is re-scored: tho
 measured NLL increase over the then-current model was smallest. ``shortlist=None`` re-scores
 every candidate every step (exact greedy); ``shortlist=0`` never re-scores (one-shot ranking).
 
+"NLL" here is the search's objective (``secateurs.objectives``): the calibration NLL by default,
+or the KL divergence from the dense model's predictions (``objective=kl``).
+
 Candidates are blocks (``kinds=("block",)``) or, for the joint sub-block search of BlockPruner,
 attention and MLP branches ranked together (``kinds=("attn", "mlp")``) under a parameter budget;
 a layer that loses both branches is reported as a removed block.
@@ -24,9 +27,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
-from secateurs.criteria.ppl import mean_nll, unit_nll
 from secateurs.errors import ConfigError
 from secateurs.layerwise import LayerRunner
+from secateurs.objectives import NLL, DenseKL
 from secateurs.units import Unit
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ class SearchState:
     """What the search knows: the latest NLL of each candidate and the base it was measured on."""
 
     removed: list[Unit] = field(default_factory=list)
+    objective: NLL | DenseKL = field(default_factory=NLL)  # what "NLL" below means
     base: float = 0.0  # NLL of the model with ``removed`` gone
     measured: dict[Unit, tuple[float, float]] = field(default_factory=dict)  # (nll, base then)
     steps: list[dict] = field(default_factory=list)  # per step: chosen, NLLs scored this step
@@ -59,6 +63,7 @@ def greedy_search(
     budget: int,
     shortlist: int | None = 3,
     progress: bool = False,
+    objective: NLL | DenseKL | None = None,
 ) -> SearchState:
     """Remove candidates greedily until their ``cost`` adds up to ``budget`` (see module doc).
 
@@ -68,10 +73,11 @@ def greedy_search(
     if shortlist is not None and shortlist < 0:
         raise ConfigError(f"shortlist must be >= 0 (or None for all); got {shortlist}.")
     slack = min(cost.values()) // 2
-    state = SearchState()
+    state = SearchState(objective=objective or NLL())
     runner.capture(())
+    state.objective.prepare(runner.logits_from(0))  # the dense reference, if it needs one
     last = len(runner) - 1
-    state.base = mean_nll(runner.logits_from(last)) if last >= 0 else 0.0
+    state.base = state.objective(runner.logits_from(last)) if last >= 0 else 0.0
     spent = 0
     with tqdm(total=budget, desc="depth search", disable=not progress, leave=False) as bar:
         while True:
@@ -109,7 +115,7 @@ def _step(runner: LayerRunner, state: SearchState, fits: list[Unit], shortlist: 
     removed = tuple(state.removed)
     scored = {}
     for unit in to_score:
-        scored[unit] = unit_nll(runner, removed, unit)
+        scored[unit] = state.objective(runner.logits_from(unit.layer, (*removed, unit)))
         state.measured[unit] = (scored[unit], state.base)
     if shortlist == 0 and not first:  # one-shot: the step-1 ranking decides
         choice = min(fits, key=lambda u: (state.increase(u), u))
@@ -119,10 +125,11 @@ def _step(runner: LayerRunner, state: SearchState, fits: list[Unit], shortlist: 
     state.base = state.measured[choice][0]
     state.steps.append({"chosen": list(choice), "nll": {_key(u): v for u, v in scored.items()}})
     log.info(
-        "search: removed %s %d (calibration PPL %.3f)",
+        "search: removed %s %d (%s %.3f)",
         choice.kind,
         choice.layer,
-        math.exp(state.base),
+        state.objective.label,
+        state.objective.shown(state.base),
     )
     return choice
 
@@ -132,10 +139,11 @@ def _key(unit: Unit) -> str:
 
 
 def step_scores(state: SearchState, step: int, kind: str, num_layers: int) -> torch.Tensor:
-    """Per-layer PPL of ``kind`` units measured at ``step`` (inf where not scored then)."""
+    """Per-layer score of ``kind`` units measured at ``step`` (inf where not scored then): the
+    calibration PPL (``nll``) or KL from dense (``kl``)."""
     values = torch.full((num_layers,), math.inf, dtype=torch.float64)
     for key, nll in state.steps[step]["nll"].items():
         unit_kind, layer = key.split(":")
         if unit_kind == kind:
-            values[int(layer)] = math.exp(nll)
+            values[int(layer)] = state.objective.shown(nll)
     return values

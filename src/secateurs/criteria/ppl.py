@@ -11,46 +11,18 @@ the whole model once per unit with the unit masked by hooks (the reference).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import Criterion, ScoringContext
 from secateurs.errors import ConfigError
 from secateurs.layerwise import LayerRunner
+from secateurs.objectives import mean_nll
+from secateurs.objectives import objective as make_objective
 from secateurs.units import Unit, masked
 
 PATHS = ("fast", "masked")
-
-
-def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of windows ``ids`` (B, T) under ``logits`` (B, T, V), and count."""
-    # Shift the targets, not the logits: no copy of the (B, T, V) logits is made.
-    targets = torch.full_like(ids, -100)
-    targets[:, :-1] = ids[:, 1:]
-    flat = logits.reshape(-1, logits.size(-1))
-    nll = F.cross_entropy(flat.float(), targets.reshape(-1), reduction="sum")
-    return float(nll), ids[:, 1:].numel()
-
-
-def mean_nll(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean token NLL over (window ids, logits) batches."""
-    total, count = 0.0, 0
-    for ids, logits in pairs:
-        nll, n = token_nll(logits, ids)
-        total, count = total + nll, count + n
-    return total / count
-
-
-def unit_nll(runner: LayerRunner, removed: tuple[Unit, ...], unit: Unit) -> float:
-    """Calibration mean NLL with ``removed`` and ``unit`` gone, from layer ``unit.layer`` on.
-
-    The runner's cache must hold the inputs with ``removed`` gone (those after ``unit.layer``
-    are not needed: the run recomputes them).
-    """
-    return mean_nll(runner.logits_from(unit.layer, (*removed, unit)))
 
 
 @CRITERIA.register("ppl")
@@ -58,13 +30,23 @@ class Perplexity(Criterion):
     name = "ppl"
     summary = "calibration PPL with the unit removed alone (higher = more important)"
 
-    def __init__(self, path: str = "fast", batch_size: int | str = 8) -> None:
+    def __init__(
+        self,
+        path: str = "fast",
+        batch_size: int | str = 8,
+        objective: str = "nll",
+        top_k: int | str | None = None,
+    ) -> None:
         if path not in PATHS:
             raise ConfigError(f"ppl path must be one of {PATHS}; got {path!r}.")
         self.path, self.batch_size = path, int(batch_size)
+        extra = {} if top_k is None else {"top_k": int(top_k)}
+        self.objective = make_objective(objective, **extra)
+        if self.objective.name != "nll" and path != "fast":
+            raise ConfigError(f"ppl: objective {objective!r} needs path='fast'.")
 
     def options(self) -> dict:
-        return {"path": self.path, "batch_size": self.batch_size}
+        return {"path": self.path, "batch_size": self.batch_size, **self.objective.options()}
 
     @torch.no_grad()
     def score(self, ctx: ScoringContext, unit: str) -> torch.Tensor:
@@ -73,17 +55,24 @@ class Perplexity(Criterion):
             (ctx.num_layers(),), math.inf, dtype=torch.float64
         )  # removed: never again
         if hasattr(ctx.pipeline, "removal_nll"):  # layer by layer from disk: all at once
+            if self.objective.name != "nll":
+                raise ConfigError("ppl: layer by layer, only objective=nll is supported.")
             for layer, nll in ctx.pipeline.removal_nll(unit, live).items():
                 scores[layer] = math.exp(nll)
             return scores
         if self.path == "fast":
             runner = LayerRunner(ctx.model, ctx.adapter, ctx.calibration, self.batch_size)
             runner.capture(ctx.removed)
-            nll = lambda layer: unit_nll(runner, ctx.removed, Unit(layer, unit))  # noqa: E731
+            goal = self.objective
+            goal.prepare(runner.logits_from(0))  # the dense reference, if it needs one
+
+            def nll(layer: int) -> float:
+                return goal(runner.logits_from(layer, (*ctx.removed, Unit(layer, unit))))
+
         else:
             nll = lambda layer: self._masked_nll(ctx, Unit(layer, unit))  # noqa: E731
         for layer in ctx.bar(live, f"ppl: {unit}s"):
-            scores[layer] = math.exp(nll(layer))
+            scores[layer] = self.objective.shown(nll(layer))
         return scores
 
     def _masked_nll(self, ctx: ScoringContext, unit: Unit) -> float:
