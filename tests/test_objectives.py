@@ -120,3 +120,22 @@ def test_bad_objectives_are_refused():
     with pytest.raises(ConfigError, match="greedy search takes"):
         model = tiny_model("llama")
         prune(model, None, criterion="ppl", remove=1, iterative=True, calibration=tokens(), foo=1)
+
+
+def test_greedy_search_defaults_to_kl_and_nll_is_slebs_objective():
+    def search(**options):
+        result = prune(
+            tiny_model("llama"),
+            None,
+            criterion="ppl",
+            remove=2,
+            iterative=True,
+            calibration=tokens(batch=4, length=12),
+            progress=False,
+            **options,
+        )
+        return result.record["search"]
+
+    assert search()["objective"] == {"objective": "kl", "top_k": 64}
+    nll = search(objective="nll")
+    assert nll["objective"] == {"objective": "nll"} and len(nll["calibration_ppl"]) == 2

@@ -15,3 +15,8 @@ HEAL_TARGETS = ("local", "dense")
 # --unit block,width: the share of the parameter budget taken by whole blocks. Decided by
 # benchmarks/combined.py (docs/plans.md): at 20% of SmolLM2-135M, 0.25 was the best mixed split.
 DEPTH_SHARE = 0.25
+
+# What the greedy depth search minimises (secateurs.objectives): "kl", the divergence of the
+# pruned model's next-token distributions from the dense model's, made its choices stable over
+# calibration seeds on SmolLM2 where "nll" (SLEB's calibration NLL) was not (docs/depth.md).
+SEARCH_OBJECTIVE = "kl"
