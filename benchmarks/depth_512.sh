@@ -13,9 +13,10 @@ declare -A SEL=(
   [sg6]=13,14,15,17,25,26
   [sg10]=3,5,12,13,14,15,16,17,25,26
   [ours10]=4,5,12,13,14,15,16,17,18,26
+  [ourskl6]=13,14,15,16,17,18
 )
 models=(smollm2-135m)
-for name in sl6 sl10 sg6 sg10 ours10; do
+for name in sl6 sl10 sg6 sg10 ours10 ourskl6; do
   secateurs prune smollm2-135m --blocks "${SEL[$name]}" --out $R/$name --overwrite >/dev/null
   secateurs prune smollm2-135m --blocks "${SEL[$name]}" --heal --out $R/$name-heal --overwrite >/dev/null
   models+=($R/$name $R/$name-heal)
@@ -26,9 +27,10 @@ import json
 
 runs = {m["model"].split("/")[-1]: m["results"] for m in
         json.load(open("benchmarks/results/depth-512-anchors.json"))["models"]}
-rows = [("smollm2-135m", "dense"), ("sl6", "Shortened LLaMA 6 (= ours ppl+ --iterative)"),
+rows = [("smollm2-135m", "dense"), ("sl6", "Shortened LLaMA 6 (= ours, objective nll)"),
+        ("ourskl6", "ours ppl+ --iterative 6 (objective kl, the default)"),
         ("sg6", "ShortGPT 6"), ("sl10", "Shortened LLaMA 10"), ("sg10", "ShortGPT 10"),
-        ("ours10", "ours ppl+ --iterative 10")]
+        ("ours10", "ours ppl+ --iterative 10 (either objective)")]
 lines = ["| selection | unhealed WikiText-2 | unhealed PTB | --heal WikiText-2 | --heal PTB |",
          "|---|---:|---:|---:|---:|"]
 for key, label in rows:
@@ -38,7 +40,8 @@ for key, label in rows:
 header = ("SmolLM2-135M; first 512 windows of WikiText-2 test / PTB, seq 128, one BOS at the "
           "stream start; --heal fits on 64 C4 windows, seed 0. Produced by `bash "
           "benchmarks/depth_512.sh` (explicit --blocks, no scoring); ours are the blocks "
-          "`ppl+ --iterative` chose in benchmarks/results/depth.md (seed 0).")
+          "`ppl+ --iterative` chose at calibration seed 0 (benchmarks/results/depth.md with objective "
+          "nll, depth-search-objective.md with kl).")
 text = header + "\n\n" + "\n".join(lines) + "\n"
 open("benchmarks/results/depth-512-anchors.md", "w").write(text)
 print(text)
