@@ -139,3 +139,13 @@ def test_greedy_search_defaults_to_kl_and_nll_is_slebs_objective():
     assert search()["objective"] == {"objective": "kl", "top_k": 64}
     nll = search(objective="nll")
     assert nll["objective"] == {"objective": "nll"} and len(nll["calibration_ppl"]) == 2
+    joint = prune(
+        tiny_model("llama"),
+        None,
+        criterion="ppl",
+        unit="subblock",
+        remove=1,
+        calibration=tokens(batch=4, length=12),
+        progress=False,
+    )
+    assert joint.record["search"]["objective"] == {"objective": "nll"}  # the joint search's

@@ -21,7 +21,13 @@ from secateurs.adapters import adapter_for
 from secateurs.checkpoint import check_output_dir, write_json
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.data import CalibrationConfig
-from secateurs.defaults import DEFAULT_SHORTLIST, DEPTH_SHARE, HEAL_SAMPLES, SEARCH_OBJECTIVE
+from secateurs.defaults import (
+    DEFAULT_SHORTLIST,
+    DEPTH_SHARE,
+    HEAL_SAMPLES,
+    SEARCH_OBJECTIVE,
+    SUBBLOCK_SEARCH_OBJECTIVE,
+)
 from secateurs.depth_api import SUBBLOCK, explicit_plan, run_search, search_budget, search_record
 from secateurs.errors import ConfigError
 from secateurs.export import engines_for_model
@@ -574,7 +580,8 @@ def _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how):
             "The greedy search takes --option batch_size, objective (nll, kl) and top_k; got "
             f"{sorted(set(options) - {'objective', 'top_k'})}."
         )
-    goal = objective(str(options.pop("objective", SEARCH_OBJECTIVE)), **options)
+    default = SUBBLOCK_SEARCH_OBJECTIVE if unit == SUBBLOCK else SEARCH_OBJECTIVE
+    goal = objective(str(options.pop("objective", default)), **options)
     start = time.perf_counter()
     units, state = run_search(
         model.eval(),
