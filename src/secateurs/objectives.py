@@ -1,18 +1,19 @@
 """What a depth search minimises on the calibration windows: NLL, or divergence from dense.
 
-``nll`` (default, Shortened LLaMA / SLEB): the mean next-token NLL of the pruned model; a
-candidate's score is its calibration PPL, exp(NLL).
+``nll`` (Shortened LLaMA / SLEB; the default of one-shot ``ppl`` and of the joint sub-block
+search): the mean next-token NLL of the pruned model; a candidate's score is its calibration
+PPL, exp(NLL).
 
-``kl``: the mean over predicted tokens of KL(dense ‖ pruned), the dense model's next-token
-distribution read over its ``top_k`` most likely tokens plus one bucket for all the others —
-the exact KL of the two distributions coarsened to those k + 1 outcomes (a lower bound of the
-full KL, equal to it as k → vocabulary). It scores how far a removal moves the model from what
-it predicted, over the whole distribution, instead of how much probability the one observed
-next token keeps: on SmolLM2-135M, 6 blocks, 32 C4 windows, the greedy search's selections
-for calibration seeds 0, 1 and 2 share five blocks with ``kl`` (four with ``nll``), and two of
-the three meet issue 10's healed target (one with ``nll``; ``docs/depth.md``). Memory: k
-log-probabilities and indices per calibration token (32 windows × 128 tokens × k = 64:
-about 3 MB), not the dense logits.
+``kl`` (the greedy block search's default, ``defaults.SEARCH_OBJECTIVE``): the mean over
+predicted tokens of KL(dense ‖ pruned), the dense model's next-token distribution read over its
+``top_k`` most likely tokens plus one bucket for all the others — the exact KL of the two
+distributions coarsened to those k + 1 outcomes (a lower bound of the full KL, equal to it as
+k → vocabulary). It scores how far a removal moves the model from what it predicted, over the
+whole distribution, instead of how much probability the one observed next token keeps. On
+SmolLM2-135M (6 blocks, 32 C4 windows) the search's selections for calibration seeds 0, 1, 2
+share five blocks with ``kl`` (four with ``nll``) and all three meet issue 10's healed target
+(one with ``nll``; ``docs/depth.md``). Memory: k log-probabilities and indices per calibration
+token (32 windows × 128 tokens × k = 64: about 3 MB), not the dense logits.
 
 An objective is prepared once on the dense model's (window ids, logits) batches, then called
 on a pruned model's batches in the same order.
