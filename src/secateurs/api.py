@@ -575,10 +575,11 @@ def _searched_plan(model, tokenizer, spec, unit, num_layers, protected, how):
     tokens, calib_record = _calibration(True, how["calibration"], tokenizer, how["data_root"])
     options = dict(how["options"])
     batch_size = int(options.pop("batch_size", 8))
-    if set(options) - {"objective", "top_k"}:
+    unknown = sorted(set(options) - {"objective", "top_k"})
+    if unknown:
         raise ConfigError(
             "The greedy search takes --option batch_size, objective (nll, kl) and top_k; got "
-            f"{sorted(set(options) - {'objective', 'top_k'})}."
+            f"{unknown}."
         )
     default = SUBBLOCK_SEARCH_OBJECTIVE if unit == SUBBLOCK else SEARCH_OBJECTIVE
     goal = objective(str(options.pop("objective", default)), **options)

@@ -207,7 +207,7 @@ def allocation_rule(opts: WidthOptions, scorer: Any, sensed: bool) -> str:
         return "uniform: the same fraction in every pruned layer"
     if sensed:
         return "global: per-layer widths sized by measured loss sensitivity"
-    if getattr(scorer, "loss_scores", False):
+    if scorer.loss_scores:
         return "global: units ranked by predicted loss change per parameter"
     return "global: units ranked by per-layer standardised score"
 
@@ -219,7 +219,7 @@ def _sensing(opts: WidthOptions, scorer: Any) -> bool:
         return False
     if opts.sensitivity is not None:
         return opts.sensitivity
-    return not getattr(scorer, "loss_scores", False)
+    return not scorer.loss_scores
 
 
 def _checked_scorer(model, adapter: Adapter, criterion: str, opts: WidthOptions, options: dict):
@@ -309,7 +309,7 @@ def _plan(
         bounds,
         opts.uniform_widths,
         sensitivity,
-        loss_scores=getattr(scorer, "loss_scores", False),
+        loss_scores=scorer.loss_scores,
     )
     n = len(tables[0].scores)
     empty: tuple[tuple[int, ...], ...] = tuple(() for _ in range(n))
