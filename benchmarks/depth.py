@@ -2,13 +2,16 @@
 
 Every selection is evaluated here, in one run, by the same eval: WikiText-2 and PTB perplexity
 (seq_len 128, one BOS at the stream start, the first --max-windows windows of each), with and
-without least-squares healing (``--heal``). Scoring runs in a fresh ``secateurs prune`` process
-per method, so its time and peak memory are its own. Budgets: 6 and 10 of 30 blocks; the
-sub-block search removes the same number of parameters (its 6-block row is the prefix of its
-10-block search that fits the 6-block budget). The calibration seed spread scores one-shot
-``ppl+`` at several seeds and sample counts.
+without least-squares healing (``--heal``). Budgets: 6 and 10 of 30 blocks; the sub-block search
+removes the same number of parameters (its 6-block row is the prefix of its 10-block search that
+fits the 6-block budget). Every method is scored at every calibration seed (``--seeds``), each
+time in a fresh ``secateurs prune`` process, so its time and peak memory are its own.
+Evaluations run in ``--workers`` processes (one while scoring runs on the other core); a
+selection several methods or seeds share is evaluated once, and every result is cached as it
+ends (``--cache``), so an interrupted run resumes. ``--only-spread``: one-shot ``ppl+`` over
+calibration seeds and sizes, scored in process.
 
-    python benchmarks/depth.py --max-windows 64
+    python benchmarks/depth.py --max-windows 512 --name depth-512   # issue #10's protocol
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -60,7 +66,9 @@ TIMING_KEYS = ("scoring_s", "scoring_cpu_s", "process_s", "peak_rss_mb")
 METHODS = ["ppl+:iterative", "ppl+:subblock", "ppl+", "block-influence", "taylor+"]
 
 
-def prune_in_fresh_process(args, folder: Path, name: str, *extra: str) -> tuple[dict, float, float]:
+def prune_in_fresh_process(
+    args, folder: Path, name: str, seed: int, *extra: str
+) -> tuple[dict, float, float]:
     out = folder / name
     seconds, peak_mb = run_measured(
         [
@@ -76,23 +84,23 @@ def prune_in_fresh_process(args, folder: Path, name: str, *extra: str) -> tuple[
             "--calib-seq-len",
             "128",
             "--seed",
-            str(args.seed),
-            "--data-dir",
-            str(args.data_dir),
+            str(seed),
+            *(["--data-dir", str(args.data_dir)] if args.data_dir else []),
         ]
     )
     return json.loads((out / "secateurs.json").read_text()), seconds, peak_mb
 
 
-def method_plans(method: str, args, folder: Path, dense) -> tuple[dict[int, Plan], dict]:
-    """Plans for every budget from one scoring run of ``method``, and what it cost."""
+def method_plans(method: str, seed: int, args, folder: Path, dense) -> tuple[dict[int, Plan], dict]:
+    """Plans for every budget from one scoring run of ``method`` at calibration ``seed``."""
     criterion, _, mode = method.partition(":")
     extra = ["--criterion", criterion, "--remove", str(max(args.budgets))]
     if mode == "iterative":
         extra += ["--iterative", "--shortlist", str(args.shortlist)]
     if mode == "subblock":
         extra += ["--unit", "subblock", "--shortlist", str(args.shortlist)]
-    record, seconds, peak = prune_in_fresh_process(args, folder, method.replace(":", "-"), *extra)
+    name = f"{method.replace(':', '-')}-seed{seed}"
+    record, seconds, peak = prune_in_fresh_process(args, folder, name, seed, *extra)
     info = {
         "scoring_s": record["timings"]["scoring_s"],
         "scoring_cpu_s": record["timings"]["scoring_cpu_s"],
@@ -150,27 +158,97 @@ def describe(plan: Plan) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def plan_rows(method: str, plans: dict[int, Plan], info: dict, dense, tokenizer, heal_tokens, args):
-    rows = []
-    for count, plan in plans.items():
-        for healed in (False, True) if args.heal else (False,):
-            model = copy.deepcopy(dense)
-            if healed:
-                heal_plan(model, adapter_for(model), plan, heal_tokens)
-            apply_plan(model, plan)
-            row = {
-                "method": method,
-                "budget": count,
-                "healed": healed,
-                "params": count_parameters(model),
-                **evaluate(model, tokenizer, args),
-                "removed": describe(plan),
-                **{k: v for k, v in info.items() if k in TIMING_KEYS},
-            }
-            rows.append(row)
-            print({k: v for k, v in row.items()}, flush=True)
-            del model
-    return rows
+# Evaluation runs in worker processes that each load the dense model once; a selection that
+# several methods or seeds share is evaluated once (results are keyed by what is removed).
+_WORKER: dict = {}
+
+
+def _start_worker(args) -> None:
+    torch.set_num_threads(1)
+    dense, tokenizer = load_model(args.model)
+    heal_tokens = CalibrationConfig(n_samples=HEAL_SAMPLES, seed=args.heal_seed).load(
+        tokenizer, args.data_dir
+    )
+    _WORKER.update(dense=dense, tokenizer=tokenizer, heal_tokens=heal_tokens, args=args)
+
+
+def _evaluate_selection(fields: dict, healed: bool) -> dict:
+    dense, args = _WORKER["dense"], _WORKER["args"]
+    plan = Plan(**fields)
+    model = copy.deepcopy(dense)
+    if healed:
+        heal_plan(model, adapter_for(model), plan, _WORKER["heal_tokens"])
+    apply_plan(model, plan)
+    return {"params": count_parameters(model), **evaluate(model, _WORKER["tokenizer"], args)}
+
+
+def selection_key(plan: Plan, healed: bool) -> str:
+    return f"{describe(plan) or 'dense'}{' +heal' if healed else ''}"
+
+
+class Evaluations:
+    """PPL of every (selection, healed) pair, computed once, cached on disk, in worker processes."""
+
+    def __init__(self, args, workers: int):
+        self.path = Path(args.cache) if args.cache else None
+        self.done: dict[str, dict] = (
+            json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
+        )
+        context = multiprocessing.get_context("spawn")
+        self.pools = [
+            ProcessPoolExecutor(1, context, initializer=_start_worker, initargs=(args,))
+            for _ in range(workers)
+        ]
+        self.active = 1  # one worker while scoring runs on the other core
+        self.pending: dict[str, Future] = {}
+        self.queued: list[list[Future]] = [[] for _ in self.pools]
+        self.lock = threading.Lock()
+
+    def widen(self) -> None:
+        """Scoring is over: every worker takes new selections."""
+        self.active = len(self.pools)
+
+    def submit(self, plan: Plan, healed: bool) -> None:
+        key = selection_key(plan, healed)
+        if key in self.done or key in self.pending:
+            return
+        fields = {"num_layers": plan.num_layers, "blocks": plan.blocks, "attn": plan.attn}
+        fields["mlp"] = plan.mlp
+        # The worker with the fewest unfinished evaluations takes it.
+        index = min(range(self.active), key=lambda i: sum(not f.done() for f in self.queued[i]))
+        future = self.pools[index].submit(_evaluate_selection, fields, healed)
+        future.add_done_callback(lambda done, key=key: self._finished(key, done))
+        self.pending[key] = future
+        self.queued[index].append(future)
+
+    def _finished(self, key: str, future: Future) -> None:
+        """Record each evaluation as it ends, so an interrupted run resumes from the cache."""
+        if future.exception() is not None:
+            return  # raised again by result()
+        with self.lock:
+            self.done[key] = future.result()
+            print(f"[{len(self.done)} evaluated] {key}: {self.done[key]}", flush=True)
+            if self.path:
+                atomic_write_json(self.path, self.done)
+
+    def result(self, plan: Plan, healed: bool) -> dict:
+        key = selection_key(plan, healed)
+        if key in self.pending:
+            value = self.pending.pop(key).result()  # waits; raises the worker's error
+            with self.lock:  # its callback may not have run yet
+                self.done.setdefault(key, value)
+        return self.done[key]
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown()
+
+
+def atomic_write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=1))
+    temporary.replace(path)
 
 
 def seed_spread(dense, tokenizer, args) -> list[dict]:
@@ -207,104 +285,237 @@ def seed_spread(dense, tokenizer, args) -> list[dict]:
     return spread
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--budgets", default="6,10", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--budgets", default="6,10", type=_ints)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--n-samples", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2", type=_ints, help="calibration seeds")
+    parser.add_argument("--heal-seed", type=int, default=0, help="seed of the healing data")
     parser.add_argument("--shortlist", type=int, default=3)
     parser.add_argument("--heal", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument(
-        "--spread-seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",") if x]
-    )
-    parser.add_argument(
-        "--spread-sizes", default="10,32", type=lambda s: [int(x) for x in s.split(",") if x]
-    )
+    parser.add_argument("--workers", type=int, default=2, help="evaluation processes")
+    parser.add_argument("--cache", default=None, help="JSON of finished evaluations (resume)")
+    parser.add_argument("--spread-seeds", default="0,1,2", type=_ints)
+    parser.add_argument("--spread-sizes", default="10,32", type=_ints)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--only-spread", action="store_true", help="the seed spread alone")
+    parser.add_argument("--only-spread", action="store_true", help="one-shot ppl+ seed spread")
     parser.add_argument("--name", default="depth", help="results/NAME.json and .md")
     args = parser.parse_args()
-    if args.only_spread:
-        dense, tokenizer = load_model(args.model)
-        write_table([], seed_spread(dense, tokenizer, args), args)
-        return
+    args.cache = args.cache or str(
+        Path(tempfile.gettempdir()) / f"secateurs-depth-{args.model}-{args.max_windows}w.json"
+    )
+    return args
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(1)
     dense, tokenizer = load_model(args.model)
-    heal_tokens = CalibrationConfig(n_samples=HEAL_SAMPLES, seed=args.seed).load(
-        tokenizer, args.data_dir
-    )
-    rows = [
-        {
-            "method": "dense",
-            "budget": 0,
-            "params": count_parameters(dense),
-            **evaluate(dense, tokenizer, args),
-        }
-    ]
-    print(rows[-1], flush=True)
+    if args.only_spread:
+        write_spread(seed_spread(dense, tokenizer, args), args)
+        return
     num_layers = dense.config.num_hidden_layers
-    for name, selections in ANCHORS.items():
-        plans = {n: Plan(num_layers, blocks=selections[n]) for n in args.budgets if n in selections}
-        rows += plan_rows(name, plans, {}, dense, tokenizer, heal_tokens, args)
-        write_table(rows, [], args)
+    healings = (False, True) if args.heal else (False,)
+    evals = Evaluations(args, args.workers)
+    selections = [("dense", None, 0, Plan(num_layers), {})]
+    for name, chosen in ANCHORS.items():
+        selections += [
+            (name, None, n, Plan(num_layers, blocks=chosen[n])) + ({},)
+            for n in args.budgets
+            if n in chosen
+        ]
+    for _, _, budget, plan, _ in selections:
+        for healed in healings if budget else (False,):
+            evals.submit(plan, healed)
     with tempfile.TemporaryDirectory() as folder:
         for method in [m for m in args.methods.split(",") if m]:
-            plans, info = method_plans(method, args, Path(folder), dense)
-            rows += plan_rows(method, plans, info, dense, tokenizer, heal_tokens, args)
-            write_table(rows, [], args, {method: info})
-    spread = seed_spread(dense, tokenizer, args) if args.spread_seeds else []
-    write_table(rows, spread, args)
-
-
-_DETAILS: dict[str, dict] = {}
-
-
-def write_table(rows: list[dict], spread: list[dict], args, details: dict | None = None) -> None:
-    _DETAILS.update(details or {})
-    columns = [
-        ("method", "selection"),
-        ("budget", "blocks' worth"),
-        ("healed", "healed"),
-        ("params", "params"),
-        ("wikitext2", "WikiText-2 PPL"),
-        ("ptb", "PTB PPL"),
-        ("scoring_s", "scoring s"),
-        ("scoring_cpu_s", "scoring CPU s"),
-        ("peak_rss_mb", "peak RSS MB"),
-        ("removed", "removed"),
+            for seed in args.seeds:
+                plans, info = method_plans(method, seed, args, Path(folder), dense)
+                selections += [(method, seed, n, plan, info) for n, plan in plans.items()]
+    evals.widen()
+    for _, _, budget, plan, _ in selections:
+        for healed in healings if budget else (False,):
+            evals.submit(plan, healed)
+    rows = [
+        {
+            "method": method,
+            "seed": seed,
+            "budget": budget,
+            "healed": healed,
+            **evals.result(plan, healed),
+            "removed": describe(plan),
+            **{k: v for k, v in info.items() if k in TIMING_KEYS},
+        }
+        for method, seed, budget, plan, info in selections
+        for healed in (healings if budget else (False,))
     ]
+    evals.close()
+    details = {f"{m}:seed{s}": i for m, s, _, _, i in selections if i}
+    write_table(rows, args, details)
+
+
+def write_table(rows: list[dict], args, details: dict) -> None:
     protocol = (
         f"SmolLM2-135M ({args.model}), seq_len 128, one BOS at the stream start, first "
         f"{args.max_windows} windows of WikiText-2 test and PTB validation; calibration: "
-        f"{args.n_samples} C4 windows × 128 tokens, seed {args.seed}; healing fits on "
-        f"{HEAL_SAMPLES} C4 windows; greedy searches re-score a shortlist of {args.shortlist} "
-        "per step after the first. Scoring and evaluation in one run on one machine (1 thread)."
+        f"{args.n_samples} C4 windows × 128 tokens at seeds {', '.join(map(str, args.seeds))}; "
+        f"--heal fits on {HEAL_SAMPLES} C4 windows (seed {args.heal_seed}); greedy searches "
+        f"re-score a shortlist of {args.shortlist} per step after the first. Each scoring run is a "
+        "fresh `secateurs prune` process (1 thread; one evaluation process ran on the other core)."
     )
-    table = f"{protocol}\n\n" + (markdown_table(rows, columns) if rows else "")
-    if spread:
-        spread_columns = [
-            ("n_samples", "calibration windows"),
-            ("seed", "seed"),
-            ("budget", "blocks"),
-            ("removed", "removed"),
-            ("wikitext2", "WikiText-2 PPL"),
-            ("ptb", "PTB PPL"),
-            ("scoring_s", "scoring s"),
+    table = "\n\n".join(
+        [
+            protocol,
+            markdown_table(summary_rows(rows), SUMMARY_COLUMNS),
+            "Every calibration seed:",
+            markdown_table(seed_rows(rows), SEED_COLUMNS),
+            "Issue #10's targets (0.9× the best anchor selection, unhealed, per dataset):",
+            markdown_table(target_rows(rows), TARGET_COLUMNS),
         ]
-        table += "\n\nOne-shot ppl+ over calibration seeds and sizes:\n\n" + markdown_table(
-            spread, spread_columns
-        )
-    data = {
-        "protocol": protocol,
-        "args": vars(args),
-        "rows": rows,
-        "spread": spread,
-        "methods": _DETAILS,
-    }
+    )
+    data = {"protocol": protocol, "args": vars(args), "rows": rows, "methods": details}
     write_results(args.name, data, table)
+
+
+SUMMARY_COLUMNS = [
+    ("method", "selection"),
+    ("budget", "blocks' worth"),
+    ("healed", "healed"),
+    ("params", "params"),
+    ("wikitext2", "WikiText-2 (seed 0)"),
+    ("ptb", "PTB (seed 0)"),
+    ("wikitext2_range", "WikiText-2 over seeds"),
+    ("ptb_range", "PTB over seeds"),
+    ("scoring_s", "scoring s"),
+    ("scoring_cpu_s", "scoring CPU s"),
+    ("peak_rss_mb", "peak RSS MB"),
+    ("removed", "removed (seed 0)"),
+]
+SEED_COLUMNS = [
+    ("method", "selection"),
+    ("budget", "blocks' worth"),
+    ("seed", "seed"),
+    ("removed", "removed"),
+    ("wikitext2", "WikiText-2"),
+    ("ptb", "PTB"),
+    ("wikitext2_healed", "--heal WikiText-2"),
+    ("ptb_healed", "--heal PTB"),
+    ("scoring_cpu_s", "scoring CPU s"),
+]
+TARGET_COLUMNS = [
+    ("budget", "blocks' worth"),
+    ("target", "target WikiText-2 / PTB"),
+    ("best", "best of ours, seed 0"),
+    ("ours", "its WikiText-2 / PTB (seed 0)"),
+    ("worst", "its worst seed"),
+    ("met", "met at every seed"),
+]
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """Seed 0 (or the anchor) per method, budget and healing, with the range over seeds."""
+    summary = []
+    for row in rows:
+        if row["seed"] not in (None, rows_seeds(rows)[0]):
+            continue
+        same = [
+            r
+            for r in rows
+            if (r["method"], r["budget"], r["healed"])
+            == (row["method"], row["budget"], row["healed"])
+        ]
+        extra = {}
+        if len(same) > 1:
+            for dataset in ("wikitext2", "ptb"):
+                values = [r[dataset] for r in same]
+                extra[f"{dataset}_range"] = f"{min(values):.2f}–{max(values):.2f}"
+        summary.append({**row, **extra})
+    return summary
+
+
+def rows_seeds(rows: list[dict]) -> list[int]:
+    return sorted({r["seed"] for r in rows if r["seed"] is not None}) or [0]
+
+
+def seed_rows(rows: list[dict]) -> list[dict]:
+    table = []
+    for row in rows:
+        if row["seed"] is None or row["healed"]:
+            continue
+        healed = next(
+            (
+                r
+                for r in rows
+                if r["healed"]
+                and (r["method"], r["seed"], r["budget"])
+                == (row["method"], row["seed"], row["budget"])
+            ),
+            {},
+        )
+        table.append(
+            {
+                **row,
+                "wikitext2_healed": healed.get("wikitext2"),
+                "ptb_healed": healed.get("ptb"),
+            }
+        )
+    return table
+
+
+def target_rows(rows: list[dict]) -> list[dict]:
+    """Per budget: the 0.9× targets, and the best of our methods (healed or not) at seed 0."""
+    targets = []
+    first = rows_seeds(rows)[0]
+    for budget in sorted({r["budget"] for r in rows if r["budget"]}):
+        anchors = [
+            r for r in rows if r["seed"] is None and r["budget"] == budget and not r["healed"]
+        ]
+        ours = [r for r in rows if r["seed"] is not None and r["budget"] == budget]
+        if not anchors or not ours:
+            continue
+        goal = {d: 0.9 * min(r[d] for r in anchors) for d in ("wikitext2", "ptb")}
+        best = min((r for r in ours if r["seed"] == first), key=lambda r: r["wikitext2"] + r["ptb"])
+        variants = [
+            r for r in ours if (r["method"], r["healed"]) == (best["method"], best["healed"])
+        ]
+        worst = max(variants, key=lambda r: max(r[d] / goal[d] for d in goal))
+        targets.append(
+            {
+                "budget": budget,
+                "target": f"{goal['wikitext2']:.2f} / {goal['ptb']:.2f}",
+                "best": f"{best['method']}{' --heal' if best['healed'] else ''}",
+                "ours": f"{best['wikitext2']:.2f} / {best['ptb']:.2f}",
+                "worst": f"{worst['wikitext2']:.2f} / {worst['ptb']:.2f} (seed {worst['seed']})",
+                "met": all(r[d] <= goal[d] for r in variants for d in goal),
+            }
+        )
+    return targets
+
+
+def write_spread(spread: list[dict], args) -> None:
+    columns = [
+        ("n_samples", "calibration windows"),
+        ("seed", "seed"),
+        ("budget", "blocks"),
+        ("removed", "removed"),
+        ("wikitext2", "WikiText-2 PPL"),
+        ("ptb", "PTB PPL"),
+        ("scoring_s", "scoring s"),
+    ]
+    protocol = (
+        f"SmolLM2-135M ({args.model}), seq_len 128, one BOS at the stream start, first "
+        f"{args.max_windows} windows of WikiText-2 test and PTB validation; one-shot ppl+ "
+        "scored in process over calibration seeds and sizes."
+    )
+    table = f"{protocol}\n\n" + markdown_table(spread, columns)
+    write_results(args.name, {"protocol": protocol, "args": vars(args), "spread": spread}, table)
 
 
 if __name__ == "__main__":

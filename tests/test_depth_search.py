@@ -182,11 +182,13 @@ def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_pa
         blocks="2,3,5",
         heal=True,
         heal_bias=bias,
+        heal_target=target,
         calibration=ids,
         out=tmp_path / "h",
         progress=False,
     )
     runs = result.record["healing"]["runs"]
+    assert result.record["healing"]["target"] == target
     assert [r["blocks"] for r in runs] == [[2, 3], [5, 5]]
     assert all(r["error_after"] <= r["error_before"] for r in runs)
     assert runs[0]["error_after"] < runs[0]["error_before"]  # the fit does something
@@ -197,6 +199,19 @@ def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_pa
         torch.testing.assert_close(reloaded(x).logits, result.model(x).logits, rtol=0, atol=1e-5)
         unhealed = apply_plan(tiny_model("llama"), result.plan)
         assert not torch.allclose(unhealed(x).logits, result.model(x).logits, atol=1e-4)
+
+
+def test_dense_target_also_corrects_the_drift_of_earlier_runs():
+    """The first run sees the dense stream either way; a later one's target differs."""
+    ids, plan = tokens(batch=4, length=12), Plan(LAYERS, blocks=(2, 3, 5))
+    runs = {
+        target: heal_plan(
+            tiny_model("llama"), adapter_for(tiny_model("llama")), plan, ids, target=target
+        )["runs"]
+        for target in ("local", "dense")
+    }
+    assert runs["local"][0]["error_before"] == pytest.approx(runs["dense"][0]["error_before"])
+    assert runs["local"][1]["error_before"] != pytest.approx(runs["dense"][1]["error_before"])
 
 
 def test_cli_depth_flags(model_dir, calibration_file, tmp_path, capsys):

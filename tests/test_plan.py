@@ -171,6 +171,19 @@ def test_combined_plan_saves_and_reloads_exactly(tmp_path):
     torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=0, atol=1e-6)
 
 
+def test_removed_branches_alone_are_not_recorded_as_widths(tmp_path):
+    """A removed branch reads as width 0, but the kept branches have the config's widths: the
+    record and the loading note name branches only, and the reload is still exact."""
+    model = tiny_model("llama")
+    apply_plan(model, Plan(LAYERS, attn=(1,), mlp=(2,)))
+    save_checkpoint(model, None, tmp_path / "m", {})
+    record = read_record(tmp_path / "m")
+    assert record["structure"] == {"skipped_branches": [[1, "attn"], [2, "mlp"]]}
+    assert "widths" not in record["loading"]["how"]
+    reloaded, _ = load_model(tmp_path / "m")
+    torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=0, atol=1e-6)
+
+
 def test_experts_and_branches_in_one_plan_equal_the_masked_original():
     original = tiny_model("mixtral")
     adapter = adapter_for(original)

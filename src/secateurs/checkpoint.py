@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,7 +185,7 @@ def structure_record(model: PreTrainedModel) -> dict[str, Any]:
 
     skipped = skipped_branches(model)
     fresh = _model_from_own_config(model)
-    layer_widths = width_structure(model, fresh)
+    layer_widths = width_structure(model, fresh, skipped)
     experts = expert_structure(model)
     check_reloadable(model, fresh, skipped, bool(layer_widths) or bool(experts))
     structure: dict[str, Any] = {"skipped_branches": [list(unit) for unit in skipped]}
@@ -219,9 +220,10 @@ def _model_from_own_config(model: PreTrainedModel) -> PreTrainedModel | None:
 
 
 def width_structure(
-    model: PreTrainedModel, fresh: PreTrainedModel | None = None
+    model: PreTrainedModel, fresh: PreTrainedModel | None = None, skipped: list | None = None
 ) -> dict[str, list[int]] | None:
-    """Per-layer widths, if a model built from the config alone would have other shapes."""
+    """Per-layer widths, if a model built from the config alone would have other shapes in
+    the branches it keeps (``skipped``: its removed branches, as ``(layer, kind)``)."""
     from secateurs.adapters import adapter_for
     from secateurs.width import widths
 
@@ -229,14 +231,31 @@ def width_structure(
     if adapter.heads is None and adapter.channels is None:
         return None
     fresh = fresh if fresh is not None else _model_from_own_config(model)
-    actual = widths(model, adapter)
-    if fresh is None or actual == widths(fresh, adapter):
+    if fresh is None:
+        return None
+    actual, expected = widths(model, adapter), widths(fresh, adapter)
+    # A removed branch reads as width 0; it is recorded under skipped_branches, not a width.
+    kept = [
+        _as_if_kept(width, default, {kind for layer, kind in skipped if layer == index})
+        for index, (width, default) in enumerate(zip(actual, expected, strict=True))
+    ]
+    if kept == expected:
         return None
     return {
         "heads": [w.heads for w in actual],
         "kv_heads": [w.kv_heads for w in actual],
         "channels": [w.channels for w in actual],
     }
+
+
+def _as_if_kept(width, default, removed: set[str]):
+    """``width`` with the parts of removed branches read as the config's own."""
+    if "attn" in removed:
+        width = replace(width, heads=default.heads, kv_heads=default.kv_heads)
+        width = replace(width, head_dim=default.head_dim)
+    if "mlp" in removed:
+        width = replace(width, channels=default.channels)
+    return width
 
 
 def check_reloadable(

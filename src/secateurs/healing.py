@@ -204,8 +204,8 @@ def _heal_run(model, adapter, plan, tokens, gone, run, how) -> dict[str, Any]:
     damp, bias, target = how
     first, last = run
     entry: dict[str, Any] = {"blocks": [first, last], "into_layer": first - 1}
-    target = output_projection(model, adapter, first - 1) if first > 0 else None
-    if target is None or first - 1 in plan.mlp or adapter.channels.conv1d:
+    projection = output_projection(model, adapter, first - 1) if first > 0 else None
+    if projection is None or first - 1 in plan.mlp or adapter.channels.conv1d:
         entry["skipped"] = "no kept MLP output projection before the run"
         log.info("healing: run %s skipped (%s)", run, entry["skipped"])
         return entry
@@ -214,9 +214,9 @@ def _heal_run(model, adapter, plan, tokens, gone, run, how) -> dict[str, Any]:
     entry["error_before"] = float(stats["energy"])
     entry["error_after"] = residual_energy(stats, delta)
     if bias:
-        target.bias += delta[:, -1].to(target.bias.dtype)
+        projection.bias += delta[:, -1].to(projection.bias.dtype)
         delta = delta[:, :-1]
-    target.weight += delta.to(target.weight.dtype)
+    projection.weight += delta.to(projection.weight.dtype)
     log.info(
         "healing: blocks %d-%d into layer %d: error %.4g -> %.4g",
         first,
