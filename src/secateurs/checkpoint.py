@@ -233,6 +233,10 @@ def width_structure(
     fresh = fresh if fresh is not None else _model_from_own_config(model)
     if fresh is None:
         return None
+    if skipped is None:
+        from secateurs.surgery import skipped_branches
+
+        skipped = skipped_branches(model, adapter)
     actual, expected = widths(model, adapter), widths(fresh, adapter)
     # A removed branch reads as width 0; it is recorded under skipped_branches, not a width.
     kept = [
