@@ -41,6 +41,7 @@ from secateurs.api import (
     plan_from_scores,
     score_units,
 )  # noqa: E402
+from secateurs.checkpoint import write_json  # noqa: E402
 from secateurs.data import CalibrationConfig  # noqa: E402
 from secateurs.defaults import HEAL_SAMPLES  # noqa: E402
 from secateurs.depth_api import merge_branches  # noqa: E402
@@ -191,6 +192,8 @@ class Evaluations:
 
     def __init__(self, args, workers: int):
         self.path = Path(args.cache) if args.cache else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done: dict[str, dict] = (
             json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
         )
@@ -229,7 +232,7 @@ class Evaluations:
             self.done[key] = future.result()
             print(f"[{len(self.done)} evaluated] {key}: {self.done[key]}", flush=True)
             if self.path:
-                atomic_write_json(self.path, self.done)
+                write_json(self.path, self.done)
 
     def result(self, plan: Plan, healed: bool) -> dict:
         key = selection_key(plan, healed)
@@ -242,13 +245,6 @@ class Evaluations:
     def close(self) -> None:
         for pool in self.pools:
             pool.shutdown()
-
-
-def atomic_write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=1))
-    temporary.replace(path)
 
 
 def seed_spread(dense, tokenizer, args) -> list[dict]:
