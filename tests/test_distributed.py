@@ -317,3 +317,26 @@ def test_cuda_means_this_processes_gpu_under_a_launcher(monkeypatch):
     assert process_device("cpu") == "cpu"
     monkeypatch.delenv("LOCAL_RANK")
     assert process_device("cuda") == "cuda"
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group, as ``accelerate launch`` leaves one behind in every process."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    yield dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_launched_recover_command_ends_its_process_group(setup, tmp_path, process_group):
+    # a process exiting with gloo's group alive can abort (SIGABRT) while rank 0 still saves
+    from secateurs.cli import main
+
+    model, text = setup
+    assert main(_recover_args(model, text, tmp_path / "out", "--tokens", "256")) == 0
+    assert (tmp_path / "out" / "secateurs.json").is_file()
+    assert not process_group.is_initialized()

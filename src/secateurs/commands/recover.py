@@ -76,6 +76,7 @@ class Recover(Command):
             keep_work=args.keep_work,
             device=args.device,
         )
+        _lib().end_process_group()  # a launched process exits cleanly only without it
         if int(os.environ.get("RANK", "0")) != 0:
             return 0  # under accelerate launch / torchrun, rank 0 saves and reports
         _summary(result.record["recovery"], result.out)

@@ -9,6 +9,7 @@ DeepSpeed ZeRO-2 (``secateurs.recover.distributed``).
 from secateurs.recover.common import StageResult, TrainConfig, pack_documents, training_blocks
 from secateurs.recover.cpt import train_cpt
 from secateurs.recover.distill import DistillSettings, distillation_kl, train_distill
+from secateurs.recover.distributed import end_process_group
 from secateurs.recover.lora import LoraSettings, attach_lora, merge_lora, train_lora
 from secateurs.recover.pipeline import (
     DEFAULT_LR,
@@ -28,6 +29,7 @@ __all__ = [
     "TrainConfig",
     "attach_lora",
     "distillation_kl",
+    "end_process_group",
     "merge_lora",
     "pack_documents",
     "recover",

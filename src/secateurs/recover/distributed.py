@@ -186,3 +186,32 @@ def local_weight_fraction(model: torch.nn.Module) -> float:
     params = list(model.parameters())
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
     return local / max(1, sum(p.numel() for p in params))
+
+
+# --- the end of a launched run ------------------------------------------------------------------
+
+
+def wait_for_every_process() -> None:
+    """Hold every process until all reach this point (no-op outside a process group).
+
+    Rank 0 saves the output while the others are done: without this, ``recover`` would return
+    on rank 1 before the output it names exists.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def end_process_group() -> None:
+    """Wait for every process, then tear the process group down before the interpreter exits.
+
+    A process that exits with gloo's process group alive can abort in its C++ destructors
+    ("terminate called without an active exception", SIGABRT) while another rank still
+    talks to it, which fails the whole launch after a successful run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

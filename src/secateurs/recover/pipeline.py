@@ -35,7 +35,7 @@ from secateurs.plan import RECORD_KEYS
 from secateurs.recover.common import StageResult, TrainConfig, resume_point, training_blocks
 from secateurs.recover.cpt import train_cpt
 from secateurs.recover.distill import DistillSettings, train_distill
-from secateurs.recover.distributed import check_launch, process_device
+from secateurs.recover.distributed import check_launch, process_device, wait_for_every_process
 from secateurs.recover.lora import LoraSettings, train_lora
 from secateurs.registry import Registry
 
@@ -199,11 +199,13 @@ def recover(
         s.global_step >= configs[s.method].steps for s in stages
     )
     if not finished:
+        wait_for_every_process()
         return RecoveryResult(model, full_record, stages, None, finished=False)
     if out is not None and _is_main_process():
         save_recovered(model, tokenizer, out, full_record, overwrite=overwrite)
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
+    wait_for_every_process()  # every rank returns once the output exists
     return RecoveryResult(model, full_record, stages, Path(out) if out else None)
 
 
