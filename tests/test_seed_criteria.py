@@ -6,7 +6,7 @@ import torch
 from secateurs.adapters import adapter_for
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.criteria.base import calibration_loss
-from secateurs.criteria.hywia import fuse
+from secateurs.criteria.hywia import TEMPERATURE, fuse
 from secateurs.criteria.influence import removal_loss_change
 from secateurs.errors import ConfigError
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
@@ -99,9 +99,10 @@ def test_hywia_coarse_view_is_the_influence_estimate_or_group_taylor():
     fused = CRITERIA.get("hywia")().score_width(ctx, "channels")
     plain = CRITERIA.get("hywia")(coarse="taylor").score_width(ctx, "channels")
     for layer in range(ctx.num_layers()):
-        expected = fuse(fine[layer], changes[layer].double().clamp_min(0), 1.0)[0]
+        expected = fuse(fine[layer], changes[layer].double().clamp_min(0), TEMPERATURE)[0]
         torch.testing.assert_close(fused[layer], expected)
-        torch.testing.assert_close(plain[layer], fuse(fine[layer], taylor_coarse[layer], 1.0)[0])
+        taylor_fused = fuse(fine[layer], taylor_coarse[layer], TEMPERATURE)[0]
+        torch.testing.assert_close(plain[layer], taylor_fused)
     with pytest.raises(ConfigError, match="coarse view"):
         CRITERIA.get("hywia")(coarse="vector")
 
