@@ -3,6 +3,8 @@ worse than slicing (or FLAP) on the calibration data, standard checkpoints, ever
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -192,3 +194,24 @@ def test_reconstruction_is_on_by_default_where_calibration_can_be_had():
     )
     assert data_free.record["width"]["reconstruct"] is False
     assert data_free.record["reconstruction"] == {"enabled": False}
+
+
+@pytest.mark.parametrize(("criterion", "reconstruct", "warned"), [
+    ("influence", False, True),
+    ("influence", True, False),
+    ("fluctuation", False, False),
+])  # fmt: skip
+def test_a_criterion_that_predicts_the_reconstructed_model_warns_without_it(
+    criterion, reconstruct, warned, caplog
+):
+    opts = WidthOptions(ratio=0.3, reconstruct=reconstruct)
+    with caplog.at_level(logging.WARNING, logger="secateurs.width_api"):
+        prune_width(
+            tiny_model("llama"),
+            None,
+            criterion=criterion,
+            options=opts,
+            calibration=tokens(**CALIBRATION),
+            progress=False,
+        )
+    assert ("ranks units by the loss after reconstruction" in caplog.text) is warned

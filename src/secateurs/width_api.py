@@ -233,7 +233,19 @@ def _checked_scorer(model, adapter: Adapter, criterion: str, opts: WidthOptions,
             )
         if _compensating(scorer, opts) and not opts.reconstructing:
             check_compensation(model, adapter, kind)
+    _warn_if_unreconstructed(scorer, opts)
     return scorer
+
+
+def _warn_if_unreconstructed(scorer, opts: WidthOptions) -> None:
+    if scorer.assumes_reconstruction and not opts.reconstructing:
+        log.warning(
+            "%r ranks units by the loss after reconstruction re-fits what remains, and "
+            "reconstruction is off: the pruned model will be much worse than the scores predict "
+            "(SmolLM2-135M at LLM-Pruner's configuration, WikiText-2: 353 without, 143 with; "
+            "docs/width.md). Drop --no-reconstruct, or use 'fluctuation' or 'hywia'.",
+            scorer.name,
+        )
 
 
 def _compensating(scorer, opts: WidthOptions) -> bool:

@@ -79,6 +79,9 @@ class Criterion(ABC):
     # width scores are predicted calibration-loss changes, comparable across layers and kinds
     # as they are: global allocation ranks them per parameter and needs no sensitivity probe
     loss_scores: ClassVar[bool] = False
+    # width scores predict the model *after* reconstruction re-fits what remains: without it the
+    # ranking describes a model that is not produced
+    assumes_reconstruction: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:

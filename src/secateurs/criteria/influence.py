@@ -58,6 +58,7 @@ class Influence(Criterion):
     name = "influence"
     uses_backward = True
     loss_scores = True  # ΔL of the compensated model, in calibration-loss units
+    assumes_reconstruction = True
     units = frozenset({"heads", "channels"})
     summary = "predicted loss change ⟨G,ΔŴ⟩ + ½tr(S·W_c[(A⁻¹)_cc]⁻¹W_cᵀ) after the LS re-fit"
 
