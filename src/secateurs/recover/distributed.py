@@ -204,7 +204,8 @@ def wait_for_every_process() -> None:
 
 
 def end_process_group() -> None:
-    """Wait for every process, then tear the process group down before the interpreter exits.
+    """Tear the process group down before the interpreter exits (``recover`` has already held
+    every rank until the output was saved).
 
     A process that exits with gloo's process group alive can abort in its C++ destructors
     ("terminate called without an active exception", SIGABRT) while another rank still
@@ -213,5 +214,4 @@ def end_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
