@@ -31,7 +31,7 @@ def secateurs_cli() -> list[str]:
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A markdown table of ``rows`` with ``columns`` as (key, header) pairs."""
-    head = "| " + " | ".join(h for _, h in columns) + " |"
+    head = "| " + " | ".join(_cell(h) for _, h in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_cell(row.get(k)) for k, _ in columns) + " |" for row in rows]
     return "\n".join([head, rule, *body])
@@ -46,12 +46,19 @@ def _cell(value) -> str:
         return f"{value:,.2f}" if abs(value) < 1e5 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return str(value)
+    return str(value).replace("|", "\\|")  # a literal | would split the cell
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Temp file + rename: results files accumulate runs, and a killed run must not cut one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_results(name: str, data: dict, table: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(table + "\n")
+    write_atomically(RESULTS / f"{name}.json", json.dumps(data, indent=2) + "\n")
+    write_atomically(RESULTS / f"{name}.md", table + "\n")
     print(table)
     print(f"\nwrote {RESULTS / name}.json and .md")

@@ -34,10 +34,15 @@ from _common import RESULTS, markdown_table, write_results  # noqa: E402
 
 from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.criteria import CRITERIA, ScoringContext  # noqa: E402
-from secateurs.criteria.mini_llm import combine, gate_gradients  # noqa: E402
-from secateurs.criteria.zeroth_order import SPSASettings  # noqa: E402
+from secateurs.criteria.mini_llm import combine, gate_gradient_estimates  # noqa: E402
+from secateurs.criteria.zeroth_order import (  # noqa: E402
+    GateEstimate,
+    SPSASettings,
+    signal_to_noise,
+)
 from secateurs.models import load_model  # noqa: E402
 from secateurs.pipeline import window_losses  # noqa: E402
+from secateurs.width import output_weight_columns  # noqa: E402
 
 KINDS = ("heads", "channels")
 # (label, windows, scope [+ layers per pass], prior power, SPSASettings kwargs)
@@ -61,6 +66,21 @@ SWEEP = [
         1.0,
         dict(num_perturbations=1, antithetic=False),
     ),
+    # the default at 4× and 16× the passes: how far more samples go
+    (
+        "layer K=4 one-sided prior^1, 3 layers/pass",
+        10,
+        "layer3",
+        1.0,
+        dict(num_perturbations=4, antithetic=False),
+    ),
+    (
+        "layer K=16 one-sided prior^1, 3 layers/pass",
+        10,
+        "layer3",
+        1.0,
+        dict(num_perturbations=16, antithetic=False),
+    ),
 ]
 
 
@@ -78,28 +98,17 @@ def agreement(ours: list[torch.Tensor], truth: list[torch.Tensor]) -> dict[str, 
 
 def oracle_gates(ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
     """Exact a_g by backprop through gates s = 1 on the output projections' input columns."""
-    gates, handles = [], []
-    for layer in range(ctx.num_layers()):
-        module, columns = ctx.output_projection(layer, kind)
-        s = torch.ones(columns.shape[0], dtype=torch.float32, requires_grad=True)
-        handles.append(module.register_forward_pre_hook(_gate_hook(s, columns)))
-        gates.append(s)
-    try:
-        for batch in ctx.batches():
-            losses = window_losses(ctx.model(input_ids=batch, use_cache=False).logits, batch)
-            (losses.sum() / len(ctx.calibration)).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [s.grad.double() for s in gates]
+    return exact_gates(ctx, kind)
 
 
-def _gate_hook(s: torch.Tensor, columns: torch.Tensor):
+def _gate_hook(s: torch.Tensor, columns: torch.Tensor, center: torch.Tensor | None = None):
     def hook(module, args):
         x = args[0]
         scale = torch.ones(x.shape[-1]).index_put(
             (columns.flatten(),), s.repeat_interleave(columns.shape[1])
         )
+        if center is not None:  # scale the fluctuation around the mean, keep the mean
+            return (center + (x - center) * scale, *args[1:])
         return (x * scale, *args[1:])
 
     return hook
@@ -162,17 +171,32 @@ def sweep_rows(model, adapter, tokenizer, args, refs10: dict) -> list[dict]:
             with torch.no_grad():
                 settings = SPSASettings(**options)
                 per_pass = int(scope[5:] or 1) if scope.startswith("layer") else 1
-                gates = gate_gradients(ctx, kind, settings, scope[:5], r["M"], power, per_pass)
+                estimates = gate_gradient_estimates(
+                    ctx, kind, settings, scope[:5], r["M"], power, per_pass
+                )
             seconds = time.perf_counter() - start + r["pass_s"]  # + the ‖X‖ pass
+            gates = [e.mean for e in estimates]
             truth = [g.abs() for g in r["gates"]]
+            noise = noise_levels(estimates, r["gates"])
             for how in ("paper", "gate"):
                 scores = [combine(m, g, how) for m, g in zip(r["M"], gates, strict=True)]
                 row = _row(label, kind, how, scores, truth, r["taylor"], gates)
-                row.update(windows=windows, seconds=round(seconds, 1))
+                row.update(windows=windows, seconds=round(seconds, 1), **noise)
                 row["x_taylor"] = round(seconds / r["taylor_s"], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
+
+
+def noise_levels(estimates: list[GateEstimate], exact: list[torch.Tensor]) -> dict:
+    """Median over layers of the estimator's own signal-to-noise ratio, and of the oracle's
+    mean a_g² over the estimated noise variance (what the ratio should read)."""
+    own = torch.tensor([signal_to_noise(e) for e in estimates])
+    oracle = torch.tensor(
+        [float(a.pow(2).mean() / e.variance.mean()) for e, a in zip(estimates, exact, strict=True)]
+    )
+    # text: the ratios span orders of magnitude, which the tables' 2 decimals would hide
+    return {"snr": f"{own.nanmedian():.2g}", "snr_oracle": f"{oracle.median():.2g}"}
 
 
 def _ctx(model, adapter, tokenizer, args, windows: int) -> ScoringContext:
@@ -243,6 +267,139 @@ def oracle_ppl(args) -> list[dict]:
     return rows
 
 
+# --- other ways to combine exact gradients (phase "ceilings") -------------------------------
+def run_ceilings(args) -> dict:
+    """PPL of other magnitude × activation × gradient combinations, each with exact (backprop)
+    gradients unless named "estimate": do they get past the product's ceiling?"""
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(args.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ctx = _ctx(model, adapter_for(model), tokenizer, args, args.n_samples)
+    views = {kind: ceiling_views(ctx, kind) for kind in KINDS}
+    rows = []
+    for name in args.variants.split(","):
+        scores = {kind: VARIANTS[name][1](v) for kind, v in views.items()}
+        label = VARIANTS[name][0]
+        rows.append({"criterion": label, **ppl_row(args, {"scores": scores, "extras": {}})})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"timing": [], "ppl": rows}
+
+
+def ceiling_views(ctx: ScoringContext, kind: str) -> dict:
+    """Per layer: M, per-window exact gate gradients (windows, groups), the exact gates that
+    scale only each input's fluctuation around its calibration mean and M over centered inputs,
+    and the default estimator's â and variances."""
+    means, centered_norms = input_moments(ctx, kind)
+    with torch.no_grad():
+        M = magnitudes(ctx, kind)
+        criterion = CRITERIA.get("mini-llm")()
+        estimates = gate_gradient_estimates(
+            ctx, kind, criterion.settings, criterion.scope, M, 1.0, criterion.layers_per_pass
+        )
+    centered_M = []
+    for layer in range(ctx.num_layers()):
+        module, columns = ctx.output_projection(layer, kind)
+        weight = output_weight_columns(module, ctx.adapter.width_layout(kind).conv1d).float()
+        centered_M.append((weight.abs().sum(0) * centered_norms[layer])[columns].sum(-1).double())
+    return {
+        "M": [m.double() for m in M],
+        "per_window": exact_gates(ctx, kind, per_window=True),
+        "centered": exact_gates(ctx, kind, centers=means),
+        "centered_M": centered_M,
+        "estimates": estimates,
+    }
+
+
+def input_moments(ctx: ScoringContext, kind: str):
+    """Per layer: the mean (in,) and centered norm ‖X_j − μ_j‖ of the output projection's
+    inputs over the calibration tokens."""
+    sums, handles = [], []
+    for layer in range(ctx.num_layers()):
+        module, _ = ctx.output_projection(layer, kind)
+        acc = {"n": 0, "s": 0.0, "q": 0.0}
+
+        def hook(module, args, acc=acc):
+            x = args[0].double().flatten(0, -2)
+            acc["n"] += x.shape[0]
+            acc["s"] = acc["s"] + x.sum(0)
+            acc["q"] = acc["q"] + x.pow(2).sum(0)
+
+        handles.append(module.register_forward_pre_hook(hook))
+        sums.append(acc)
+    with torch.no_grad():
+        for batch in ctx.batches():
+            ctx.model(input_ids=batch, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    means = [(a["s"] / a["n"]).float() for a in sums]
+    norms = [(a["q"] - a["s"].pow(2) / a["n"]).clamp_min(0).sqrt().float() for a in sums]
+    return means, norms
+
+
+def exact_gates(ctx: ScoringContext, kind: str, per_window=False, centers=None):
+    """Backprop gate gradients per layer: of the mean window loss (groups,), or each window's
+    (``per_window``: (windows, groups)); ``centers``: gates scale x − μ (μ kept) instead of x."""
+    windows = len(ctx.calibration)
+    runs = [ctx.calibration[b : b + 1] for b in range(windows)] if per_window else [None]
+    out = [[] for _ in range(ctx.num_layers())]
+    for run in runs:
+        gates, handles = [], []
+        for layer in range(ctx.num_layers()):
+            module, columns = ctx.output_projection(layer, kind)
+            s = torch.ones(columns.shape[0], requires_grad=True)
+            center = None if centers is None else centers[layer]
+            handles.append(module.register_forward_pre_hook(_gate_hook(s, columns, center)))
+            gates.append(s)
+        try:
+            for batch in [run] if per_window else ctx.batches():
+                losses = window_losses(ctx.model(input_ids=batch, use_cache=False).logits, batch)
+                (losses.sum() / (1 if per_window else windows)).backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        for layer, s in enumerate(gates):
+            out[layer].append(s.grad.double())
+    return [torch.stack(g) if per_window else g[0] for g in out]
+
+
+def shrunk_abs(estimate: GateEstimate) -> torch.Tensor:
+    """E[|a_g| | â_g] under a per-layer prior a ~ N(0, τ²), τ² = max(mean(â² − v), tiny): where
+    the noise dominates, every gate's expected |a| is about the same and M decides."""
+    tau2 = (estimate.mean.pow(2) - estimate.variance).mean().clamp_min(1e-30)
+    shrink = tau2 / (tau2 + estimate.variance)
+    mean, std = shrink * estimate.mean, (shrink * estimate.variance).sqrt().clamp_min(1e-30)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    r = (mean / std).abs()
+    return std * normal.log_prob(r).exp() * 2 + mean.abs() * (1 - 2 * normal.cdf(-r))
+
+
+VARIANTS = {
+    "fisher": (
+        "exact per-window a_b, M·√(mean_b a_b²) (Fisher)",
+        lambda v: [
+            m * a.pow(2).mean(0).sqrt() for m, a in zip(v["M"], v["per_window"], strict=True)
+        ],
+    ),
+    "mean-abs": (
+        "exact per-window a_b, M·mean_b |a_b|",
+        lambda v: [m * a.abs().mean(0) for m, a in zip(v["M"], v["per_window"], strict=True)],
+    ),
+    "centered": (
+        "exact centered gates a^c (x → μ + s(x − μ)), M over centered inputs · |a^c|",
+        lambda v: [m * a.abs() for m, a in zip(v["centered_M"], v["centered"], strict=True)],
+    ),
+    "centered-gate": (
+        "exact centered gates a^c, M·|a^c|",
+        lambda v: [m * a.abs() for m, a in zip(v["M"], v["centered"], strict=True)],
+    ),
+    "shrunk": (
+        "estimate (default), M·E[|a| | â] (noise-aware shrinkage)",
+        lambda v: [m * shrunk_abs(e) for m, e in zip(v["M"], v["estimates"], strict=True)],
+    ),
+}
+
+
 def _timing_row(label: str, scored: dict, reference: float, taylor: dict) -> dict:
     return {
         "what": label,
@@ -274,6 +431,8 @@ SWEEP_COLUMNS = [
     ("taylor_global", "vs taylor global"),
     ("seconds", "s (in-process)"),
     ("x_taylor", "× taylor"),
+    ("snr", "signal/noise, est."),
+    ("snr_oracle", "a²/v (oracle)"),
 ]
 
 
@@ -316,7 +475,10 @@ PROTOCOL = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=("sweep", "final"), required=True)
+    parser.add_argument("--phase", choices=("sweep", "final", "ceilings"), required=True)
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="ceilings: " + ", ".join(VARIANTS)
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument(
         "--options", type=json.loads, default=[{}], help="mini-llm option sets (JSON list)"
@@ -336,7 +498,7 @@ def main() -> None:
     if args.phase == "sweep":
         results.update(run_sweep(args, results.get("sweep", [])))
     else:  # runs accumulate; ratios compare rows of the same run only
-        new = run_final(args)
+        new = run_final(args) if args.phase == "final" else run_ceilings(args)
         run = 1 + max((r.get("run", 1) for r in results.get("timing", [])), default=0)
         for key in ("timing", "ppl"):
             old = [

@@ -30,7 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, markdown_table, run_measured, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    markdown_table,
+    run_measured,
+    write_atomically,
+    write_results,
+)
 
 from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.api import count_parameters  # noqa: E402
@@ -185,7 +191,7 @@ def sensitivity_of(dense, scored: dict, opts: WidthOptions, layers, args) -> tup
         start = time.perf_counter()
         values = layer_sensitivity(ctx, scored["scores"], layers, opts.ratio)
         seconds = round(time.perf_counter() - start, 1)
-        out.write_text(json.dumps({"values": values, "seconds": seconds}))
+        write_atomically(out, json.dumps({"values": values, "seconds": seconds}))
     cached = json.loads(out.read_text())
     return cached["values"], cached["seconds"]
 
@@ -304,7 +310,7 @@ def save(results: dict, args, final: bool = False) -> None:
         write_results(args.name, results, table)
     else:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_atomically(RESULTS / f"{args.name}.json", json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ z_b (Rademacher, ±1 per group) in every forward, and its loss L_b its own proje
 
 and â = mean_{k, b} p_{kb} z_{kb} is an unbiased estimate of the gradient of the mean window
 loss with K·N samples from K (or 2K) passes, instead of K from a direction shared by the batch.
+The spread of the windows' own estimates gives each â_g's variance for free, and with it a
+layer's signal-to-noise ratio (``signal_to_noise``): whether the estimate says anything at all.
 
 Everything here is pure tensor math plus one pre-hook that rescales columns: weights are never
 modified, nothing but (windows × groups) directions is stored, and no ``backward()`` runs.
@@ -96,11 +98,6 @@ def projected_gradients(
 ) -> torch.Tensor:
     """p_b per window from the perturbed losses: central (antithetic) or one-sided."""
     return (plus - other) / (2 * epsilon if antithetic else epsilon)
-
-
-def spsa_sum(projected: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Σ_b p_b z_b (groups,) float64; divide by the number of (direction, window) samples."""
-    return projected.to(torch.float64) @ directions.to(torch.float64)
 
 
 # --- the perturbation ---------------------------------------------------------------------------
@@ -232,25 +229,69 @@ def spsa_perturbations(
     ]
 
 
+@dataclass(frozen=True)
+class GateEstimate:
+    """One layer's â (groups,) float64 and the estimated variance of each â_g (NaN from fewer
+    than 2 windows). E[â_g²] = a_g² + v_g, which is what ``signal_to_noise`` reads."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+
+
 def gate_estimates(
     losses: Sequence[torch.Tensor],
     base: torch.Tensor | None,
     gates: GateSet,
     draws: list[list[torch.Tensor]],
     settings: SPSASettings,
-) -> list[torch.Tensor]:
-    """â (groups,) float64 per layer of ``gates`` from the losses (windows,) of
+) -> list[GateEstimate]:
+    """â and its variance per layer of ``gates`` from the losses (windows,) of
     ``spsa_perturbations``' models, in their order; ``base``: the unperturbed losses
     (one-sided). With u = σ ⊙ z the perturbation, E[p · z / σ] = a: unbiased for any σ."""
     if not settings.antithetic and base is None:
         raise ValueError("one-sided differences need the unperturbed losses")
-    sums = [torch.zeros(c.shape[0], dtype=torch.float64) for c in gates.columns]
     per_draw = len(signed_steps(settings))
-    for k, draw in enumerate(draws):
+    projected = []  # p (windows,) per draw
+    for k in range(len(draws)):
         runs = losses[k * per_draw : (k + 1) * per_draw]
         other = runs[1] if settings.antithetic else base
-        p = projected_gradients(runs[0], other, settings.epsilon, settings.antithetic)
-        for total, direction, scale in zip(sums, draw, gates.scales, strict=True):
-            total += spsa_sum(p, direction / scale)
-    windows = draws[0][0].shape[0] if draws else 1
-    return [total / (len(draws) * windows) for total in sums]
+        projected.append(projected_gradients(runs[0], other, settings.epsilon, settings.antithetic))
+    estimates = []
+    for i, scale in enumerate(gates.scales):  # one layer's (windows, groups) at a time
+        per_window = sum(
+            window_terms(p, draw[i] / scale) for p, draw in zip(projected, draws, strict=True)
+        )
+        per_window = per_window / len(draws)
+        estimates.append(GateEstimate(per_window.mean(0), variance_of_mean(per_window)))
+    return estimates
+
+
+def window_terms(projected: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """p_b z_b per window (windows, groups) float64: each window's one-sample estimate."""
+    return projected.to(torch.float64)[:, None] * directions.to(torch.float64)
+
+
+def variance_of_mean(per_window: torch.Tensor) -> torch.Tensor:
+    """The estimated variance of the mean over windows of per-window estimates (windows,
+    groups): their sample variance over their number. Windows, not (direction, window) terms,
+    are the independent draws: a window's K terms share its own gradient, so this counts both
+    SPSA's cross terms and the windows' spread around the gradient of the population they
+    come from. NaN below 2 windows."""
+    windows = per_window.shape[0]
+    if windows < 2:
+        return torch.full(per_window.shape[1:], float("nan"), dtype=per_window.dtype)
+    return per_window.var(0) / windows
+
+
+def signal_to_noise(estimate: GateEstimate) -> float:
+    """A layer's estimated signal-to-noise power ratio, (mean_g â_g² − mean_g v_g) / mean_g v_g.
+
+    E[â_g²] = a_g² + v_g, so the numerator estimates the mean squared gate gradient and the
+    ratio is ≈ 0 (either sign) when â is noise. Below 1 the noise outweighs what it estimates
+    and a ranking of |â| is mostly a ranking of noise. NaN when it cannot tell (fewer than 2
+    windows; a removed branch's gates, all exactly 0).
+    """
+    noise, power = float(estimate.variance.mean()), float(estimate.mean.pow(2).mean())
+    if noise > 0:
+        return (power - noise) / noise
+    return float("inf") if noise == 0 and power > 0 else float("nan")  # exact, or no gates
