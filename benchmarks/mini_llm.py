@@ -34,7 +34,7 @@ from _common import RESULTS, markdown_table, write_results  # noqa: E402
 
 from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.criteria import CRITERIA, ScoringContext  # noqa: E402
-from secateurs.criteria.mini_llm import combine, gate_gradient_estimates  # noqa: E402
+from secateurs.criteria.mini_llm import combine, gate_gradients  # noqa: E402
 from secateurs.criteria.zeroth_order import (  # noqa: E402
     GateEstimate,
     SPSASettings,
@@ -96,11 +96,6 @@ def agreement(ours: list[torch.Tensor], truth: list[torch.Tensor]) -> dict[str, 
     return {"within": round(sum(within) / len(within), 4), "global": round(pooled, 4)}
 
 
-def oracle_gates(ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
-    """Exact a_g by backprop through gates s = 1 on the output projections' input columns."""
-    return exact_gates(ctx, kind)
-
-
 def _gate_hook(s: torch.Tensor, columns: torch.Tensor, center: torch.Tensor | None = None):
     def hook(module, args):
         x = args[0]
@@ -126,7 +121,7 @@ def references(ctx: ScoringContext) -> dict:
         start = time.perf_counter()
         taylor = CRITERIA.get("taylor")().score_width(ctx, kind)
         taylor_s = time.perf_counter() - start
-        gates = oracle_gates(ctx, kind)
+        gates = exact_gates(ctx, kind)
         with torch.no_grad():
             start = time.perf_counter()
             mags = magnitudes(ctx, kind)
@@ -171,9 +166,7 @@ def sweep_rows(model, adapter, tokenizer, args, refs10: dict) -> list[dict]:
             with torch.no_grad():
                 settings = SPSASettings(**options)
                 per_pass = int(scope[5:] or 1) if scope.startswith("layer") else 1
-                estimates = gate_gradient_estimates(
-                    ctx, kind, settings, scope[:5], r["M"], power, per_pass
-                )
+                estimates = gate_gradients(ctx, kind, settings, scope[:5], r["M"], power, per_pass)
             seconds = time.perf_counter() - start + r["pass_s"]  # + the ‖X‖ pass
             gates = [e.mean for e in estimates]
             truth = [g.abs() for g in r["gates"]]
@@ -294,7 +287,7 @@ def ceiling_views(ctx: ScoringContext, kind: str) -> dict:
     with torch.no_grad():
         M = magnitudes(ctx, kind)
         criterion = CRITERIA.get("mini-llm")()
-        estimates = gate_gradient_estimates(
+        estimates = gate_gradients(
             ctx, kind, criterion.settings, criterion.scope, M, 1.0, criterion.layers_per_pass
         )
     centered_M = []

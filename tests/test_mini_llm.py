@@ -6,7 +6,6 @@ import torch
 from secateurs.adapters import adapter_for
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.criteria.mini_llm import (
-    gate_gradient_estimates,
     gate_gradients,
     layer_generator,
     layer_passes,
@@ -76,6 +75,10 @@ def _gate(s, columns):
     return hook
 
 
+def means(estimates) -> list[torch.Tensor]:
+    return [e.mean for e in estimates]
+
+
 def relative_error(estimate, truth) -> float:
     e, t = torch.cat(estimate), torch.cat(truth)
     return float((e - t).norm() / t.norm())
@@ -112,7 +115,7 @@ def test_one_direction_per_window_gives_each_windows_projected_gradient(scope, p
     model = frozen("llama", torch.float64)
     ctx = context(model, windows=6, batch_size=4)  # batches of 4 + 2: the row cursor crosses
     settings = SPSASettings(num_perturbations=1, epsilon=1e-2, antithetic=True, seed=5)
-    estimate = gate_gradients(ctx, "channels", settings, scope, layers_per_pass=per_pass)
+    estimate = means(gate_gradients(ctx, "channels", settings, scope, layers_per_pass=per_pass))
     per_window = oracle(ctx, "channels", windows="each")
     together = [list(range(len(per_window)))]
     if scope == "layer":
@@ -136,7 +139,7 @@ def test_each_estimates_variance_is_the_spread_of_its_per_window_terms():
     model = frozen("llama", torch.float64)
     ctx = context(model, windows=6, batch_size=4)
     settings = SPSASettings(num_perturbations=1, epsilon=1e-2, antithetic=True, seed=5)
-    estimates = gate_gradient_estimates(ctx, "channels", settings, "layer")
+    estimates = gate_gradients(ctx, "channels", settings, "layer")
     per_window = oracle(ctx, "channels", windows="each")
     for layer, estimate in enumerate(estimates):
         z = gate_directions(6, per_window[layer].shape[1], layer_generator(5, layer)).double()
@@ -169,7 +172,7 @@ def test_the_variance_estimate_is_calibrated():
     for seed in range(12):
         calib = tokens(batch=8, length=16, seed=200 + seed)
         ctx = ScoringContext(model, adapter_for(model), calib, 4, progress=False)
-        estimates = gate_gradient_estimates(ctx, "heads", SPSASettings(4, seed=seed), "layer")
+        estimates = gate_gradients(ctx, "heads", SPSASettings(4, seed=seed), "layer")
         errors.append((torch.cat([e.mean for e in estimates]) - truth).pow(2).mean())
         variances.append(torch.cat([e.variance for e in estimates]).mean())
     ratio = float(torch.stack(errors).mean() / torch.stack(variances).mean())
@@ -182,7 +185,7 @@ def test_the_criterion_records_signal_to_noise_and_warns_when_it_is_noise(caplog
     scorer = CRITERIA.get("mini-llm")(num_perturbations=2, seed=4)
     with caplog.at_level("WARNING", logger="secateurs.criteria.mini_llm"):
         scorer.score_width(ctx, "channels")
-    estimates = gate_gradient_estimates(
+    estimates = gate_gradients(
         ctx, "channels", scorer.settings, "layer", _magnitudes(ctx, "channels"), 1.0, 3
     )
     ratios = [signal_to_noise(e) for e in estimates]
@@ -214,7 +217,7 @@ def test_estimate_converges_to_the_backprop_gate_gradient(kind):
     ctx = context(model, windows=8)
     truth = oracle(ctx, kind)
     errors = [
-        relative_error(gate_gradients(ctx, kind, SPSASettings(k, seed=1), "layer"), truth)
+        relative_error(means(gate_gradients(ctx, kind, SPSASettings(k, seed=1), "layer")), truth)
         for k in (4, 64)
     ]
     assert errors[1] < 0.45 * errors[0]
@@ -233,8 +236,10 @@ def test_one_sided_and_prior_scaled_estimates_are_unbiased_too():
     ]
     errors = [
         relative_error(
-            gate_gradients(
-                ctx, "heads", SPSASettings(k, antithetic=False, seed=2), "layer", priors, 1.0
+            means(
+                gate_gradients(
+                    ctx, "heads", SPSASettings(k, antithetic=False, seed=2), "layer", priors, 1.0
+                )
             ),
             truth,
         )
@@ -254,7 +259,7 @@ def test_removed_units_are_respected():
         truth = oracle(ctx, "heads")
     assert torch.count_nonzero(truth[1]) == 0
     for scope, tolerance in (("model", 0.6), ("layer", 0.3)):  # measured 0.52, 0.10
-        estimate = gate_gradients(ctx, "heads", SPSASettings(64, seed=3), scope)
+        estimate = means(gate_gradients(ctx, "heads", SPSASettings(64, seed=3), scope))
         assert relative_error(estimate, truth) < tolerance
     assert torch.count_nonzero(estimate[1]) == 0
 

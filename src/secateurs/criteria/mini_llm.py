@@ -102,7 +102,7 @@ class MiniLLM(Criterion):
     def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
         # M_g = Σ_{j ∈ c(g)} Σ_i |W_ij| · ‖X_j‖: exactly the `activation` criterion (Wanda)
         magnitudes = CRITERIA.get("activation")().score_width(ctx, kind)
-        estimates = gate_gradient_estimates(
+        estimates = gate_gradients(
             ctx, kind, self.settings, self.scope, magnitudes, self.prior_power, self.layers_per_pass
         )
         gates = [e.mean for e in estimates]
@@ -150,30 +150,13 @@ def gate_gradients(
     priors: list[torch.Tensor] | None = None,
     prior_power: float = 0.0,
     layers_per_pass: int = 1,
-) -> list[torch.Tensor]:
-    """â per layer (groups,) float64: the estimated ∂L/∂s_g of the mean window loss.
+) -> list[GateEstimate]:
+    """â per layer: the estimated ∂L/∂s_g of the mean window loss (groups,) float64, with its
+    variance (``GateEstimate``).
 
     ``priors`` (per layer, (groups,), e.g. M) shape the directions (``prior_scales``);
     ``layers_per_pass``: with ``scope="layer"``, how many (interleaved) layers share a pass.
     """
-    return [
-        e.mean
-        for e in gate_gradient_estimates(
-            ctx, kind, settings, scope, priors, prior_power, layers_per_pass
-        )
-    ]
-
-
-def gate_gradient_estimates(
-    ctx: ScoringContext,
-    kind: str,
-    settings: SPSASettings,
-    scope: str = "model",
-    priors: list[torch.Tensor] | None = None,
-    prior_power: float = 0.0,
-    layers_per_pass: int = 1,
-) -> list[GateEstimate]:
-    """``gate_gradients`` with each estimate's variance (``GateEstimate``), per layer."""
     if ctx.calibration is None:
         raise ConfigError("mini-llm needs calibration data.")
     if scope not in SCOPES:
