@@ -59,28 +59,17 @@ SWEEP = [
         1.0,
         dict(num_perturbations=1, antithetic=False),
     ),
-    (
-        "layer K=1 one-sided prior^1, 3 layers/pass",
-        10,
-        "layer3",
-        1.0,
-        dict(num_perturbations=1, antithetic=False),
-    ),
-    # the default at 4× and 16× the passes: how far more samples go
-    (
-        "layer K=4 one-sided prior^1, 3 layers/pass",
-        10,
-        "layer3",
-        1.0,
-        dict(num_perturbations=4, antithetic=False),
-    ),
-    (
-        "layer K=16 one-sided prior^1, 3 layers/pass",
-        10,
-        "layer3",
-        1.0,
-        dict(num_perturbations=16, antithetic=False),
-    ),
+    # the default (K = 1), and at 4× and 16× the passes: how far more samples go
+    *[
+        (
+            f"layer K={k} one-sided prior^1, 3 layers/pass",
+            10,
+            "layer3",
+            1.0,
+            dict(num_perturbations=k, antithetic=False),
+        )
+        for k in (1, 4, 16)
+    ],
 ]
 
 
