@@ -14,13 +14,13 @@ import torch
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import ARCHITECTURES, adapter_for
-from secateurs.checkpoint import save_checkpoint
+from secateurs.writer import save_checkpoint
 from secateurs.errors import UnsupportedModelError
 from secateurs.models import load_model
 from secateurs.plan import Plan
-from secateurs.surgery import apply_plan, apply_width_plan
-from secateurs.units import masked
-from secateurs.width import width_masked, widths
+from secateurs.units import apply_plan
+from secateurs.units.depth import masked
+from secateurs.units.width import width_masked, widths
 from secateurs.width_api import WidthOptions, prune_width
 from tiny_models import LAYERS, TINY_CONFIGS, _randomise_norms, tokens
 
@@ -104,7 +104,7 @@ def test_phi_with_qk_layernorm_prunes_heads_exactly():
     )
     with width_masked(model, adapter, {"heads": plan.heads}):
         expected = logits(model)
-    apply_width_plan(model, plan, adapter)
+    apply_plan(model, plan, adapter)
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from secateurs import checkpoint
+from secateurs import checkpoint, writer
 from secateurs.adapters import adapter_for
-from secateurs.api import CriterionSpec, plan_from_scores, prune, score_units
-from secateurs.data import CalibrationConfig
+from secateurs.run import prune, score
+from secateurs.spec import CriterionSpec
 from secateurs.errors import (
     ConfigError,
     DataError,
@@ -21,13 +21,13 @@ from secateurs.errors import (
     UnsupportedModelError,
 )
 from secateurs.models import load_model
-from secateurs.plan import SL_PROTECTED, Plan, resolve_protected
-from secateurs.units import masked
+from secateurs.plan import SL_PROTECTED, Plan, lowest_unprotected, resolve_protected
+from secateurs.units.depth import masked
 from tiny_models import LAYERS, tiny_model, tokens
 
 
 def calib_config(path):
-    return CalibrationConfig(source=str(path), n_samples=4, seq_len=16, seed=0)
+    return dict(calibration=str(path), n_samples=4, calib_seq_len=16, seed=0)
 
 
 def test_prune_saves_plain_checkpoint_equal_to_masked_original(
@@ -37,10 +37,10 @@ def test_prune_saves_plain_checkpoint_equal_to_masked_original(
     original = copy.deepcopy(model)
     result = prune(
         model,
-        tokenizer,
+        tokenizer=tokenizer,
         criterion="ppl",
         remove=2,
-        calibration=calib_config(calibration_file),
+        **calib_config(calibration_file),
         out=tmp_path / "out",
         progress=False,
     )
@@ -65,10 +65,10 @@ def test_same_seed_same_calibration_same_plan(tokenizer, calibration_file):
         plans.append(
             prune(
                 tiny_model("llama"),
-                tokenizer,
+                tokenizer=tokenizer,
                 criterion="block-influence",
                 remove=2,
-                calibration=calib_config(calibration_file),
+                **calib_config(calibration_file),
                 progress=False,
             ).plan
         )
@@ -83,11 +83,11 @@ def test_iterative_prune_removes_identity_blocks_first(tokenizer, calibration_fi
             model.model.layers[layer].mlp.down_proj.weight.zero_()
     result = prune(
         model,
-        tokenizer,
+        tokenizer=tokenizer,
         criterion="block-influence",
         remove=2,
         iterative=True,
-        calibration=calib_config(calibration_file),
+        **calib_config(calibration_file),
         progress=False,
     )
     assert result.plan.blocks == (1, 3)
@@ -102,29 +102,28 @@ def test_plus_protects_shortened_llama_blocks():
     assert resolve_protected(SL_PROTECTED, 30) == (0, 1, 2, 3, 28, 29)
 
 
-def test_plan_from_scores_skips_protected():
-    from secateurs.api import ScoreResult
-
-    scores = ScoreResult("magnitude", "block", (0.0, 1.0, 5.0, 2.0, 3.0, 0.5))
-    plan = plan_from_scores(scores, 6, 2, protected=(0, -1))
-    assert plan.blocks == (1, 3)
+def test_lowest_scores_skip_protected():
+    values = torch.tensor([0.0, 1.0, 5.0, 2.0, 3.0, 0.5])
+    assert lowest_unprotected(values, 2, resolve_protected((0, -1), 6)) == [1, 3]
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(ratio=0.0), "Ratio must be in"),
-        (dict(ratio=1.0), "Ratio must be in"),
-        (dict(remove=0), "positive"),
+        (dict(ratio=0.0), "--ratio is a fraction"),
+        (dict(ratio=1.0), "--ratio is a fraction"),
+        (dict(ratio=20), "a percentage"),
+        (dict(remove=0), "positive whole number"),
+        (dict(remove=2.5), "positive whole number"),
         (dict(remove=LAYERS), "only 5 of 6 are removable"),
-        (dict(remove=1, ratio=0.5), "exactly one"),
+        (dict(remove=1, ratio=0.5), "Give one of"),
         (dict(remove=1, criterion="magnitude+"), "only 0 of 6"),  # SL protects all 6 of 6 layers
     ],
 )
 def test_bad_amounts_fail_before_work(kwargs, message, tokenizer):
     kwargs.setdefault("criterion", "magnitude")
     with pytest.raises(ConfigError, match=message):
-        prune(tiny_model("llama"), tokenizer, progress=False, **kwargs)
+        prune(tiny_model("llama"), tokenizer=tokenizer, progress=False, **kwargs)
 
 
 def test_plan_validation():
@@ -144,8 +143,8 @@ def test_unknown_criterion_suggests_the_closest():
 
 
 def test_unknown_unit_kind(tokenizer):
-    with pytest.raises(ConfigError, match="Unknown depth unit"):
-        score_units(tiny_model("llama"), tokenizer, "magnitude", "layer")
+    with pytest.raises(ConfigError, match="Unknown --unit 'layer'"):
+        score(tiny_model("llama"), tokenizer=tokenizer, criterion="magnitude", unit="layer")
 
 
 def test_unsupported_architecture_names_the_supported_ones():
@@ -166,7 +165,7 @@ def test_nan_scores_are_rejected(tokenizer):
     with torch.no_grad():
         model.model.layers[2].mlp.up_proj.weight[0, 0] = math.nan
     with pytest.raises(ScoreError, match="non-finite"):
-        score_units(model, tokenizer, "magnitude", "block")
+        score(model, tokenizer=tokenizer, criterion="magnitude", unit="block")
 
 
 def test_existing_output_is_refused_before_scoring(tmp_path, tokenizer):
@@ -175,7 +174,7 @@ def test_existing_output_is_refused_before_scoring(tmp_path, tokenizer):
     model = tiny_model("llama")
     model.register_forward_hook(lambda *a: calls.append(1))
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        prune(model, tokenizer, criterion="ppl", remove=1, out=tmp_path / "out")
+        prune(model, tokenizer=tokenizer, criterion="ppl", remove=1, out=tmp_path / "out")
     assert not calls
 
 
@@ -183,15 +182,14 @@ def test_empty_or_missing_calibration(tmp_path, tokenizer):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
     with pytest.raises(DataError, match="no text"):
-        score_units(tiny_model("llama"), tokenizer, "ppl", calibration=calib_config(empty))
+        score(tiny_model("llama"), tokenizer=tokenizer, criterion="ppl", **calib_config(empty))
     with pytest.raises(DataError, match="does not exist"):
-        score_units(
-            tiny_model("llama"), tokenizer, "ppl", calibration=calib_config(tmp_path / "nope.jsonl")
-        )
+        missing = calib_config(tmp_path / "nope.jsonl")
+        score(tiny_model("llama"), tokenizer=tokenizer, criterion="ppl", **missing)
     short = tmp_path / "short.txt"
     short.write_text("w5 w6 w7")
     with pytest.raises(DataError, match="longer than 16 tokens"):
-        score_units(tiny_model("llama"), tokenizer, "ppl", calibration=calib_config(short))
+        score(tiny_model("llama"), tokenizer=tokenizer, criterion="ppl", **calib_config(short))
 
 
 def test_unknown_model_path_and_alias_errors(tmp_path, monkeypatch):
@@ -208,18 +206,18 @@ def test_unknown_model_path_and_alias_errors(tmp_path, monkeypatch):
 def test_interrupted_save_leaves_previous_output_intact(tmp_path, tokenizer, monkeypatch):
     out = tmp_path / "out"
     model = tiny_model("llama")
-    checkpoint.save_checkpoint(model, tokenizer, out, {"run": 1})
+    writer.save_checkpoint(model, tokenizer, out, {"run": 1})
     before = sorted(p.name for p in out.iterdir())
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(type(model), "save_pretrained", crash)
+    monkeypatch.setattr(writer, "write_weights", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint(model, tokenizer, out, {"run": 2}, overwrite=True)
+        writer.save_checkpoint(model, tokenizer, out, {"run": 2}, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before
     assert checkpoint.read_record(out)["run"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial directory left behind
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint(model, tokenizer, tmp_path / "fresh", {})
+        writer.save_checkpoint(model, tokenizer, tmp_path / "fresh", {})
     assert not (tmp_path / "fresh").exists()

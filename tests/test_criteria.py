@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
-from secateurs.api import score_units
-from secateurs.criteria import CRITERIA
+from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.criteria.base import calibration_loss
-from secateurs.units import Unit
+from secateurs.plan import Unit
+from secateurs.run import score
+from secateurs.session import ResidentSession
+from secateurs.session.flow import Flow
 from tiny_models import LAYERS, tiny_model, tokens
 
 IDENTITY_LAYER, QUIET_ATTN = 2, 4
@@ -36,10 +38,12 @@ def calib():
     return tokens(batch=4, length=16, seed=3)
 
 
-def scores(model, criterion, unit, calib, **kw):
-    return torch.tensor(
-        score_units(model, None, criterion, unit, calibration=calib, progress=False, **kw).values
+def scores(model, criterion, unit, calib, batch_size=8, **options):
+    extra = {"options": options} if options else {}
+    result = score(
+        model, calibration=calib, criterion=criterion, unit=unit, batch_size=batch_size, **extra
     )
+    return torch.tensor(result.values)
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "block-influence"])
@@ -83,7 +87,7 @@ def test_magnitude_is_the_sum_of_absolute_weights(llama):
 
 def test_taylor_uses_signed_gradient_sum(llama, calib):
     """S = |W ⊙ Σ_b g_b|, not Σ_b |W ⊙ g_b|: check against a direct computation."""
-    values = scores(llama, "taylor", "mlp", calib)
+    values = scores(llama, "taylor", "mlp", calib, batch_size=1)
     llama.zero_grad()
     for batch in calib.split(1):
         calibration_loss(llama, batch).backward()
@@ -98,13 +102,12 @@ def test_taylor_uses_signed_gradient_sum(llama, calib):
 def test_masked_units_stay_masked_while_scoring(model, calib):
     """Iterative pruning masks removed units: an identity block can't hide a real one."""
     base = scores(model, "block-influence", "block", calib)
-    removed = (Unit(0, "block"),)
-    result = score_units(
-        model, None, "block-influence", "block", calibration=calib, removed=removed, progress=False
-    )
-    assert result.values[0] == pytest.approx(0.0, abs=1e-7)  # a masked block is identity
-    assert result.values[IDENTITY_LAYER] == pytest.approx(0.0, abs=1e-6)
-    assert not torch.allclose(torch.tensor(result.values[1:]), base[1:])
+    session = ResidentSession(model)
+    ctx = ScoringContext(session, Flow(session, calib), (Unit(0, "block"),), progress=False)
+    values = CRITERIA.get("block-influence")().score(ctx, "block")
+    assert math.isinf(values[0])  # a removed block is never scored again
+    assert values[IDENTITY_LAYER] == pytest.approx(0.0, abs=1e-6)
+    assert not torch.allclose(values[1:], base[1:])
 
 
 def test_registry_lists_every_criterion_with_units():

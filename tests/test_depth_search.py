@@ -9,35 +9,49 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
-from secateurs.api import prune
+from secateurs.choose import explicit_plan
 from secateurs.criteria import CRITERIA, ScoringContext
-from secateurs.depth_api import explicit_plan, merge_branches
-from secateurs.depth_search import greedy_search, unit_params
 from secateurs.errors import ConfigError
-from secateurs.healing import fit_correction, heal_plan, runs_of
-from secateurs.layerwise import LayerRunner
-from secateurs.plan import Plan
-from secateurs.surgery import apply_plan
-from secateurs.units import Unit, masked
+from secateurs.fit.heal import fit_correction, runs_of
+from secateurs.plan import Plan, Unit
+from secateurs.run import prune
+from secateurs.search import greedy_search, merge_branches, unit_params
+from secateurs.session import ResidentSession
+from secateurs.session.flow import Flow
+from secateurs.spec import PruneSpec
+from secateurs.units import apply_plan
+from secateurs.units.depth import masked
 from tiny_models import LAYERS, TINY_CONFIGS, tiny_model, tokens
 
 REMOVED = (Unit(2, "block"), Unit(4, "mlp"), Unit(1, "attn"))
 
 
-def ppl_scores(model, unit, removed, path, batch=5):
-    ctx = ScoringContext(
-        model, adapter_for(model), tokens(batch=batch, length=12), 2, removed, False
-    )
-    return CRITERIA.get("ppl")(path=path, batch_size=2).score(ctx, unit)
+def ppl_scores(model, unit, removed, batch=5):
+    session = ResidentSession(model)
+    flow = Flow(session, tokens(batch=batch, length=12), batch_size=2)
+    ctx = ScoringContext(session, flow, removed, progress=False)
+    return CRITERIA.get("ppl")().score(ctx, unit)
+
+
+def masked_ppl(model, unit, removed, batch=5):
+    """The reference: the whole model with the units masked, one forward per window."""
+    ids = tokens(batch=batch, length=12)
+    scores = []
+    for layer in range(LAYERS):
+        if Unit(layer, unit) in removed:
+            scores.append(math.inf)
+            continue
+        scores.append(math.exp(masked_nll(model, ids, [*removed, Unit(layer, unit)])))
+    return torch.tensor(scores, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
-def test_fast_ppl_equals_masked_whole_model(model_type):
+def test_ppl_through_the_flow_equals_masked_whole_model(model_type):
     model = tiny_model(model_type)
     for unit in ("block", "attn", "mlp"):
         for removed in ((), REMOVED):
-            fast = ppl_scores(model, unit, removed, "fast")
-            reference = ppl_scores(model, unit, removed, "masked")
+            fast = ppl_scores(model, unit, removed)
+            reference = masked_ppl(model, unit, removed)
             assert torch.equal(torch.isinf(fast), torch.isinf(reference))
             live = torch.isfinite(reference)
             torch.testing.assert_close(fast[live], reference[live], rtol=1e-5, atol=0)
@@ -54,15 +68,19 @@ def masked_nll(model, ids, units):
     )
 
 
-def test_runner_capture_from_a_layer_equals_full_capture():
+def test_cached_inputs_from_a_layer_equal_a_full_pass():
     model = tiny_model("gemma2")  # per-layer sliding-window masks
-    runner = LayerRunner(model, adapter_for(model), tokens(batch=3, length=10), batch_size=2)
-    runner.capture(())
-    runner.capture(REMOVED[:1], start=2)
-    partial = [t.clone() for t in runner.inputs]
-    runner.capture(REMOVED[:1])
-    for a, b in zip(partial, runner.inputs, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    session = ResidentSession(model)
+    flow = Flow(session, tokens(batch=3, length=10), batch_size=2)
+    flow.keep_inputs = True
+    flow.inputs(LAYERS - 1)
+    flow.set_base(REMOVED[:1])  # invalidates the inputs after layer 2
+    partial = [flow.inputs(i) for i in range(LAYERS)]
+    fresh = Flow(session, tokens(batch=3, length=10), batch_size=2)
+    fresh.set_base(REMOVED[:1])
+    for index, cached in enumerate(partial):
+        for a, b in zip(cached, fresh.inputs(index), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def brute_force_greedy(model, ids, candidates, count):
@@ -76,8 +94,8 @@ def brute_force_greedy(model, ids, candidates, count):
 def test_exact_greedy_search_matches_brute_force():
     model, ids = tiny_model("qwen2"), tokens(batch=4, length=12)
     candidates = [Unit(i, "block") for i in range(LAYERS)]
-    runner = LayerRunner(model, adapter_for(model), ids, batch_size=3)
-    state = greedy_search(runner, candidates, {u: 1 for u in candidates}, 3, shortlist=None)
+    flow = Flow(ResidentSession(model), ids, batch_size=3)
+    state = greedy_search(flow, candidates, {u: 1 for u in candidates}, 3, shortlist=None)
     assert state.removed == brute_force_greedy(model, ids, candidates, 3)
     assert math.isclose(state.base, masked_nll(model, ids, state.removed), rel_tol=1e-5)
 
@@ -85,8 +103,8 @@ def test_exact_greedy_search_matches_brute_force():
 def test_shortlist_rescoring_counts():
     model, ids = tiny_model("llama"), tokens(batch=4, length=12)
     candidates = [Unit(i, "block") for i in range(1, LAYERS)]
-    runner = LayerRunner(model, adapter_for(model), ids)
-    state = greedy_search(runner, candidates, {u: 1 for u in candidates}, 3, shortlist=2)
+    flow = Flow(ResidentSession(model), ids)
+    state = greedy_search(flow, candidates, {u: 1 for u in candidates}, 3, shortlist=2)
     assert [len(step["nll"]) for step in state.steps] == [5, 2, 2]
     assert len(set(state.removed)) == 3 and all(u.layer >= 1 for u in state.removed)
 
@@ -97,7 +115,6 @@ def test_subblock_search_meets_parameter_budget_and_equals_masked(tmp_path):
     block = unit_params(model, adapter, Unit(0, "block"))
     result = prune(
         model,
-        None,
         criterion="ppl",
         unit="subblock",
         remove=2,
@@ -125,13 +142,14 @@ def test_merge_branches_makes_blocks():
 
 def test_explicit_selection_needs_no_scoring(tmp_path):
     model = tiny_model("llama")
-    result = prune(model, None, blocks="1,3", mlp="4", out=tmp_path / "a", progress=False)
+    result = prune(model, blocks="1,3", mlp="4", out=tmp_path / "a", progress=False)
     assert result.plan == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
     assert result.record["criterion"]["name"] == "explicit" and result.record["scores"] == []
-    again = explicit_plan(LAYERS, plan=tmp_path / "a" / "secateurs.json")
-    assert again == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
+    again = PruneSpec.from_options(plan=str(tmp_path / "a" / "secateurs.json"))
+    assert explicit_plan(again, LAYERS) == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
     (tmp_path / "p.json").write_text(json.dumps({"num_layers": LAYERS, "attn": [2]}))
-    assert explicit_plan(LAYERS, plan=tmp_path / "p.json") == Plan(LAYERS, attn=(2,))
+    bare = PruneSpec.from_options(plan=str(tmp_path / "p.json"))
+    assert explicit_plan(bare, LAYERS) == Plan(LAYERS, attn=(2,))
 
 
 @pytest.mark.parametrize(
@@ -140,7 +158,7 @@ def test_explicit_selection_needs_no_scoring(tmp_path):
 )
 def test_explicit_selection_bad_input(kwargs):
     with pytest.raises(ConfigError):
-        prune(tiny_model("llama"), None, progress=False, **kwargs)
+        prune(tiny_model("llama"), progress=False, **kwargs)
 
 
 def test_runs_of_consecutive_blocks():
@@ -158,17 +176,21 @@ def test_fit_correction_recovers_an_exact_linear_map():
 def test_healing_reproduces_an_exactly_linear_removed_block():
     """Block 2 adds M·x where x is block 1's down_proj input: healing must absorb it exactly."""
     model, ids = tiny_model("llama"), tokens(batch=8, length=16)  # 128 tokens > 64 channels
-    adapter, layers = adapter_for(model), adapter_for(model).layers(model)
-    seen = {}
-    layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    layers = adapter_for(model).layers(model)
     linear = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)) * 0.1
-    layers[2].forward = lambda hidden, *a, **k: hidden + seen["x"] @ linear.T
+    seen, by_output = {}, {}  # x of block 1, by the output block 1 gave with it
+
+    def key(hidden):
+        return hidden.detach().numpy().tobytes()
+
+    layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    layers[1].register_forward_hook(lambda m, a, out: by_output.__setitem__(key(out), seen["x"]))
+    layers[2].forward = lambda hidden, *a, **k: hidden + by_output[key(hidden)] @ linear.T
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    report = heal_plan(model, adapter, Plan(LAYERS, blocks=(2,)), ids, damp=0.0)
-    assert report["runs"][0]["error_after"] < 1e-8 * report["runs"][0]["error_before"]
-    del layers[2].forward
-    apply_plan(model, Plan(LAYERS, blocks=(2,)))
+    result = prune(model, blocks="2", heal=True, heal_damping=0.0, calibration=ids, progress=False)
+    (run,) = result.record["healing"]["runs"]
+    assert run["error_after"] < 1e-8 * run["error_before"]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-4)
 
@@ -178,7 +200,6 @@ def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_pa
     model, ids = tiny_model("llama"), tokens(batch=4, length=12)
     result = prune(
         model,
-        None,
         blocks="2,3,5",
         heal=True,
         heal_bias=bias,
@@ -203,11 +224,11 @@ def test_healed_checkpoint_reloads_plain_and_reduces_reconstruction_error(tmp_pa
 
 def test_dense_target_also_corrects_the_drift_of_earlier_runs():
     """The first run sees the dense stream either way; a later one's target differs."""
-    ids, plan = tokens(batch=4, length=12), Plan(LAYERS, blocks=(2, 3, 5))
+    ids = tokens(batch=4, length=12)
     runs = {
-        target: heal_plan(
-            tiny_model("llama"), adapter_for(tiny_model("llama")), plan, ids, target=target
-        )["runs"]
+        target: prune(
+            tiny_model("llama"), blocks="2,3,5", heal=True, heal_target=target, calibration=ids
+        ).record["healing"]["runs"]
         for target in ("local", "dense")
     }
     assert runs["local"][0]["error_before"] == pytest.approx(runs["dense"][0]["error_before"])
@@ -289,7 +310,6 @@ def test_search_records_first_step_scores_for_plots():
     model, ids = tiny_model("llama"), tokens(batch=4, length=12)
     result = prune(
         model,
-        None,
         criterion="ppl",
         iterative=True,
         remove=2,

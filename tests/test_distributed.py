@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from secateurs.checkpoint import save_checkpoint
+from secateurs.writer import save_checkpoint
 from secateurs.errors import ConfigError
 from secateurs.recover import TrainConfig, recover
 from secateurs.recover.distributed import meta_skeleton, process_device

@@ -22,7 +22,7 @@ from secateurs.evaluate.efficiency import (
     weight_bytes,
 )
 from secateurs.plan import Plan
-from secateurs.surgery import apply_plan
+from secateurs.units import apply_plan
 from tiny_models import tiny_model, tokens
 
 

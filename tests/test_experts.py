@@ -16,23 +16,24 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
-from secateurs.api import prune
-from secateurs.checkpoint import read_record, save_checkpoint
+from secateurs.run import prune
+from secateurs.checkpoint import read_record
+from secateurs.writer import save_checkpoint
 from secateurs.cli import main
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, UnsupportedModelError
-from secateurs.experts import (
-    apply_expert_plan,
+from secateurs.units.experts import (
     expert_plan,
     experts_masked,
     moe_layers,
     num_experts,
     router_and_experts,
 )
-from secateurs.experts_api import ExpertOptions, allocate_experts
+from secateurs.allocate import allocate_experts
+from secateurs.units import Cut, unit_cost
 from secateurs.models import load_model
 from secateurs.plan import Plan
-from tiny_models import MOE_TYPES, tiny_model, tokens
+from tiny_models import MOE_TYPES, scoring_context, tiny_model, tokens
 
 # Llama 4 runs its experts on router-scaled copies of every token: no routing to observe.
 ROUTED_TYPES = [t for t in MOE_TYPES if t != "llama4_text"]
@@ -57,6 +58,14 @@ def uniform_removal(model) -> dict[int, tuple[int, ...]]:
 @pytest.fixture(scope="module", params=MOE_TYPES)
 def original(request):
     return tiny_model(request.param)
+
+
+def apply_expert_plan(model, plan) -> bool:
+    """Cut ``plan`` out of ``model``; True if its config alone describes the result."""
+    cut = Cut(model, plan)
+    for layer in range(plan.num_layers):
+        cut.layer(layer)
+    return cut.finish()
 
 
 @pytest.mark.parametrize("removal", [per_layer_removal, uniform_removal])
@@ -156,38 +165,39 @@ def test_removing_all_experts_or_below_top_k_is_refused():
     with pytest.raises(ConfigError, match="leaves 0"):
         expert_plan(model, {0: tuple(range(8))})
     with pytest.raises(ConfigError, match="top-k"):
-        allocate_experts([torch.rand(8)] * 2, ExpertOptions(remove=7), floor=2)
+        allocate_experts([torch.rand(8)] * 2, 7, None, floor=2)
     with pytest.raises(ConfigError, match="no routed experts"):
         expert_plan(tiny_model("qwen3_moe"), {0: (1,)})  # layer 0 is dense
 
 
 def test_bad_expert_options_fail_before_work():
-    with pytest.raises(ConfigError, match="--ratio"):
-        ExpertOptions()
+    experts = dict(unit="experts", criterion="magnitude")
+    with pytest.raises(ConfigError, match="Say what to remove"):
+        prune(tiny_model("mixtral"), **experts)
     with pytest.raises(ConfigError, match="per layer"):
-        ExpertOptions(remove=2, allocation="global")
+        prune(tiny_model("mixtral"), remove=2, allocation="global", **experts)
     with pytest.raises(ConfigError, match="in \\(0, 1\\)"):
-        ExpertOptions(ratio=1.0)
+        prune(tiny_model("mixtral"), ratio=1.0, **experts)
 
 
 def test_dense_model_and_wrong_criterion_are_refused(tokenizer):
     with pytest.raises(UnsupportedModelError, match="no routed experts"):
-        prune(tiny_model("llama"), tokenizer, criterion="magnitude", unit="experts", ratio=0.25)
+        prune(tiny_model("llama"), tokenizer=tokenizer, criterion="magnitude", unit="experts", ratio=0.25)
     with pytest.raises(ConfigError, match="cannot score experts"):
-        prune(tiny_model("mixtral"), tokenizer, criterion="ppl", unit="experts", ratio=0.25)
+        prune(tiny_model("mixtral"), tokenizer=tokenizer, criterion="ppl", unit="experts", ratio=0.25)
 
 
 def test_routing_criteria_refuse_llama4_before_work(tokenizer):
     model = tiny_model("llama4_text")
     with pytest.raises(UnsupportedModelError, match="magnitude"):
-        prune(model, tokenizer, criterion="reap", unit="experts", ratio=0.25, calibration=None)
-    result = prune(model, tokenizer, criterion="magnitude", unit="experts", remove=2)
+        prune(model, tokenizer=tokenizer, criterion="reap", unit="experts", ratio=0.25)
+    result = prune(model, tokenizer=tokenizer, criterion="magnitude", unit="experts", remove=2)
     assert result.plan.kept("experts") == (6,) * 6 and model.config.num_local_experts == 6
 
 
 # --- criteria ---------------------------------------------------------------------------------
 def _scores(model, name, calibration):
-    ctx = ScoringContext(model, adapter_for(model), calibration, batch_size=2, progress=False)
+    ctx = scoring_context(model, calibration, 2)
     return CRITERIA.get(name)().score_experts(ctx), ctx
 
 
@@ -244,7 +254,7 @@ def test_magnitude_scores_each_experts_own_weights():
 # --- end to end -------------------------------------------------------------------------------
 def test_global_allocation_keeps_top_k_and_hits_the_total():
     scores = [torch.tensor([5.0, 1, 1, 1, 1, 1, 1, 1]), torch.arange(8.0) + 1]
-    removed = allocate_experts(scores, ExpertOptions(ratio=0.5, allocation="global"), floor=2)
+    removed = allocate_experts(scores, None, 8, floor=2)
     assert sum(map(len, removed)) == 8
     assert all(8 - len(r) >= 2 for r in removed)
     assert removed[0] == (1, 2, 3, 4, 5, 6)  # flat, low-scoring layer loses most (capped at 6)
@@ -255,12 +265,13 @@ def test_prune_experts_end_to_end(allocation, tokenizer, tmp_path):
     model = tiny_model("qwen2_moe")
     calibration = tokens(batch=4, length=16)
     reference = copy.deepcopy(model)
-    result = prune(
-        model,
-        tokenizer,
+    adapter = adapter_for(model)
+    expert = unit_cost(model, adapter, moe_layers(model, adapter)[0], "experts")
+    amount = dict(remove=2) if allocation == "uniform" else dict(params=12 * expert)
+    result = prune(model, tokenizer=tokenizer,
         criterion="reap",
         unit="experts",
-        ratio=0.25,
+        **amount,
         allocation=allocation,
         calibration=calibration,
         out=tmp_path / "out",
@@ -301,9 +312,7 @@ def test_bench_and_report_on_a_pruned_moe(tmp_path, tokenizer, capsys):
 
     model = tiny_model("mixtral")
     dense_macs = linear_macs_per_token(model)
-    result = prune(
-        model,
-        tokenizer,
+    result = prune(model, tokenizer=tokenizer,
         criterion="frequency",
         unit="experts",
         ratio=0.25,
@@ -347,7 +356,7 @@ def test_group_limited_routers_are_refused(model_type, overrides, tokenizer):
     config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModelError, match="group"):
-        prune(model, tokenizer, criterion="magnitude", unit="experts", remove=2)
+        prune(model, tokenizer=tokenizer, criterion="magnitude", unit="experts", remove=2)
     layer = moe_layers(model, adapter_for(model))[0]
     with pytest.raises(UnsupportedModelError, match="group"):
         apply_expert_plan(model, expert_plan(model, {layer: (1,)}))
@@ -362,7 +371,7 @@ def test_cli_refuses_experts_on_a_dense_model_from_its_config(tmp_path, capsys):
 
 
 def test_per_layer_experts_with_a_removed_branch_reload_exactly(tmp_path):
-    from secateurs.surgery import apply_plan
+    from secateurs.units import apply_plan
 
     model = tiny_model("qwen2_moe")
     apply_expert_plan(model, expert_plan(model, per_layer_removal(model)))

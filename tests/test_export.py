@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from secateurs.allocation import Bounds, UnitTable, allocate
-from secateurs.checkpoint import read_record, save_checkpoint
+from secateurs.allocate import Bounds, UnitTable, allocate
+from secateurs.checkpoint import read_record
+from secateurs.writer import save_checkpoint
 from secateurs.cli import main
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.export import EXPORTS, check_export, engines_for_model, export
@@ -25,9 +26,9 @@ from secateurs.export.gguf_file import ZERO_FFN, rope_permute
 from secateurs.export.layout import read_layout
 from secateurs.models import load_model
 from secateurs.plan import Plan
-from secateurs.surgery import apply_plan
+from secateurs.units import apply_plan
 from secateurs.targets import width_constraints
-from secateurs.width import prune_layer
+from secateurs.units.width import prune_layer
 from tiny_models import tiny_model, tokens
 
 LLAMACPP_ENV = "SECATEURS_LLAMACPP"
@@ -293,7 +294,7 @@ def test_gguf_refuses_layer0_without_attention(tmp_path):
 # --- hf ----------------------------------------------------------------------------------------
 def test_hf_export_of_uniform_widths_is_plain(tmp_path):
     from secateurs.adapters import adapter_for
-    from secateurs.width import update_config, widths
+    from secateurs.units.width import update_config, widths
 
     model = tiny_model("llama")
     adapter = adapter_for(model)

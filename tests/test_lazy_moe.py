@@ -19,15 +19,15 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
-from secateurs.api import prune
+from secateurs.run import prune
 from secateurs.cli import main
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.experts_api import ExpertOptions, prune_experts
-from secateurs.lazy import LazyModel
+from secateurs.session.lazy import LazyModel
 from secateurs.models import load_model
 from secateurs.sequential import sequential_prune
 from secateurs.sequential_experts import sequential_prune_experts
-from secateurs.streaming import CheckpointReader
+from secateurs.shards import CheckpointReader
 from secateurs.width_api import WidthOptions, prune_width
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
 
@@ -133,7 +133,7 @@ def test_sequential_depth_prune_of_moe_equals_in_memory(model_type, tmp_path):
     calibration = tokens(8, 12)
     options = dict(criterion="block-influence", unit="block", remove=2, protect="none",
                    calibration=calibration, progress=False)  # fmt: skip
-    memory = prune(model, None, out=tmp_path / "memory", **options)
+    memory = prune(model, out=tmp_path / "memory", **options)
     record = sequential_prune(
         tmp_path / "source", tmp_path / "layered", attn_implementation=EAGER, **options
     )

@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from secateurs.adapters import adapter_for
-from secateurs.api import prune
+from secateurs.run import prune
 from secateurs.criteria import CRITERIA, ScoringContext
-from secateurs.depth_search import greedy_search
 from secateurs.errors import ConfigError
-from secateurs.layerwise import LayerRunner
 from secateurs.objectives import DenseKL, objective, with_rest
-from secateurs.units import Unit, masked
+from secateurs.plan import Unit
+from secateurs.search import greedy_search
+from secateurs.session import ResidentSession
+from secateurs.session.flow import Flow
+from secateurs.units.depth import masked
 from tiny_models import LAYERS, tiny_model, tokens
 
 
@@ -62,10 +64,10 @@ def test_exact_greedy_search_by_kl_matches_brute_force():
     block whose removal moves the whole-model predictions least from dense."""
     model, ids = tiny_model("qwen2"), tokens(batch=4, length=12)
     candidates = [Unit(i, "block") for i in range(LAYERS)]
-    runner = LayerRunner(model, adapter_for(model), ids, batch_size=3)
+    flow = Flow(ResidentSession(model), ids, batch_size=3)
     vocab = model.config.vocab_size
     state = greedy_search(
-        runner, candidates, {u: 1 for u in candidates}, 3, None, objective=DenseKL(vocab)
+        flow, candidates, {u: 1 for u in candidates}, 3, None, objective=DenseKL(vocab)
     )
     dense, removed = masked_logits(model, ids), []
     for _ in range(3):
@@ -79,7 +81,8 @@ def test_exact_greedy_search_by_kl_matches_brute_force():
 
 def test_one_shot_ppl_criterion_scores_kl_like_the_masked_model():
     model, ids = tiny_model("llama"), tokens(batch=5, length=12)
-    ctx = ScoringContext(model, adapter_for(model), ids, 2, (), False)
+    session = ResidentSession(model)
+    ctx = ScoringContext(session, Flow(session, ids, batch_size=2), (), progress=False)
     vocab = model.config.vocab_size
     scores = CRITERIA.get("ppl")(objective="kl", top_k=vocab).score(ctx, "block")
     dense = masked_logits(model, ids)
@@ -91,16 +94,13 @@ def test_one_shot_ppl_criterion_scores_kl_like_the_masked_model():
 
 def test_iterative_prune_records_the_objective():
     model = tiny_model("llama")
-    result = prune(
-        model,
-        None,
+    result = prune(model,
         criterion="ppl",
         unit="block",
         remove=2,
         iterative=True,
         calibration=tokens(batch=4, length=12),
-        objective="kl",
-        top_k=8,
+        options={"objective": "kl", "top_k": 8},
         progress=False,
     )
     search = result.record["search"]
@@ -115,18 +115,15 @@ def test_bad_objectives_are_refused():
         objective("nll", top_k=3)
     with pytest.raises(ConfigError, match="top_k"):
         objective("kl", top_k=0)
-    with pytest.raises(ConfigError, match="path='fast'"):
-        CRITERIA.get("ppl")(objective="kl", path="masked")
-    with pytest.raises(ConfigError, match="greedy search takes"):
+    with pytest.raises(ConfigError, match="has no option foo; its options: "):
         model = tiny_model("llama")
-        prune(model, None, criterion="ppl", remove=1, iterative=True, calibration=tokens(), foo=1)
+        options = {"foo": 1}
+        prune(model, criterion="ppl", remove=1, iterative=True, calibration=tokens(), options=options)
 
 
 def test_greedy_search_defaults_to_kl_and_nll_is_slebs_objective():
     def search(**options):
-        result = prune(
-            tiny_model("llama"),
-            None,
+        result = prune(tiny_model("llama"),
             criterion="ppl",
             remove=2,
             iterative=True,
@@ -137,11 +134,9 @@ def test_greedy_search_defaults_to_kl_and_nll_is_slebs_objective():
         return result.record["search"]
 
     assert search()["objective"] == {"objective": "kl", "top_k": 64}
-    nll = search(objective="nll")
+    nll = search(options={"objective": "nll"})
     assert nll["objective"] == {"objective": "nll"} and len(nll["calibration_ppl"]) == 2
-    joint = prune(
-        tiny_model("llama"),
-        None,
+    joint = prune(tiny_model("llama"),
         criterion="ppl",
         unit="subblock",
         remove=1,

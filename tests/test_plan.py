@@ -10,19 +10,21 @@ import pytest
 import torch
 
 from secateurs.adapters import adapter_for
-from secateurs.api import prune
-from secateurs.checkpoint import read_record, save_checkpoint
+from secateurs.run import prune
+from secateurs.checkpoint import read_record
+from secateurs.writer import save_checkpoint
 from secateurs.cli import main
 from secateurs.errors import ConfigError
 from secateurs.evaluate.efficiency import kind_of
-from secateurs.experts import apply_expert_plan, expert_plan, experts_masked
+from secateurs.units.experts import expert_plan, experts_masked
 from secateurs.models import load_model
 from secateurs.plan import Plan
 from secateurs.report import describe_removed
-from secateurs.surgery import apply_plan, apply_width_plan
-from secateurs.units import masked
-from secateurs.width import width_masked, widths
-from secateurs.width_api import parameter_base
+from secateurs.units import Cut, apply_plan
+from secateurs.units.depth import masked
+from secateurs.units.width import width_masked, widths
+from secateurs.choose import decoder_parameters
+from secateurs.session import ResidentSession
 from tiny_models import LAYERS, tiny_model, tokens
 
 
@@ -138,7 +140,7 @@ def test_combined_apply_equals_the_masked_original_and_the_parts_in_turn():
     combined = apply_plan(copy.deepcopy(original), plan)
     torch.testing.assert_close(_logits(combined), expected, rtol=0, atol=1e-5)
     in_turn = copy.deepcopy(original)
-    apply_width_plan(in_turn, plan.part("width"))
+    apply_plan(in_turn, plan.part("width"))
     apply_plan(in_turn, plan.part("depth"))
     assert torch.equal(_logits(combined), _logits(in_turn))  # the same surgery, exactly
     # depth first, then the width cut renumbered to the kept layers: the same model again
@@ -194,7 +196,7 @@ def test_experts_and_branches_in_one_plan_equal_the_masked_original():
     pruned = apply_plan(copy.deepcopy(original), plan)
     torch.testing.assert_close(_logits(pruned), expected, rtol=0, atol=1e-6)
     in_turn = copy.deepcopy(original)
-    apply_expert_plan(in_turn, plan.part("experts"))
+    apply_plan(in_turn, plan.part("experts"))
     apply_plan(in_turn, plan.part("depth"))
     assert torch.equal(_logits(pruned), _logits(in_turn))
 
@@ -205,33 +207,39 @@ def test_a_width_record_given_as_plan_cuts_the_same_units(tmp_path):
     plan = _combined(model).part("width")
     old = {"width_plan": plan.to_dict(), "criterion": {"name": "magnitude"}}  # an old record
     (tmp_path / "secateurs.json").write_text(json.dumps(old))
-    result = prune(model, None, plan=tmp_path / "secateurs.json", progress=False)
+    result = prune(model, plan=tmp_path / "secateurs.json", progress=False)
     assert result.plan == plan and result.record["units"] == ["width"]
     assert result.record["plan"] == plan.to_dict()
     expected = tiny_model("llama")
-    assert apply_width_plan(expected, plan) is False  # per-layer widths: not a plain config
+    cut = Cut(expected, plan)
+    for layer in range(LAYERS):
+        cut.layer(layer)
+    assert cut.finish() is False  # per-layer widths: not a plain config
     assert torch.equal(_logits(result.model), _logits(expected))
     assert describe_removed(result.record) == "3 heads in 3 layers; 15 channels in 3 layers"
 
 
-def test_an_explicit_compensated_width_plan_is_refused_before_work():
+def test_an_explicit_compensated_width_plan_takes_its_means_from_the_windows():
     model = tiny_model("llama")
     plan = Plan.of_widths(
         LAYERS, ((0,),) + ((),) * 5, ((),) * 6, (3,) * 6, (64,) * 6, compensate=True
     )
     before = _logits(model)
-    with pytest.raises(ConfigError, match="compensate"):
-        prune(model, None, plan=plan.to_dict(), progress=False)
+    with pytest.raises(ConfigError, match="need a tokenizer"):  # no windows: refused first
+        prune(model, plan=plan.to_dict(), progress=False)
     assert torch.equal(_logits(model), before)
+    result = prune(model, plan=plan.to_dict(), calibration=tokens(4, 12), progress=False)
+    assert result.plan == plan and result.record["calibration"]["source"] == "tensor"
+    bias = model.model.layers[0].self_attn.o_proj.bias
+    assert bias is not None and bias.abs().sum() > 0  # the removed group's mean output
 
 
 # --- depth + width under one budget (--unit block,width) ----------------------------------------
 def test_combined_pruning_is_one_budget_and_its_plan_reproduces_the_model():
     model = tiny_model("llama")
-    base = parameter_base(model, include_embeddings=False)
+    base = decoder_parameters(ResidentSession(model))
     block = sum(p.numel() for p in adapter_for(model).layers(model)[0].parameters())
-    result = prune(
-        model, None, criterion="magnitude", unit="block,width", ratio=0.4, depth_share=0.5
+    result = prune(model, criterion="magnitude", unit="block,width", ratio=0.4, depth_share=0.5
     )
     plan, params = result.plan, result.record["parameters"]
     assert plan.parts == ("depth", "width") and result.record["units"] == ["depth", "width"]
@@ -256,7 +264,7 @@ def test_combined_pruning_is_one_budget_and_its_plan_reproduces_the_model():
         (dict(unit="block,width", depth_share=0.01), "less than half a block"),
         (dict(unit="block,width", ratio=0.3), "less than half a block"),  # default share
         (dict(unit="block,width", ratio=0.3, depth_share=0.9), "leaving nothing for width"),
-        (dict(unit="block,width", depth_share=1.0), r"depth_share must be in \(0, 1\)"),
+        (dict(unit="block,width", depth_share=1.0), r"--depth-share must be in \(0, 1\)"),
     ],
 )
 def test_bad_combined_input_fails_before_any_work(kwargs, message):
@@ -264,7 +272,7 @@ def test_bad_combined_input_fails_before_any_work(kwargs, message):
     before = _logits(model)
     args = {"criterion": "magnitude", "ratio": 0.4, "progress": False, **kwargs}
     with pytest.raises(ConfigError, match=message):
-        prune(model, None, **args)
+        prune(model, **args)
     assert torch.equal(_logits(model), before)
 
 

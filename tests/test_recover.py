@@ -17,8 +17,9 @@ from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from secateurs.api import prune
-from secateurs.checkpoint import read_record, save_checkpoint
+from secateurs.run import prune
+from secateurs.checkpoint import read_record
+from secateurs.writer import save_checkpoint
 from secateurs.errors import ConfigError, DataError, OutputExistsError
 from secateurs.recover import (
     DistillSettings,
@@ -96,14 +97,11 @@ def pruned_dir(tmp_path_factory, tokenizer, dense_dir) -> Path:
     """The tiny LLaMA with 2 of 6 blocks removed, saved as `secateurs prune` would."""
     out = tmp_path_factory.mktemp("models") / "pruned"
     model = AutoModelForCausalLM.from_pretrained(dense_dir)
-    prune(
-        model,
-        tokenizer,
+    prune(model, tokenizer=tokenizer,
         criterion="magnitude",
         protect="none",
         remove=2,
         out=out,
-        source=str(dense_dir),
         progress=False,
     )
     return out
@@ -342,15 +340,12 @@ def test_removed_branches_survive_recovery_and_reload_through_secateurs(
 
     pruned = tmp_path / "attn-pruned"
     model = AutoModelForCausalLM.from_pretrained(dense_dir)
-    prune(
-        model,
-        tokenizer,
+    prune(model, tokenizer=tokenizer,
         criterion="magnitude",
         unit="attn",
         protect="none",
         remove=2,
         out=pruned,
-        source=str(dense_dir),
         progress=False,
     )
     out = tmp_path / "recovered"

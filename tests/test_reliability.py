@@ -27,7 +27,8 @@ import secateurs.commands.eval_ppl as eval_ppl_command
 import secateurs.commands.prune as prune_command
 from secateurs import data as data_module
 from secateurs import outputs
-from secateurs.checkpoint import read_config, save_checkpoint
+from secateurs.checkpoint import read_config
+from secateurs.writer import save_checkpoint
 from secateurs.cli import main
 from secateurs.data import read_documents
 from secateurs.errors import (
@@ -39,8 +40,8 @@ from secateurs.errors import (
 )
 from secateurs.models import load_model, model_type_of
 from secateurs.plan import Plan
-from secateurs.surgery import apply_plan
-from secateurs.units import Unit
+from secateurs.units import apply_plan
+from secateurs.plan import Unit
 from tiny_models import tiny_model, tokens
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -67,17 +68,17 @@ def _no_load(monkeypatch, *modules):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from secateurs.checkpoint import save_checkpoint
+from secateurs import writer
 from tiny_models import tiny_model
 model = tiny_model("llama")
-real = model.save_pretrained
-def slow_save(directory, **kwargs):
+real = writer.write_weights
+def slow_save(*args, **kwargs):
     Path(sys.argv[2]).write_text("saving")
     while not Path(sys.argv[3]).exists():
         time.sleep(0.05)
-    real(directory, **kwargs)
-model.save_pretrained = slow_save
-save_checkpoint(model, None, sys.argv[1], {"writer": "first"})
+    real(*args, **kwargs)
+writer.write_weights = slow_save
+writer.save_checkpoint(model, None, sys.argv[1], {"writer": "first"})
 print("saved:", sys.argv[1])
 """
 
@@ -187,13 +188,13 @@ def test_disk_full_names_path_and_space_before_writing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_while_writing_is_a_clear_error(tmp_path):
+def test_disk_full_while_writing_is_a_clear_error(tmp_path, monkeypatch):
     model = tiny_model("llama")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    model.save_pretrained = full
+    monkeypatch.setattr("secateurs.writer.write_weights", full)
     with pytest.raises(OutputError, match="Not enough disk space to write"):
         save_checkpoint(model, None, tmp_path / "out", {})
     assert list(tmp_path.iterdir()) == []

@@ -12,15 +12,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from secateurs import surgery
+from secateurs.units import depth as surgery
 from secateurs.adapters import adapter_for, supported_model_types
-from secateurs.checkpoint import read_record, save_checkpoint
+from secateurs.checkpoint import read_record
+from secateurs.writer import save_checkpoint
 from secateurs.errors import UnsupportedModelError
 from secateurs.models import load_model
 from secateurs.plan import Plan
-from secateurs.surgery import apply_plan, apply_width_plan
-from secateurs.units import Unit, masked
-from secateurs.width import width_masked, widths
+from secateurs.units import apply_plan
+from secateurs.plan import Unit
+from secateurs.units.depth import masked
+from secateurs.units.width import width_masked, widths
 from tiny_models import TINY_CONFIGS, tokens
 
 KINDS = ("block", "attn", "mlp", "heads", "channels")
@@ -115,7 +117,7 @@ def _prune(model, kind: str) -> torch.Tensor:
     plan = _width_plan(model, kind)
     with width_masked(model, adapter, {"heads": plan.heads, "channels": plan.channels}):
         expected = _logits(model)
-    apply_width_plan(model, plan, adapter)
+    apply_plan(model, plan, adapter)
     return expected
 
 
@@ -193,7 +195,7 @@ def test_heads_then_blocks_with_inverse_layer_scaling(tmp_path):
     removed_widths = {"heads": width_plan.heads, "channels": width_plan.channels}
     with width_masked(model, adapter, removed_widths), masked(model, adapter, depth_plan.units):
         expected = _logits(model)
-    apply_width_plan(model, width_plan, adapter)
+    apply_plan(model, width_plan, adapter)
     apply_plan(model, depth_plan, adapter)
     _check_reload(model, expected, tmp_path / "out")
 

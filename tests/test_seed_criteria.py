@@ -9,15 +9,13 @@ from secateurs.criteria.base import calibration_loss
 from secateurs.criteria.hywia import TEMPERATURE, fuse
 from secateurs.criteria.influence import removal_loss_change
 from secateurs.errors import ConfigError
-from tiny_models import TINY_CONFIGS, tiny_model, tokens
+from tiny_models import TINY_CONFIGS, scoring_context, tiny_model, tokens
 
 SEED_CRITERIA = ("mini-llm", "hywia", "influence")
 
 
 def context(model, batch=8, length=32):
-    return ScoringContext(
-        model, adapter_for(model), tokens(batch=batch, length=length, seed=3), 4, progress=False
-    )
+    return scoring_context(model, tokens(batch=batch, length=length, seed=3), 4)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -160,7 +158,7 @@ def _measured_loss_changes(model, layer: int, calib: torch.Tensor) -> torch.Tens
     import copy
 
     from secateurs.plan import Plan
-    from secateurs.width_api import WidthOptions, reconstruct_plan
+    from secateurs.run import prune
 
     def loss(m) -> float:
         with torch.no_grad():
@@ -171,7 +169,7 @@ def _measured_loss_changes(model, layer: int, calib: torch.Tensor) -> torch.Tens
         pruned = copy.deepcopy(model)
         removed = tuple((channel,) if i == layer else () for i in range(n))
         plan = Plan.of_widths(n, ((),) * n, removed, (0,) * n, (64,) * n)
-        reconstruct_plan(pruned, plan, calib, WidthOptions())
+        prune(pruned, plan=plan.to_dict(), calibration=calib, progress=False)
         changes.append(loss(pruned) - base)
     return torch.tensor(changes)
 
@@ -185,7 +183,7 @@ def test_influence_predicts_the_loss_change_of_the_model_we_produce():
     a random model is far from a minimum."""
     model = tiny_model("llama")
     calib = tokens(batch=16, length=32, seed=3)
-    ctx = ScoringContext(model, adapter_for(model), calib, 4, progress=False)
+    ctx = scoring_context(model, calib, 4)
     for layer in (1, 3):
         measured = _measured_loss_changes(model, layer, calib)
         full = CRITERIA.get("influence")(first_order=True)  # the complete prediction

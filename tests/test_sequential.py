@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from secateurs.adapters import adapter_for
-from secateurs.api import prune
+from secateurs.run import prune
 from secateurs.cli import main
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, UnsupportedModelError
-from secateurs.lazy import LazyModel
+from secateurs.session.lazy import LazyModel
 from secateurs.pipeline import (
     Perturbation,
     Removal,
@@ -30,7 +30,7 @@ from secateurs.pipeline import (
 )
 from secateurs.sequential import sequential_prune
 from secateurs.width_api import WidthOptions, prune_width
-from tiny_models import TINY_CONFIGS, tiny_model, tokens
+from tiny_models import TINY_CONFIGS, scoring_context, tiny_model, tokens
 
 LAYERWISE_TYPES = sorted(TINY_CONFIGS)  # MoE checkpoints stored expert by expert included
 EAGER = "eager"  # the tiny models' attention (tests/tiny_models.py)
@@ -82,8 +82,8 @@ def test_sequential_scores_equal_whole_model(model_type, saved):
         for kind in kinds:
             if not _supported(model, criterion, kind):
                 continue
-            whole = ScoringContext(model, adapter_for(model), calibration, 2, (), False)
-            layered = ScoringContext(lazy.model, lazy.adapter, calibration, 2, (), False)
+            whole = scoring_context(model, calibration, 2)
+            layered = scoring_context(lazy, calibration, 2)
             layered.pipeline = pipeline
             expected, actual = _scores(criterion, whole, kind), _scores(criterion, layered, kind)
             tolerance = 1e-5 * float(expected.abs().max()) + 1e-9
@@ -164,7 +164,7 @@ def test_streamed_width_surgery_equals_in_memory(
 def test_sequential_depth_equals_in_memory(criterion, saved, tmp_path):
     model, path = saved("qwen2")
     calibration = tokens(8, 12)
-    memory = prune(model, None, criterion=criterion, unit="block", remove=2, protect="none",
+    memory = prune(model, criterion=criterion, unit="block", remove=2, protect="none",
                    calibration=calibration, out=tmp_path / "memory", progress=False)  # fmt: skip
     record = sequential_prune(path, tmp_path / "layered", unit="block", criterion=criterion,
                               remove=2, protect="none", calibration=calibration, progress=False,
@@ -239,8 +239,8 @@ def test_padding_token_outside_the_calibration_rows(tmp_path):
     calibration = tokens(4, 12) % (VOCAB // 2)  # never the padding token
     lazy = LazyModel(tmp_path / "model", attn_implementation=EAGER)
     pipeline = SequentialPipeline(lazy, calibration, batch_size=2, progress=False)
-    ctx = ScoringContext(model, adapter_for(model), calibration, 2, (), False)
-    layered = ScoringContext(lazy.model, lazy.adapter, calibration, 2, (), False)
+    ctx = scoring_context(model, calibration, 2)
+    layered = scoring_context(lazy, calibration, 2)
     layered.pipeline = pipeline
     criterion = CRITERIA.get("block-influence")()
     torch.testing.assert_close(criterion.score(layered, "block"), criterion.score(ctx, "block"))
@@ -326,8 +326,8 @@ def _on_meta(module) -> bool:
 
 
 def _contexts(model, lazy, calibration, pipeline):
-    whole = ScoringContext(model, adapter_for(model), calibration, 2, (), False)
-    layered = ScoringContext(lazy.model, lazy.adapter, calibration, 2, (), False)
+    whole = scoring_context(model, calibration, 2)
+    layered = scoring_context(lazy, calibration, 2)
     layered.pipeline = pipeline
     return whole, layered
 
@@ -414,7 +414,7 @@ def test_mini_llm_streams_offloaded_to_files_give_the_same_scores(saved, tmp_pat
     scores = []
     for where in (None, tmp_path / "streams"):
         pipeline = SequentialPipeline(lazy, calibration, 2, progress=False, offload=where)
-        ctx = ScoringContext(lazy.model, lazy.adapter, calibration, 2, (), False)
+        ctx = scoring_context(lazy, calibration, 2)
         ctx.pipeline = pipeline
         scores.append(_scores(criterion, ctx, "channels"))
     assert torch.equal(scores[0], scores[1])

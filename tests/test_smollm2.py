@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from secateurs.api import prune
-from secateurs.data import DATA_DIR_ENV, CalibrationConfig
+from secateurs.run import prune
+from secateurs.data import DATA_DIR_ENV
 from secateurs.evaluate.ppl import PPLProtocol, perplexity
 from secateurs.models import load_model
 
@@ -31,12 +31,10 @@ def test_smollm2_remove_two_blocks_end_to_end(tmp_path):
     dense_ppl = perplexity(model, tokenizer, protocol, progress=False).ppl
     assert 5 < dense_ppl < 200  # a working language model, not noise (vocab 49152)
 
-    result = prune(
-        model,
-        tokenizer,
+    result = prune(model, tokenizer=tokenizer,
         criterion="block-influence+",
         remove=2,
-        calibration=CalibrationConfig(n_samples=4),
+        n_samples=4,
         out=tmp_path / "out",
         progress=False,
     )

@@ -13,7 +13,7 @@ from secateurs.checkpoint import read_record
 from secateurs.errors import ConfigError
 from secateurs.plan import Plan
 from secateurs.streaming import TensorSpec, stream_depth_prune, write_safetensors
-from secateurs.surgery import apply_plan
+from secateurs.units import apply_plan
 from tiny_models import TINY_CONFIGS, tiny_model, tiny_tokenizer, tokens
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool]
@@ -93,7 +93,7 @@ def test_non_safetensors_input_is_refused(tmp_path):
 
 def test_structured_sources_are_refused_before_writing(tmp_path):
     """A checkpoint with removed branches cannot be rebuilt from its config: refuse it."""
-    from secateurs.checkpoint import save_checkpoint
+    from secateurs.writer import save_checkpoint
 
     model = tiny_model("llama")
     apply_plan(model, Plan(num_layers=6, mlp=(3,)))

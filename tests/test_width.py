@@ -7,11 +7,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
-from secateurs.checkpoint import read_record, save_checkpoint
+from secateurs.checkpoint import read_record
+from secateurs.writer import save_checkpoint
 from secateurs.models import load_model
 from secateurs.plan import Plan
-from secateurs.surgery import apply_width_plan
-from secateurs.width import width_masked, widths
+from secateurs.units import apply_plan
+from secateurs.units.width import width_masked, widths
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
 
 
@@ -51,7 +52,7 @@ def _check(model_type: str, heads: list, channels: list, tmp_path, plain: bool) 
     plan = _plan(model, heads, channels)
     with width_masked(model, adapter, {"heads": plan.heads, "channels": plan.channels}):
         expected = _logits(model)
-    apply_width_plan(model, plan, adapter)
+    apply_plan(model, plan, adapter)
     torch.testing.assert_close(_logits(model), expected, atol=1e-5, rtol=1e-5)
     save_checkpoint(model, None, tmp_path / "m", {})
     record = read_record(tmp_path / "m")

@@ -9,15 +9,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
-from secateurs.allocation import Bounds, UnitTable, allocate
-from secateurs.api import prune
-from secateurs.checkpoint import save_checkpoint
+from secateurs.allocate import Bounds, UnitTable, allocate
+from secateurs.run import prune
+from secateurs.writer import save_checkpoint
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, SecateursError, UnsupportedModelError
 from secateurs.plan import Plan
-from secateurs.surgery import apply_width_plan
-from secateurs.width import width_masked, widths
-from tiny_models import tiny_model, tokens
+from secateurs.units import apply_plan
+from secateurs.units.width import width_masked, widths
+from tiny_models import scoring_context, tiny_model, tokens
 
 WIDTH_CRITERIA = [name for name, cls in CRITERIA.items() if "heads" in cls.units]
 CALIB = tokens(4, 16, seed=3)
@@ -27,9 +27,7 @@ CALIB = tokens(4, 16, seed=3)
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_every_width_criterion_prunes_to_the_budget(criterion, allocation):
     model = tiny_model("llama")
-    result = prune(
-        model,
-        None,
+    result = prune(model,
         criterion=criterion,
         unit="width",
         ratio=0.3,
@@ -58,7 +56,7 @@ def test_every_width_criterion_prunes_to_the_budget(criterion, allocation):
 )
 def test_taylor_variants_score_every_group(options):
     model = tiny_model("qwen2")
-    ctx = ScoringContext(model, adapter_for(model), CALIB, 2, progress=False)
+    ctx = scoring_context(model, CALIB, 2)
     for kind, count in (("heads", 2), ("channels", 64)):
         scores = CRITERIA.get("taylor")(**options).score_width(ctx, kind)
         assert len(scores) == 6 and all(s.shape == (count,) for s in scores)
@@ -69,7 +67,7 @@ def test_taylor_variants_score_every_group(options):
 def test_fluctuation_compensation_equals_mean_filled_masking(tmp_path):
     model = tiny_model("llama")
     adapter = adapter_for(model)
-    ctx = ScoringContext(model, adapter, CALIB, 2, progress=False)
+    ctx = scoring_context(model, CALIB, 2)
     scorer = CRITERIA.get("fluctuation")()
     removed = {}
     for kind in ("heads", "channels"):
@@ -87,7 +85,7 @@ def test_fluctuation_compensation_equals_mean_filled_masking(tmp_path):
     )
     with torch.no_grad(), width_masked(model, adapter, removed, fill=means):
         expected = model(input_ids=tokens()).logits
-    assert apply_width_plan(model, plan, adapter, means)
+    assert apply_plan(model, plan, adapter, means)
     assert model.config.attention_bias and model.config.mlp_bias
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=tokens()).logits, expected, atol=1e-5, rtol=1e-5)
@@ -100,9 +98,7 @@ def test_fluctuation_compensation_equals_mean_filled_masking(tmp_path):
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2"])
 def test_generate_with_cache_equals_without(model_type):
     model = tiny_model(model_type)
-    prune(
-        model,
-        None,
+    prune(model,
         criterion="magnitude",
         unit="width",
         ratio=0.3,
@@ -118,16 +114,14 @@ def test_generate_with_cache_equals_without(model_type):
 
 def test_ratio_finer_than_a_kv_group_rounds_instead_of_crashing(caplog):
     model = tiny_model("llama")  # 2 KV groups per layer
-    result = prune(model, None, criterion="magnitude", unit="heads", ratio=0.1, progress=False)
+    result = prune(model, criterion="magnitude", unit="heads", ratio=0.1, progress=False)
     assert all(k in (1, 2) for k in result.plan.kept("heads"))
     assert model.config.num_attention_heads % model.config.num_key_value_heads == 0
 
 
 def test_uniform_widths_and_round_to_give_a_plain_config():
     model = tiny_model("llama")
-    prune(
-        model,
-        None,
+    prune(model,
         criterion="magnitude",
         unit="channels",
         ratio=0.3,
@@ -156,10 +150,11 @@ def test_global_allocation_respects_layer_range_and_bounds():
         (dict(ratio=1.5), ConfigError, "in (0, 1)"),
         (dict(ratio=0.2, allocation="sideways"), ConfigError, "Unknown allocation"),
         (dict(ratio=0.2, criterion="magnitud"), ConfigError, "Did you mean 'magnitude'"),
-        (dict(ratio=0.2, criterion="ppl"), ConfigError, "cannot score 'heads'"),
-        (dict(ratio=0.2, criterion="taylor", aggregation="median"), ConfigError, "aggregation"),
+        (dict(ratio=0.2, criterion="ppl"), ConfigError, "cannot score heads units"),
+        (dict(ratio=0.2, criterion="taylor", options={"aggregation": "median"}), ConfigError,
+         "aggregation"),
         (dict(ratio=0.2, max_ratio=1.0), ConfigError, "keep something"),
-        (dict(ratio=0.2, layers="9:3"), ConfigError, "Layer range"),
+        (dict(ratio=0.2, layers="9:3"), ConfigError, "--layers 9:3 is not inside"),
     ],
 )
 def test_bad_input_fails_before_any_work(kwargs, error, message):
@@ -167,17 +162,15 @@ def test_bad_input_fails_before_any_work(kwargs, error, message):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = dict(criterion="magnitude", unit="width", progress=False)
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
-        prune(model, None, **{**args, **kwargs})
+        prune(model, **{**args, **kwargs})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_unsupported_adapter_and_compensation_are_clear_errors():
     with pytest.raises(UnsupportedModelError, match="ALiBi"):
-        prune(tiny_model("bloom"), None, criterion="magnitude", unit="heads", ratio=0.2)
+        prune(tiny_model("bloom"), criterion="magnitude", unit="heads", ratio=0.2)
     with pytest.raises(UnsupportedModelError, match="compensat"):
-        prune(
-            tiny_model("mistral"),
-            None,
+        prune(tiny_model("mistral"),
             criterion="fluctuation",
             unit="width",
             ratio=0.2,
@@ -199,9 +192,7 @@ def test_compensation_applies_to_any_criterion_and_matches_mean_replacement():
     model = tiny_model("llama")
     calib = tokens(batch=4, length=16, seed=5)
     reference = copy.deepcopy(model)
-    result = prune(
-        model,
-        None,
+    result = prune(model,
         unit="channels",
         criterion="magnitude",
         ratio=0.1,
@@ -210,9 +201,9 @@ def test_compensation_applies_to_any_criterion_and_matches_mean_replacement():
         progress=False,
         calibration=calib,
     )
-    assert result.plan.compensate and result.record["width"]["compensate"] is True
-    ctx = ScoringContext(reference, adapter_for(reference), calib, 4, progress=False)
-    means = [s.mean for s in input_statistics(ctx, "channels", "means")]
+    assert result.plan.compensate and result.record["spec"]["compensate"] is True
+    ctx = scoring_context(reference, calib, 4)
+    means = [s.mean for s in input_statistics(ctx, "channels")]
     x = tokens(seed=9)
     removed = {"channels": result.plan.channels}
     with (
@@ -225,7 +216,7 @@ def test_compensation_applies_to_any_criterion_and_matches_mean_replacement():
 
 
 def test_sensitivity_allocation_spares_the_sensitive_layer_and_meets_the_target():
-    from secateurs.allocation import Bounds, UnitTable, allocate
+    from secateurs.allocate import Bounds, UnitTable, allocate
 
     scores = tuple(torch.arange(64.0) for _ in range(4))
     tables = [UnitTable("channels", scores, (10,) * 4)]
@@ -243,9 +234,7 @@ def test_global_allocation_learns_to_spare_a_layer_that_matters():
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(20)
-    result = prune(
-        model,
-        None,
+    result = prune(model,
         criterion="activation",
         unit="channels",
         ratio=0.2,
@@ -258,7 +247,7 @@ def test_global_allocation_learns_to_spare_a_layer_that_matters():
     assert sens[0] == max(sens)
     kept = result.plan.kept("channels")
     assert kept[0] == max(kept)
-    assert result.record["width"]["sensitivity"] is True
+    assert result.record["layer_sensitivity"] is not None
 
 
 def test_loss_scores_are_ranked_per_parameter_across_layers_and_kinds():
@@ -279,9 +268,7 @@ def test_loss_scores_are_ranked_per_parameter_across_layers_and_kinds():
 
 def test_influence_global_allocation_needs_no_sensitivity_probe():
     model = tiny_model("llama")
-    result = prune(
-        model,
-        None,
+    result = prune(model,
         criterion="influence",
         unit="width",
         ratio=0.25,
@@ -290,7 +277,7 @@ def test_influence_global_allocation_needs_no_sensitivity_probe():
         progress=False,
     )
     record = result.record
-    assert record["width"]["sensitivity"] is False and record["layer_sensitivity"] is None
+    assert record["layer_sensitivity"] is None
     assert "per parameter" in record["allocation_rule"]
     # every removed unit predicts less loss than every kept one of its kind (one cost per kind
     # in this uniform model, so that is the per-parameter order)

@@ -13,9 +13,9 @@ from secateurs.adapters import adapter_for
 from secateurs.checkpoint import read_record
 from secateurs.errors import UnsupportedModelError
 from secateurs.plan import Plan
-from secateurs.reconstruct import refit
-from secateurs.width import group_slices, output_projection, output_weight_columns, widths
-from secateurs.width_api import WidthOptions, prune_width, reconstruct_plan
+from secateurs.fit.reconstruct import refit
+from secateurs.units.width import group_slices, output_projection, output_weight_columns, widths
+from secateurs.run import prune
 from tiny_models import LAYERS, TINY_CONFIGS, tiny_model, tokens
 
 CALIBRATION = dict(batch=8, length=16, seed=5)  # 128 tokens: more than any layer's inputs
@@ -52,6 +52,15 @@ def _width_supported(adapter, kind, config) -> bool:
     return True
 
 
+def reconstruct_plan(model, plan, calibration, damping=0.01) -> dict:
+    """Cut ``plan`` out of ``model`` with reconstruction: the run's reconstruction record."""
+    result = prune(
+        model, plan=plan.to_dict(), calibration=calibration, reconstruct_damping=damping,
+        progress=False,
+    )  # fmt: skip
+    return result.record["reconstruction"]
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -73,8 +82,7 @@ def test_linearly_redundant_units_are_reconstructed_exactly(model_type):
     expected = _logits(model, ids)
     one = [(1,)] * LAYERS
     plan = _plan(model, one if "heads" in kinds else None, one if "channels" in kinds else None)
-    opts = WidthOptions(reconstruct=True, reconstruct_damping=0.0)
-    record = reconstruct_plan(model, plan, tokens(**CALIBRATION), opts)
+    record = reconstruct_plan(model, plan, tokens(**CALIBRATION), damping=0.0)
     torch.testing.assert_close(_logits(model, ids), expected, atol=2e-4, rtol=1e-4)
     assert len(record["layers"]) == LAYERS * len(kinds)
     assert max(r["relative_error_reconstructed"] for r in record["layers"]) < 1e-6
@@ -88,7 +96,7 @@ def test_reconstruction_never_increases_the_layer_output_error(model_type):
     channels = [tuple(range(layer % 3, w.channels, 3)) for layer in range(LAYERS)]
     heads = [((layer % w.kv_heads),) for layer in range(LAYERS)]
     plan = _plan(model, heads, channels)
-    record = reconstruct_plan(model, plan, tokens(**CALIBRATION), WidthOptions())
+    record = reconstruct_plan(model, plan, tokens(**CALIBRATION))
     for row in record["layers"]:
         assert row["relative_error_reconstructed"] <= row["relative_error_sliced"] + 1e-9, row
 
@@ -135,12 +143,12 @@ def test_damping_pulls_towards_the_sliced_weights():
 def test_prune_width_records_reconstruction_and_saves_a_standard_checkpoint(model_type, tmp_path):
     """Mistral has no bias flag: the fit has no intercept, the checkpoint stays standard."""
     model = tiny_model(model_type)
-    opts = WidthOptions(unit="width", ratio=0.3, reconstruct=True)
-    result = prune_width(
+    result = prune(
         model,
-        None,
         criterion="activation",
-        options=opts,
+        unit="width",
+        ratio=0.3,
+        reconstruct=True,
         calibration=tokens(**CALIBRATION),
         out=tmp_path / "m",
         progress=False,
@@ -160,40 +168,28 @@ def test_no_reconstruct_and_bad_damping():
     from secateurs.errors import ConfigError
 
     with pytest.raises(ConfigError, match="damping"):
-        WidthOptions(reconstruct_damping=-1.0)
+        prune(tiny_model("llama"), unit="width", ratio=0.3, reconstruct_damping=-1.0)
     model = tiny_model("llama")
-    opts = WidthOptions(ratio=0.3, reconstruct=False)
-    result = prune_width(
+    result = prune(
         model,
-        None,
         criterion="magnitude",
-        options=opts,
+        unit="width",
+        ratio=0.3,
+        reconstruct=False,
         calibration=tokens(**CALIBRATION),
         progress=False,
     )
     assert result.record["reconstruction"] == {"enabled": False}
 
 
-def test_reconstruction_is_on_by_default_where_calibration_can_be_had():
-    with_data = prune_width(
-        tiny_model("llama"),
-        None,
-        criterion="magnitude",
-        options=WidthOptions(ratio=0.3),
-        calibration=tokens(**CALIBRATION),
-        progress=False,
-    )
-    assert with_data.record["width"]["reconstruct"] is True
+def test_reconstruction_is_on_by_default_where_calibration_can_be_had(caplog):
+    width = dict(criterion="magnitude", unit="width", ratio=0.3, progress=False)
+    with_data = prune(tiny_model("llama"), calibration=tokens(**CALIBRATION), **width)
     assert with_data.record["reconstruction"]["enabled"] is True
-    data_free = prune_width(
-        tiny_model("llama"),
-        None,
-        criterion="magnitude",
-        options=WidthOptions(ratio=0.3),
-        progress=False,
-    )
-    assert data_free.record["width"]["reconstruct"] is False
+    with caplog.at_level(logging.WARNING, logger="secateurs.fit"):
+        data_free = prune(tiny_model("llama"), **width)  # no tokenizer, no windows
     assert data_free.record["reconstruction"] == {"enabled": False}
+    assert "not reconstructed" in caplog.text
 
 
 @pytest.mark.parametrize(("criterion", "reconstruct", "warned"), [
@@ -204,13 +200,13 @@ def test_reconstruction_is_on_by_default_where_calibration_can_be_had():
 def test_a_criterion_that_predicts_the_reconstructed_model_warns_without_it(
     criterion, reconstruct, warned, caplog
 ):
-    opts = WidthOptions(ratio=0.3, reconstruct=reconstruct)
-    with caplog.at_level(logging.WARNING, logger="secateurs.width_api"):
-        prune_width(
+    with caplog.at_level(logging.WARNING, logger="secateurs.choose"):
+        prune(
             tiny_model("llama"),
-            None,
             criterion=criterion,
-            options=opts,
+            unit="width",
+            ratio=0.3,
+            reconstruct=reconstruct,
             calibration=tokens(**CALIBRATION),
             progress=False,
         )

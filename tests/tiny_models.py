@@ -217,3 +217,19 @@ def word_text(n_words: int, seed: int = 0) -> str:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (n_words,), generator=generator).tolist()
     return " ".join(f"w{i}" for i in ids)
+
+
+def scoring_context(model, calibration=None, batch_size: int = 2, removed=(), work=None):
+    """A criterion's context over ``model`` (a model object, or a ``LazyModel`` read layer by
+    layer) with a flow over ``calibration`` (None: data-free)."""
+    from secateurs.criteria import ScoringContext
+    from secateurs.session import ResidentSession
+    from secateurs.session.flow import Flow
+    from secateurs.session.lazy import LazyModel, LazySession
+
+    if isinstance(model, LazyModel):
+        session = LazySession(model, work or "/nonexistent-spill")
+    else:
+        session = ResidentSession(model)
+    flow = None if calibration is None else Flow(session, calibration, batch_size)
+    return ScoringContext(session, flow, tuple(removed), progress=False)

@@ -13,20 +13,16 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CalibrationConfig": "secateurs.data",
-    "CriterionSpec": "secateurs.api",
     "PPLProtocol": "secateurs.evaluate.ppl",
     "Plan": "secateurs.plan",
-    "PruneResult": "secateurs.prune_flow",
-    "ScoreResult": "secateurs.api",
-    "apply_plan": "secateurs.surgery",
+    "PruneResult": "secateurs.run",
+    "PruneSpec": "secateurs.spec",
+    "ScoreResult": "secateurs.scores",
+    "apply_plan": "secateurs.units",
     "load_model": "secateurs.models",
     "perplexity": "secateurs.evaluate.ppl",
-    "prune": "secateurs.api",
-    "score_units": "secateurs.api",
-    "stream_prune": "secateurs.api",
-    "sequential_prune": "secateurs.sequential",
-    "sequential_prune_experts": "secateurs.sequential_experts",
-    "LazyModel": "secateurs.lazy",
+    "prune": "secateurs.run",
+    "score": "secateurs.run",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,6 +10,8 @@ DEFAULT_SHORTLIST = 3
 # Healing fits m unknowns per output of the preceding down_proj; 10 windows x 128 tokens would
 # under-determine it.
 HEAL_SAMPLES = 64
+# Healing's ridge λ as a fraction of the mean diagonal of XᵀX (ReplaceMe fits without one).
+HEAL_DAMPING = 0.01
 HEAL_TARGETS = ("local", "dense")
 
 # --unit block,width: the share of the parameter budget taken by whole blocks. Decided by
@@ -24,3 +26,8 @@ SEARCH_OBJECTIVE = "kl"
 # The joint attention/MLP search (--unit subblock) keeps the NLL: with "kl" it was worse at 6
 # blocks' worth (WikiText-2 / PTB 239.6 / 457.2 against 231.9 / 409.8) and mixed at 10.
 SUBBLOCK_SEARCH_OBJECTIVE = "nll"
+
+# Width reconstruction: ridge λ as a fraction of the mean diagonal of the Gram, and the least
+# calibration windows its least-squares fit uses (many more tokens than scoring needs).
+RECONSTRUCT_DAMPING = 0.01
+RECONSTRUCT_SAMPLES = 64

@@ -160,7 +160,7 @@ def load_model(
     if require_adapter:
         check_supported(spec)
     location = resolve_model(spec)
-    from secateurs.checkpoint import load_checkpoint
+    from secateurs.reload import load_checkpoint
 
     try:
         model, tokenizer = load_checkpoint(location, dtype=_dtype(dtype))

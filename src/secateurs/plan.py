@@ -7,15 +7,32 @@ parameter (negative indices count from the end) so other policies are one argume
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
 from secateurs.errors import ConfigError, ScoreError
-from secateurs.units import DEPTH_UNITS, Unit, check_unit_kind
+
+DEPTH_UNITS = ("block", "attn", "mlp")
+
+
+class Unit(NamedTuple):
+    """One depth unit: ``kind`` ("block", "attn" or "mlp") of decoder layer ``layer``."""
+
+    layer: int
+    kind: str
+
+
+def check_unit_kind(kind: str) -> str:
+    if kind not in DEPTH_UNITS:
+        raise ConfigError(f"Unknown depth unit {kind!r}; expected one of {', '.join(DEPTH_UNITS)}.")
+    return kind
+
 
 SL_PROTECTED = (0, 1, 2, 3, -2, -1)
 
@@ -395,3 +412,24 @@ def lowest_unprotected(values: torch.Tensor, count: int, excluded: Iterable[int]
         )
     order = sorted(candidates, key=lambda i: (float(values[i]), i))
     return sorted(order[:count])
+
+
+def given_plan(data: dict[str, Any], num_layers: int) -> Plan:
+    """A plan from JSON: a ``secateurs.json`` record (any version) or a bare plan, whose
+    ``num_layers`` may be left out."""
+    if any(key in data for key in RECORD_KEYS):
+        chosen = Plan.of_record(data)
+    else:
+        chosen = Plan.from_dict({"num_layers": num_layers, **data})
+    if chosen.num_layers != num_layers:
+        raise ConfigError(
+            f"The plan is for {chosen.num_layers} layers; the model has {num_layers}."
+        )
+    return chosen
+
+
+def read_plan_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"Cannot read plan file {path}: {err}") from err

@@ -12,17 +12,27 @@ first and last layers approximate: on SmolLM2 they are the most sensitive ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from secateurs.criteria.base import ScoringContext, calibration_loss
-from secateurs.width import width_masked
+from secateurs.session.flow import Flow, Perturbation
+from secateurs.units.width import width_masked
 
 
-@torch.no_grad()
-def mean_loss(ctx: ScoringContext) -> float:
-    losses = [float(calibration_loss(ctx.model, batch)) for batch in ctx.batches()]
-    return sum(losses) / len(losses)
+@dataclass(frozen=True)
+class WidthMask:
+    """An edit of one layer: its ``units`` of ``kind`` masked (a ``flow.Edit``)."""
+
+    kind: str
+    units: tuple[int, ...]
+    skip = False
+
+    def applied(self, session: Any, layer: int) -> AbstractContextManager:
+        removed = [self.units if i == layer else () for i in range(session.num_layers)]
+        return width_masked(session.model, session.adapter, {self.kind: removed})
 
 
 def lowest(values: torch.Tensor, fraction: float) -> tuple[int, ...]:
@@ -33,24 +43,23 @@ def lowest(values: torch.Tensor, fraction: float) -> tuple[int, ...]:
 
 @torch.no_grad()
 def layer_sensitivity(
-    ctx: ScoringContext,
+    flow: Flow,
     scores: dict[str, Sequence[torch.Tensor]],
     layers: Sequence[int],
     fraction: float,
 ) -> dict[str, list[float]]:
     """s[kind][layer] = ΔL(masking the ``fraction`` lowest units of that layer) / fraction²
-    (0 for layers outside ``layers``)."""
-    base = mean_loss(ctx)
-    out: dict[str, list[float]] = {}
-    for kind, per_layer in scores.items():
-        out[kind] = [0.0] * len(per_layer)
-        for layer in ctx.bar(layers, f"sensitivity: {kind}"):
-            if len(per_layer[layer]) < 2:
-                continue
-            units = lowest(per_layer[layer], fraction)
-            removed = [units if i == layer else () for i in range(len(per_layer))]
-            with width_masked(ctx.model, ctx.adapter, {kind: removed}):
-                change = mean_loss(ctx) - base
-            share = len(units) / len(per_layer[layer])
-            out[kind][layer] = max(change, 0.0) / share**2
+    (0 for layers outside ``layers``): every masked model in one pass of the flow."""
+    probes = [
+        (kind, layer, lowest(per_layer[layer], fraction))
+        for kind, per_layer in scores.items()
+        for layer in layers
+        if len(per_layer[layer]) >= 2
+    ]
+    models = [Perturbation(0)] + [Perturbation(i, {i: WidthMask(k, u)}) for k, i, u in probes]
+    losses = [float(loss.mean()) for loss in flow.losses(models)]
+    out = {kind: [0.0] * len(per_layer) for kind, per_layer in scores.items()}
+    for (kind, layer, units), loss in zip(probes, losses[1:], strict=True):
+        share = len(units) / len(scores[kind][layer])
+        out[kind][layer] = max(loss - losses[0], 0.0) / share**2
     return out

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from secateurs.data import CalibrationConfig, require_data
 from secateurs.errors import ConfigError
 from secateurs.models import DEFAULT_MODEL, resolve_model
 
@@ -37,80 +36,6 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         help="local data directory (layout: docs/data.md). Default: $SECATEURS_DATA_DIR if set, "
         "else the Hugging Face hub",
     )
-
-
-def add_calibration_args(parser: argparse.ArgumentParser) -> None:
-    defaults = CalibrationConfig()
-    group = parser.add_argument_group("calibration")
-    group.add_argument(
-        "--calibration", default=defaults.source, help="'c4' or a .txt/.jsonl/.json.gz file"
-    )
-    group.add_argument(
-        "--n-samples",
-        type=int,
-        default=defaults.n_samples,
-        help="windows (%(default)s)",
-    )
-    group.add_argument(
-        "--calib-seq-len",
-        type=int,
-        default=defaults.seq_len,
-        help="tokens per calibration window (%(default)s)",
-    )
-    group.add_argument(
-        "--seed", type=int, default=defaults.seed, help="sampling seed (%(default)s)"
-    )
-
-
-def add_criterion_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--unit",
-        default="block",
-        help="depth: block, attn, mlp; width: heads (KV groups), channels (MLP), width (both); "
-        "experts (mixture-of-experts models)",
-    )
-    parser.add_argument(
-        "--criterion", default="ppl+", help="e.g. ppl, ppl+, taylor+, magnitude, block-influence"
-    )
-    parser.add_argument(
-        "--protect",
-        default=None,
-        help="layers never removed: 'sl' (0,1,2,3,L-2,L-1), 'none', or '0,1,-1'. "
-        "Default: 'sl' for NAME+ criteria, 'none' otherwise",
-    )
-    parser.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="criterion option, repeatable (e.g. --option p=2)",
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="calibration batch size")
-
-
-def calibration_from(args: argparse.Namespace) -> CalibrationConfig:
-    return CalibrationConfig(args.calibration, args.n_samples, args.calib_seq_len, args.seed)
-
-
-def check_data_needs(args: argparse.Namespace) -> None:
-    """Before loading a model: C4 calibration needs a data directory or a reachable hub."""
-    if getattr(args, "calibration", None) == "c4":
-        require_data("C4 calibration", args.data_dir)
-
-
-def criterion_options(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
-
-    options = {}
-    for item in args.option if isinstance(args.option, list) else [args.option]:
-        if isinstance(item, dict):
-            options.update(item)
-            continue
-        key, sep, value = str(item).partition("=")
-        if not sep:
-            raise ConfigError(f"--option takes KEY=VALUE, not {item!r}.")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return options
 
 
 def print_json(data: Any) -> None:

@@ -6,14 +6,8 @@ import argparse
 from pathlib import Path
 
 from secateurs.commands import Command, register
-from secateurs.commands.common import (
-    add_calibration_args,
-    add_criterion_args,
-    add_data_args,
-    add_model_args,
-    calibration_from,
-    criterion_options,
-)
+from secateurs.commands.common import add_data_args, add_model_args
+from secateurs.commands.spec_args import add_calibration_args, add_unit_args, spec_from_args
 from secateurs.errors import OutputExistsError
 
 
@@ -24,37 +18,29 @@ class Score(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_model_args(parser)
-        add_criterion_args(parser)
+        add_unit_args(parser)
         parser.add_argument("--out", type=Path, required=True, help="output JSON file")
         parser.add_argument("--overwrite", action="store_true")
         add_calibration_args(parser)
         add_data_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from secateurs.api import CriterionSpec, save_scores, score_units
-        from secateurs.commands.common import check_data_needs
-        from secateurs.models import load_model
-
         if args.out.exists() and not args.overwrite:
             raise OutputExistsError(f"{args.out} exists; pass --overwrite to replace it.")
-        spec = CriterionSpec.parse(args.criterion, args.protect)
-        check_data_needs(args)
-        model, tokenizer = load_model(
-            args.model, dtype=args.dtype, device=args.device, require_adapter=True
-        )
-        result = score_units(
-            model,
-            tokenizer,
-            spec.name,
-            args.unit,
-            calibration=calibration_from(args),
-            data_root=args.data_dir,
-            batch_size=args.batch_size,
-            **criterion_options(args),
-        )
+        spec = spec_from_args(args, remove=1)  # a budget is never used: scores only
+        from secateurs.data import require_data
+        from secateurs.run import score
+        from secateurs.scores import save_scores
+
+        if spec.data.calibration == "c4":
+            require_data("C4 calibration", spec.data.data_dir)
+        result = score(args.model, spec)
         save_scores(result, args.out, {"source_model": str(args.model)})
         ranked = sorted(range(len(result.values)), key=lambda i: result.values[i])
-        print(f"{spec.name} scores of {args.unit}s ({result.seconds:.1f}s), least important first:")
+        unit = spec.units[0]
+        print(
+            f"{result.criterion} scores of {unit}s ({result.seconds:.1f}s), least important first:"
+        )
         for layer in ranked:
             print(f"  layer {layer:3d}  {result.values[layer]:.6g}")
         print(f"saved: {args.out}")

@@ -15,7 +15,7 @@ from secateurs.criteria.base import (
     ScoringContext,
     columns_per_group,
 )
-from secateurs.width import output_weight_columns
+from secateurs.units.width import output_weight_columns
 
 
 @CRITERIA.register("activation", aliases=("wanda",))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -14,35 +15,43 @@ from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
-from secateurs.units import Unit
-from secateurs.width import ParamSlice, group_slices, output_projection
+from secateurs.plan import Unit
+from secateurs.session.base import Session
+from secateurs.session.flow import Flow
+from secateurs.units.width import ParamSlice, group_slices, output_projection
 
 
 @dataclass
 class ScoringContext:
-    """Everything a criterion may use. ``removed`` units are masked (iterative pruning)."""
+    """Everything a criterion may use: the session's model (real, or a meta skeleton whose
+    layers the flow loads one at a time), the calibration ``flow`` (None: data-free), and the
+    depth units already ``removed`` from the base model (iterative pruning; staged plans)."""
 
-    model: PreTrainedModel
-    adapter: Adapter
-    calibration: torch.Tensor | None  # (N, T) token ids
-    batch_size: int = 1
+    session: Session
+    flow: Flow | None = None
     removed: tuple[Unit, ...] = ()
     progress: bool = True
     extras: dict[str, Any] = field(default_factory=dict)  # criteria may leave details here
-    pipeline: Any = None  # how data flows (secateurs.pipeline); None: the whole model in memory
 
-    def __post_init__(self) -> None:
-        if self.pipeline is None:
-            from secateurs.pipeline import WholeModelPipeline
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.session.model
 
-            self.pipeline = WholeModelPipeline()
+    @property
+    def adapter(self) -> Adapter:
+        return self.session.adapter
+
+    @property
+    def calibration(self) -> torch.Tensor | None:
+        return None if self.flow is None else self.flow.tokens
 
     def batches(self) -> Iterator[torch.Tensor]:
-        if self.calibration is None:
+        """The calibration batches on the model's device (criteria that run the whole model:
+        a backward pass needs it in memory)."""
+        if self.flow is None:
             raise ConfigError("This criterion needs calibration data.")
-        device = next(self.model.parameters()).device
-        for start in range(0, len(self.calibration), self.batch_size):
-            yield self.calibration[start : start + self.batch_size].to(device)
+        for batch in self.flow.batches:
+            yield batch.to(self.session.device)
 
     def num_layers(self) -> int:
         return self.adapter.num_layers(self.model)
@@ -141,9 +150,8 @@ class Layerwise(Criterion):
     """A criterion computed layer by layer from what each layer shows (and its weights).
 
     Subclasses implement ``observer`` (what to watch in layer i) and ``layer_score`` (tensor
-    math on the observer and layer i's weights, which exist while it is called). The pipeline
-    in ``ctx.pipeline`` runs the data: the whole model at once, or one layer at a time from
-    disk (``secateurs.pipeline``); the scores are the same.
+    math on the observer and layer i's weights, which exist while it is called). The flow runs
+    the calibration windows through one layer at a time, in memory or from disk alike.
     """
 
     def observer(self, ctx: ScoringContext, kind: str, layer: int) -> Observer:
@@ -157,13 +165,33 @@ class Layerwise(Criterion):
     def score(self, ctx: ScoringContext, unit: str) -> torch.Tensor:
         if unit not in self.units:
             return super().score(ctx, unit)
-        scores = ctx.pipeline.layer_scores(self, ctx, unit)
-        return torch.tensor([float(s) for s in scores], dtype=torch.float64)
+        scores = layer_scores(self, ctx, unit)
+        return torch.tensor([float(s) if s.numel() else math.inf for s in scores])
 
     def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
         if kind not in self.units:
             return super().score_width(ctx, kind)
-        return [s.cpu() for s in ctx.pipeline.layer_scores(self, ctx, kind)]
+        return [s.cpu() for s in layer_scores(self, ctx, kind)]
+
+
+@torch.no_grad()
+def layer_scores(criterion: Layerwise, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
+    """Each layer's ``layer_score`` (an empty tensor for a block the base model removes)."""
+    scores = [torch.empty(0, dtype=torch.float64)] * ctx.num_layers()
+    if not criterion.needs_calibration:
+        for index in ctx.bar(range(ctx.num_layers()), f"{criterion.name}: layers"):
+            with ctx.session.loaded(index):
+                scores[index] = criterion.layer_score(ctx, kind, index, Observer())
+        return scores
+    if ctx.flow is None:
+        raise ConfigError(f"Criterion {criterion.name!r} needs calibration data.")
+    ctx.flow.set_base(ctx.removed)
+    for step in ctx.flow.walk(desc=f"{criterion.name}: layers"):
+        observer = criterion.observer(ctx, kind, step.index)
+        with observer.attached():
+            step.advance()
+        scores[step.index] = criterion.layer_score(ctx, kind, step.index, observer)
+    return scores
 
 
 def calibration_loss(model: PreTrainedModel, batch: torch.Tensor) -> torch.Tensor:
@@ -186,27 +214,6 @@ def aggregate(parts: list[torch.Tensor], how: str = "sum") -> torch.Tensor:
     if how == "prod":
         return stacked.prod(0)
     raise ConfigError(f"Unknown aggregation {how!r}; expected one of {', '.join(AGGREGATIONS)}.")
-
-
-@contextmanager
-def capture_inputs(
-    ctx: ScoringContext, kind: str, fn: Callable[[int, torch.Tensor], None]
-) -> Iterator[None]:
-    """Call ``fn(layer, x)`` with every output-projection input x (tokens, in_features)."""
-    handles = []
-    try:
-        for layer in range(ctx.num_layers()):
-            module, _ = ctx.output_projection(layer, kind)
-
-            def hook(module: torch.nn.Module, args: tuple, layer: int = layer) -> None:
-                x = args[0]
-                fn(layer, x.detach().reshape(-1, x.shape[-1]))
-
-            handles.append(module.register_forward_pre_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
@@ -232,23 +239,16 @@ class InputStats:
         return self.squares.sqrt()
 
 
-@torch.no_grad()
-def input_statistics(ctx: ScoringContext, kind: str, desc: str) -> list[InputStats]:
-    """Run the calibration batches once and gather ``InputStats`` for every layer."""
-    stats: dict[int, InputStats] = {}
-
-    def add(layer: int, x: torch.Tensor) -> None:
-        x = x.to(torch.float64)
-        if layer not in stats:
-            stats[layer] = InputStats(torch.zeros_like(x[0]), torch.zeros_like(x[0]))
-        stats[layer].total += x.sum(0)
-        stats[layer].squares += (x * x).sum(0)
-        stats[layer].tokens += x.shape[0]
-
-    with capture_inputs(ctx, kind, add):
-        for batch in ctx.bar(ctx.batches(), desc):
-            ctx.model(input_ids=batch, use_cache=False)
-    return [stats[layer] for layer in range(ctx.num_layers())]
+def input_statistics(ctx: ScoringContext, kind: str) -> list[InputStats | None]:
+    """``InputStats`` of every layer's output projection inputs, in one pass of the flow."""
+    observed: list[InputStats | None] = [None] * ctx.num_layers()
+    ctx.flow.set_base(ctx.removed)
+    for step in ctx.flow.walk(desc=f"{kind}: input statistics"):
+        inputs = ProjectionInputs(ctx, step.index, kind)
+        with inputs.attached():
+            step.advance()
+        observed[step.index] = inputs.stats
+    return observed
 
 
 def columns_per_group(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

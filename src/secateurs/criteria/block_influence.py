@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import Layerwise, Observer, ScoringContext
-from secateurs.units import Unit, first_arg, masked
+from secateurs.units.depth import Unit, first_arg, masked
 
 
 @CRITERIA.register("block-influence", aliases=("bi", "shortgpt"))

@@ -17,7 +17,7 @@ import torch
 
 from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import Criterion, ScoringContext
-from secateurs.experts import Routing, moe_layers, num_experts, observe_routing
+from secateurs.units.experts import Routing, moe_layers, num_experts, observe_routing
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -69,11 +69,15 @@ class _RoutingCriterion(Criterion):
 
     @torch.no_grad()
     def score_experts(self, ctx: ScoringContext) -> list[torch.Tensor]:
-        """Per MoE layer (in ``moe_layers`` order), one score per expert."""
+        """Per MoE layer (in ``moe_layers`` order), one score per expert: each MoE layer's
+        routing observed while the flow runs the windows through it."""
         tally = self.tally(ctx.model, ctx.adapter)
-        with observe_routing(ctx.model, ctx.adapter, tally.observe):
-            for batch in ctx.bar(ctx.batches(), f"{self.name}: routing"):
-                ctx.model(input_ids=batch, use_cache=False)
+        wanted = set(tally.sums)
+        ctx.flow.set_base(ctx.removed)
+        for step in ctx.flow.walk(desc=f"{self.name}: routing"):
+            observed = [step.index] if step.index in wanted else []
+            with observe_routing(ctx.model, ctx.adapter, tally.observe, observed):
+                step.advance()
         return tally.finish(ctx.extras)
 
     def accumulate(self, r: Routing, sums: torch.Tensor, counts: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from secateurs.criteria.base import (
     ScoringContext,
     columns_per_group,
 )
-from secateurs.width import output_weight_columns
+from secateurs.units.width import output_weight_columns
 
 
 @CRITERIA.register("fluctuation", aliases=("flap",))
@@ -39,8 +39,10 @@ class Fluctuation(Layerwise):
     def layer_score(
         self, ctx: ScoringContext, kind: str, layer: int, observed: ProjectionInputs
     ) -> torch.Tensor:
-        means = ctx.extras.setdefault("input_mean", {}).setdefault(kind, [])
-        means[layer:] = [observed.stats.mean]  # layer order; a re-score replaces, not appends
+        means = ctx.extras.setdefault("input_mean", {})
+        if len(means.get(kind, ())) != ctx.num_layers():
+            means[kind] = [None] * ctx.num_layers()  # None: a block the base model removes
+        means[kind][layer] = observed.stats.mean
         conv1d = ctx.adapter.width_layout(kind).conv1d
         weight = output_weight_columns(observed.module, conv1d).detach().to(torch.float64)
         per_column = observed.stats.variance.to(weight.device) * weight.pow(2).sum(0)

@@ -30,7 +30,7 @@ from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import Criterion, ScoringContext
 from secateurs.criteria.taylor import gradient_moments
 from secateurs.errors import ConfigError
-from secateurs.units import masked
+from secateurs.units.depth import masked
 
 COARSE_VIEWS = ("influence", "taylor")
 # Chosen on held-out C4 training windows (not the test sets) among 0.05 ... 4 and the plain

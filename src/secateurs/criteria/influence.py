@@ -39,8 +39,8 @@ import torch
 from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import Criterion, ScoringContext, calibration_loss
 from secateurs.errors import ConfigError
-from secateurs.units import masked
-from secateurs.width import output_weight_columns
+from secateurs.units.depth import masked
+from secateurs.units.width import output_weight_columns
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Influence(Criterion):
         }
 
     def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
-        from secateurs.reconstruct import can_add_intercept  # reconstruction's own rule
+        from secateurs.fit.reconstruct import can_add_intercept  # reconstruction's own rule
 
         conv1d = ctx.adapter.width_layout(kind).conv1d
         projections = [ctx.output_projection(layer, kind) for layer in range(ctx.num_layers())]

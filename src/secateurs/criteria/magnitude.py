@@ -46,14 +46,18 @@ class Magnitude(Layerwise):
     @torch.no_grad()
     def score_experts(self, ctx: ScoringContext) -> list[torch.Tensor]:
         """Per MoE layer, Σ|W|^p over each expert's slice of every expert tensor."""
-        from secateurs.experts import moe_layers
+        from secateurs.units.experts import moe_layers
 
-        return [self.layer_experts(ctx, layer) for layer in moe_layers(ctx.model, ctx.adapter)]
+        scores = []
+        for layer in moe_layers(ctx.model, ctx.adapter):
+            with ctx.session.loaded(layer):
+                scores.append(self.layer_experts(ctx, layer))
+        return scores
 
     @torch.no_grad()
     def layer_experts(self, ctx: ScoringContext, layer: int) -> torch.Tensor:
         """One MoE layer's expert scores (its weights only: a layer loaded alone suffices)."""
-        from secateurs.experts import expert_weights
+        from secateurs.units.experts import expert_weights
 
         weights = expert_weights(ctx.model, ctx.adapter, layer)
         return sum(w.abs().pow(self.p).sum(1).to(torch.float64) for w in weights)

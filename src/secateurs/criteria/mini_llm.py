@@ -11,7 +11,7 @@ of the layer's output projection W (o_proj / down_proj). Per group:
 SPSA with one direction per calibration window (``zeroth_order``); ``scope="model"`` perturbs
 every layer's gates in the same passes over the whole model, ``scope="layer"`` one layer at a
 time (with ``layers_per_pass`` − 1 interleaved later ones), running only layers ℓ... No
-``backward()``. The perturbed models are handed to ``ctx.pipeline.perturbed_losses``: in
+``backward()``. The perturbed models are handed to ``ctx.flow.losses``: in
 memory they run one after the other from cached layer inputs; layer by layer from disk
 (``SequentialPipeline``) their streams advance in lockstep, each layer loaded once — the same
 directions and the same estimator, so the same scores.
@@ -38,8 +38,8 @@ from secateurs.criteria.zeroth_order import (
     spsa_perturbations,
 )
 from secateurs.errors import ConfigError
-from secateurs.pipeline import Perturbation
-from secateurs.width import output_weight_columns
+from secateurs.session.flow import Perturbation
+from secateurs.units.width import output_weight_columns
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class MiniLLM(Criterion):
         }
 
     def stream_count(self, num_layers: int) -> int:
-        """Perturbed models scored at once (the streams a sequential pipeline holds)."""
+        """Perturbed models scored at once (the streams the flow holds)."""
         passes = 1 if self.scope == "model" else len(layer_passes(num_layers, self.layers_per_pass))
         return passes * self.settings.num_perturbations * len(signed_steps(self.settings))
 
@@ -171,7 +171,8 @@ def gate_gradients(
         )
         for picked, draws in passes
     ]
-    losses = ctx.pipeline.perturbed_losses(ctx, base + [p for r in runs for p in r])
+    ctx.flow.set_base(ctx.removed)
+    losses = ctx.flow.losses(base + [p for r in runs for p in r])
     unperturbed, losses = (losses[0] if base else None), losses[len(base) :]
     out: list[GateEstimate] = [GateEstimate(torch.empty(0), torch.empty(0))] * len(gates.layers)
     per_pass = settings.num_perturbations * len(signed_steps(settings))

@@ -22,8 +22,8 @@ from secateurs.criteria.base import (
     calibration_loss,
 )
 from secateurs.errors import ConfigError
-from secateurs.units import masked
-from secateurs.width import ParamSlice
+from secateurs.units.depth import masked
+from secateurs.units.width import ParamSlice
 
 ORDERS = ("first", "second", "mixed", "vector")
 

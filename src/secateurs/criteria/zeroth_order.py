@@ -23,9 +23,9 @@ layer's signal-to-noise ratio (``signal_to_noise``): whether the estimate says a
 Everything here is pure tensor math plus one pre-hook that rescales columns: weights are never
 modified, nothing but (windows × groups) directions is stored, and no ``backward()`` runs.
 The estimator says which perturbed models it needs (``spsa_perturbations``: one
-``pipeline.Perturbation`` per direction and sign) and combines their losses
+``flow.Perturbation`` per direction and sign) and combines their losses
 (``gate_estimates``); how the passes run — one after the other in memory, or every stream in
-lockstep layer by layer from disk — is the pipeline's business, so both give the same â.
+lockstep layer by layer from disk — is the flow's business, so both give the same â.
 """
 
 from __future__ import annotations
@@ -33,15 +33,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
-from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
-from secateurs.pipeline import Perturbation
-from secateurs.width import output_projection
+from secateurs.session.flow import Perturbation
+from secateurs.units.width import output_projection
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -155,7 +154,7 @@ class GateSet:
 @dataclass(frozen=True)
 class GateEdit:
     """A layer's gates at 1 + step·u_b for window b (u: (windows, groups), σ ⊙ z): its output
-    projection's input columns scaled window by window (a ``pipeline.Edit``)."""
+    projection's input columns scaled window by window (a ``flow.Edit``)."""
 
     kind: str
     columns: torch.Tensor
@@ -165,10 +164,8 @@ class GateEdit:
     length: int  # tokens per window
     skip = False
 
-    def applied(
-        self, model: PreTrainedModel, adapter: Adapter, layer: int
-    ) -> AbstractContextManager:
-        module = output_projection(model, adapter, layer, self.kind)[0]
+    def applied(self, session: Any, layer: int) -> AbstractContextManager:
+        module = output_projection(session.model, session.adapter, layer, self.kind)[0]
         multipliers = column_multipliers(self.directions, self.columns, self.in_features, self.step)
         return gated([module], [multipliers], self.length)
 

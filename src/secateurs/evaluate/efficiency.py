@@ -60,7 +60,7 @@ def linear_macs_per_token(model: nn.Module) -> int:
     exactly. Stacked MoE experts count top-k experts per token (plus the router). Attention
     scores (QKᵀ, AV) are not weights: see ``attention_macs``.
     """
-    from secateurs.experts import routed_expert_macs
+    from secateurs.units.experts import routed_expert_macs
 
     linear = sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)
@@ -475,7 +475,7 @@ def random_candidates(
     seed: int = 0,
 ) -> list[Candidate]:
     """Random-weight models of a real shape: dense (depth 0) and with ``depth`` blocks removed."""
-    from secateurs.surgery import apply_plan
+    from secateurs.units import apply_plan
 
     config = random_config(config_name)
     label = Path(config_name).stem

@@ -204,9 +204,9 @@ def engines_for_model(model: PreTrainedModel, plain: bool | None = None) -> dict
 
 
 def _describes_every_shape(model: PreTrainedModel) -> bool:
-    from secateurs.checkpoint import width_structure
-    from secateurs.experts import expert_structure
-    from secateurs.surgery import skipped_branches
+    from secateurs.structure import width_structure
+    from secateurs.units.depth import skipped_branches
+    from secateurs.units.experts import expert_structure
 
     structure = (skipped_branches(model), width_structure(model), expert_structure(model))
     return not any(structure)

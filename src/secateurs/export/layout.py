@@ -126,7 +126,7 @@ def check_family(layout: Layout, fmt: str) -> None:
 def layer_shapes(model: PreTrainedModel) -> tuple[LayerShape, ...]:
     """Per-layer shapes read from a loaded model's weights."""
     from secateurs.adapters import adapter_for
-    from secateurs.width import widths
+    from secateurs.units.width import widths
 
     return tuple(
         LayerShape(w.heads, w.kv_heads if w.heads else 0, w.channels)

@@ -25,11 +25,11 @@ from secateurs.checkpoint import (
     atomic_directory,
     check_output_dir,
     read_record,
-    save_checkpoint,
     write_json,
 )
 from secateurs.data import calibration_documents, data_dir, read_documents
 from secateurs.errors import ConfigError, DataError
+from secateurs.writer import save_checkpoint
 from secateurs.models import load_model
 from secateurs.plan import RECORD_KEYS
 from secateurs.recover.common import StageResult, TrainConfig, resume_point, training_blocks

@@ -9,7 +9,7 @@ does. Shared experts are not routed and are never touched.
     plan = expert_plan(model, {0: (1, 5), 3: (2,)})
     with experts_masked(model, adapter, plan.removed_by_layer()):
         reference = model(ids).logits
-    apply_expert_plan(model, plan)
+    apply_plan(model, plan)  # secateurs.units
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ from secateurs.adapters import Adapter, adapter_for
 from secateurs.adapters.base import ExpertLayout
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.plan import Plan
-from secateurs.width import slice_param
+from secateurs.units.width import slice_param
 
 log = logging.getLogger(__name__)
 
@@ -260,28 +259,21 @@ def _parent(adapter: Adapter, layer: int, model: PreTrainedModel) -> nn.Module:
     return block.get_submodule(path) if path else block
 
 
-def apply_expert_plan(model: PreTrainedModel, plan: Plan, adapter: Adapter | None = None) -> bool:
-    """Cut ``plan``'s experts out of ``model`` in place; True if the config describes the result.
-
-    With one expert count left in every MoE layer, the config's count is updated and plain
-    ``from_pretrained`` loads the checkpoint. With per-layer counts the config keeps the original
-    count, so a plain load fails loudly on the shapes; ``secateurs.load_model`` rebuilds it.
-    """
-    adapter = adapter or adapter_for(model)
+def check_expert_plan(model: PreTrainedModel, adapter: Adapter, plan: Plan) -> None:
+    """The plan's MoE layers and expert counts are the model's (before any cut)."""
     expert_layout(adapter, model.config)
-    if adapter.num_layers(model) != plan.num_layers:
-        raise ConfigError(
-            f"Expert plan is for {plan.num_layers} layers; the model has "
-            f"{adapter.num_layers(model)}."
-        )
     current = tuple(layer_counts(model, adapter).items())
     expected = tuple((i, plan.num_experts[i]) for i in plan.expert_layers)
     if current != expected:
         raise ConfigError(f"Expert plan expects (layer, count) {expected}, model has {current}.")
-    for layer, removed in plan.removed_by_layer().items():
-        left = prune_layer_experts(model, adapter, layer, removed)
-        log.info("layer %d: removed experts %s (%d left)", layer, list(removed), left)
-    return update_expert_config(model, adapter)
+
+
+def expert_cost(model: PreTrainedModel, adapter: Adapter, layer: int) -> int:
+    """Parameters one routed expert of ``layer`` holds (its router row included)."""
+    router, found = router_and_experts(model, adapter, layer)
+    count = num_experts(model, adapter, layer)
+    per_expert = sum(p.numel() for p in found.parameters()) // count
+    return per_expert + router.weight.shape[-1]
 
 
 def layer_counts(model: PreTrainedModel, adapter: Adapter) -> dict[int, int]:
@@ -313,56 +305,6 @@ def expert_structure(model: PreTrainedModel) -> dict[str, int] | None:
     if all(n == configured for n in counts.values()):
         return None
     return {str(layer): n for layer, n in counts.items()}
-
-
-def cut_to_counts(model: PreTrainedModel, counts: Mapping[str, int]) -> None:
-    """Shrink MoE layers to ``counts`` ({layer: experts}) by dropping their last experts."""
-    adapter = adapter_for(model)
-    for layer_text, want in counts.items():
-        have = num_experts(model, adapter, int(layer_text))
-        if want < have:
-            prune_layer_experts(model, adapter, int(layer_text), range(want, have))
-
-
-def load_with_experts(
-    directory: Path,
-    counts: Mapping[str, int],
-    dtype: torch.dtype | str,
-    skipped: Sequence[Sequence[Any]] = (),
-) -> PreTrainedModel:
-    """Load a checkpoint whose MoE layers keep different expert counts, strictly.
-
-    The model class is built with each layer already cut to its recorded count, so transformers'
-    own loading (including its conversion of per-expert checkpoint keys to stacked tensors)
-    fills every tensor with the right shape; anything missing or mismatched is an error.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from secateurs.checkpoint import read_config
-
-    config = read_config(directory)  # undoes the mark that makes plain loaders refuse it
-    base = AutoModelForCausalLM._model_mapping[type(config)]
-    cut = type(base.__name__, (base,), {"__init__": _cut_init(base, counts, skipped)})
-    model, info = cut.from_pretrained(
-        directory, config=config, dtype=dtype, output_loading_info=True
-    )
-    problems = {k: v for k, v in info.items() if k != "error_msgs" and v}
-    if problems or info.get("error_msgs"):
-        raise ValueError(f"{directory}: checkpoint does not match its recorded experts: {info}")
-    return model
-
-
-def _cut_init(base: type, counts: Mapping[str, int], skipped: Sequence[Sequence[Any]]):
-    from secateurs.surgery import skip_branch
-    from secateurs.units import Unit
-
-    def __init__(self, config, *args, **kwargs):  # noqa: N807
-        base.__init__(self, config, *args, **kwargs)
-        cut_to_counts(self, counts)
-        for layer, kind in skipped:  # removed branches: no weights to load
-            skip_branch(self, adapter_for(self), Unit(int(layer), kind))
-
-    return __init__
 
 
 # --- observing the routing (for data-driven criteria) -------------------------------------------

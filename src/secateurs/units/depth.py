@@ -1,24 +1,25 @@
-"""Apply a plan: cut experts and widths, replace branches, drop decoder layers; keep the config
-consistent. ``apply_plan`` is the one entry for every kind of plan.
+"""Depth units: a block, or its attention / MLP branch. Masking them (the reference) and
+cutting them (the surgery that must reproduce it).
 
-Surgery edits the model in place (no copy of the weights). After removing blocks every module's
-``layer_idx`` is renumbered and per-layer config lists are sliced, so ``generate()`` with a KV
-cache addresses the right cache slot.
+Masking installs forward hooks, inside a context manager so they are removed on error. A masked
+block returns its input; a masked branch contributes nothing to the residual stream. The cut
+replaces a branch by ``SkippedBranch`` (no weights) and drops blocks at the end of a cut, when
+every module's ``layer_idx`` is renumbered and per-layer config values follow the kept layers:
 
-Some families compute constants from a layer's *index* when the model is built, so a kept layer
-renumbered from 7 to 4 would be rebuilt differently on reload. Each such constant is kept exact:
 - per-layer lists (``layer_types``, ``no_rope_layers``, ``mlp_layer_types``) are sliced;
 - index lists (``mlp_only_layers``) are renumbered, a ``decoder_sparse_step`` pattern becomes an
   explicit ``mlp_only_layers`` list, dense-prefix counts (``first_k_dense_replace``,
-  ``num_dense_layers``) count the kept dense layers;
+  ``num_dense_layers``) count the kept dense layers (the adapter's ``remap_layer_config``);
 - GPT-2's ``scale_attn_by_inverse_layer_idx`` (scores divided by index + 1) is folded into the
   query weights, so the layer's new index gives the old scaling.
-Anything else a reload would rebuild differently is refused when saving (``checkpoint.py``).
+Anything else a reload would rebuild differently is refused when saving (``structure.py``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,16 +27,69 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from secateurs.adapters import Adapter, adapter_for
-from secateurs.adapters.base import WIDTH_KINDS
-from secateurs.errors import ConfigError, UnsupportedModelError
-from secateurs.plan import Plan
-from secateurs.units import Unit, branch_zero, first_arg
-from secateurs.width import add_output_bias, compensate, prune_layer, update_config, widths
+from secateurs.adapters import Adapter, SubBlock, adapter_for
+from secateurs.errors import UnsupportedModelError
+from secateurs.plan import Unit, check_unit_kind
 
 log = logging.getLogger(__name__)
 
 
+def first_arg(args: tuple, kwargs: dict[str, Any], name: str = "hidden_states") -> torch.Tensor:
+    """The hidden-states argument, whether passed positionally or by keyword."""
+    return args[0] if args else kwargs[name]
+
+
+def branch_zero(residual_arg: int | None, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """What a branch outputs when it contributes nothing: zeros, or its residual (BLOOM)."""
+    if residual_arg is not None:
+        return args[residual_arg] if len(args) > residual_arg else kwargs["residual"]
+    return torch.zeros_like(first_arg(args, kwargs))
+
+
+def _with_first(output: Any, first: torch.Tensor) -> Any:
+    return (first, *output[1:]) if isinstance(output, tuple) else first
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _block_bypass_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    return _with_first(output, first_arg(args, kwargs))
+
+
+def _branch_zero_hook(branch: SubBlock):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if branch.residual_arg is not None:
+            return _with_first(output, branch_zero(branch.residual_arg, args, kwargs))
+        # Zeros shaped like the output: OPT's fc2 maps the wide MLP width back to hidden size.
+        return _with_first(output, torch.zeros_like(_first(output)))
+
+    return hook
+
+
+@contextmanager
+def masked(model: PreTrainedModel, adapter: Adapter, units: Iterable[Unit]) -> Iterator[None]:
+    """Run ``model`` as if ``units`` were removed (block → identity, branch → no contribution)."""
+    layers = adapter.layers(model)
+    handles = []
+    try:
+        for layer, kind in units:
+            block = layers[layer]
+            if check_unit_kind(kind) == "block":
+                handles.append(block.register_forward_hook(_block_bypass_hook, with_kwargs=True))
+                continue
+            branch = adapter.sub_block(kind, model.config)
+            module = block.get_submodule(branch.output)
+            hook = _branch_zero_hook(branch)
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- the cut ------------------------------------------------------------------------------------
 class SkippedBranch(nn.Module):
     """Stands in for a removed attention or MLP branch: no weights, zero contribution.
 
@@ -67,90 +121,6 @@ class SkippedBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, layer_idx={self.layer_idx}"
-
-
-def apply_plan(
-    model: PreTrainedModel,
-    plan: Plan,
-    adapter: Adapter | None = None,
-    means: dict[str, list[torch.Tensor]] | None = None,
-) -> PreTrainedModel:
-    """Physically remove every unit of ``plan`` from ``model`` (in place) and return it.
-
-    The one surgery entry for every kind: experts and widths first, while the layers still have
-    their original indices (the plan's), then branches, then blocks. ``means`` are the output
-    projections' mean inputs that a compensating width plan folds into the biases.
-    """
-    adapter = adapter or adapter_for(model)
-    if adapter.num_layers(model) != plan.num_layers:
-        raise ConfigError(
-            f"Plan is for {plan.num_layers} layers but the model has {adapter.num_layers(model)}."
-        )
-    if plan.has_experts:
-        from secateurs.experts import apply_expert_plan
-
-        apply_expert_plan(model, plan, adapter)
-    if plan.has_widths:
-        apply_width_plan(model, plan, adapter, means)
-    for unit in plan.units:
-        if unit.kind != "block":
-            skip_branch(model, adapter, unit)
-    if plan.blocks:
-        remove_blocks(model, adapter, plan.blocks)
-    return model
-
-
-def apply_width_plan(
-    model: PreTrainedModel,
-    plan: Plan,
-    adapter: Adapter | None = None,
-    means: dict[str, list[torch.Tensor]] | None = None,
-) -> bool:
-    """Cut ``plan``'s head groups and channels out of ``model`` in place; True if a plain
-    config describes the result.
-
-    With ``plan.compensate``, ``means[kind][layer]`` (the output projection's mean input) is
-    folded into its bias first: b += W[:, removed] · mean[removed].
-    """
-    adapter = adapter or adapter_for(model)
-    original = widths(model, adapter)[0]
-    prepare_compensation(model, adapter, plan, means)
-    for index in range(plan.num_layers):
-        cut_layer(model, adapter, plan, index, means)
-    return update_config(model, adapter, original)
-
-
-def prepare_compensation(
-    model: PreTrainedModel,
-    adapter: Adapter,
-    plan: Plan,
-    means: dict[str, list[torch.Tensor]] | None,
-) -> None:
-    """For ``plan.compensate``: check the input means are there, add the zero biases."""
-    if not plan.compensate:
-        return
-    for kind in WIDTH_KINDS:
-        if any(plan.removed(kind)):
-            if kind not in (means or {}):
-                raise ConfigError(f"Compensation needs the {kind} input means from the criterion.")
-            add_output_bias(model, adapter, kind)
-
-
-def cut_layer(
-    model: PreTrainedModel,
-    adapter: Adapter,
-    plan: Plan,
-    index: int,
-    means: dict[str, list[torch.Tensor]] | None = None,
-) -> None:
-    """Slice layer ``index``'s removed head groups / channels, after folding their mean
-    contribution into the bias if the plan compensates (``prepare_compensation`` first)."""
-    for kind in WIDTH_KINDS:
-        units = plan.removed(kind)[index]
-        if units and plan.compensate:
-            compensate(model, adapter, kind, index, units, means[kind][index])
-        if units:
-            prune_layer(model, adapter, index, kind, units)
 
 
 def skip_branch(model: PreTrainedModel, adapter: Adapter, unit: Unit) -> None:

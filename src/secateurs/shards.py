@@ -1,21 +1,19 @@
-"""Streaming depth surgery: input shards → output shards, one tensor in memory at a time.
+"""Safetensors IO shared by every writer: what a checkpoint holds (``CheckpointReader``, read a
+row block at a time), and the one weights writer (``write_weights``) through which the in-memory
+save and the layer-by-layer save both go.
 
-Removing blocks needs no arithmetic: the pruned checkpoint is the input's tensors minus the
-removed layers', renamed to the new layer numbers, plus the edited config. So a 70B checkpoint
-can be depth-pruned with the memory of its largest tensor. The model itself is only ever built
-on the meta device, and the very same surgery code as the in-memory path (``apply_plan``) edits
-it, so config and tensor names cannot drift between the two paths. Shards are cut by the same
-function and written in the same byte layout as ``save_pretrained``, so the weights files are
-byte-for-byte those of the in-memory path (tested).
+Shards are cut by ``huggingface_hub.split_torch_state_dict_into_shards`` (``save_pretrained``'s
+own function) and written in the byte layout safetensors uses (tensors by descending dtype rank,
+then name; header padded to 8 bytes), so a checkpoint is byte for byte what ``save_pretrained``
+writes, whether its tensors come from memory, from spilled layers or from the source checkpoint
+(tested). A tensor may be given as consecutive row blocks, so none need be in memory whole.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import struct
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +22,11 @@ from typing import Any, BinaryIO
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-from secateurs.adapters import adapter_for
-from secateurs.checkpoint import RECORD_FILE, recorded_structure, structure_record, write_json
 from secateurs.errors import ConfigError
-from secateurs.outputs import atomic_directory, check_output_dir
-from secateurs.plan import Plan
-from secateurs.surgery import apply_plan
-
-log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,7 +34,7 @@ DEFAULT_SHARD = "50GB"  # save_pretrained's default: the streaming output matche
 CHUNK_BYTES = 64 * 2**20  # rows copied at a time: memory stays far below one large tensor
 
 # safetensors writes tensors by descending dtype rank, then by name (its Dtype enum order).
-_DTYPES: dict[torch.dtype, tuple[str, int]] = {
+SAFETENSORS_DTYPES: dict[torch.dtype, tuple[str, int]] = {
     torch.bool: ("BOOL", 0),
     torch.uint8: ("U8", 4),
     torch.int8: ("I8", 5),
@@ -77,10 +68,10 @@ class TensorSpec:
 
 def write_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
     """Tensors in the order safetensors writes them: descending dtype rank, then name."""
-    unknown = sorted({str(s.dtype) for s in specs if s.dtype not in _DTYPES})
+    unknown = sorted({str(s.dtype) for s in specs if s.dtype not in SAFETENSORS_DTYPES})
     if unknown:
         raise ConfigError(f"Streaming cannot write tensors of dtype {unknown}.")
-    return sorted(specs, key=lambda s: (-_DTYPES[s.dtype][1], s.name))
+    return sorted(specs, key=lambda s: (-SAFETENSORS_DTYPES[s.dtype][1], s.name))
 
 
 def header_bytes(ordered: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
@@ -90,7 +81,7 @@ def header_bytes(ordered: list[TensorSpec], metadata: dict[str, str] | None) -> 
     for spec in ordered:
         end = offset + spec.nbytes
         header[spec.name] = {
-            "dtype": _DTYPES[spec.dtype][0],
+            "dtype": SAFETENSORS_DTYPES[spec.dtype][0],
             "shape": list(spec.shape),
             "data_offsets": [offset, end],
         }
@@ -162,7 +153,7 @@ class CheckpointReader:
         with safe_open(self.files[name], framework="pt") as handle:
             view = handle.get_slice(name)
             shape, code = view.get_shape(), view.get_dtype()
-        dtype = next(dt for dt, (c, _) in _DTYPES.items() if c == code)
+        dtype = next(dt for dt, (c, _) in SAFETENSORS_DTYPES.items() if c == code)
         return torch.empty(shape, dtype=dtype, device="meta")
 
     def read(self, name: str) -> torch.Tensor:
@@ -198,7 +189,10 @@ class CheckpointReader:
 
 
 def _itemsize(safetensors_dtype: str) -> int:
-    sizes = {code: torch.empty((), dtype=dt).element_size() for dt, (code, _) in _DTYPES.items()}
+    sizes = {
+        code: torch.empty((), dtype=dt).element_size()
+        for dt, (code, _) in SAFETENSORS_DTYPES.items()
+    }
     return sizes[safetensors_dtype]
 
 
@@ -206,10 +200,10 @@ def meta_skeleton(source: str | os.PathLike) -> PreTrainedModel:
     """The model of ``source`` with every tensor on the meta device (no memory, no weights)."""
     config = AutoConfig.from_pretrained(source)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=_checkpoint_dtype(config))
+        return AutoModelForCausalLM.from_config(config, dtype=checkpoint_dtype(config))
 
 
-def _checkpoint_dtype(config: Any) -> torch.dtype:
+def checkpoint_dtype(config: Any) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -228,141 +222,25 @@ def saved_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return revert_weight_conversion(model, state)
 
 
-def output_tensors(
-    model: PreTrainedModel, plan: Plan, reader: CheckpointReader
-) -> tuple[PreTrainedModel, dict[str, torch.Tensor], dict[str, str]]:
-    """Apply ``plan`` to the meta ``model``: the output's tensors and, for each, the name it
-    has in the input checkpoint.
-
-    Where the model converts checkpoint tensors on load (MoE experts stored one by one and
-    stacked in memory), the saved names are found from the checkpoint's own names instead:
-    removed blocks' tensors dropped, later blocks renumbered.
-    """
-    stored_name = {id(tensor): name for name, tensor in saved_state(model).items()}
-    apply_plan(model, plan, adapter_for(model))
-    state = saved_state(model)
-    if any(id(tensor) not in stored_name for tensor in state.values()):
-        return model, *_renumbered_checkpoint(model, plan, reader)
-    return model, state, {name: stored_name[id(t)] for name, t in state.items()}
-
-
-def _renumbered_checkpoint(
-    model: PreTrainedModel, plan: Plan, reader: CheckpointReader
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    prefix = adapter_for(model).layers_path + "."
-    position = {old: new for new, old in enumerate(plan.kept_layers)}
-    sources = {}
-    for name in reader.names():
-        if name.startswith(prefix):
-            index, rest = name[len(prefix) :].split(".", 1)
-            if int(index) not in position:
-                continue
-            sources[f"{prefix}{position[int(index)]}.{rest}"] = name
-        else:
-            sources[name] = name
-    order = sorted(sources, key=dot_natural_key)
-    return {name: reader.meta(sources[name]) for name in order}, sources
-
-
-def stream_depth_prune(
-    source: str | os.PathLike,
-    plan: Plan,
-    out: str | os.PathLike,
-    record: dict[str, Any] | None = None,
-    *,
-    overwrite: bool = False,
+def write_weights(
+    directory: Path,
+    specs: dict[str, TensorSpec],
+    read: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
+    total_parameters: int,
     max_shard_size: str | int = DEFAULT_SHARD,
-) -> Path:
-    """Write ``source`` minus ``plan.blocks`` to ``out`` without loading the model.
-
-    Only whole blocks can be removed this way (branches and widths change shapes or module
-    types: use the in-memory path). Memory: the largest single tensor.
-    """
-    if plan.attn or plan.mlp or plan.parts not in ((), ("depth",)):
-        raise ConfigError(
-            "Streaming surgery removes whole blocks only; branches, widths and experts need "
-            "the in-memory path (drop --stream)."
-        )
-    start = time.perf_counter()
-    check_output_dir(out, overwrite)
-    check_plain_source(source)
-    reader = CheckpointReader(source)
-    model, state, sources = output_tensors(meta_skeleton(source), plan, reader)
-    check_sources(reader, sources, source)
-    needed = sum(t.numel() * t.element_size() for t in state.values()) + (20 << 20)
-    with atomic_directory(out, overwrite=overwrite, needed=needed) as tmp:
-        _write_config(model, source, tmp)
-        _write_weights(model, state, sources, reader, tmp, max_shard_size)
-        _copy_tokenizer(source, tmp)
-        full = dict(record or {}, plan=plan.to_dict(), **structure_record(model))
-        full.setdefault("timings", {})["surgery_s"] = round(time.perf_counter() - start, 3)
-        full["timings"]["peak_rss_mb"] = _peak_rss_mb()
-        write_json(tmp / RECORD_FILE, full)
-    log.info("Streamed %d of %d blocks to %s", len(plan.kept_layers), plan.num_layers, out)
-    return Path(out)
-
-
-def _peak_rss_mb() -> float:
-    from secateurs.runinfo import peak_rss_mb
-
-    return round(peak_rss_mb(), 1)
-
-
-def check_plain_source(source: str | os.PathLike) -> None:
-    """Refuse a checkpoint whose shapes only secateurs.json describes (removed branches,
-    per-layer widths or experts): its config alone cannot build the skeleton to stream."""
-    kinds = recorded_structure(source)
-    if kinds:
-        raise ConfigError(
-            f"{source} has secateurs structure ({', '.join(kinds)}) that its config cannot "
-            "express; streaming needs a plain checkpoint. Load it with secateurs.load_model and "
-            "prune in memory."
-        )
-
-
-def check_sources(reader: CheckpointReader, sources: dict[str, str], source: Any) -> None:
-    missing = sorted(set(sources.values()) - reader.names())
-    if missing:
-        raise ConfigError(
-            f"{source}: tensors {missing[:3]} are not in the checkpoint, although its config "
-            "says they should be; is the checkpoint complete?"
-        )
-
-
-def _write_config(model: PreTrainedModel, source: Any, tmp: Path) -> None:
-    model.config.save_pretrained(tmp)
-    try:
-        GenerationConfig.from_pretrained(source).save_pretrained(tmp)
-    except OSError:  # no generation_config.json: save_pretrained writes the model's default
-        if model.can_generate():
-            model.generation_config.save_pretrained(tmp)
-
-
-def _write_weights(model, state, sources, reader, tmp: Path, max_shard_size) -> None:
+) -> None:
+    """Write tensors ``specs`` (name → dtype and shape, in ``save_pretrained``'s order) as
+    ``save_pretrained`` shards them; ``read(name)`` gives a tensor or its row blocks."""
+    sized = {n: torch.empty(s.shape, dtype=s.dtype, device="meta") for n, s in specs.items()}
     split = split_torch_state_dict_into_shards(
-        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        sized, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
     for filename, names in split.filename_to_tensors.items():
-        specs = [TensorSpec(n, state[n].dtype, tuple(state[n].shape)) for n in names]
-        write_safetensors(
-            tmp / filename, specs, lambda name: reader.blocks(sources[name]), {"format": "pt"}
-        )
+        write_safetensors(directory / filename, [specs[n] for n in names], read, {"format": "pt"})
     if split.is_sharded:
         index = {
-            "metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+            "metadata": {"total_parameters": total_parameters, **split.metadata},
             "weight_map": split.tensor_to_filename,
         }
         content = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        (tmp / INDEX_FILE).write_text(content, encoding="utf-8")
-
-
-def _copy_tokenizer(source: Any, tmp: Path) -> None:
-    """Save the tokenizer as the in-memory path does (loaded and re-saved, not copied)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):
-        log.warning("%s has no loadable tokenizer: the output has none either.", source)
-        return
-    tokenizer.save_pretrained(tmp)
+        (directory / INDEX_FILE).write_text(content, encoding="utf-8")

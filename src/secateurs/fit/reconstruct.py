@@ -17,20 +17,17 @@ the kept columns are accumulated (in float64), never the full Gram, and they are
 place: a layer's fit needs (k+1)·(k+1+out) numbers, which keeps the layer-by-layer path within
 its memory budget.
 
-Data flows sequentially: the calibration batches are embedded once, every decoder layer's
-call arguments (masks, rotary tables, ALiBi…) are captured, then layer by layer the cached
-hidden states are run through the (partly pruned) layer — prune + re-fit its attention, then
-its MLP, then compute the next layer's inputs with the pruned layer — so each layer is fitted
-on the inputs the already-pruned model gives it; a second pass over each pruned projection's
-inputs measures the error the fit leaves. Cost: about four forward passes.
+Data flows through the one engine (``session.flow``) as the cut walks the layers: each layer is
+fitted on the inputs the already-pruned model gives it (prune + re-fit its attention, then its
+MLP; the walk then runs the pruned layer to give the next its inputs); a second pass over each
+pruned projection's inputs measures the error the fit leaves. Cost: about four forward passes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,29 +39,17 @@ from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
 from secateurs.plan import Plan
 from secateurs.runinfo import return_freed_memory
-from secateurs.width import (
-    _keep,
+from secateurs.session.flow import Step
+from secateurs.units.width import (
     add_output_bias,
     bias_flag_supported,
+    keep_index,
     output_projection,
     output_weight_columns,
     prune_layer,
 )
 
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    """Raised by a hook once the statistics it needs are gathered (skips the rest)."""
-
-
-@dataclass
-class LayerCalls:
-    """Cached hidden states (per batch) and every layer's other call arguments."""
-
-    hidden: list[torch.Tensor]
-    calls: list[list[tuple[tuple, dict]]]  # calls[layer][batch] = (args after hidden, kwargs)
-    template: Any = None  # what a layer returns (tensor or tuple), for pass-through layers
 
 
 @dataclass
@@ -75,66 +60,6 @@ class Refit:
     bias: torch.Tensor | None
     error_before: float
     error_after: float
-
-
-# --- capturing layer calls -------------------------------------------------------------------
-@torch.no_grad()
-def capture_calls(
-    model: PreTrainedModel, adapter: Adapter, batches: Sequence[torch.Tensor]
-) -> LayerCalls:
-    """One forward per batch, recording each decoder layer's arguments (not its hidden state)."""
-    layers = adapter.layers(model)
-    hidden: list[torch.Tensor] = []
-    calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
-
-    def make_hook(index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            kwargs = dict(kwargs)
-            h, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-            if index == 0:
-                hidden.append(h.detach())
-            calls[index].append((rest, kwargs))
-
-        return hook
-
-    handles = [
-        m.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(layers)
-    ]
-    try:
-        for batch in batches:
-            model(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return LayerCalls(hidden, calls)
-
-
-def run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
-    args, kwargs = call
-    out = layer(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def feed(layer: nn.Module, module: nn.Module, cache: LayerCalls, index: int, fn: Callable) -> None:
-    """Call ``fn(x)`` with ``module``'s inputs when ``layer`` runs on the cached batches (the
-    rest of the layer is skipped)."""
-    seen = []
-
-    def hook(mod: nn.Module, args: tuple) -> None:
-        fn(args[0])
-        seen.append(True)
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        for hidden, call in zip(cache.hidden, cache.calls[index], strict=True):
-            with contextlib.suppress(_Stop):
-                run_layer(layer, hidden, call)
-    finally:
-        handle.remove()
-    if not seen:
-        raise ConfigError(f"Layer {index}: its output projection never ran on calibration data.")
 
 
 # --- the least-squares fit --------------------------------------------------------------------
@@ -300,91 +225,60 @@ def prepare_intercepts(
     return fits
 
 
-class Refitter:
-    """The layer step both data flows share: prune a layer's units and re-fit its output
-    projections on the cached inputs, then run the pruned layer to give the next layer its
-    inputs. The caller makes the layer's weights available (in memory, or read from disk)."""
+class Reconstruction:
+    """The fit step of the cut: in each layer, prune the plan's head groups / channels and
+    re-fit the output projections on the layer's inputs (``Step.hidden``: the already-pruned
+    model's activations). Adds the zero biases the intercepts will fill (every layer, at once:
+    a lazy model creates them as zeros when a layer loads)."""
 
-    def __init__(self, cache: LayerCalls, damping: float, fits: dict[str, bool]) -> None:
-        self.cache, self.damping, self.fits = cache, damping, fits
-        tokens = sum(h.shape[0] * h.shape[1] for h in cache.hidden)
-        self.report = ReconstructionReport(damping, fits, tokens)
+    def __init__(self, model: PreTrainedModel, adapter: Adapter, plan: Plan, damping: float,
+                 intercept: bool, tokens: int) -> None:  # fmt: skip
+        if damping < 0:
+            raise ConfigError(f"Reconstruction damping must be ≥ 0, got {damping}.")
+        self.model, self.adapter, self.plan, self.damping = model, adapter, plan, damping
+        kinds = [k for k in ("heads", "channels") if any(plan.removed(k))]
+        self.fits = prepare_intercepts(model, adapter, kinds, intercept)
+        self.report = ReconstructionReport(damping, self.fits, tokens)
         self.start = time.perf_counter()
+        cut = [i for i in range(plan.num_layers) if any(plan.removed(k)[i] for k in kinds)]
+        self.last_layer = max(cut, default=-1)  # the walk need not go further
 
     @torch.no_grad()
-    def layer(self, model: PreTrainedModel, adapter: Adapter, plan: Plan, index: int) -> None:
-        layers = adapter.layers(model)
-        for kind, intercept in self.fits.items():  # heads before channels, as in the layer
-            units = plan.removed(kind)[index]
+    def layer(self, step: Step) -> None:
+        """Prune and re-fit layer ``step.index`` (heads before channels, as in the layer)."""
+        for kind, intercept in self.fits.items():
+            units = self.plan.removed(kind)[step.index]
             if units:
-                row = _prune_layer(
-                    model, adapter, index, kind, units, self.cache, self.damping, intercept
-                )
-                self.report.layers.append(row)
-        if index + 1 < len(layers):
-            self.cache.hidden = [
-                run_layer(layers[index], h, call)
-                for h, call in zip(self.cache.hidden, self.cache.calls[index], strict=True)
-            ]
+                self.report.layers.append(self._refit(step, kind, units, intercept))
 
-    def finish(self) -> ReconstructionReport:
+    def _refit(self, step: Step, kind: str, units: Sequence[int], intercept: bool) -> dict:
+        index = step.index
+        conv1d = self.adapter.width_layout(kind).conv1d
+        module, columns = output_projection(self.model, self.adapter, index, kind)
+        kept = columns[keep_index(len(columns), units)].flatten().sort().values
+        weight = output_weight_columns(module, conv1d)
+        normal = NormalEquations(weight, module.bias, kept.to(weight.device), intercept)
+        step.run_until(module, normal.add)
+        return_freed_memory()  # the pass's temporaries, before the solve needs the room
+        normal.solve(self.damping)
+        step.run_until(module, normal.measure)
+        fit = normal.result()
+        del normal
+        prune_layer(self.model, self.adapter, index, kind, units)
+        module, _ = output_projection(self.model, self.adapter, index, kind)
+        _write(module, fit, conv1d)
+        return {
+            "layer": index,
+            "kind": kind,
+            "kept_columns": len(kept),
+            "relative_error_sliced": round(fit.error_before, 6),
+            "relative_error_reconstructed": round(fit.error_after, 6),
+        }
+
+    def finish(self) -> dict[str, Any]:
         self.report.seconds = time.perf_counter() - self.start
-        return self.report
-
-
-@torch.no_grad()
-def prune_and_reconstruct(
-    model: PreTrainedModel,
-    adapter: Adapter,
-    plan: Plan,
-    batches: Sequence[torch.Tensor],
-    damping: float = 0.01,
-    intercept: bool = True,
-    progress: Any = None,
-) -> ReconstructionReport:
-    """Apply ``plan`` layer by layer, re-fitting each pruned output projection (in place).
-
-    ``intercept``: also fit a bias where one exists or can be added (False: keep biases).
-    The config is not updated here (``width.update_config`` does it once at the end).
-    """
-    if damping < 0:
-        raise ConfigError(f"Reconstruction damping must be ≥ 0, got {damping}.")
-    start = time.perf_counter()
-    kinds = [k for k in ("heads", "channels") if any(plan.removed(k))]
-    fits = prepare_intercepts(model, adapter, kinds, intercept)
-    refitter = Refitter(capture_calls(model, adapter, batches), damping, fits)
-    count = len(adapter.layers(model))
-    for index in range(count) if progress is None else progress(range(count)):
-        refitter.layer(model, adapter, plan, index)
-    report = refitter.finish()
-    report.seconds = time.perf_counter() - start  # the capture included
-    return report
-
-
-def _prune_layer(model, adapter, index, kind, units, cache, damping, intercept) -> dict:
-    """Prune ``units`` of ``kind`` from layer ``index`` and re-fit its output projection."""
-    layer = adapter.layers(model)[index]
-    conv1d = adapter.width_layout(kind).conv1d
-    module, columns = output_projection(model, adapter, index, kind)
-    kept = columns[_keep(len(columns), units)].flatten().sort().values
-    weight = output_weight_columns(module, conv1d)
-    normal = NormalEquations(weight, module.bias, kept.to(weight.device), intercept)
-    feed(layer, module, cache, index, normal.add)
-    return_freed_memory()  # the pass's temporaries, before the solve needs the room
-    normal.solve(damping)
-    feed(layer, module, cache, index, normal.measure)
-    fit = normal.result()
-    del normal
-    prune_layer(model, adapter, index, kind, units)
-    module, _ = output_projection(model, adapter, index, kind)
-    _write(module, fit, conv1d)
-    return {
-        "layer": index,
-        "kind": kind,
-        "kept_columns": len(kept),
-        "relative_error_sliced": round(fit.error_before, 6),
-        "relative_error_reconstructed": round(fit.error_after, 6),
-    }
+        log.info("reconstruction: %d fits in %.1f s", len(self.report.layers), self.report.seconds)
+        return {"enabled": True, **self.report.to_dict()}
 
 
 def _write(module: nn.Module, fit: Refit, conv1d: bool) -> None:

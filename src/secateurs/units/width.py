@@ -246,7 +246,7 @@ def _mask_hook(cols: torch.Tensor, value: torch.Tensor | None):
 
 
 # --- surgery ----------------------------------------------------------------------------------
-def _keep(count: int, removed: Sequence[int]) -> torch.Tensor:
+def keep_index(count: int, removed: Sequence[int]) -> torch.Tensor:
     gone = set(int(i) for i in removed)
     return torch.tensor([i for i in range(count) if i not in gone], dtype=torch.long)
 
@@ -279,7 +279,7 @@ def prune_layer(
     adapter.width_layout(kind, model.config)  # a variant that cannot prune kind → clear error
     block = adapter.layers(model)[layer]
     width = layer_width(adapter, block)
-    keep = _keep(width.count(kind), removed)
+    keep = keep_index(width.count(kind), removed)
     if len(keep) == 0:
         raise ConfigError(f"Layer {layer}: removing every {kind} unit would empty it.")
     rows, (out_name, cols), conv1d = unit_index_maps(adapter, kind, keep, width)

@@ -1,4 +1,12 @@
-"""How many width units each layer loses, for a target number of parameters.
+"""Scores + per-unit costs + a budget → which units go. Model-free: tensors and counts in,
+indices out, for every unit kind.
+
+- Depth (one kind): the ``count`` lowest-scoring units outside the protected layers.
+- Experts: per MoE layer the lowest-scoring experts, the same count in every layer
+  (``uniform``) or ranked together after dividing each layer's scores by their mean
+  (``global``), keeping at least top-k (and ``min_keep``) per layer.
+- Width (below): how many head groups / channels each layer loses, for a target number of
+  parameters.
 
 ``uniform``: the same fraction of each unit kind in every pruned layer (heads rounded to whole
 KV groups per layer, channels to ``round_to``), the fraction chosen so that the parameters
@@ -275,3 +283,63 @@ def _sensitivity_floor(sensitivity: dict[str, Sequence[float]], layers: Sequence
     """A layer whose loss did not rise is not free: floor at 1% of the median sensitivity."""
     values = sorted(s[i] for s in sensitivity.values() for i in layers if s[i] > 0)
     return 0.01 * values[len(values) // 2] if values else 1.0
+
+
+# --- budgets ------------------------------------------------------------------------------------
+def unit_count(target: float, costs: Sequence[int], what: str) -> int:
+    """How many units of average cost ``costs`` make ``target`` parameters (at least one)."""
+    mean = sum(costs) / len(costs)
+    count = round(target / mean)
+    if count < 1:
+        raise ConfigError(
+            f"The budget ({target:,.0f} parameters) is less than half of one {what} "
+            f"({mean:,.0f}); raise it."
+        )
+    return count
+
+
+# --- experts ------------------------------------------------------------------------------------
+def allocate_experts(
+    scores: Sequence[torch.Tensor], per_layer: int | None, total: int | None, floor: int
+) -> list[tuple[int, ...]]:
+    """Experts to remove per MoE layer: ``per_layer`` in every layer (uniform), or ``total``
+    ranked globally (lowest first; ties: lower index first); each layer keeps ``floor``."""
+    if per_layer is not None:
+        return _uniform_experts(scores, per_layer, floor)
+    return _global_experts(scores, int(total), floor)
+
+
+def _lowest_experts(values: torch.Tensor, count: int) -> tuple[int, ...]:
+    order = sorted(range(len(values)), key=lambda i: (float(values[i]), i))
+    return tuple(sorted(order[:count]))
+
+
+def _uniform_experts(scores, n: int, floor: int) -> list[tuple[int, ...]]:
+    for values in scores:
+        if len(values) - n < floor:
+            raise ConfigError(
+                f"Removing {n} of {len(values)} experts per layer leaves {len(values) - n}; the "
+                f"router needs at least {floor} (top-k / --min-keep). Lower the amount."
+            )
+    return [_lowest_experts(values, n) for values in scores]
+
+
+def _global_experts(scores, total: int, floor: int) -> list[tuple[int, ...]]:
+    room = [len(v) - floor for v in scores]
+    if total <= 0 or total > sum(max(r, 0) for r in room):
+        raise ConfigError(
+            f"Cannot remove {total} experts while keeping {floor} per layer "
+            f"(at most {sum(max(r, 0) for r in room)} are removable)."
+        )
+    ranked = []
+    for layer, values in enumerate(scores):
+        mean = values.abs().mean()
+        norm = values / mean if mean > 0 else torch.zeros_like(values)
+        ranked += [(float(norm[e]), layer, e) for e in range(len(values))]
+    removed: list[list[int]] = [[] for _ in scores]
+    for _, layer, expert in sorted(ranked):
+        if sum(map(len, removed)) == total:
+            break
+        if len(removed[layer]) < room[layer]:
+            removed[layer].append(expert)
+    return [tuple(sorted(r)) for r in removed]

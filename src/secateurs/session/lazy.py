@@ -26,6 +26,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -52,8 +54,14 @@ from transformers.core_model_loading import (
 from secateurs.adapters import adapter_for
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.runinfo import return_freed_memory
-from secateurs.streaming import _DTYPES as SAFETENSORS_DTYPES
-from secateurs.streaming import CheckpointReader, check_plain_source
+from secateurs.session.base import Session
+from secateurs.shards import (
+    SAFETENSORS_DTYPES,
+    CheckpointReader,
+    TensorSpec,
+    checkpoint_dtype,
+    saved_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -302,13 +310,22 @@ class LazyModel:
             for name, tensor in saved.items()
         }
 
-    @contextmanager
-    def loaded(self, index: int) -> Iterator[nn.Module]:
-        """Layer ``index`` with real weights inside the block, back on ``meta`` after it."""
-        try:
-            yield self.load_layer(index)
-        finally:
-            self.release_layer(index)
+    def layer_as_saved(self, index: int) -> dict[str, torch.Tensor]:
+        """Loaded layer ``index``'s tensors as the checkpoint stores them: each parameter and
+        stored buffer in its checkpoint tensor's dtype (a parameter the cut added: the
+        checkpoint's dtype), converter-built ones as ``save_pretrained`` writes them."""
+        prefix, layer = self.layer_prefix(index), self.layers[index]
+        stored = [(n, b) for n, b in layer.named_buffers() if prefix + n in self.names]
+        built = self.map.converted_targets()
+        tensors = {}
+        for name, param in [*layer.named_parameters(), *stored]:
+            full = prefix + name
+            if full in built:
+                continue  # written as saved, below
+            key = self.names.get(full)
+            dtype = self.reader.meta(key).dtype if key else checkpoint_dtype(self.config)
+            tensors[full] = param.detach().to("cpu", dtype).contiguous()
+        return tensors | {n: t.contiguous() for n, t in self.converted_as_saved(index).items()}
 
     # --- the big ends of the model ----------------------------------------------------------
     @contextmanager
@@ -339,27 +356,38 @@ class LazyModel:
     def token_nll(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Next-token NLL (B, T − 1) float64 of windows ``ids`` (B, T) from final hidden states,
         reading the output head in row blocks."""
-        head = self.model.get_output_embeddings()
-        name = self.names[_param_name(self.model, head.weight)]
-        bias = getattr(head, "bias", None)
-        bias_name = None if bias is None else self.names[_param_name(self.model, bias)]
-        states = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(self.device, self.dtype)
+        states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = ids[:, 1:].reshape(-1).to(self.device)
         lse = torch.full((len(states),), -math.inf, dtype=torch.float64, device=self.device)
         picked = torch.zeros(len(states), dtype=torch.float64, device=self.device)
-        start = 0
-        for block in self.reader.blocks(name, self._head_block_bytes(name, len(states))):
-            rows = len(block)
-            logits = states @ block.to(self.device, self.dtype).T
-            if bias_name is not None:
-                logits += self.reader.read(bias_name)[start : start + rows].to(logits)
-            logits = self._transform(logits).to(torch.float64)
+        for start, logits in self._head_blocks(states):
+            rows = logits.shape[-1]
             lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
             inside = (targets >= start) & (targets < start + rows)
             local = (targets - start).clamp(0, rows - 1)
             picked += torch.where(inside, logits.gather(1, local[:, None])[:, 0], 0.0)
-            start += rows
         return (lse - picked).reshape(ids.shape[0], -1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) from final hidden states, the head read in row blocks (float32)."""
+        states = hidden.reshape(-1, hidden.shape[-1])
+        parts = [logits.float() for _, logits in self._head_blocks(states)]
+        return torch.cat(parts, dim=-1).reshape(*hidden.shape[:-1], -1)
+
+    def _head_blocks(self, states: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first vocabulary row, float64 logits of ``states`` for the rows of one block)."""
+        head = self.model.get_output_embeddings()
+        name = self.names[_param_name(self.model, head.weight)]
+        bias = getattr(head, "bias", None)
+        bias_name = None if bias is None else self.names[_param_name(self.model, bias)]
+        states = states.to(self.device, self.dtype)
+        start = 0
+        for block in self.reader.blocks(name, self._head_block_bytes(name, len(states))):
+            logits = states @ block.to(self.device, self.dtype).T
+            if bias_name is not None:
+                logits += self.reader.read(bias_name)[start : start + len(block)].to(logits)
+            yield start, self._transform(logits).to(torch.float64)
+            start += len(block)
 
     def _head_block_bytes(self, name: str, positions: int) -> int:
         """Head rows read at a time: their logits for ``positions`` tokens (float32 and the
@@ -416,3 +444,166 @@ def _param_name(model: nn.Module, param: torch.Tensor) -> str:
         if candidate is param:
             return name
     raise ConfigError("A head/embedding parameter is not registered in the model.")
+
+
+def check_plain_source(source: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose shapes only secateurs.json describes (removed branches,
+    per-layer widths or experts): its config alone cannot build the skeleton to read it."""
+    from secateurs.checkpoint import recorded_structure
+
+    kinds = recorded_structure(source)
+    if kinds:
+        raise ConfigError(
+            f"{source} has secateurs structure ({', '.join(kinds)}) that its config cannot "
+            "express; layer-by-layer reading needs a plain checkpoint. Load it with "
+            "secateurs.load_model and prune in memory."
+        )
+
+
+class LazySession(Session):
+    """The lazy session: a ``LazyModel`` whose layers are read from disk one at a time.
+
+    A layer changed while loaded (cut, re-fitted) is spilled to a file of ``work`` as it is
+    released, and read back from there if loaded again; the writer takes it from there, and
+    every unchanged tensor from the source checkpoint."""
+
+    kind = "sequential"
+
+    def __init__(
+        self, lazy: LazyModel, work: str | os.PathLike, tokenizer: Any = None, stream: bool = False
+    ) -> None:
+        super().__init__(lazy.model, lazy.adapter, tokenizer, lazy.source)
+        self.lazy = lazy
+        self.kind = "stream" if stream else "sequential"
+        self.spill = Path(work)
+        self.spilled: dict[int, Path] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.lazy.device
+
+    @contextmanager
+    def loaded(self, index: int) -> Iterator[nn.Module]:
+        self.lazy.new_parameters |= self._added_parameters()
+        layer = self._load(index)
+        try:
+            yield layer
+            if index in self.modified:
+                self._spill(index)
+        finally:
+            self.lazy.release_layer(index)
+
+    def _load(self, index: int) -> nn.Module:
+        if index not in self.spilled:
+            return self.lazy.load_layer(index)
+        layer, prefix = self.lazy.layers[index], self.lazy.layer_prefix(index)
+        with safe_open(self.spilled[index], framework="pt") as handle:
+            for name, _ in list(layer.named_parameters()):
+                value = handle.get_tensor(prefix + name).to(self.lazy.dtype)
+                set_module_tensor_to_device(layer, name, self.lazy.device, value=value)
+        return layer
+
+    def _added_parameters(self) -> set[str]:
+        """Parameters the cut added (zero biases): not in the checkpoint, created as zeros."""
+        built = self.lazy.map.converted_targets()
+        return {
+            name
+            for name, _ in self.model.named_parameters()
+            if name not in self.lazy.names and name not in built
+        }
+
+    def _spill(self, index: int) -> None:
+        """Layer ``index``'s tensors, in the checkpoint's dtypes, to a file of its own."""
+        self.spill.mkdir(parents=True, exist_ok=True)
+        path = self.spill / f"{index}.safetensors"
+        save_file(self.lazy.layer_as_saved(index), path)
+        self.spilled[index] = path
+
+    @contextmanager
+    def embedded(self, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        with self.lazy.embedded(ids) as compact:
+            yield compact.to(self.device)
+
+    def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lazy.logits(self.final_states(ids, hidden))
+
+    def token_nll(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lazy.token_nll(self.final_states(ids, hidden), ids)
+
+    def close(self) -> None:
+        shutil.rmtree(self.spill, ignore_errors=True)
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.kind,
+            "compute_dtype": str(self.lazy.dtype).removeprefix("torch."),
+            "device": str(self.lazy.device),
+            **self.notes,
+        }
+
+    # --- the writer's view ---------------------------------------------------------------------
+    def output_tensors(self, kept: tuple[int, ...]) -> tuple[dict[str, TensorSpec], Callable]:
+        """The pruned (meta) model's tensors as ``save_pretrained`` names them, and a reader
+        giving each from its spilled layer or the source checkpoint (in row blocks); a zero
+        bias the cut added to a layer it left as it was is written as zeros."""
+        named = [*self.model.named_parameters(remove_duplicate=False), *self.model.named_buffers()]
+        module_name = {id(p): n for n, p in named}
+        prefix = self.adapter.layers_path + "."
+        spilled, added = _spill_map(self.spilled.values()), self._added_parameters()
+        where: dict[str, tuple[str, str]] = {}
+        specs: dict[str, TensorSpec] = {}
+        for name, tensor in saved_state(self.model).items():
+            current = module_name.get(id(tensor), name)
+            if current in added and _renumbered(current, prefix, kept) not in spilled:
+                where[name] = ("zeros", current)
+            else:
+                full = _renumbered(current, prefix, kept)
+                where[name] = self._location(full, _renumbered(name, prefix, kept), spilled)
+            meta = self._meta(*where[name])
+            specs[name] = TensorSpec(name, meta.dtype, tuple(meta.shape))
+        return specs, lambda n: self._blocks(*where[n])
+
+    def _location(self, full: str, original: str, spilled: dict[str, Path]) -> tuple[str, str]:
+        for key in (full, original):
+            if key in spilled:
+                return str(spilled[key]), key
+        if full in self.lazy.names:
+            return "source", self.lazy.names[full]
+        if original in self.lazy.reader.files:
+            return "source", original
+        raise ConfigError(f"{full}: found neither in a spilled layer nor in {self.source}.")
+
+    def _meta(self, file: str, key: str) -> torch.Tensor:
+        if file == "source":
+            return self.lazy.reader.meta(key)
+        if file == "zeros":
+            shape = self.model.get_parameter(key).shape
+            return torch.empty(shape, dtype=checkpoint_dtype(self.lazy.config), device="meta")
+        with safe_open(file, framework="pt") as handle:
+            return handle.get_tensor(key).to("meta")
+
+    def _blocks(self, file: str, key: str) -> Iterator[torch.Tensor]:
+        if file == "source":
+            yield from self.lazy.reader.blocks(key)
+            return
+        if file == "zeros":
+            yield torch.zeros_like(self._meta(file, key), device="cpu")
+            return
+        with safe_open(file, framework="pt") as handle:
+            yield handle.get_tensor(key)
+
+
+def _renumbered(name: str, prefix: str, kept: tuple[int, ...]) -> str:
+    """``name`` of the pruned model in the original model's layer numbering."""
+    if not name.startswith(prefix):
+        return name
+    index, rest = name[len(prefix) :].split(".", 1)
+    return f"{prefix}{kept[int(index)]}.{rest}"
+
+
+def _spill_map(files: Iterable[Path]) -> dict[str, Path]:
+    found = {}
+    for path in files:
+        with safe_open(path, framework="pt") as handle:
+            found.update({name: path for name in handle.keys()})  # noqa: SIM118
+    return found

@@ -1,9 +1,10 @@
 """Greedy depth search by calibration perplexity (SLEB / BlockPruner), at one-shot cost.
 
 Each step removes the candidate whose removal (with those already removed) gives the lowest
-calibration NLL. Costs are kept near a one-shot pass by ``secateurs.layerwise``: layer inputs
+calibration NLL. Costs are kept near a one-shot pass by the flow (``session.flow``): layer inputs
 are cached, so a candidate at layer c runs only layers c.. and the head; after a removal at
-layer c only the inputs of layers c.. are recomputed (earlier ones never change); and after the
+layer c only the inputs of layers c.. are recomputed (earlier ones never change); all of a
+step's candidates advance in lockstep (each layer loaded once per step from disk); and after the
 first (full, one-shot) step only a ``shortlist`` of candidates is re-scored: those whose last
 measured NLL increase over the then-current model was smallest. ``shortlist=None`` re-scores
 every candidate every step (exact greedy); ``shortlist=0`` never re-scores (one-shot ranking).
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -28,9 +31,9 @@ from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
-from secateurs.layerwise import LayerRunner
 from secateurs.objectives import NLL, DenseKL
-from secateurs.units import Unit
+from secateurs.plan import Unit
+from secateurs.session.flow import Flow, Perturbation, Removal
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +60,11 @@ class SearchState:
 
 
 def greedy_search(
-    runner: LayerRunner,
+    flow: Flow,
     candidates: list[Unit],
     cost: dict[Unit, int],
     budget: int,
     shortlist: int | None = 3,
-    progress: bool = False,
     objective: NLL | DenseKL | None = None,
 ) -> SearchState:
     """Remove candidates greedily until their ``cost`` adds up to ``budget`` (see module doc).
@@ -74,24 +76,35 @@ def greedy_search(
         raise ConfigError(f"shortlist must be >= 0 (or None for all); got {shortlist}.")
     slack = min(cost.values()) // 2
     state = SearchState(objective=objective or NLL())
-    runner.capture(())
-    state.objective.prepare(runner.logits_from(0))  # the dense reference, if it needs one
-    last = len(runner) - 1
-    state.base = state.objective(runner.logits_from(last)) if last >= 0 else 0.0
+    flow.keep_inputs = True
+    flow.set_base(())
+    prepare(flow, state.objective)
+    state.base = measure(flow, state.objective, [Perturbation(flow.num_layers - 1)])[0]
     spent = 0
-    with tqdm(total=budget, desc="depth search", disable=not progress, leave=False) as bar:
+    with tqdm(total=budget, desc="depth search", disable=not flow.progress, leave=False) as bar:
         while True:
             live = [c for c in candidates if c not in state.removed]
             fits = [c for c in live if cost[c] <= budget - spent + slack]
-            fits = _drop_last_block(fits, state.removed, len(runner))
+            fits = _drop_last_block(fits, state.removed, flow.num_layers)
             if not fits:
                 break
-            choice = _step(runner, state, fits, shortlist)
+            choice = _step(flow, state, fits, shortlist)
             spent += cost[choice]
             bar.update(cost[choice])
-            if len(state.removed) < len(candidates):
-                runner.capture(state.removed, start=choice.layer)
     return state
+
+
+def prepare(flow: Flow, goal: NLL | DenseKL) -> None:
+    """Show an objective that compares with the base model's predictions those predictions."""
+    if goal.name != "nll":
+        goal.prepare(flow.logits(flow.final()))
+
+
+def measure(flow: Flow, goal: NLL | DenseKL, perturbations: list[Perturbation]) -> list[float]:
+    """``goal`` of each modified model (NLL read from the session's head directly)."""
+    if goal.name == "nll":
+        return flow.perturbed(perturbations, flow.mean_nll)
+    return flow.perturbed(perturbations, lambda final: goal(flow.logits(final)))
 
 
 def _drop_last_block(fits: list[Unit], removed: list[Unit], num_layers: int) -> list[Unit]:
@@ -106,17 +119,17 @@ def _drop_last_block(fits: list[Unit], removed: list[Unit], num_layers: int) -> 
     return [u for u in fits if u.kind != "block" and u.layer in gone]
 
 
-def _step(runner: LayerRunner, state: SearchState, fits: list[Unit], shortlist: int | None) -> Unit:
+def _step(flow: Flow, state: SearchState, fits: list[Unit], shortlist: int | None) -> Unit:
     first = not state.steps
     if first or shortlist is None:
         to_score = fits
     else:
         to_score = sorted(fits, key=lambda u: (state.increase(u), u))[:shortlist]
-    removed = tuple(state.removed)
-    scored = {}
-    for unit in to_score:
-        scored[unit] = state.objective(runner.logits_from(unit.layer, (*removed, unit)))
-        state.measured[unit] = (scored[unit], state.base)
+    flow.set_base(state.removed)
+    models = [Perturbation(u.layer, {u.layer: Removal(u.kind)}) for u in to_score]
+    scored = dict(zip(to_score, measure(flow, state.objective, models), strict=True))
+    for unit, value in scored.items():
+        state.measured[unit] = (value, state.base)
     if shortlist == 0 and not first:  # one-shot: the step-1 ranking decides
         choice = min(fits, key=lambda u: (state.increase(u), u))
     else:
@@ -147,3 +160,38 @@ def step_scores(state: SearchState, step: int, kind: str, num_layers: int) -> to
         if unit_kind == kind:
             values[int(layer)] = state.objective.shown(nll)
     return values
+
+
+def merge_branches(units: Sequence[Unit]) -> list[Unit]:
+    """A layer whose attention and MLP both go is a removed block."""
+    kinds: dict[int, set[str]] = {}
+    for unit in units:
+        kinds.setdefault(unit.layer, set()).add(unit.kind)
+    merged = []
+    for layer, found in sorted(kinds.items()):
+        if "block" in found or found >= {"attn", "mlp"}:
+            merged.append(Unit(layer, "block"))
+        else:
+            merged.extend(Unit(layer, kind) for kind in sorted(found))
+    return merged
+
+
+def search_record(
+    state: SearchState, kinds: tuple[str, ...], num_layers: int, shortlist: int | None
+) -> dict[str, Any]:
+    """What the search did, for secateurs.json: order, PPL after each step, every step's scores."""
+    return {
+        "order": [list(u) for u in state.removed],
+        "shortlist": shortlist,
+        "objective": state.objective.options(),
+        "calibration_" + ("ppl" if state.objective.name == "nll" else state.objective.name): [
+            state.objective.shown(state.measured[u][0]) for u in state.removed
+        ],
+        "scored_per_step": [len(step["nll"]) for step in state.steps],
+        "steps": state.steps,
+        "first_step_scores": {
+            kind: step_scores(state, 0, kind, num_layers).tolist() for kind in kinds
+        }
+        if state.steps
+        else {},
+    }

@@ -1,0 +1,216 @@
+"""Every unit kind and mix × every option that changes the result × every mode: the same model.
+
+One flow serves all modes: in memory (``mode="memory"``), one layer at a time from disk
+(``"sequential"``) and, for an explicit block plan, copied tensor by tensor (``"stream"``). For
+each case below the checkpoints saved in every mode hold the same tensors (within 1e-6; in
+practice bit for bit), the same config and the same record but for the timings and the mode;
+an option a mode cannot do is refused before any work, naming the option.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from secateurs.errors import ConfigError
+from secateurs.run import prune
+from tiny_models import TINY_CONFIGS, tiny_model, tiny_tokenizer, tokens
+
+CALIBRATION = tokens(16, 12, seed=4)
+
+# (family, the case's options): every unit kind and mix, every option that changes the result
+CASES = {
+    "block, SL protection": ("llama8", dict(unit="block", criterion="block-influence+", remove=1)),
+    "block, --protect": ("qwen2", dict(unit="block", criterion="magnitude", remove=2, protect="0,-1")),
+    "block, ppl one-shot": ("gpt2", dict(unit="block", criterion="ppl", remove=2, protect="none")),
+    "block, ppl --iterative (search)": (
+        "llama",
+        dict(unit="block", criterion="ppl", remove=2, iterative=True, protect="none"),
+    ),
+    "block, --iterative re-scoring": (
+        "qwen2",
+        dict(unit="block", criterion="block-influence", remove=2, iterative=True, protect="none"),
+    ),
+    "block, --heal": (
+        "llama",
+        dict(unit="block", criterion="ppl", remove=2, protect="none", heal=True, heal_bias=True),
+    ),
+    "block, --heal dense": (
+        "qwen2",
+        dict(unit="block", criterion="magnitude", remove=2, protect="0", heal=True,
+             heal_target="dense"),
+    ),  # fmt: skip
+    "attn": ("llama", dict(unit="attn", criterion="block-influence", remove=2, protect="none")),
+    "mlp, --heal": (
+        "gpt2",
+        dict(unit="mlp", criterion="ppl", remove=2, protect="none", heal=True),
+    ),
+    "subblock": ("llama", dict(unit="subblock", criterion="ppl", remove=1, protect="none")),
+    "width, uniform, reconstruction": (
+        "llama", dict(unit="width", criterion="fluctuation", ratio=0.3),
+    ),  # fmt: skip
+    "width, global with sensitivity": (
+        "gpt2", dict(unit="width", criterion="activation", ratio=0.3, allocation="global"),
+    ),  # fmt: skip
+    "width, global without sensitivity": (
+        "qwen2",
+        dict(unit="channels", criterion="activation", ratio=0.2, allocation="global",
+             sensitivity=False),
+    ),  # fmt: skip
+    "width, compensation": (
+        "opt", dict(unit="width", criterion="fluctuation", ratio=0.3, reconstruct=False),
+    ),  # fmt: skip
+    "width, mini-llm": ("llama", dict(unit="heads", criterion="mini-llm", ratio=0.2)),
+    "experts, uniform": ("mixtral", dict(unit="experts", criterion="reap", remove=2)),
+    "experts, global": (
+        "qwen2_moe",
+        dict(unit="experts", criterion="frequency", params=40_000, allocation="global"),
+    ),
+    "block,width": (
+        "llama",
+        dict(unit="block,width", criterion="block-influence,activation", ratio=0.4,
+             depth_share=0.5, protect="none"),
+    ),  # fmt: skip
+}
+MODES = ("memory", "sequential")
+VOLATILE = {"created", "timings", "session", "versions", "argv"}
+
+
+def _model(family):
+    if family != "llama8":
+        return tiny_model(family)
+    config = AutoConfig.for_model("llama", **{**TINY_CONFIGS["llama"], "num_hidden_layers": 8})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()  # 8 layers: SL protects 6
+
+
+def _source(tmp_path, family):
+    path = tmp_path / family
+    if not path.is_dir():
+        _model(family).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _tensors(directory) -> dict[str, torch.Tensor]:
+    found = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        found.update(load_file(path))
+    return found
+
+
+def _record(directory) -> dict:
+    record = json.loads((directory / "secateurs.json").read_text())
+    record["spec"].pop("mode", None)
+    for flag in ("--in-memory", "--sequential", "--stream"):
+        record["command"] = record["command"].replace(f" {flag}", "")
+    return _untimed({k: v for k, v in record.items() if k not in VOLATILE})
+
+
+def _untimed(value):
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k != "seconds" and not k.endswith("_s")}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+def assert_same_record(a, b, where="record") -> None:
+    """Equal, floats to 1e-6 relative (scores read from the head in one piece or in row blocks
+    differ in the last bits, and a sensitivity subtracts two close losses)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_record(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_record(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) or a == b, (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def assert_same_checkpoint(a, b) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype, name
+        torch.testing.assert_close(ta[name], tb[name], rtol=0, atol=1e-6, msg=name)
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    assert_same_record(_record(a), _record(b))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_mode_saves_the_same_checkpoint(case, tmp_path):
+    family, options = CASES[case]
+    source = _source(tmp_path, family)
+    outs = {}
+    for mode in MODES:
+        outs[mode] = tmp_path / mode
+        result = prune(source, mode=mode, calibration=CALIBRATION, out=outs[mode],
+                       progress=False, **options)  # fmt: skip
+        assert result.record["session"]["name"] == mode
+    assert_same_checkpoint(outs["memory"], outs["sequential"])
+    assert not result.plan.is_empty
+
+
+REPLAYED = ("width, uniform, reconstruction", "experts, uniform", "block,width", "block, --heal")
+
+
+@pytest.mark.parametrize("case", REPLAYED)
+def test_plan_replays_every_kind_in_every_mode(case, tmp_path):
+    """``--plan`` with another run's secateurs.json cuts the same units in every mode; with the
+    same repairs and windows it is the same model."""
+    family, options = CASES[case]
+    source = _source(tmp_path, family)
+    first = prune(source, calibration=CALIBRATION, out=tmp_path / "first", progress=False,
+                  **options)  # fmt: skip
+    fits = {k: v for k, v in options.items() if k.startswith("heal")}
+    for mode in MODES:
+        again = prune(source, plan=str(tmp_path / "first" / "secateurs.json"), mode=mode,
+                      calibration=CALIBRATION, out=tmp_path / mode, progress=False, **fits)
+        assert again.plan == first.plan  # fmt: skip
+        assert _tensors(tmp_path / mode).keys() == _tensors(tmp_path / "first").keys()
+        for name, value in _tensors(tmp_path / mode).items():
+            torch.testing.assert_close(value, _tensors(tmp_path / "first")[name], rtol=0, atol=1e-6)
+
+
+def test_an_explicit_block_plan_is_the_same_in_all_three_modes(tmp_path):
+    source = _source(tmp_path, "qwen2_moe")  # experts stored one by one, converted on load
+    for mode in ("memory", "sequential", "stream"):
+        result = prune(source, blocks="1,4", mode=mode, out=tmp_path / mode, progress=False)
+        assert result.record["session"]["name"] == mode
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "sequential")
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "stream")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(unit="block", criterion="taylor", remove=1, mode="sequential"), "backward pass"),
+        (dict(unit="width", criterion="influence", ratio=0.2, mode="sequential"), "backward"),
+        (dict(unit="block", criterion="magnitude", remove=1, mode="stream"), "--stream copies"),
+        (dict(blocks="1", heal=True, mode="stream"), "no --heal"),
+    ],
+)
+def test_what_a_mode_cannot_do_is_refused_before_any_work(options, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        prune(tmp_path / "never-read", out=tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_switch_to_layer_by_layer_is_announced_and_recorded(tmp_path, capsys):
+    source = _source(tmp_path, "llama")
+    result = prune(source, unit="block", criterion="magnitude", remove=1, max_memory=1e-9,
+                   out=tmp_path / "out", progress=False)  # fmt: skip
+    assert "reading it one layer at a time" in capsys.readouterr().out
+    assert result.record["session"]["name"] == "sequential"
+    assert "switched" in result.record["session"]
