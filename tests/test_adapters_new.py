@@ -21,7 +21,7 @@ from secateurs.plan import Plan
 from secateurs.units import apply_plan
 from secateurs.units.depth import masked
 from secateurs.units.width import width_masked, widths
-from secateurs.width_api import WidthOptions, prune_width
+from secateurs.run import prune
 from tiny_models import LAYERS, TINY_CONFIGS, _randomise_norms, tokens
 
 ISSUE_FAMILIES = (
@@ -119,7 +119,7 @@ def test_phi_with_qk_layernorm_prunes_heads_exactly():
 def test_variants_that_cannot_prune_width_are_refused_before_work(name, kind, reason):
     model = variant(name)
     with pytest.raises(UnsupportedModelError, match=reason):
-        prune_width(model, None, criterion="magnitude", options=WidthOptions(unit=kind, ratio=0.1))
+        prune(model, criterion="magnitude", unit=kind, ratio=0.1)
 
 
 @pytest.mark.parametrize(

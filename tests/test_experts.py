@@ -182,9 +182,17 @@ def test_bad_expert_options_fail_before_work():
 
 def test_dense_model_and_wrong_criterion_are_refused(tokenizer):
     with pytest.raises(UnsupportedModelError, match="no routed experts"):
-        prune(tiny_model("llama"), tokenizer=tokenizer, criterion="magnitude", unit="experts", ratio=0.25)
+        prune(
+            tiny_model("llama"),
+            tokenizer=tokenizer,
+            criterion="magnitude",
+            unit="experts",
+            ratio=0.25,
+        )
     with pytest.raises(ConfigError, match="cannot score experts"):
-        prune(tiny_model("mixtral"), tokenizer=tokenizer, criterion="ppl", unit="experts", ratio=0.25)
+        prune(
+            tiny_model("mixtral"), tokenizer=tokenizer, criterion="ppl", unit="experts", ratio=0.25
+        )
 
 
 def test_routing_criteria_refuse_llama4_before_work(tokenizer):
@@ -268,7 +276,9 @@ def test_prune_experts_end_to_end(allocation, tokenizer, tmp_path):
     adapter = adapter_for(model)
     expert = unit_cost(model, adapter, moe_layers(model, adapter)[0], "experts")
     amount = dict(remove=2) if allocation == "uniform" else dict(params=12 * expert)
-    result = prune(model, tokenizer=tokenizer,
+    result = prune(
+        model,
+        tokenizer=tokenizer,
         criterion="reap",
         unit="experts",
         **amount,
@@ -312,7 +322,9 @@ def test_bench_and_report_on_a_pruned_moe(tmp_path, tokenizer, capsys):
 
     model = tiny_model("mixtral")
     dense_macs = linear_macs_per_token(model)
-    result = prune(model, tokenizer=tokenizer,
+    result = prune(
+        model,
+        tokenizer=tokenizer,
         criterion="frequency",
         unit="experts",
         ratio=0.25,

@@ -22,13 +22,9 @@ from secateurs.adapters import adapter_for
 from secateurs.run import prune
 from secateurs.cli import main
 from secateurs.errors import ConfigError, UnsupportedModelError
-from secateurs.experts_api import ExpertOptions, prune_experts
-from secateurs.session.lazy import LazyModel
 from secateurs.models import load_model
-from secateurs.sequential import sequential_prune
-from secateurs.sequential_experts import sequential_prune_experts
+from secateurs.session.lazy import LazyModel
 from secateurs.shards import CheckpointReader
-from secateurs.width_api import WidthOptions, prune_width
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
 
 # MoE families whose checkpoints store experts one by one (stacked by transformers on load)
@@ -43,6 +39,14 @@ CONVERTED = (
     "qwen3_moe",
 )
 EAGER = "eager"
+
+
+def both_modes(tmp_path, **options):
+    """The same run from ``tmp_path / "source"`` in memory and layer by layer."""
+    return [
+        prune(tmp_path / "source", mode=mode, out=tmp_path / out, progress=False, **options)
+        for mode, out in (("memory", "memory"), ("sequential", "layered"))
+    ]
 
 
 def _reference(path) -> torch.nn.Module:
@@ -131,18 +135,15 @@ def test_sequential_depth_prune_of_moe_equals_in_memory(model_type, tmp_path):
     model = tiny_model(model_type)
     model.save_pretrained(tmp_path / "source")
     calibration = tokens(8, 12)
-    options = dict(criterion="block-influence", unit="block", remove=2, protect="none",
-                   calibration=calibration, progress=False)  # fmt: skip
-    memory = prune(model, out=tmp_path / "memory", **options)
-    record = sequential_prune(
-        tmp_path / "source", tmp_path / "layered", attn_implementation=EAGER, **options
-    )
-    assert record["plan"]["blocks"] == list(memory.plan.blocks)
-    layered, memory_dir = tmp_path / "layered", tmp_path / "memory"
+    memory, layered = both_modes(tmp_path, criterion="block-influence", unit="block", remove=2,
+                                 protect="none", calibration=calibration)  # fmt: skip
+    assert layered.plan.blocks == memory.plan.blocks
     for name in ("model.safetensors", "config.json"):
-        assert (layered / name).read_bytes() == (memory_dir / name).read_bytes()
-    saved = json.loads((layered / "secateurs.json").read_text())
-    assert saved["pipeline"]["name"] == "sequential"
+        assert (tmp_path / "layered" / name).read_bytes() == (
+            tmp_path / "memory" / name
+        ).read_bytes()
+    saved = json.loads((tmp_path / "layered" / "secateurs.json").read_text())
+    assert saved["session"]["name"] == "sequential"
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
@@ -152,12 +153,8 @@ def test_streamed_head_pruning_of_moe_equals_in_memory(model_type, tmp_path):
     model = tiny_model(model_type)
     model.save_pretrained(tmp_path / "source")
     calibration = tokens(16, 12)
-    opts = WidthOptions(unit="heads", ratio=0.25, allocation="uniform", sensitivity=False)
-    prune_width(model, None, criterion="activation", options=opts, calibration=calibration,
-                out=tmp_path / "memory", progress=False, batch_size=8)  # fmt: skip
-    sequential_prune(tmp_path / "source", tmp_path / "layered", unit="heads",
-                     criterion="activation", width=opts, calibration=calibration,
-                     progress=False, attn_implementation=EAGER)  # fmt: skip
+    both_modes(tmp_path, criterion="activation", unit="heads", ratio=0.25,
+               calibration=calibration)  # fmt: skip
     for name in ("model.safetensors", "config.json"):
         layered = (tmp_path / "layered" / name).read_bytes()
         assert layered == (tmp_path / "memory" / name).read_bytes()
@@ -166,8 +163,8 @@ def test_streamed_head_pruning_of_moe_equals_in_memory(model_type, tmp_path):
 
 
 EXPERT_CASES = (
-    ("mixtral", "reap", dict(ratio=0.25)),  # uniform: the config's expert count changes
-    ("deepseek_v3", "frequency", dict(ratio=0.3, allocation="global")),  # per-layer counts
+    ("mixtral", "reap", dict(remove=2)),  # uniform: the config's expert count changes
+    ("deepseek_v3", "frequency", dict(params=30_000, allocation="global")),  # per-layer counts
     ("qwen2_moe", "magnitude", dict(remove=2)),  # data-free, shared expert kept
 )
 
@@ -179,14 +176,9 @@ def test_sequential_expert_pruning_equals_in_memory(model_type, criterion, amoun
     model = tiny_model(model_type)
     model.save_pretrained(tmp_path / "source")
     calibration = tokens(8, 12)
-    options = ExpertOptions(**amount)
-    memory = prune_experts(model, None, criterion=criterion, options=options,
-                           calibration=calibration, out=tmp_path / "memory", progress=False,
-                           batch_size=8)  # fmt: skip
-    record = sequential_prune_experts(tmp_path / "source", tmp_path / "layered",
-                                      criterion=criterion, options=options,
-                                      calibration=calibration, progress=False,
-                                      attn_implementation=EAGER)  # fmt: skip
+    memory, layered = both_modes(tmp_path, criterion=criterion, unit="experts",
+                                 calibration=calibration, **amount)  # fmt: skip
+    record = layered.record
     assert record["plan"] == memory.plan.to_dict()
     expected = memory.record["expert_scores"]
     assert record["expert_scores"].keys() == expected.keys()
@@ -212,7 +204,7 @@ def test_cli_experts_too_large_for_memory_saves_what_the_in_memory_path_saves(
 ):
     tiny_model("mixtral").save_pretrained(tmp_path / "source")
     tokenizer.save_pretrained(tmp_path / "source")
-    flags = ["--unit", "experts", "--criterion", "reap", "--ratio", "0.25"]
+    flags = ["--unit", "experts", "--criterion", "reap", "--remove", "2"]
     flags += ["--calibration", str(calibration_file), "--n-samples", "8", "--calib-seq-len", "16"]
     # the layered run is chosen by --max-memory: loading the model whole would need more
     for out, extra in (("memory", []), ("layered", ["--max-memory", "1e-6"])):
@@ -220,9 +212,9 @@ def test_cli_experts_too_large_for_memory_saves_what_the_in_memory_path_saves(
         assert main([*command, *flags]) == 0
         printed = capsys.readouterr().out
         assert "kept experts per MoE layer [0, 1, 2, 3, 4, 5]: [6, 6, 6, 6, 6, 6]" in printed
-    assert "scoring layer by layer (--sequential)" in printed
+    assert "reading it one layer at a time (--sequential)" in printed
     record = json.loads((tmp_path / "layered" / "secateurs.json").read_text())
-    assert record["pipeline"]["name"] == "sequential"
+    assert record["session"]["name"] == "sequential"
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         layered = (tmp_path / "layered" / name).read_bytes()
         assert layered == (tmp_path / "memory" / name).read_bytes()

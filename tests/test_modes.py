@@ -27,7 +27,10 @@ CALIBRATION = tokens(16, 12, seed=4)
 # (family, the case's options): every unit kind and mix, every option that changes the result
 CASES = {
     "block, SL protection": ("llama8", dict(unit="block", criterion="block-influence+", remove=1)),
-    "block, --protect": ("qwen2", dict(unit="block", criterion="magnitude", remove=2, protect="0,-1")),
+    "block, --protect": (
+        "qwen2",
+        dict(unit="block", criterion="magnitude", remove=2, protect="0,-1"),
+    ),
     "block, ppl one-shot": ("gpt2", dict(unit="block", criterion="ppl", remove=2, protect="none")),
     "block, ppl --iterative (search)": (
         "llama",
@@ -43,8 +46,14 @@ CASES = {
     ),
     "block, --heal dense": (
         "qwen2",
-        dict(unit="block", criterion="magnitude", remove=2, protect="0", heal=True,
-             heal_target="dense"),
+        dict(
+            unit="block",
+            criterion="magnitude",
+            remove=2,
+            protect="0",
+            heal=True,
+            heal_target="dense",
+        ),
     ),  # fmt: skip
     "attn": ("llama", dict(unit="attn", criterion="block-influence", remove=2, protect="none")),
     "mlp, --heal": (
@@ -53,18 +62,26 @@ CASES = {
     ),
     "subblock": ("llama", dict(unit="subblock", criterion="ppl", remove=1, protect="none")),
     "width, uniform, reconstruction": (
-        "llama", dict(unit="width", criterion="fluctuation", ratio=0.3),
+        "llama",
+        dict(unit="width", criterion="fluctuation", ratio=0.3),
     ),  # fmt: skip
     "width, global with sensitivity": (
-        "gpt2", dict(unit="width", criterion="activation", ratio=0.3, allocation="global"),
+        "gpt2",
+        dict(unit="width", criterion="activation", ratio=0.3, allocation="global"),
     ),  # fmt: skip
     "width, global without sensitivity": (
         "qwen2",
-        dict(unit="channels", criterion="activation", ratio=0.2, allocation="global",
-             sensitivity=False),
+        dict(
+            unit="channels",
+            criterion="activation",
+            ratio=0.2,
+            allocation="global",
+            sensitivity=False,
+        ),
     ),  # fmt: skip
     "width, compensation": (
-        "opt", dict(unit="width", criterion="fluctuation", ratio=0.3, reconstruct=False),
+        "opt",
+        dict(unit="width", criterion="fluctuation", ratio=0.3, reconstruct=False),
     ),  # fmt: skip
     "width, mini-llm": ("llama", dict(unit="heads", criterion="mini-llm", ratio=0.2)),
     "experts, uniform": ("mixtral", dict(unit="experts", criterion="reap", remove=2)),
@@ -74,8 +91,13 @@ CASES = {
     ),
     "block,width": (
         "llama",
-        dict(unit="block,width", criterion="block-influence,activation", ratio=0.4,
-             depth_share=0.5, protect="none"),
+        dict(
+            unit="block,width",
+            criterion="block-influence,activation",
+            ratio=0.4,
+            depth_share=0.5,
+            protect="none",
+        ),
     ),  # fmt: skip
 }
 MODES = ("memory", "sequential")
@@ -144,7 +166,9 @@ def assert_same_checkpoint(a, b) -> None:
     for name in ta:
         assert ta[name].dtype == tb[name].dtype, name
         torch.testing.assert_close(ta[name], tb[name], rtol=0, atol=1e-6, msg=name)
-    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    assert json.loads((a / "config.json").read_text()) == json.loads(
+        (b / "config.json").read_text()
+    )
     assert_same_record(_record(a), _record(b))
 
 
@@ -175,8 +199,15 @@ def test_plan_replays_every_kind_in_every_mode(case, tmp_path):
                   **options)  # fmt: skip
     fits = {k: v for k, v in options.items() if k.startswith("heal")}
     for mode in MODES:
-        again = prune(source, plan=str(tmp_path / "first" / "secateurs.json"), mode=mode,
-                      calibration=CALIBRATION, out=tmp_path / mode, progress=False, **fits)
+        again = prune(
+            source,
+            plan=str(tmp_path / "first" / "secateurs.json"),
+            mode=mode,
+            calibration=CALIBRATION,
+            out=tmp_path / mode,
+            progress=False,
+            **fits,
+        )
         assert again.plan == first.plan  # fmt: skip
         assert _tensors(tmp_path / mode).keys() == _tensors(tmp_path / "first").keys()
         for name, value in _tensors(tmp_path / mode).items():

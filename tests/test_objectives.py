@@ -94,7 +94,8 @@ def test_one_shot_ppl_criterion_scores_kl_like_the_masked_model():
 
 def test_iterative_prune_records_the_objective():
     model = tiny_model("llama")
-    result = prune(model,
+    result = prune(
+        model,
         criterion="ppl",
         unit="block",
         remove=2,
@@ -118,12 +119,15 @@ def test_bad_objectives_are_refused():
     with pytest.raises(ConfigError, match="has no option foo; its options: "):
         model = tiny_model("llama")
         options = {"foo": 1}
-        prune(model, criterion="ppl", remove=1, iterative=True, calibration=tokens(), options=options)
+        prune(
+            model, criterion="ppl", remove=1, iterative=True, calibration=tokens(), options=options
+        )
 
 
 def test_greedy_search_defaults_to_kl_and_nll_is_slebs_objective():
     def search(**options):
-        result = prune(tiny_model("llama"),
+        result = prune(
+            tiny_model("llama"),
             criterion="ppl",
             remove=2,
             iterative=True,
@@ -136,7 +140,8 @@ def test_greedy_search_defaults_to_kl_and_nll_is_slebs_objective():
     assert search()["objective"] == {"objective": "kl", "top_k": 64}
     nll = search(options={"objective": "nll"})
     assert nll["objective"] == {"objective": "nll"} and len(nll["calibration_ppl"]) == 2
-    joint = prune(tiny_model("llama"),
+    joint = prune(
+        tiny_model("llama"),
         criterion="ppl",
         unit="subblock",
         remove=1,

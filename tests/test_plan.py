@@ -239,8 +239,7 @@ def test_combined_pruning_is_one_budget_and_its_plan_reproduces_the_model():
     model = tiny_model("llama")
     base = decoder_parameters(ResidentSession(model))
     block = sum(p.numel() for p in adapter_for(model).layers(model)[0].parameters())
-    result = prune(model, criterion="magnitude", unit="block,width", ratio=0.4, depth_share=0.5
-    )
+    result = prune(model, criterion="magnitude", unit="block,width", ratio=0.4, depth_share=0.5)
     plan, params = result.plan, result.record["parameters"]
     assert plan.parts == ("depth", "width") and result.record["units"] == ["depth", "width"]
     assert len(plan.blocks) == round(0.5 * 0.4 * base / block)  # the depth share, in blocks

@@ -97,7 +97,9 @@ def pruned_dir(tmp_path_factory, tokenizer, dense_dir) -> Path:
     """The tiny LLaMA with 2 of 6 blocks removed, saved as `secateurs prune` would."""
     out = tmp_path_factory.mktemp("models") / "pruned"
     model = AutoModelForCausalLM.from_pretrained(dense_dir)
-    prune(model, tokenizer=tokenizer,
+    prune(
+        model,
+        tokenizer=tokenizer,
         criterion="magnitude",
         protect="none",
         remove=2,
@@ -340,7 +342,9 @@ def test_removed_branches_survive_recovery_and_reload_through_secateurs(
 
     pruned = tmp_path / "attn-pruned"
     model = AutoModelForCausalLM.from_pretrained(dense_dir)
-    prune(model, tokenizer=tokenizer,
+    prune(
+        model,
+        tokenizer=tokenizer,
         criterion="magnitude",
         unit="attn",
         protect="none",

@@ -1,11 +1,10 @@
-"""Layer-by-layer scoring from disk and streamed width surgery equal the whole-model path.
+"""The lazy session (layers read from disk one at a time) under the one flow: the same scores
+as in memory, each layer loaded once for every modified model, the head read in row blocks,
+modified streams offloaded to files. Whole runs in every mode: ``tests/test_modes.py``.
 
-Tolerance for scores: |sequential − whole| ≤ 1e-5 · max|whole| + 1e-9 per unit kind (float32
-compute; the two paths run the same layer code on the same inputs but batch the hooks'
-reductions differently). ``mini-llm``: ≤ 1e-6 · max|whole| for the gate gradients and the scores
-(measured ≤ 1.7e-7, most of them bit for bit: the same directions, the same float32 layer calls;
-the losses are float64 from float32 logits in both). The pruned checkpoints are compared byte
-for byte.
+Tolerance for scores: |layer by layer − in memory| ≤ 1e-5 · max|in memory| + 1e-9 per unit
+kind (float32 compute, the same layer code on the same inputs; the head's NLL is read in row
+blocks). ``mini-llm``: ≤ 1e-6 · max|in memory| for the gate gradients and the scores.
 """
 
 from __future__ import annotations
@@ -16,20 +15,13 @@ import pytest
 import torch
 
 from secateurs.adapters import adapter_for
-from secateurs.run import prune
 from secateurs.cli import main
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, UnsupportedModelError
-from secateurs.session.lazy import LazyModel
-from secateurs.pipeline import (
-    Perturbation,
-    Removal,
-    SequentialPipeline,
-    Streams,
-    WholeModelPipeline,
-)
-from secateurs.sequential import sequential_prune
-from secateurs.width_api import WidthOptions, prune_width
+from secateurs.run import prune
+from secateurs.session import ResidentSession
+from secateurs.session.flow import Flow, Perturbation, Removal, Streams
+from secateurs.session.lazy import LazyModel, LazySession
 from tiny_models import TINY_CONFIGS, scoring_context, tiny_model, tokens
 
 LAYERWISE_TYPES = sorted(TINY_CONFIGS)  # MoE checkpoints stored expert by expert included
@@ -75,7 +67,6 @@ def test_sequential_scores_equal_whole_model(model_type, saved):
     model, path = saved(model_type)
     calibration = tokens(4, 12)
     lazy = LazyModel(path, attn_implementation=EAGER)
-    pipeline = SequentialPipeline(lazy, calibration, batch_size=2, progress=False)
     compared = 0
     for name, kinds in CASES:
         criterion = CRITERIA.get(name)()
@@ -84,7 +75,6 @@ def test_sequential_scores_equal_whole_model(model_type, saved):
                 continue
             whole = scoring_context(model, calibration, 2)
             layered = scoring_context(lazy, calibration, 2)
-            layered.pipeline = pipeline
             expected, actual = _scores(criterion, whole, kind), _scores(criterion, layered, kind)
             tolerance = 1e-5 * float(expected.abs().max()) + 1e-9
             assert torch.allclose(actual, expected, rtol=0, atol=tolerance), (name, kind)
@@ -111,66 +101,20 @@ def test_head_nll_equals_the_model_loss(saved):
     model, path = saved("gemma2")  # final logit soft-capping applied per vocabulary block
     lazy = LazyModel(path, attn_implementation=EAGER)
     ids = tokens(2, 10)
-    pipeline = SequentialPipeline(lazy, ids, batch_size=2, progress=False)
-    hidden = pipeline.calls.hidden
-    for index in range(len(lazy.layers)):
-        with lazy.loaded(index) as layer:
-            hidden = pipeline.run(layer, index, hidden)
+    flow = Flow(LazySession(lazy, path / "spill"), ids, batch_size=2)
     with torch.no_grad():
         expected = model(input_ids=ids, labels=ids).loss
-    assert pipeline.mean_nll(hidden) == pytest.approx(float(expected), rel=1e-5)
+    assert flow.mean_nll(flow.final()) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_backward_criteria_are_refused_before_loading(tmp_path):
-    with pytest.raises(ConfigError, match="needs the whole model.*mini-llm, ppl"):
-        sequential_prune(tmp_path / "absent", tmp_path / "out", criterion="taylor", remove=2)
+    with pytest.raises(ConfigError, match="backward pass.*mini-llm, ppl"):
+        prune(tmp_path / "absent", mode="sequential", criterion="taylor", remove=2,
+              out=tmp_path / "out")  # fmt: skip
 
 
 def _files(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.glob("*.safetensors")}
-
-
-WIDTH_CASES = (
-    ("llama", "fluctuation", "uniform", None),  # reconstruction (default), plain config
-    ("gpt2", "activation", "global", None),  # Conv1D, per-layer widths: marked config
-    ("opt", "fluctuation", "uniform", False),  # FLAP compensation, no reconstruction
-    ("phi3", "magnitude", "uniform", None),  # fused qkv / gate_up, data-free scoring
-)
-
-
-@pytest.mark.parametrize(("model_type", "criterion", "allocation", "reconstruct"), WIDTH_CASES)
-def test_streamed_width_surgery_equals_in_memory(
-    model_type, criterion, allocation, reconstruct, saved, tmp_path
-):
-    model, path = saved(model_type)
-    calibration = tokens(16, 12)
-    opts = WidthOptions(
-        unit="width", ratio=0.3, allocation=allocation, sensitivity=False, reconstruct=reconstruct
-    )
-    memory = prune_width(model, None, criterion=criterion, options=opts, calibration=calibration,
-                         out=tmp_path / "memory", progress=False, batch_size=8)  # fmt: skip
-    record = sequential_prune(path, tmp_path / "layered", unit="width", criterion=criterion,
-                              width=opts, calibration=calibration, progress=False,
-                              attn_implementation=EAGER)  # fmt: skip
-    assert record["plan"] == memory.plan.to_dict()
-    assert _files(tmp_path / "layered") == _files(tmp_path / "memory")
-    config = json.loads((tmp_path / "layered" / "config.json").read_text())
-    assert config == json.loads((tmp_path / "memory" / "config.json").read_text())
-    assert record["loading"] == memory.record.get("loading", record["loading"])
-    assert record["parameters"]["after"] == memory.record["parameters"]["after"]
-
-
-@pytest.mark.parametrize("criterion", ["block-influence", "ppl", "magnitude"])
-def test_sequential_depth_equals_in_memory(criterion, saved, tmp_path):
-    model, path = saved("qwen2")
-    calibration = tokens(8, 12)
-    memory = prune(model, criterion=criterion, unit="block", remove=2, protect="none",
-                   calibration=calibration, out=tmp_path / "memory", progress=False)  # fmt: skip
-    record = sequential_prune(path, tmp_path / "layered", unit="block", criterion=criterion,
-                              remove=2, protect="none", calibration=calibration, progress=False,
-                              attn_implementation=EAGER)  # fmt: skip
-    assert record["plan"]["blocks"] == list(memory.plan.blocks)
-    assert _files(tmp_path / "layered") == _files(tmp_path / "memory")
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -202,7 +146,7 @@ def test_cli_sequential_saves_what_the_in_memory_path_saves(
     assert _prune(model_dir, tmp_path / "memory", calibration_file, *flags) == 0
     assert _prune(model_dir, tmp_path / "layered", calibration_file, *flags, "--sequential") == 0
     record = json.loads((tmp_path / "layered" / "secateurs.json").read_text())
-    assert record["pipeline"]["name"] == "sequential"
+    assert record["session"]["name"] == "sequential"
     assert _files(tmp_path / "layered") == _files(tmp_path / "memory")
 
 
@@ -211,9 +155,9 @@ def test_max_memory_takes_the_sequential_path(model_dir, calibration_file, tmp_p
     assert (
         _prune(model_dir, tmp_path / "auto", calibration_file, *flags, "--max-memory", "1e-6") == 0
     )
-    assert "scoring layer by layer" in capsys.readouterr().out
+    assert "one layer at a time" in capsys.readouterr().out
     record = json.loads((tmp_path / "auto" / "secateurs.json").read_text())
-    assert record["pipeline"]["name"] == "sequential"
+    assert record["session"]["name"] == "sequential"
 
 
 def test_cli_sequential_refuses_what_it_cannot_do(model_dir, tmp_path):
@@ -238,10 +182,8 @@ def test_padding_token_outside_the_calibration_rows(tmp_path):
     model.save_pretrained(tmp_path / "model")
     calibration = tokens(4, 12) % (VOCAB // 2)  # never the padding token
     lazy = LazyModel(tmp_path / "model", attn_implementation=EAGER)
-    pipeline = SequentialPipeline(lazy, calibration, batch_size=2, progress=False)
     ctx = scoring_context(model, calibration, 2)
     layered = scoring_context(lazy, calibration, 2)
-    layered.pipeline = pipeline
     criterion = CRITERIA.get("block-influence")()
     torch.testing.assert_close(criterion.score(layered, "block"), criterion.score(ctx, "block"))
     assert lazy.model.get_input_embeddings().padding_idx == VOCAB - 1  # restored
@@ -262,14 +204,12 @@ def test_head_counts_transformers_refuses_are_saved_as_per_layer_widths(tmp_path
     model = AutoModelForCausalLM.from_config(config, attn_implementation=EAGER).eval()
     model.save_pretrained(tmp_path / "source")
     calibration = tokens(16, 12)
-    opts = WidthOptions(unit="heads", ratio=0.08, allocation="uniform", sensitivity=False)
-    memory = prune_width(model, None, criterion="activation", options=opts,
-                         calibration=calibration, out=tmp_path / "memory", progress=False,
-                         batch_size=8)  # fmt: skip
+    options = dict(unit="heads", criterion="activation", ratio=0.08, calibration=calibration,
+                   progress=False)  # fmt: skip
+    memory = prune(tmp_path / "source", mode="memory", out=tmp_path / "memory", **options)
     assert memory.plan.kept("heads") == (3,) * len(memory.plan.kept("heads"))
-    record = sequential_prune(tmp_path / "source", tmp_path / "layered", unit="heads",
-                              criterion="activation", width=opts, calibration=calibration,
-                              progress=False, attn_implementation=EAGER)  # fmt: skip
+    record = prune(tmp_path / "source", mode="sequential", out=tmp_path / "layered", **options)
+    record = record.record
     for out in ("memory", "layered"):
         saved = json.loads((tmp_path / out / "secateurs.json").read_text())
         assert saved["structure"]["widths"]["heads"] == [6] * len(
@@ -290,11 +230,10 @@ def test_ppl_streams_offloaded_to_files_give_the_same_scores(saved, tmp_path):
     lazy = LazyModel(path, attn_implementation=EAGER)
     scores = {}
     for where in (None, tmp_path / "streams"):
-        pipeline = SequentialPipeline(
-            lazy, calibration, batch_size=2, progress=False, offload=where
-        )
-        scores[where] = pipeline.removal_nll("block", range(len(lazy.layers)))
-    assert scores[None] == scores[tmp_path / "streams"]  # bit for bit: files hold exact tensors
+        session = LazySession(lazy, tmp_path / "spill")
+        ctx = ScoringContext(session, Flow(session, calibration, 2, offload=where), progress=False)
+        scores[where] = CRITERIA.get("ppl")().score(ctx, "block")
+    assert torch.equal(scores[None], scores[tmp_path / "streams"])  # files hold exact tensors
     assert list((tmp_path / "streams").iterdir()) == []  # removed after use
 
 
@@ -303,18 +242,18 @@ def test_streams_go_to_a_temporary_folder_when_memory_is_short(saved, tmp_path, 
     model, path = saved("qwen2")
     calibration = tokens(8, 12)
     options = dict(unit="block", criterion="ppl", remove=2, protect="none", progress=False,
-                   calibration=calibration, attn_implementation=EAGER)  # fmt: skip
-    sequential_prune(path, tmp_path / "roomy" / "out", **options)
-    monkeypatch.setattr("secateurs.lazy.available_memory", lambda: 1024)
+                   calibration=calibration, mode="sequential")  # fmt: skip
+    prune(path, out=tmp_path / "roomy" / "out", **options)
+    monkeypatch.setattr("secateurs.calibration.available_memory", lambda: 1024)
     chosen = []
-    real = SequentialPipeline.__init__
+    real = Flow.__init__
 
     def spy(self, *args, **kwargs):
         real(self, *args, **kwargs)
         chosen.append(self.offload)
 
-    monkeypatch.setattr(SequentialPipeline, "__init__", spy)
-    sequential_prune(path, tmp_path / "short" / "out", **options)
+    monkeypatch.setattr(Flow, "__init__", spy)
+    prune(path, out=tmp_path / "short" / "out", **options)
     assert chosen and chosen[0] is not None and chosen[0].parent == tmp_path / "short"
     assert not chosen[0].exists()  # the temporary folder is gone
     assert _files(tmp_path / "short" / "out") == _files(tmp_path / "roomy" / "out")
@@ -325,11 +264,8 @@ def _on_meta(module) -> bool:
     return all(p.is_meta for p in module.parameters())
 
 
-def _contexts(model, lazy, calibration, pipeline):
-    whole = scoring_context(model, calibration, 2)
-    layered = scoring_context(lazy, calibration, 2)
-    layered.pipeline = pipeline
-    return whole, layered
+def _contexts(model, lazy, calibration):
+    return scoring_context(model, calibration, 2), scoring_context(lazy, calibration, 2)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
@@ -342,8 +278,7 @@ def test_perturbed_losses_agree_between_pipelines_and_load_each_layer_once(
     model, path = saved(model_type)
     calibration = tokens(4, 12)
     lazy = LazyModel(path, attn_implementation=EAGER)
-    pipeline = SequentialPipeline(lazy, calibration, batch_size=2, progress=False)
-    whole, layered = _contexts(model, lazy, calibration, pipeline)
+    whole, layered = _contexts(model, lazy, calibration)
     models = [Perturbation(0), Perturbation(1, {1: Removal("block")})]
     models += [Perturbation(2, {2: Removal("attn"), 3: Removal("mlp")})]
     loads, real = [], lazy.load_layer
@@ -354,9 +289,9 @@ def test_perturbed_losses_agree_between_pipelines_and_load_each_layer_once(
         return real(index)
 
     monkeypatch.setattr(lazy, "load_layer", load)
-    actual = pipeline.perturbed_losses(layered, models)
+    actual = layered.flow.losses(models)
     assert loads == [(i, []) for i in range(len(lazy.layers))]  # once each, one at a time
-    expected = WholeModelPipeline().perturbed_losses(whole, models)
+    expected = whole.flow.losses(models)
     for a, e in zip(actual, expected, strict=True):
         assert a.shape == (4,) and a.dtype == torch.float64
         torch.testing.assert_close(a, e, rtol=1e-6, atol=0)
@@ -379,14 +314,13 @@ def test_sequential_mini_llm_equals_in_memory(model_type, saved):
     model, path = saved(model_type)
     calibration = tokens(6, 12)
     lazy = LazyModel(path, attn_implementation=EAGER)
-    pipeline = SequentialPipeline(lazy, calibration, batch_size=2, progress=False)
     criterion = CRITERIA.get("mini-llm")
     compared = 0
     for options in MINI_LLM_OPTIONS:
         for kind in ("heads", "channels"):
             if not _supported(model, criterion(), kind):
                 continue
-            whole, layered = _contexts(model, lazy, calibration, pipeline)
+            whole, layered = _contexts(model, lazy, calibration)
             expected = _scores(criterion(**options), whole, kind)
             actual = _scores(criterion(**options), layered, kind)
             gates = [torch.tensor(c.extras["gate_gradients"][kind][2]) for c in (whole, layered)]
@@ -413,9 +347,8 @@ def test_mini_llm_streams_offloaded_to_files_give_the_same_scores(saved, tmp_pat
     monkeypatch.setattr(Streams, "__setitem__", spy)
     scores = []
     for where in (None, tmp_path / "streams"):
-        pipeline = SequentialPipeline(lazy, calibration, 2, progress=False, offload=where)
-        ctx = scoring_context(lazy, calibration, 2)
-        ctx.pipeline = pipeline
+        session = LazySession(lazy, tmp_path / "spill")
+        ctx = ScoringContext(session, Flow(session, calibration, 2, offload=where), progress=False)
         scores.append(_scores(criterion, ctx, "channels"))
     assert torch.equal(scores[0], scores[1])
     assert list((tmp_path / "streams").iterdir()) == []
@@ -435,7 +368,7 @@ def test_cli_sequential_mini_llm_saves_what_the_in_memory_path_saves(
     records = [
         json.loads((tmp_path / d / "secateurs.json").read_text()) for d in ("memory", "layered")
     ]
-    assert records[1]["pipeline"]["name"] == "sequential"
+    assert records[1]["session"]["name"] == "sequential"
     assert records[1]["criterion"]["options"] == records[0]["criterion"]["options"]
     assert records[1]["plan"] == records[0]["plan"]
     assert _files(tmp_path / "layered") == _files(tmp_path / "memory")

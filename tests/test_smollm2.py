@@ -31,7 +31,9 @@ def test_smollm2_remove_two_blocks_end_to_end(tmp_path):
     dense_ppl = perplexity(model, tokenizer, protocol, progress=False).ppl
     assert 5 < dense_ppl < 200  # a working language model, not noise (vocab 49152)
 
-    result = prune(model, tokenizer=tokenizer,
+    result = prune(
+        model,
+        tokenizer=tokenizer,
         criterion="block-influence+",
         remove=2,
         n_samples=4,

@@ -1,4 +1,5 @@
-"""Streaming depth surgery writes exactly what the in-memory path saves, tensor by tensor."""
+"""Streaming (``mode="stream"``: an explicit plan cut from the checkpoint with no model in
+memory and nothing computed) writes exactly what ``save_pretrained`` saves, tensor by tensor."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from secateurs.checkpoint import read_record
 from secateurs.errors import ConfigError
 from secateurs.plan import Plan
-from secateurs.streaming import TensorSpec, stream_depth_prune, write_safetensors
+from secateurs.run import prune
+from secateurs.shards import TensorSpec, write_safetensors
 from secateurs.units import apply_plan
 from tiny_models import TINY_CONFIGS, tiny_model, tiny_tokenizer, tokens
 
@@ -31,6 +33,10 @@ def test_writer_is_byte_identical_to_safetensors(tmp_path):
     write_safetensors(tmp_path / "ours.safetensors", specs, tensors.__getitem__, {"format": "pt"})
     library = (tmp_path / "library.safetensors").read_bytes()
     assert (tmp_path / "ours.safetensors").read_bytes() == library
+
+
+def stream_depth_prune(source, plan, out, **options):
+    return prune(source, plan=plan.to_dict(), mode="stream", out=out, progress=False, **options)
 
 
 def _in_memory(source, plan, out, **save):
@@ -61,7 +67,7 @@ def test_streamed_blocks_equal_in_memory_surgery(model_type, tmp_path):
 
 
 def test_sharded_input_and_output_match_save_pretrained(tmp_path, monkeypatch):
-    monkeypatch.setattr("secateurs.streaming.CHUNK_BYTES", 100)  # copy a few rows at a time
+    monkeypatch.setattr("secateurs.shards.CHUNK_BYTES", 100)  # copy a few rows at a time
     source = tmp_path / "source"
     model = tiny_model("llama")
     model.save_pretrained(source, max_shard_size="20KB")
@@ -69,7 +75,8 @@ def test_sharded_input_and_output_match_save_pretrained(tmp_path, monkeypatch):
     assert (source / "model.safetensors.index.json").is_file()
     plan = Plan(num_layers=6, blocks=(0, 2, 3))
     _in_memory(source, plan, tmp_path / "memory", max_shard_size="20KB")
-    stream_depth_prune(source, plan, tmp_path / "stream", {"note": "x"}, max_shard_size="20KB")
+    monkeypatch.setattr("secateurs.shards.DEFAULT_SHARD", "20KB")
+    stream_depth_prune(source, plan, tmp_path / "stream")
     weights = _weights(tmp_path / "stream")
     assert len(weights) > 2 and weights == _weights(tmp_path / "memory")
     record = read_record(tmp_path / "stream")
@@ -77,12 +84,18 @@ def test_sharded_input_and_output_match_save_pretrained(tmp_path, monkeypatch):
     assert (tmp_path / "stream" / "tokenizer.json").is_file()
 
 
-def test_branch_plans_are_refused_before_writing(tmp_path):
+def test_branch_and_width_plans_stream_as_they_cut_in_memory(tmp_path):
     source = tmp_path / "source"
     tiny_model("llama").save_pretrained(source)
-    with pytest.raises(ConfigError, match="whole blocks only"):
-        stream_depth_prune(source, Plan(num_layers=6, attn=(2,)), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    widths = ((1,),) + ((),) * 5
+    plan = Plan(6, attn=(2,), heads=widths, channels=((),) * 6, num_heads=(2,) * 6,
+                num_channels=(64,) * 6)  # fmt: skip
+    stream_depth_prune(source, plan, tmp_path / "stream", reconstruct=False)
+    memory = prune(source, plan=plan.to_dict(), mode="memory", reconstruct=False,
+                   out=tmp_path / "memory", progress=False)  # fmt: skip
+    assert memory.record["session"]["name"] == "memory"
+    assert _weights(tmp_path / "stream") == _weights(tmp_path / "memory")
+    assert read_record(tmp_path / "stream")["structure"] == memory.record["structure"]
 
 
 def test_non_safetensors_input_is_refused(tmp_path):
@@ -121,23 +134,22 @@ def test_cli_stream_equals_in_memory_explicit_prune(tmp_path, capsys):
     memory, stream = tmp_path / "memory", tmp_path / "stream"
     assert main(["prune", str(source), "--blocks", "1,4", "--out", str(memory)]) == 0
     assert main(["prune", str(source), "--blocks", "1,4", "--stream", "--out", str(stream)]) == 0
-    assert "(streamed)" in capsys.readouterr().out
+    assert "(read stream)" in capsys.readouterr().out
     assert _weights(stream) == _weights(memory)
     config = json.loads((stream / "config.json").read_text())
     assert config == json.loads((memory / "config.json").read_text())
     streamed, saved = read_record(stream), read_record(memory)
     for key in ("plan", "parameters", "loading", "engines", "structure"):
         assert streamed[key] == saved[key], key
-    assert streamed["streamed"] is True
+    assert streamed["session"]["name"] == "stream"
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--unit", "mlp", "--blocks", "1"], "whole blocks"),
-        (["--attn", "1"], "whole blocks"),
-        (["--remove", "2"], "needs the blocks"),
-        (["--blocks", "1", "--params", "100"], "not --ratio/--remove"),
+        (["--remove", "2"], "--stream copies an explicit block plan"),
+        (["--blocks", "1", "--heal"], "no --heal"),
+        (["--blocks", "1", "--params", "100"], "takes no --ratio, --remove or --params"),
     ],
 )
 def test_cli_stream_refuses_what_it_cannot_do(tmp_path, capsys, flags, message):

@@ -27,7 +27,8 @@ CALIB = tokens(4, 16, seed=3)
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_every_width_criterion_prunes_to_the_budget(criterion, allocation):
     model = tiny_model("llama")
-    result = prune(model,
+    result = prune(
+        model,
         criterion=criterion,
         unit="width",
         ratio=0.3,
@@ -98,7 +99,8 @@ def test_fluctuation_compensation_equals_mean_filled_masking(tmp_path):
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2"])
 def test_generate_with_cache_equals_without(model_type):
     model = tiny_model(model_type)
-    prune(model,
+    prune(
+        model,
         criterion="magnitude",
         unit="width",
         ratio=0.3,
@@ -121,7 +123,8 @@ def test_ratio_finer_than_a_kv_group_rounds_instead_of_crashing(caplog):
 
 def test_uniform_widths_and_round_to_give_a_plain_config():
     model = tiny_model("llama")
-    prune(model,
+    prune(
+        model,
         criterion="magnitude",
         unit="channels",
         ratio=0.3,
@@ -151,8 +154,11 @@ def test_global_allocation_respects_layer_range_and_bounds():
         (dict(ratio=0.2, allocation="sideways"), ConfigError, "Unknown allocation"),
         (dict(ratio=0.2, criterion="magnitud"), ConfigError, "Did you mean 'magnitude'"),
         (dict(ratio=0.2, criterion="ppl"), ConfigError, "cannot score heads units"),
-        (dict(ratio=0.2, criterion="taylor", options={"aggregation": "median"}), ConfigError,
-         "aggregation"),
+        (
+            dict(ratio=0.2, criterion="taylor", options={"aggregation": "median"}),
+            ConfigError,
+            "aggregation",
+        ),
         (dict(ratio=0.2, max_ratio=1.0), ConfigError, "keep something"),
         (dict(ratio=0.2, layers="9:3"), ConfigError, "--layers 9:3 is not inside"),
     ],
@@ -170,7 +176,8 @@ def test_unsupported_adapter_and_compensation_are_clear_errors():
     with pytest.raises(UnsupportedModelError, match="ALiBi"):
         prune(tiny_model("bloom"), criterion="magnitude", unit="heads", ratio=0.2)
     with pytest.raises(UnsupportedModelError, match="compensat"):
-        prune(tiny_model("mistral"),
+        prune(
+            tiny_model("mistral"),
             criterion="fluctuation",
             unit="width",
             ratio=0.2,
@@ -192,7 +199,8 @@ def test_compensation_applies_to_any_criterion_and_matches_mean_replacement():
     model = tiny_model("llama")
     calib = tokens(batch=4, length=16, seed=5)
     reference = copy.deepcopy(model)
-    result = prune(model,
+    result = prune(
+        model,
         unit="channels",
         criterion="magnitude",
         ratio=0.1,
@@ -234,7 +242,8 @@ def test_global_allocation_learns_to_spare_a_layer_that_matters():
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(20)
-    result = prune(model,
+    result = prune(
+        model,
         criterion="activation",
         unit="channels",
         ratio=0.2,
@@ -268,7 +277,8 @@ def test_loss_scores_are_ranked_per_parameter_across_layers_and_kinds():
 
 def test_influence_global_allocation_needs_no_sensitivity_probe():
     model = tiny_model("llama")
-    result = prune(model,
+    result = prune(
+        model,
         criterion="influence",
         unit="width",
         ratio=0.25,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from secateurs.errors import ConfigError
 from secateurs.runinfo import return_freed_memory
 from secateurs.session.base import Session
 from secateurs.session.flow import Flow
+from secateurs.session.lazy import available_memory
 from secateurs.spec import DataSpec
 
 log = logging.getLogger(__name__)
@@ -27,8 +30,11 @@ log = logging.getLogger(__name__)
 class Windows:
     """Token windows of ``data`` for ``session`` (its tokenizer), made on first use."""
 
-    def __init__(self, data: DataSpec, session: Session, progress: bool = True) -> None:
+    def __init__(
+        self, data: DataSpec, session: Session, progress: bool = True, offload_dir: Any = None
+    ) -> None:
         self.data, self.session, self.progress = data, session, progress
+        self.offload_dir = offload_dir
         self._tokens: dict[int, torch.Tensor] = {}
         self.used: dict[str, Any] | None = None  # the scoring windows' record
 
@@ -75,10 +81,30 @@ class Windows:
             }
         return asdict(replace(self.data.config(), n_samples=n_samples or self.data.n_samples))
 
-    def flow(self, n_samples: int | None = None, offload: Any = None) -> Flow:
-        """A flow over ``n_samples`` windows through the session's layers."""
+    def flow(self, n_samples: int | None = None, streams: int = 0) -> Flow:
+        """A flow over ``n_samples`` windows through the session's layers; ``streams``: how
+        many modified activation streams it will hold at once (``ppl``: one per layer), which
+        go to files when they would not fit (``offload``)."""
         tokens = self.tokens(n_samples)
+        offload = self.offload(tokens, streams)
         return Flow(self.session, tokens, self.data.batch_size, self.progress, offload)
+
+    def offload(self, tokens: torch.Tensor, streams: int) -> Path | None:
+        """``--offload-dir``, or a temporary folder beside the output when the streams would
+        take more than a quarter of the memory available now (layer by layer only: in memory
+        the model itself is larger than its streams)."""
+        if streams == 0 or self.session.kind == "memory":
+            return None
+        if self.offload_dir is not None:
+            return Path(self.offload_dir)
+        itemsize = next(self.session.model.parameters()).element_size()
+        need = streams * tokens.numel() * self.session.config.hidden_size * itemsize
+        if need <= available_memory() / 4:
+            return None
+        folder = Path(tempfile.mkdtemp(prefix=".secateurs-streams-", dir=self.session.work))
+        self.session.temporary.append(folder)
+        log.info("%d modified streams need %.1f GB: kept in %s", streams, need / 2**30, folder)
+        return folder
 
     @property
     def available(self) -> bool:

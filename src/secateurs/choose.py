@@ -99,7 +99,11 @@ def scorer_for(spec: PruneSpec, kind: str) -> Criterion:
 
 def context(session: Session, scorer: Criterion, windows: Windows, removed=()) -> ScoringContext:
     """A scoring context with a flow over the scoring windows if the criterion reads data."""
-    flow = windows.flow() if scorer.needs_calibration else None
+    flow = (
+        windows.flow(streams=scorer.streams(session.num_layers))
+        if scorer.needs_calibration
+        else None
+    )
     if flow is not None:
         windows.used = windows.record()
     return ScoringContext(session, flow, tuple(removed), windows.progress)
@@ -274,7 +278,7 @@ def searched(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
     extra = {"top_k": int(options["top_k"])} if "top_k" in options else {}
     goal = objective(str(options.get("objective", default)), **extra)
     start = time.perf_counter()
-    flow = windows.flow()
+    flow = windows.flow(streams=len(candidates))
     state = greedy_search(flow, candidates, cost, budget, spec.selection.shortlist_count, goal)
     seconds = time.perf_counter() - start
     plan = Plan.of_units(session.num_layers, merge_branches(state.removed), keep)
@@ -314,7 +318,8 @@ def ranked_width(
     for kind in spec.width_kinds if compensating else ():
         check_compensation(session.model, session.adapter, kind)
     sensing = senses(spec, scorer, windows.available)
-    flow = windows.flow() if scorer.needs_calibration or compensating or sensing else None
+    needed = scorer.needs_calibration or compensating or sensing
+    flow = windows.flow(streams=scorer.streams(session.num_layers)) if needed else None
     if flow is not None:
         windows.used = windows.record()
     ctx = ScoringContext(session, flow, tuple(removed), windows.progress)

@@ -90,7 +90,7 @@ def prune(
 
 def _run(session, spec: PruneSpec, output: tuple, progress: bool, clock) -> PruneResult:
     out, overwrite, argv = output
-    windows = Windows(spec.data, session, progress)
+    windows = Windows(spec.data, session, progress, spec.mode.offload_dir)
     base = decoder_parameters(session, spec.budget.include_embeddings)
     before = count_parameters(session.model)
     with clock("scoring"):

@@ -227,10 +227,12 @@ def write_weights(
     specs: dict[str, TensorSpec],
     read: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
     total_parameters: int,
-    max_shard_size: str | int = DEFAULT_SHARD,
+    max_shard_size: str | int | None = None,
 ) -> None:
     """Write tensors ``specs`` (name → dtype and shape, in ``save_pretrained``'s order) as
-    ``save_pretrained`` shards them; ``read(name)`` gives a tensor or its row blocks."""
+    ``save_pretrained`` shards them (``DEFAULT_SHARD``); ``read(name)`` gives a tensor or its
+    row blocks."""
+    max_shard_size = max_shard_size or DEFAULT_SHARD
     sized = {n: torch.empty(s.shape, dtype=s.dtype, device="meta") for n, s in specs.items()}
     split = split_torch_state_dict_into_shards(
         sized, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size

@@ -109,6 +109,10 @@ class Criterion(ABC):
         """The options this instance was built with (recorded in results)."""
         return {}
 
+    def streams(self, num_layers: int) -> int:
+        """Modified activation streams the flow holds at once while this criterion scores."""
+        return 0
+
 
 class Observer:
     """What a layer-wise criterion watches in one layer while calibration data runs through it.

@@ -93,6 +93,9 @@ class MiniLLM(Criterion):
             "layers_per_pass": self.layers_per_pass,
         }
 
+    def streams(self, num_layers: int) -> int:
+        return self.stream_count(num_layers)
+
     def stream_count(self, num_layers: int) -> int:
         """Perturbed models scored at once (the streams the flow holds)."""
         passes = 1 if self.scope == "model" else len(layer_passes(num_layers, self.layers_per_pass))

@@ -33,6 +33,9 @@ class Perplexity(Criterion):
     def options(self) -> dict:
         return self.objective.options()
 
+    def streams(self, num_layers: int) -> int:
+        return num_layers  # one per candidate layer
+
     @torch.no_grad()
     def score(self, ctx: ScoringContext, unit: str) -> torch.Tensor:
         if ctx.flow is None:

@@ -64,7 +64,9 @@ def _fits(session: Session, plan: Plan, spec: PruneSpec, windows: Windows) -> di
     model, adapter = session.model, session.adapter
     if spec.fit.heal and plan.blocks:
         fit = spec.fit
-        fits["heal"] = Healing(model, adapter, plan, fit.heal_damping, fit.heal_bias, fit.heal_target)
+        fits["heal"] = Healing(
+            model, adapter, plan, fit.heal_damping, fit.heal_bias, fit.heal_target
+        )
     if plan.has_widths and spec.fit.reconstructing and not plan.compensate:
         if windows.available:
             tokens = windows.tokens(max(spec.data.n_samples, spec.fit.reconstruct_samples))

@@ -43,8 +43,10 @@ def open_session(
     if config is not None:
         check_config(spec, config)
     mode, switched = _mode(spec, location)
-    session = _resident(source, location, spec) if mode == "memory" else _lazy(
-        location, spec, work, mode, tokenizer
+    session = (
+        _resident(source, location, spec)
+        if mode == "memory"
+        else _lazy(location, spec, work, mode, tokenizer)
     )
     if switched:
         session.notes["switched"] = switched

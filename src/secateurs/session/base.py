@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -44,6 +45,8 @@ class Session:
         self.modified: set[int] = set()  # layers changed by the cut or a fit (original indices)
         self.notes: dict[str, Any] = {}  # what the record should say of the session
         self.template: Any = None  # what a decoder layer returns (``flow.capture_calls``)
+        self.work: Any = None  # a folder for temporary files (beside the output)
+        self.temporary: list[Any] = []  # temporary folders, removed by ``close``
 
     # --- the model ---------------------------------------------------------------------------
     @property
@@ -95,6 +98,8 @@ class Session:
     # --- life cycle ----------------------------------------------------------------------------
     def close(self) -> None:
         """Release what the session holds (temporary files)."""
+        for folder in self.temporary:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def record(self) -> dict[str, Any]:
         """How the weights were held, for ``secateurs.json``."""

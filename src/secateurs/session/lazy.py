@@ -310,6 +310,14 @@ class LazyModel:
             for name, tensor in saved.items()
         }
 
+    @contextmanager
+    def loaded(self, index: int) -> Iterator[nn.Module]:
+        """Layer ``index`` with real weights inside the block, back on ``meta`` after it."""
+        try:
+            yield self.load_layer(index)
+        finally:
+            self.release_layer(index)
+
     def layer_as_saved(self, index: int) -> dict[str, torch.Tensor]:
         """Loaded layer ``index``'s tensors as the checkpoint stores them: each parameter and
         stored buffer in its checkpoint tensor's dtype (a parameter the cut added: the
@@ -476,6 +484,7 @@ class LazySession(Session):
         self.lazy = lazy
         self.kind = "stream" if stream else "sequential"
         self.spill = Path(work)
+        self.work = self.spill.parent
         self.spilled: dict[int, Path] = {}
 
     @property
@@ -503,14 +512,16 @@ class LazySession(Session):
                 set_module_tensor_to_device(layer, name, self.lazy.device, value=value)
         return layer
 
-    def _added_parameters(self) -> set[str]:
-        """Parameters the cut added (zero biases): not in the checkpoint, created as zeros."""
-        built = self.lazy.map.converted_targets()
-        return {
-            name
-            for name, _ in self.model.named_parameters()
-            if name not in self.lazy.names and name not in built
-        }
+    def _added_parameters(self, kept: tuple[int, ...] | None = None) -> set[str]:
+        """Parameters the cut added (zero biases): not in the checkpoint, created as zeros.
+        ``kept``: after blocks were dropped, the original index of each layer."""
+        built, prefix = self.lazy.map.converted_targets(), self.adapter.layers_path + "."
+        added = set()
+        for name, _ in self.model.named_parameters():
+            original = name if kept is None else _renumbered(name, prefix, kept)
+            if original not in self.lazy.names and original not in built:
+                added.add(name)
+        return added
 
     def _spill(self, index: int) -> None:
         """Layer ``index``'s tensors, in the checkpoint's dtypes, to a file of its own."""
@@ -531,6 +542,7 @@ class LazySession(Session):
         return self.lazy.token_nll(self.final_states(ids, hidden), ids)
 
     def close(self) -> None:
+        super().close()
         shutil.rmtree(self.spill, ignore_errors=True)
 
     def record(self) -> dict[str, Any]:
@@ -549,7 +561,7 @@ class LazySession(Session):
         named = [*self.model.named_parameters(remove_duplicate=False), *self.model.named_buffers()]
         module_name = {id(p): n for n, p in named}
         prefix = self.adapter.layers_path + "."
-        spilled, added = _spill_map(self.spilled.values()), self._added_parameters()
+        spilled, added = _spill_map(self.spilled.values()), self._added_parameters(kept)
         where: dict[str, tuple[str, str]] = {}
         specs: dict[str, TensorSpec] = {}
         for name, tensor in saved_state(self.model).items():
