@@ -92,8 +92,10 @@ def resolve_model(spec: str | os.PathLike) -> str:
         return str(dequantized_dir(gguf_file(path)))
     if path.is_dir():
         return str(checkpoint_dir(path))
-    if path.exists() or not _looks_like_hub_id(text):
+    if path.exists():
         raise ModelNotFoundError(f"No model at {path}: not an HF directory nor a .gguf file.")
+    if not _looks_like_hub_id(text):
+        raise ModelNotFoundError(f"No model at {path}: no such file or directory.")
     return hub_location(text)
 
 
