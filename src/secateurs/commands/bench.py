@@ -18,18 +18,19 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like 1,4,16; got {text!r}") from err
 
 
-def check_lengths(args: argparse.Namespace) -> None:
-    """Refuse a prompt + new tokens beyond a learned position table, from the config.json of
-    local directories before torch is imported (other models are checked once loaded or built,
-    where rotary models get their warning, once)."""
+def check_inputs(args: argparse.Namespace) -> None:
+    """Before torch is imported and any model loaded: every model's files (a damaged one is
+    named before the others are loaded), and a prompt + new tokens beyond a learned position
+    table, from config.json (other models are checked once loaded or built, where rotary
+    models get their warning, once)."""
     from secateurs.checkpoint import read_config_dict
-    from secateurs.models import resolve_model
+    from secateurs.models import check_model_files
     from secateurs.positions import check_generation
 
     for spec in args.models:
+        check_model_files(spec, shapes=False)
         if Path(spec).is_dir():
-            config = read_config_dict(resolve_model(spec))
-            check_generation(args.prompt_len, args.new_tokens, config, spec)
+            check_generation(args.prompt_len, args.new_tokens, read_config_dict(spec), spec)
 
 
 @register
@@ -111,7 +112,7 @@ class Bench(Command):
     def run(self, args: argparse.Namespace) -> int:
         if not args.models and not args.random_config:
             raise ConfigError("Give models to measure, or --random-config NAME.")
-        check_lengths(args)  # before torch is imported and any model loaded
+        check_inputs(args)
         import torch
 
         from secateurs.evaluate.efficiency import (
