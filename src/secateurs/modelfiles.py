@@ -137,14 +137,14 @@ def check_shapes(directory: str | os.PathLike) -> None:
     load (legacy or fused expert layouts) are left to it. Checkpoints whose record gives
     per-layer widths or expert counts, and quantized ones, are checked by their own loaders.
     """
-    from secateurs.checkpoint import read_config, read_config_dict, recorded_structure
+    from secateurs.checkpoint import read_config_dict, recorded_structure
 
     directory = Path(directory)
     if "quantization_config" in read_config_dict(directory):
         return
     if {"widths", "experts"} & set(recorded_structure(directory)):
         return
-    wrong = shape_mismatches(directory, _skeleton_shapes(read_config(directory)))
+    wrong = shape_mismatches(directory, _skeleton_shapes(directory))
     if wrong:
         listed = "; ".join(f"{k}: file {list(a)}, config {list(b)}" for k, a, b in wrong[:3])
         more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
@@ -164,12 +164,15 @@ def shape_mismatches(
     return [(k, found[k], want) for k, want in expected.items() if found.get(k, want) != want]
 
 
-def _skeleton_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the model ``config`` builds, on the meta device."""
+def _skeleton_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the model ``directory``'s config builds, on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from secateurs.checkpoint import read_config
+
     try:
+        config = read_config(directory)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception:  # a config transformers cannot build: loading it will say why
