@@ -14,14 +14,14 @@ import torch
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import ARCHITECTURES, adapter_for
-from secateurs.writer import save_checkpoint
 from secateurs.errors import UnsupportedModelError
 from secateurs.models import load_model
 from secateurs.plan import Plan
+from secateurs.run import prune
 from secateurs.units import apply_plan
 from secateurs.units.depth import masked
 from secateurs.units.width import width_masked, widths
-from secateurs.run import prune
+from secateurs.writer import save_checkpoint
 from tiny_models import LAYERS, TINY_CONFIGS, _randomise_norms, tokens
 
 ISSUE_FAMILIES = (

@@ -10,8 +10,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs import checkpoint, writer
 from secateurs.adapters import adapter_for
-from secateurs.run import prune, score
-from secateurs.spec import CriterionSpec
 from secateurs.errors import (
     ConfigError,
     DataError,
@@ -22,6 +20,8 @@ from secateurs.errors import (
 )
 from secateurs.models import load_model
 from secateurs.plan import SL_PROTECTED, Plan, lowest_unprotected, resolve_protected
+from secateurs.run import prune, score
+from secateurs.spec import CriterionSpec
 from secateurs.units.depth import masked
 from tiny_models import LAYERS, tiny_model, tokens
 

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
 from secateurs.checkpoint import read_record
-from secateurs.writer import save_checkpoint
 from secateurs.models import load_model
 from secateurs.plan import Plan
 from secateurs.units import apply_plan
 from secateurs.units.depth import masked
+from secateurs.writer import save_checkpoint
 from tiny_models import LAYERS, TINY_CONFIGS, tiny_model, tokens
 
 MODEL_TYPES = sorted(TINY_CONFIGS)

@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from secateurs.writer import save_checkpoint
 from secateurs.errors import ConfigError
 from secateurs.recover import TrainConfig, recover
 from secateurs.recover.distributed import meta_skeleton, process_device
+from secateurs.writer import save_checkpoint
 from test_recover import char_tokenizer
 from tiny_models import tiny_model
 

@@ -16,12 +16,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
-from secateurs.run import prune
+from secateurs.allocate import allocate_experts
 from secateurs.checkpoint import read_record
-from secateurs.writer import save_checkpoint
 from secateurs.cli import main
-from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError, UnsupportedModelError
+from secateurs.models import load_model
+from secateurs.plan import Plan
+from secateurs.run import prune
+from secateurs.units import Cut, unit_cost
 from secateurs.units.experts import (
     expert_plan,
     experts_masked,
@@ -29,10 +32,7 @@ from secateurs.units.experts import (
     num_experts,
     router_and_experts,
 )
-from secateurs.allocate import allocate_experts
-from secateurs.units import Cut, unit_cost
-from secateurs.models import load_model
-from secateurs.plan import Plan
+from secateurs.writer import save_checkpoint
 from tiny_models import MOE_TYPES, scoring_context, tiny_model, tokens
 
 # Llama 4 runs its experts on router-scaled copies of every token: no routing to observe.

@@ -17,7 +17,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.allocate import Bounds, UnitTable, allocate
 from secateurs.checkpoint import read_record
-from secateurs.writer import save_checkpoint
 from secateurs.cli import main
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.export import EXPORTS, check_export, engines_for_model, export
@@ -26,9 +25,10 @@ from secateurs.export.gguf_file import ZERO_FFN, rope_permute
 from secateurs.export.layout import read_layout
 from secateurs.models import load_model
 from secateurs.plan import Plan
-from secateurs.units import apply_plan
 from secateurs.targets import width_constraints
+from secateurs.units import apply_plan
 from secateurs.units.width import prune_layer
+from secateurs.writer import save_checkpoint
 from tiny_models import tiny_model, tokens
 
 LLAMACPP_ENV = "SECATEURS_LLAMACPP"

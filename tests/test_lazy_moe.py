@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
-from secateurs.run import prune
 from secateurs.cli import main
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.models import load_model
+from secateurs.run import prune
 from secateurs.session.lazy import LazyModel
 from secateurs.shards import CheckpointReader
 from tiny_models import TINY_CONFIGS, tiny_model, tokens

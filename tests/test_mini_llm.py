@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from secateurs.adapters import adapter_for
-from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.criteria import CRITERIA
 from secateurs.criteria.mini_llm import (
     gate_gradients,
     layer_generator,
@@ -21,8 +20,8 @@ from secateurs.criteria.zeroth_order import (
     variance_of_mean,
 )
 from secateurs.errors import ConfigError
-from secateurs.session.resident import token_nll
 from secateurs.plan import Unit
+from secateurs.session.resident import token_nll
 from secateurs.units.depth import masked
 from tiny_models import scoring_context, tiny_model, tokens
 

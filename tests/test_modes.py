@@ -15,7 +15,6 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.errors import ConfigError

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from secateurs.adapters import adapter_for
-from secateurs.run import prune
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError
 from secateurs.objectives import DenseKL, objective, with_rest
 from secateurs.plan import Unit
+from secateurs.run import prune
 from secateurs.search import greedy_search
 from secateurs.session import ResidentSession
 from secateurs.session.flow import Flow

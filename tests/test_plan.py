@@ -10,21 +10,21 @@ import pytest
 import torch
 
 from secateurs.adapters import adapter_for
-from secateurs.run import prune
 from secateurs.checkpoint import read_record
-from secateurs.writer import save_checkpoint
+from secateurs.choose import decoder_parameters
 from secateurs.cli import main
 from secateurs.errors import ConfigError
 from secateurs.evaluate.efficiency import kind_of
-from secateurs.units.experts import expert_plan, experts_masked
 from secateurs.models import load_model
 from secateurs.plan import Plan
 from secateurs.report import describe_removed
+from secateurs.run import prune
+from secateurs.session import ResidentSession
 from secateurs.units import Cut, apply_plan
 from secateurs.units.depth import masked
+from secateurs.units.experts import expert_plan, experts_masked
 from secateurs.units.width import width_masked, widths
-from secateurs.choose import decoder_parameters
-from secateurs.session import ResidentSession
+from secateurs.writer import save_checkpoint
 from tiny_models import LAYERS, tiny_model, tokens
 
 

@@ -17,9 +17,7 @@ from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from secateurs.run import prune
 from secateurs.checkpoint import read_record
-from secateurs.writer import save_checkpoint
 from secateurs.errors import ConfigError, DataError, OutputExistsError
 from secateurs.recover import (
     DistillSettings,
@@ -34,6 +32,8 @@ from secateurs.recover import (
     train_lora,
 )
 from secateurs.recover import common as recover_common
+from secateurs.run import prune
+from secateurs.writer import save_checkpoint
 from tiny_models import tiny_model
 
 # Tiny models gain nothing from threads, and on a busy shared CPU they lose a lot.

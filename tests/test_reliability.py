@@ -28,7 +28,6 @@ import secateurs.commands.prune as prune_command
 from secateurs import data as data_module
 from secateurs import outputs
 from secateurs.checkpoint import read_config
-from secateurs.writer import save_checkpoint
 from secateurs.cli import main
 from secateurs.data import read_documents
 from secateurs.errors import (
@@ -39,9 +38,9 @@ from secateurs.errors import (
     UnsupportedModelError,
 )
 from secateurs.models import load_model, model_type_of
-from secateurs.plan import Plan
+from secateurs.plan import Plan, Unit
 from secateurs.units import apply_plan
-from secateurs.plan import Unit
+from secateurs.writer import save_checkpoint
 from tiny_models import tiny_model, tokens
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -345,9 +344,8 @@ def test_prune_prints_the_right_loading_note(model_dir, tmp_path, unit, capsys):
         assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     else:
         assert "removed attention/MLP branches" in printed and "secateurs.load_model" in printed
-        assert json.loads((out / "config.json").read_text())["model_type"] == (
-            "secateurs-pruned-llama"
-        )
+        marked = json.loads((out / "config.json").read_text())["model_type"]
+        assert marked.startswith("secateurs-pruned-llama; ")
         assert read_config(out).model_type == "llama"
 
 

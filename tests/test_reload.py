@@ -12,17 +12,16 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from secateurs.units import depth as surgery
 from secateurs.adapters import adapter_for, supported_model_types
 from secateurs.checkpoint import read_record
-from secateurs.writer import save_checkpoint
 from secateurs.errors import UnsupportedModelError
 from secateurs.models import load_model
-from secateurs.plan import Plan
+from secateurs.plan import Plan, Unit
 from secateurs.units import apply_plan
-from secateurs.plan import Unit
+from secateurs.units import depth as surgery
 from secateurs.units.depth import masked
 from secateurs.units.width import width_masked, widths
+from secateurs.writer import save_checkpoint
 from tiny_models import TINY_CONFIGS, tokens
 
 KINDS = ("block", "attn", "mlp", "heads", "channels")

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from secateurs.adapters import adapter_for
-from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import calibration_loss
 from secateurs.criteria.hywia import TEMPERATURE, fuse
 from secateurs.criteria.influence import removal_loss_change

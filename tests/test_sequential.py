@@ -19,7 +19,6 @@ from secateurs.cli import main
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.run import prune
-from secateurs.session import ResidentSession
 from secateurs.session.flow import Flow, Perturbation, Removal, Streams
 from secateurs.session.lazy import LazyModel, LazySession
 from tiny_models import TINY_CONFIGS, scoring_context, tiny_model, tokens

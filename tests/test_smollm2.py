@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from secateurs.run import prune
 from secateurs.data import DATA_DIR_ENV
 from secateurs.evaluate.ppl import PPLProtocol, perplexity
 from secateurs.models import load_model
+from secateurs.run import prune
 
 pytestmark = [
     pytest.mark.slow,

@@ -8,11 +8,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
 from secateurs.checkpoint import read_record
-from secateurs.writer import save_checkpoint
 from secateurs.models import load_model
 from secateurs.plan import Plan
 from secateurs.units import apply_plan
 from secateurs.units.width import width_masked, widths
+from secateurs.writer import save_checkpoint
 from tiny_models import TINY_CONFIGS, tiny_model, tokens
 
 

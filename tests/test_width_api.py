@@ -10,13 +10,13 @@ from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
 from secateurs.allocate import Bounds, UnitTable, allocate
-from secateurs.run import prune
-from secateurs.writer import save_checkpoint
-from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError, SecateursError, UnsupportedModelError
 from secateurs.plan import Plan
+from secateurs.run import prune
 from secateurs.units import apply_plan
 from secateurs.units.width import width_masked, widths
+from secateurs.writer import save_checkpoint
 from tiny_models import scoring_context, tiny_model, tokens
 
 WIDTH_CRITERIA = [name for name, cls in CRITERIA.items() if "heads" in cls.units]

@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 from secateurs.adapters import adapter_for
 from secateurs.checkpoint import read_record
 from secateurs.errors import UnsupportedModelError
-from secateurs.plan import Plan
 from secateurs.fit.reconstruct import refit
-from secateurs.units.width import group_slices, output_projection, output_weight_columns, widths
+from secateurs.plan import Plan
 from secateurs.run import prune
+from secateurs.units.width import group_slices, output_projection, output_weight_columns, widths
 from tiny_models import LAYERS, TINY_CONFIGS, tiny_model, tokens
 
 CALIBRATION = dict(batch=8, length=16, seed=5)  # 128 tokens: more than any layer's inputs

@@ -127,12 +127,20 @@ def read_config(directory: str | os.PathLike) -> PretrainedConfig:
     return config
 
 
+# Appended to the marked model_type: transformers' refusal quotes the model_type, then advises
+# upgrading transformers, so the model_type itself must say what works instead.
+MARK_ADVICE = (
+    "; no transformers version loads this pruned model: use secateurs.load_model(dir), "
+    "or convert it for an engine with 'secateurs export'"
+)
+
+
 def mark_config(directory: Path) -> None:
     """Make ``config.json`` unloadable by anything but secateurs (see module docstring)."""
     path = directory / "config.json"
     data = json.loads(path.read_text())
     original = {"model_type": data["model_type"], "architectures": data.get("architectures")}
-    data["model_type"] = MARK_PREFIX + original["model_type"]
+    data["model_type"] = MARK_PREFIX + original["model_type"] + MARK_ADVICE
     data["architectures"] = [f"SecateursPruned{a}" for a in original["architectures"] or []]
     data[MARK_KEY] = original
     data["secateurs_load_with"] = (

@@ -9,7 +9,6 @@ mismatched beyond what the structure explains is an error.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,8 +39,6 @@ def load_checkpoint(
 
     dtype = dtype or torch.float32
     local = Path(location).is_dir()
-    if local:
-        check_safetensors(Path(location))
     structure = read_record(location).get("structure", {}) if local else {}
     skipped = structure.get("skipped_branches", [])
     kwargs = {"dtype": dtype, "config": read_config(location)} if local else {"dtype": dtype}
@@ -54,28 +51,6 @@ def load_checkpoint(
     if not skipped:
         return AutoModelForCausalLM.from_pretrained(location, **kwargs), tokenizer
     return _load_with_structure(Path(location), skipped, kwargs), tokenizer
-
-
-def check_safetensors(directory: Path) -> None:
-    """Name a truncated or corrupt ``*.safetensors`` file before transformers trips on it."""
-    for path in sorted(directory.glob("*.safetensors")):
-        size = path.stat().st_size
-        try:
-            with path.open("rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                if length <= 0 or 8 + length > size:
-                    raise ValueError("header cut off")
-                header = json.loads(handle.read(length))
-            end = max(
-                (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
-            )
-        except (ValueError, KeyError, TypeError) as err:
-            raise ModelFileError(f"{path} is not a valid safetensors file ({err}).") from err
-        if 8 + length + end > size:
-            raise ModelFileError(
-                f"{path} is truncated: {size:,} bytes, its header needs {8 + length + end:,}. "
-                "Copy or download it again."
-            )
 
 
 def _tokenizer(location: str) -> Tokenizer | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from secateurs.checkpoint import write_json
 from secateurs.commands import Command, register
+from secateurs.commands.common import device_arg, dtype_arg
 from secateurs.errors import ConfigError
 
 
@@ -17,13 +18,28 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like 1,4,16; got {text!r}") from err
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Before torch is imported and any model loaded: every model's files (a damaged one is
+    named before the others are loaded), and a prompt + new tokens beyond a learned position
+    table, from config.json (other models are checked once loaded or built, where rotary
+    models get their warning, once)."""
+    from secateurs.checkpoint import read_config_dict
+    from secateurs.models import check_model_files
+    from secateurs.positions import check_generation
+
+    for spec in args.models:
+        check_model_files(spec, shapes=False)
+        if Path(spec).is_dir():
+            check_generation(args.prompt_len, args.new_tokens, read_config_dict(spec), spec)
+
+
 @register
 class Bench(Command):
     path = ("bench",)
     help = "generation latency / throughput / peak memory of several models, interleaved"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from secateurs.evaluate.efficiency import BenchConfig
+        from secateurs.evaluate.bench_protocol import BenchConfig
 
         defaults = BenchConfig()
         parser.add_argument(
@@ -64,8 +80,12 @@ class Bench(Command):
         parser.add_argument(
             "--seed", type=int, default=defaults.seed, help="prompt seed (default: %(default)s)"
         )
-        parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-        parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+        parser.add_argument(
+            "--dtype", type=dtype_arg, default=None, help="float32 (default), bfloat16, float16"
+        )
+        parser.add_argument(
+            "--device", type=device_arg, default=None, help="default: cuda if present, else cpu"
+        )
         parser.add_argument(
             "--random-config",
             action="append",
@@ -90,26 +110,31 @@ class Bench(Command):
         )
 
     def run(self, args: argparse.Namespace) -> int:
+        if not args.models and not args.random_config:
+            raise ConfigError("Give models to measure, or --random-config NAME.")
+        check_inputs(args)
         import torch
 
         from secateurs.evaluate.efficiency import (
             BenchConfig,
             benchmark,
+            check_positions,
             format_table,
             load_candidate,
             random_candidates,
+            random_config,
         )
 
-        if not args.models and not args.random_config:
-            raise ConfigError("Give models to measure, or --random-config NAME.")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         config = BenchConfig(
             args.batch_sizes, args.new_tokens, args.prompt_len, args.repeats, args.warmup, args.seed
         )
+        for name in args.random_config:  # before building the random models
+            check_positions(random_config(name), config, name)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         candidates = [load_candidate(spec, args.dtype, device) for spec in args.models]
-        dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+        dtype = getattr(torch, args.dtype) if args.dtype not in (None, "auto") else torch.float32
         for name in args.random_config:
             depths = (0, *args.plan_depth)
             candidates += random_candidates(name, depths, dtype, device, args.seed)

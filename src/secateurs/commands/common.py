@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,37 @@ def add_model_args(
         if several
         else what,
     )
-    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, auto")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
+    parser.add_argument(
+        "--dtype",
+        type=dtype_arg,
+        default=None,
+        help="float32 (default), bfloat16, float16, auto (the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--device", type=device_arg, default="cpu", help="cpu (default), cuda, cuda:1 ..."
+    )
+
+
+def dtype_arg(text: str) -> str:
+    """argparse type of --dtype: one of ``models.DTYPES``, refused while parsing otherwise."""
+    from secateurs.models import check_dtype_name
+
+    return _argument(check_dtype_name, text)
+
+
+def device_arg(text: str) -> str:
+    """argparse type of --device: a device this machine has (cuda:N below the GPU count)."""
+    from secateurs.models import check_device
+
+    return _argument(check_device, text)
+
+
+def _argument(check: Callable[[str], str], text: str) -> str:
+    """argparse prints an ArgumentTypeError's own text (other errors as "invalid value")."""
+    try:
+        return check(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

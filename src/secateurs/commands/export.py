@@ -16,7 +16,8 @@ class Export(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "model", help="checkpoint directory (e.g. from 'secateurs prune'), hub id or alias"
+            "model",
+            help="local checkpoint directory (e.g. from 'secateurs prune'), .gguf file or alias",
         )
         parser.add_argument("--to", required=True, choices=EXPORTS.names(), help="output format")
         parser.add_argument(

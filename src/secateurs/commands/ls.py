@@ -13,6 +13,7 @@ class List(Command):
     help = "list criteria, architectures, datasets and model aliases"
 
     def run(self, args: argparse.Namespace) -> int:
+        # Registry tables and light modules only: listing must not import torch (seconds).
         from secateurs.adapters import ARCHITECTURES
         from secateurs.criteria import CRITERIA
         from secateurs.data import DATASETS
@@ -21,13 +22,12 @@ class List(Command):
         from secateurs.models import ALIASES
 
         print("criteria (append '+' to protect Shortened LLaMA's blocks 0-3 and the last 2):")
-        for name, cls in CRITERIA.items():
-            units = ",".join(sorted(cls.units))
-            print(f"  {name:<18} [{units}] {cls.summary}")
+        for name, info in CRITERIA.catalog():
+            print(f"  {name:<18} [{','.join(sorted(info['units']))}] {info['summary']}")
         print("architectures (adapter: model types [prunable units]):")
-        for name, adapter in ARCHITECTURES.items():
-            units = ",".join(adapter.unit_kinds())
-            print(f"  {name:<18} {', '.join(adapter.model_types)} [{units}]")
+        for name, info in ARCHITECTURES.catalog():
+            units = ",".join(info["unit_kinds"])
+            print(f"  {name:<18} {', '.join(info['model_types'])} [{units}]")
         print("datasets (perplexity):")
         for name, dataset in DATASETS.items():
             print(f"  {name:<18} {dataset.description} [{dataset.default_split}]")

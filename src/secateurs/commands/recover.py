@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from secateurs.commands import Command, register
-from secateurs.commands.common import add_data_args
+from secateurs.commands.common import add_data_args, device_arg
 from secateurs.errors import ConfigError
 
 if TYPE_CHECKING:  # imported when the command runs: peft/transformers are slow to import
@@ -42,7 +42,9 @@ class Recover(Command):
         parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
         parser.add_argument("--work-dir", type=Path, help="Trainer checkpoints (default: OUT.work)")
         parser.add_argument("--keep-work", action="store_true", help="keep the work dir at the end")
-        parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
+        parser.add_argument(
+            "--device", type=device_arg, default="cpu", help="cpu (default), cuda, cuda:1 ..."
+        )
         _add_training_args(parser)
         _add_lora_args(parser)
         _add_distill_args(parser)

@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from secateurs.errors import ConfigError
+from secateurs.evaluate.bench_protocol import BenchConfig
 from secateurs.plan import RECORD_KEYS, SL_PROTECTED, Plan, resolve_protected
+from secateurs.positions import check_generation
 from secateurs.runinfo import count_parameters
 
 log = logging.getLogger(__name__)
@@ -208,24 +210,6 @@ def _proc_status_kb(key: str) -> int | None:
 # --- generation benchmark -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    """The measurement protocol, recorded with every result."""
-
-    batch_sizes: tuple[int, ...] = (1, 4, 16)
-    new_tokens: int = 128
-    prompt_len: int = 16
-    repeats: int = 3
-    warmup: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise ConfigError(f"Batch sizes must be positive; got {self.batch_sizes}.")
-        if self.new_tokens < 1 or self.prompt_len < 1 or self.repeats < 1 or self.warmup < 0:
-            raise ConfigError("new_tokens, prompt_len and repeats must be ≥ 1, warmup ≥ 0.")
-
-
 @dataclass
 class Candidate:
     """A model to measure, with a display name and its kind (dense / depth / width / ...)."""
@@ -295,11 +279,16 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def benchmark(
-    candidates: list[Candidate], config: BenchConfig = BenchConfig(), progress: bool = True
+    candidates: list[Candidate], config: BenchConfig | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Measure every candidate at every batch size, interleaved; return a JSON-able dict."""
+    config = config or BenchConfig()
     if not candidates:
         raise ConfigError("Nothing to benchmark.")
+    for cand in candidates:
+        warning = check_positions(cand.model.config, config, cand.name)
+        if warning:
+            log.warning(warning)
     runs: dict[tuple[str, int], list[Run]] = {}
     failed: dict[str, int] = {}  # name -> smallest batch size that ran out of memory
     total = len(config.batch_sizes) * len(candidates) * (config.repeats + config.warmup)
@@ -316,6 +305,15 @@ def benchmark(
                     runs.setdefault((cand.name, batch), []).append(run)
     bar.close()
     return _summary(candidates, config, runs, failed)
+
+
+def check_positions(
+    model_config: PretrainedConfig | dict[str, Any], config: BenchConfig, name: str
+) -> str | None:
+    """Refuse a prompt plus generated tokens longer than a learned position table (GPT-2
+    fails in its embedding); past a rotary model's trained length, the warning to give (the
+    speed is measured where the model was never trained)."""
+    return check_generation(config.prompt_len, config.new_tokens, model_config, name)
 
 
 def _measure(

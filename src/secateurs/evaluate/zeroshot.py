@@ -21,14 +21,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-from transformers import PreTrainedModel
-from transformers import PreTrainedTokenizerBase as Tokenizer
+from typing import TYPE_CHECKING, Any
 
 from secateurs.data import data_dir
 from secateurs.errors import ConfigError, DataError
 from secateurs.registry import Registry
+
+if TYPE_CHECKING:  # the task list is read by `secateurs ls`, which must not import torch
+    from transformers import PreTrainedModel
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from secateurs.checkpoint import write_json
-from secateurs.errors import ConfigError, OutputExistsError, SecateursError
+from secateurs.errors import ConfigError, ModelNotFoundError, OutputExistsError, SecateursError
 from secateurs.export.layout import LLAMA_FAMILY, Layout, check_model, layer_shapes, read_layout
 from secateurs.outputs import atomic_directory, check_output_dir
 from secateurs.registry import Registry
@@ -104,6 +104,12 @@ def check_export(directory: str | os.PathLike, to: str) -> tuple[ExportFormat, L
 
     fmt = EXPORTS.get(to)
     location = Path(resolve_model(directory))
+    if not location.is_dir():  # a hub id: its layout is read from local files
+        raise ModelNotFoundError(
+            f"No directory {directory}: export converts a local checkpoint (a directory from "
+            "'secateurs prune', a .gguf file or an alias). For a hub model, download it first: "
+            f"hf download {directory} --local-dir DIR."
+        )
     layout = read_layout(location)
     fmt.check(layout)
     if fmt.needs_tokenizer and not any(location.glob("tokenizer*")):

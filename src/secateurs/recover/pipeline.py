@@ -29,7 +29,6 @@ from secateurs.checkpoint import (
 )
 from secateurs.data import calibration_documents, data_dir, read_documents
 from secateurs.errors import ConfigError, DataError
-from secateurs.writer import save_checkpoint
 from secateurs.models import load_model
 from secateurs.plan import RECORD_KEYS
 from secateurs.recover.common import StageResult, TrainConfig, resume_point, training_blocks
@@ -38,6 +37,7 @@ from secateurs.recover.distill import DistillSettings, train_distill
 from secateurs.recover.distributed import check_launch, process_device, wait_for_every_process
 from secateurs.recover.lora import LoraSettings, train_lora
 from secateurs.registry import Registry
+from secateurs.writer import save_checkpoint
 
 log = logging.getLogger(__name__)
 

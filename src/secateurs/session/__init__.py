@@ -36,8 +36,9 @@ def open_session(
             )
         check_config(spec, source.config)
         return ResidentSession(source, tokenizer, getattr(source, "name_or_path", None))
-    from secateurs.models import resolve_model
+    from secateurs.models import check_model_files, resolve_model
 
+    check_model_files(source, shapes=False)  # damaged files named before anything is read
     location = resolve_model(source)
     config = _config(location)
     if config is not None:
@@ -125,10 +126,12 @@ def _source_dtype(source: str, location: str) -> str:
 
 
 def _lazy(location: str, spec: PruneSpec, work: Any, mode: str, tokenizer: Any) -> Session:
+    from secateurs.models import check_model_files
     from secateurs.session.lazy import LazyModel, LazySession
 
     if work is None:
         raise ConfigError("Reading a checkpoint one layer at a time writes to --out; give one.")
+    check_model_files(location)  # weights whose shapes differ from config.json
     lazy = LazyModel(location, _dtype(spec), spec.mode.device)
     session = LazySession(lazy, work, tokenizer, stream=mode == "stream")
     from secateurs.shards import checkpoint_dtype
