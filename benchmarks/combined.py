@@ -22,14 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import markdown_table, write_results  # noqa: E402
+from secateurs.api import prune  # noqa: E402
+from secateurs.width_api import parameter_base  # noqa: E402
 
 from secateurs.adapters import adapter_for  # noqa: E402
-from secateurs.api import prune  # noqa: E402
 from secateurs.data import CalibrationConfig  # noqa: E402
 from secateurs.evaluate.ppl import PPLProtocol, perplexity  # noqa: E402
 from secateurs.models import load_model  # noqa: E402
 from secateurs.runinfo import count_parameters  # noqa: E402
-from secateurs.width_api import parameter_base  # noqa: E402
 
 COLUMNS = [
     ("depth_share", "depth share"),

@@ -32,8 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import markdown_table, run_measured, secateurs_cli, write_results  # noqa: E402
-
-from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.api import (
     CriterionSpec,
     ScoreResult,
@@ -41,16 +39,18 @@ from secateurs.api import (
     plan_from_scores,
     score_units,
 )  # noqa: E402
+from secateurs.depth_api import merge_branches  # noqa: E402
+from secateurs.depth_search import unit_params  # noqa: E402
+from secateurs.healing import heal_plan  # noqa: E402
+from secateurs.surgery import apply_plan  # noqa: E402
+
+from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.checkpoint import write_json  # noqa: E402
 from secateurs.data import CalibrationConfig  # noqa: E402
 from secateurs.defaults import HEAL_SAMPLES  # noqa: E402
-from secateurs.depth_api import merge_branches  # noqa: E402
-from secateurs.depth_search import unit_params  # noqa: E402
 from secateurs.evaluate.ppl import PPLProtocol, perplexity  # noqa: E402
-from secateurs.healing import heal_plan  # noqa: E402
 from secateurs.models import load_model  # noqa: E402
 from secateurs.plan import SL_PROTECTED, Plan, resolve_protected  # noqa: E402
-from secateurs.surgery import apply_plan  # noqa: E402
 from secateurs.units import Unit  # noqa: E402
 
 ANCHORS = {

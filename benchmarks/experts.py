@@ -24,11 +24,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import markdown_table, write_results  # noqa: E402
+from secateurs.api import prune  # noqa: E402
+from secateurs.experts import experts_masked  # noqa: E402
 
 from secateurs.adapters import adapter_for  # noqa: E402
-from secateurs.api import prune  # noqa: E402
 from secateurs.evaluate.efficiency import linear_macs_per_token, weight_bytes  # noqa: E402
-from secateurs.experts import experts_masked  # noqa: E402
 
 CONFIG = dict(
     vocab_size=4096,

@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import width  # noqa: E402
 from _common import RESULTS, markdown_table, write_results  # noqa: E402
+from secateurs.pipeline import window_losses  # noqa: E402
+from secateurs.width import output_weight_columns  # noqa: E402
 
 from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.criteria import CRITERIA, ScoringContext  # noqa: E402
@@ -41,8 +43,6 @@ from secateurs.criteria.zeroth_order import (  # noqa: E402
     signal_to_noise,
 )
 from secateurs.models import load_model  # noqa: E402
-from secateurs.pipeline import window_losses  # noqa: E402
-from secateurs.width import output_weight_columns  # noqa: E402
 
 KINDS = ("heads", "channels")
 # (label, windows, scope [+ layers per pass], prior power, SPSASettings kwargs)

@@ -57,9 +57,8 @@ def write_random_checkpoint(directory: Path, layers: int, shard: str = "2GB") ->
     """The checkpoint in the hub's per-expert layout, written tensor by tensor."""
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
-    from transformers import OlmoeConfig
-
     from secateurs.streaming import TensorSpec, meta_skeleton, saved_state, write_safetensors
+    from transformers import OlmoeConfig
 
     directory.mkdir(parents=True, exist_ok=True)
     OlmoeConfig(**{**OLMOE_SHAPED, "num_hidden_layers": layers}).save_pretrained(directory)

@@ -65,9 +65,8 @@ def write_random_checkpoint(directory: Path, shard: str = "5GB") -> None:
     """A Llama-3.2-3B-shaped checkpoint, written tensor by tensor (never the whole model)."""
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
-    from transformers import LlamaConfig
-
     from secateurs.streaming import TensorSpec, meta_skeleton, saved_state, write_safetensors
+    from transformers import LlamaConfig
 
     directory.mkdir(parents=True, exist_ok=True)
     LlamaConfig(**{k: v for k, v in LLAMA_3_2_3B.items() if k != "model_type"}).save_pretrained(
@@ -185,12 +184,12 @@ SMOLLM2_CASES = {
 def smollm2_equivalence(work: Path, n_samples: int, seq_len: int) -> None:
     """Whole-model vs layer-by-layer on SmolLM2-135M: same units, logits within tolerance."""
     import torch
+    from secateurs.sequential import sequential_prune
+    from secateurs.width_api import WidthOptions
 
     from secateurs import load_model, prune
     from secateurs.checkpoint import save_checkpoint
     from secateurs.data import CalibrationConfig, load_eval_text
-    from secateurs.sequential import sequential_prune
-    from secateurs.width_api import WidthOptions
 
     model, tokenizer = load_model("smollm2-135m")
     source = work / "smollm2"

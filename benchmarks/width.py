@@ -37,15 +37,7 @@ from _common import (  # noqa: E402
     write_atomically,
     write_results,
 )
-
-from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.api import count_parameters  # noqa: E402
-from secateurs.criteria import CRITERIA, ScoringContext  # noqa: E402
-from secateurs.data import CalibrationConfig  # noqa: E402
-from secateurs.evaluate.efficiency import PeakMemory, _proc_status_kb  # noqa: E402
-from secateurs.evaluate.ppl import PPLProtocol, perplexity  # noqa: E402
-from secateurs.models import load_model  # noqa: E402
-from secateurs.sensitivity import layer_sensitivity  # noqa: E402
 from secateurs.surgery import apply_width_plan  # noqa: E402
 from secateurs.width_api import (  # noqa: E402
     WidthOptions,
@@ -55,6 +47,14 @@ from secateurs.width_api import (  # noqa: E402
     parameter_base,
     reconstruct_plan,
 )
+
+from secateurs.adapters import adapter_for  # noqa: E402
+from secateurs.criteria import CRITERIA, ScoringContext  # noqa: E402
+from secateurs.data import CalibrationConfig  # noqa: E402
+from secateurs.evaluate.efficiency import PeakMemory, _proc_status_kb  # noqa: E402
+from secateurs.evaluate.ppl import PPLProtocol, perplexity  # noqa: E402
+from secateurs.models import load_model  # noqa: E402
+from secateurs.sensitivity import layer_sensitivity  # noqa: E402
 
 CRITERIA_NAMES = [
     "magnitude",

@@ -50,7 +50,7 @@ def no_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were read before the problem was reported")
 
-    monkeypatch.setattr("secateurs.checkpoint.load_checkpoint", refuse)
+    monkeypatch.setattr("secateurs.reload.load_checkpoint", refuse)
     monkeypatch.setattr("secateurs.models.load_gguf", refuse)
 
 
@@ -269,7 +269,7 @@ def test_a_mismatch_only_transformers_sees_is_still_one_line(model_dir, monkeypa
     def mismatched(*args, **kwargs):
         raise RuntimeError("You set `ignore_mismatched_sizes` to `False`, thus raising an error.")
 
-    monkeypatch.setattr("secateurs.checkpoint.load_checkpoint", mismatched)
+    monkeypatch.setattr("secateurs.reload.load_checkpoint", mismatched)
     with pytest.raises(ModelFileError, match="the weights do not match config.json"):
         load_model(model_dir)
 
