@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
-from secateurs.choose import explicit_plan
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError
 from secateurs.fit.heal import fit_correction, runs_of
@@ -146,10 +145,10 @@ def test_explicit_selection_needs_no_scoring(tmp_path):
     assert result.plan == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
     assert result.record["criterion"]["name"] == "explicit" and result.record["scores"] == []
     again = PruneSpec.from_options(plan=str(tmp_path / "a" / "secateurs.json"))
-    assert explicit_plan(again, LAYERS) == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
+    assert again.selection.plan_for(LAYERS) == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
     (tmp_path / "p.json").write_text(json.dumps({"num_layers": LAYERS, "attn": [2]}))
     bare = PruneSpec.from_options(plan=str(tmp_path / "p.json"))
-    assert explicit_plan(bare, LAYERS) == Plan(LAYERS, attn=(2,))
+    assert bare.selection.plan_for(LAYERS) == Plan(LAYERS, attn=(2,))
 
 
 @pytest.mark.parametrize(

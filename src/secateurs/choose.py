@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,9 +31,7 @@ from secateurs.plan import (
     Plan,
     Unit,
     check_scores,
-    given_plan,
     lowest_unprotected,
-    read_plan_file,
     resolve_protected,
 )
 from secateurs.runinfo import count_parameters
@@ -178,7 +175,7 @@ def criterion_record(spec: PruneSpec, scorer: Criterion, **more: Any) -> dict[st
 # --- explicit ----------------------------------------------------------------------------------
 def explicit(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
     """The user's plan; a compensating width plan gets its means from the windows."""
-    plan = explicit_plan(spec, session.num_layers)
+    plan = spec.selection.plan_for(session.num_layers)
     choice = Choice(plan, {"name": "explicit", "protected": list(plan.protected)})
     if plan.compensate and plan.has_widths:
         ctx = ScoringContext(session, windows.flow(), (), windows.progress)
@@ -186,15 +183,6 @@ def explicit(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
         choice.means = {k: [s and s.mean for s in input_statistics(ctx, k)] for k in kinds}
         choice.calibration = windows.record()
     return choice
-
-
-def explicit_plan(spec: PruneSpec, num_layers: int) -> Plan:
-    given = spec.selection.plan
-    if given is not None:
-        data = given if isinstance(given, dict) else read_plan_file(Path(given))
-        return given_plan(data, num_layers)
-    lists = spec.selection.layer_lists()
-    return Plan(num_layers, lists["blocks"], lists["attn"], lists["mlp"])
 
 
 # --- depth -------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from secateurs.defaults import (
     RECONSTRUCT_SAMPLES,
 )
 from secateurs.errors import ConfigError
-from secateurs.plan import SL_PROTECTED, parse_protected
+from secateurs.plan import SL_PROTECTED, Plan, given_plan, parse_protected, read_plan_file
 
 DEPTH_KINDS = ("block", "attn", "mlp")
 WIDTH_KINDS = ("heads", "channels")
@@ -232,6 +232,14 @@ class Selection:
 
     def layer_lists(self) -> dict[str, tuple[int, ...]]:
         return {k: _layer_list(getattr(self, k), k) for k in ("blocks", "attn", "mlp")}
+
+    def plan_for(self, num_layers: int) -> Plan:
+        """The explicit plan for a model of ``num_layers`` layers (checked against it)."""
+        if self.plan is not None:
+            data = self.plan if isinstance(self.plan, dict) else read_plan_file(Path(self.plan))
+            return given_plan(data, num_layers)
+        lists = self.layer_lists()
+        return Plan(num_layers, lists["blocks"], lists["attn"], lists["mlp"])
 
 
 @dataclass(frozen=True)

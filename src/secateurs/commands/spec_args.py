@@ -268,7 +268,8 @@ SPEC_FLAGS = (
     "include_embeddings", "iterative", "shortlist", "scores", "blocks", "attn", "mlp", "plan",
     "heal", "heal_samples", "heal_bias", "heal_target", "heal_damping", "reconstruct",
     "reconstruct_damping", "reconstruct_samples", "compensate", "allocation", "layers",
-    "min_ratio", "max_ratio", "round_to", "uniform_widths", "sensitivity", "target", "depth_share", "min_keep",
+    "min_ratio", "max_ratio", "round_to", "uniform_widths", "sensitivity", "target",
+    "depth_share", "min_keep",
     "sequential", "stream", "in_memory", "max_memory", "offload_dir", "calibration", "n_samples",
     "calib_seq_len", "seed", "dtype", "device", "data_dir",
 )  # fmt: skip

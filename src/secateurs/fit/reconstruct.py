@@ -42,7 +42,7 @@ from secateurs.runinfo import return_freed_memory
 from secateurs.session.flow import Step
 from secateurs.units.width import (
     add_output_bias,
-    bias_flag_supported,
+    can_add_intercept,
     keep_index,
     output_projection,
     output_weight_columns,
@@ -204,13 +204,6 @@ class ReconstructionReport:
             "seconds": round(self.seconds, 3),
             "layers": self.layers,
         }
-
-
-def can_add_intercept(model: PreTrainedModel, adapter: Adapter, kind: str) -> bool:
-    """Whether ``kind``'s output projection has, or its config flag can add, a bias."""
-    module, _ = output_projection(model, adapter, 0, kind)
-    flag = adapter.width_layout(kind).bias_flag
-    return module.bias is not None or bias_flag_supported(model.config, flag)
 
 
 def prepare_intercepts(
