@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from secateurs.commands import Command, register
+from secateurs.commands.base import Command, register
 from secateurs.commands.common import add_data_args, add_model_args, add_save_arg, print_json
 from secateurs.errors import ConfigError
 from secateurs.report import FAR_ABOVE, ppl_warning

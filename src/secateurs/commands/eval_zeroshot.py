@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from secateurs.commands import Command, register
+from secateurs.commands.base import Command, register
 from secateurs.commands.common import (
     add_data_args,
     add_model_args,
