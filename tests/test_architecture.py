@@ -48,7 +48,9 @@ def imports(module: str) -> list[tuple[str, str]]:
                 is_child = child is not None and child.startswith(node.module + ".")
                 found.append((child if is_child else _module_of(node.module), alias.name))
         elif isinstance(node, ast.Import):
-            found += [(_module_of(a.name), "") for a in node.names if a.name.startswith("secateurs")]
+            found += [
+                (_module_of(a.name), "") for a in node.names if a.name.startswith("secateurs")
+            ]
     return [(target, name) for target, name in found if target and target != module]
 
 
@@ -90,7 +92,9 @@ def test_no_module_imports_another_modules_private_names():
 
 LAYERS = {
     # module prefix: first-party prefixes it may import at module level
-    "secateurs.units": ("secateurs.units", "secateurs.adapters", "secateurs.plan", "secateurs.errors"),
+    "secateurs.units": (
+        "secateurs.units", "secateurs.adapters", "secateurs.plan", "secateurs.errors",
+    ),
     "secateurs.allocate": ("secateurs.errors",),
     "secateurs.checkpoint": ("secateurs.errors", "secateurs.outputs"),
     "secateurs.session.flow": (

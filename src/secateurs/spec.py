@@ -624,7 +624,8 @@ def check_applicable(units: tuple[str, ...], given: set[str], selection: Selecti
         ({"min_keep"}, units == ("experts",), "--unit experts"),
         ({"depth_share"}, len(units) > 1 and "block" in units, "--unit block,width"),
         (HEAL_OPTIONS - {"heal"}, "heal" in given, "--heal"),
-        (HEAL_OPTIONS | DEPTH_ONLY, depth and not width or selection.plan is not None,
+        (HEAL_OPTIONS, depth, "units with depth (--unit block|attn|mlp|subblock|block,width)"),
+        (DEPTH_ONLY, depth and not width or selection.plan is not None,
          "depth units (--unit block|attn|mlp|subblock)"),
     ]  # fmt: skip
     for names, applies, what in rules:
@@ -686,8 +687,8 @@ def _check_selection(spec: PruneSpec) -> None:
         )
     if spec.experts and spec.budget.remove is not None and spec.allocation.mode != "uniform":
         raise ConfigError("--remove N counts experts per layer: use --allocation uniform.")
-    if spec.fit.heal and (spec.width_kinds or spec.experts):
-        raise ConfigError("--heal corrects removed blocks and branches: a depth-only plan.")
+    if spec.fit.heal and spec.experts:
+        raise ConfigError("--heal corrects removed blocks and branches, not experts.")
 
 
 def _check_mode(spec: PruneSpec) -> None:
