@@ -67,6 +67,8 @@ def choose(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
     start = time.perf_counter()
     if spec.selection.explicit:
         choice = explicit(session, spec, windows)
+    elif spec.joint:
+        choice = joint(session, spec, windows)
     elif spec.combined:
         choice = staged(session, spec, windows)
     elif spec.experts:
@@ -491,3 +493,51 @@ def staged_blocks(session: Session, spec: PruneSpec, target: int) -> int:
             "share (or prune blocks alone)."
         )
     return count
+
+
+# --- joint: every layer's form chosen together ---------------------------------------------------
+def joint(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
+    """``--unit auto``: the evolutionary search of ``secateurs.evolve`` under the budget."""
+    from secateurs.evolve import (
+        Evolution,
+        Judge,
+        Library,
+        describe,
+        evolve,
+        genome_plan,
+        restore,
+        space_of,
+    )
+    from secateurs.session.flow import Flow
+
+    space, target = space_of(session.model, session.adapter), budget_params(session, spec)
+    scorer = scorer_for(spec, "heads")
+    ctx = context(session, scorer, windows)
+    rankings = {kind: scorer.score_width(ctx, kind) for kind in WIDTH_KINDS}
+    fit_count, judge_count = spec.fit.reconstruct_samples, spec.selection.judge_samples
+    tokens = windows.tokens(fit_count + judge_count)  # disjoint: fit first, judge last
+    start = time.perf_counter()
+    library = Library(space, spec.fit.reconstruct_damping)
+    library.build(Flow(session, tokens[:fit_count], spec.data.batch_size), rankings, None)
+    judge = Judge(Flow(session, tokens[fit_count:], 2), library)
+    settings = Evolution(generations=spec.selection.generations, seed=spec.data.seed)
+    found = evolve(judge, space, target, settings)
+    restore(session.model, session.adapter, library)
+    plan = genome_plan(found["genome"], library, space)
+    search = {
+        "kind": "evolutionary (EvoPress-style level switch, KL from dense)",
+        "layers": describe(found["genome"], space),
+        "predicted_kl": found["kl"],
+        "history": found["history"],
+        "evaluations": found["evaluations"],
+        "windows": {"fit": fit_count, "judge": judge_count},
+        "budget": {
+            "value": target,
+            "counts": "parameters",
+            "removed": space.removed(found["genome"]),
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    details = {k: v for k, v in ctx.extras.items() if k != "input_mean"}
+    record = criterion_record(spec, scorer, details=details)
+    return Choice(plan, record, windows.record(), {"search": search})

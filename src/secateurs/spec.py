@@ -32,8 +32,10 @@ from secateurs.defaults import (
     HEAL_DAMPING,
     HEAL_SAMPLES,
     HEAL_TARGETS,
+    JUDGE_SAMPLES,
     RECONSTRUCT_DAMPING,
     RECONSTRUCT_SAMPLES,
+    SEARCH_GENERATIONS,
 )
 from secateurs.errors import ConfigError
 from secateurs.plan import SL_PROTECTED, Plan, given_plan, parse_protected, read_plan_file
@@ -50,6 +52,7 @@ UNIT_WORDS: dict[str, tuple[str, ...]] = {
     "channels": ("channels",),
     "width": WIDTH_KINDS,
     "experts": ("experts",),
+    "auto": ("auto",),  # every layer's form chosen together (``evolve``)
 }
 MODES = ("auto", "memory", "sequential", "stream")
 ALLOCATIONS = ("uniform", "global")
@@ -203,6 +206,8 @@ class Selection:
 
     iterative: bool = False
     shortlist: int | str = DEFAULT_SHORTLIST  # or "all": re-score every candidate
+    generations: int = SEARCH_GENERATIONS  # --unit auto: the evolutionary search's length
+    judge_samples: int = JUDGE_SAMPLES  # --unit auto: windows that judge candidates
     scores: str | None = None
     blocks: str | tuple[int, ...] | None = None
     attn: str | tuple[int, ...] | None = None
@@ -216,6 +221,9 @@ class Selection:
             _layer_list(getattr(self, name), name)  # parsed once here: bad text fails now
         if self.shortlist != "all" and (not _whole(self.shortlist) or self.shortlist < 0):
             raise ConfigError(f"--shortlist takes a count ≥ 0 or 'all', not {self.shortlist!r}.")
+        for name in ("generations", "judge_samples"):
+            if not _whole(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} takes a positive whole number.")
         if self.explicit and (self.iterative or self.scores is not None):
             raise ConfigError(
                 "An explicit selection (--blocks/--plan) takes no --iterative/--scores."
@@ -423,10 +431,11 @@ class PruneSpec:
             if given.get(switch):
                 groups["mode"]["mode"] = "memory" if switch == "in_memory" else switch
         built = {name: kind(**groups[name]) for name, kind in _GROUPS.items()}
-        criterion = CriterionSpec.parse(
-            given.get("criterion", "ppl+"), given.get("protect"), given.get("options")
-        )
         units = parse_units(given.get("unit", "block"))
+        default = "activation" if units == ("auto",) else "ppl+"  # auto ranks width units
+        criterion = CriterionSpec.parse(
+            given.get("criterion", default), given.get("protect"), given.get("options")
+        )
         check_applicable(units, set(given), built["selection"])
         return cls(units, criterion, **built)
 
@@ -475,6 +484,11 @@ class PruneSpec:
     @property
     def experts(self) -> bool:
         return self.units == ("experts",)
+
+    @property
+    def joint(self) -> bool:
+        """``--unit auto``: every layer's form chosen together."""
+        return self.units == ("auto",)
 
     @property
     def needs_windows(self) -> bool:
@@ -616,16 +630,18 @@ DEPTH_ONLY = frozenset({"iterative", "scores", "blocks", "attn", "mlp"})
 
 def check_applicable(units: tuple[str, ...], given: set[str], selection: Selection) -> None:
     """Refuse options that do not apply to ``units`` (a silently ignored flag is a bug)."""
-    width = any(k in WIDTH_KINDS for k in units) or selection.plan is not None
-    depth = any(k in DEPTH_KINDS for k in units) or selection.plan is not None
+    auto = units == ("auto",)
+    width = any(k in WIDTH_KINDS for k in units) or selection.plan is not None or auto
+    depth = any(k in DEPTH_KINDS for k in units) or selection.plan is not None or auto
     rules = [
         (WIDTH_OPTIONS, width, "width units (--unit heads|channels|width|block,width)"),
         ({"allocation"}, width or units == ("experts",), "width or expert units"),
         ({"min_keep"}, units == ("experts",), "--unit experts"),
         ({"depth_share"}, len(units) > 1 and "block" in units, "--unit block,width"),
+        ({"generations", "judge_samples"}, auto, "--unit auto"),
         (HEAL_OPTIONS - {"heal"}, "heal" in given, "--heal"),
         (HEAL_OPTIONS, depth, "units with depth (--unit block|attn|mlp|subblock|block,width)"),
-        (DEPTH_ONLY, depth and not width or selection.plan is not None,
+        (DEPTH_ONLY, depth and not width and not auto or selection.plan is not None,
          "depth units (--unit block|attn|mlp|subblock)"),
     ]  # fmt: skip
     for names, applies, what in rules:
@@ -662,7 +678,7 @@ def _check_criterion_units(spec: PruneSpec) -> None:
         raise ConfigError(
             "--criterion BLOCK,WIDTH names two criteria: use it with --unit block,width."
         )
-    for kind in spec.units:
+    for kind in WIDTH_KINDS if spec.joint else spec.units:  # auto ranks groups and channels
         name = spec.criterion.width_name if kind in WIDTH_KINDS else spec.criterion.name
         scorer = CRITERIA.get(name)
         if kind not in scorer.units:
@@ -687,6 +703,8 @@ def _check_selection(spec: PruneSpec) -> None:
         )
     if spec.experts and spec.budget.remove is not None and spec.allocation.mode != "uniform":
         raise ConfigError("--remove N counts experts per layer: use --allocation uniform.")
+    if spec.joint and spec.budget.remove is not None:
+        raise ConfigError("--unit auto takes a parameter budget: --ratio or --params.")
     if spec.fit.heal and spec.experts:
         raise ConfigError("--heal corrects removed blocks and branches, not experts.")
 
@@ -702,6 +720,11 @@ def _check_mode(spec: PruneSpec) -> None:
                 "--blocks or --plan, and no --heal (use --sequential to score or heal)."
             )
         return
+    if mode == "sequential" and spec.joint:
+        raise ConfigError(
+            "--unit auto assembles candidates in the model itself: it needs the model in "
+            "memory (drop --sequential)."
+        )
     if mode != "sequential" or spec.selection.explicit:
         return
     for name in set(spec.criterion.names):

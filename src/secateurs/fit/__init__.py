@@ -62,7 +62,7 @@ def cut(session: Session, plan: Plan, spec: PruneSpec, windows: Windows, means: 
 def _fits(session: Session, plan: Plan, spec: PruneSpec, windows: Windows) -> dict[str, Any]:
     fits: dict[str, Any] = {}
     model, adapter = session.model, session.adapter
-    if spec.fit.heal and plan.has_depth:
+    if (spec.fit.heal or spec.joint) and plan.has_depth:  # auto's removals are always healed
         fit = spec.fit
         fits["heal"] = Healing(
             model, adapter, plan, fit.heal_damping, fit.heal_bias, fit.heal_target

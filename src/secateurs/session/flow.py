@@ -95,12 +95,11 @@ class Flow:
             return self.run_unedited(index, hidden)
 
     def run_unedited(self, index: int, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Layer ``index`` (loaded) as it is now, whatever the base model removes."""
-        layer = self.session.layers[index]
+        """Layer ``index`` (loaded) as it is now, whatever the base model removes, on the
+        first ``len(hidden)`` batches."""
+        layer, calls = self.session.layers[index], self.calls[index][: len(hidden)]
         with torch.no_grad():
-            return [
-                _call(layer, h, call) for h, call in zip(hidden, self.calls[index], strict=True)
-            ]
+            return [_call(layer, h, call) for h, call in zip(hidden, calls, strict=True)]
 
     def run_until(
         self, index: int, hidden: Sequence[torch.Tensor], module: nn.Module, fn: Callable

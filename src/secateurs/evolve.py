@@ -1,0 +1,432 @@
+"""The joint search (``--unit auto``): every layer's form chosen together under one budget.
+
+Each layer keeps some of its KV head groups (K … 0: 0 removes the attention) and some eighths
+of its MLP channels (8 … 0: 0 removes the MLP); a block goes when both go. Which groups and
+channels go inside a layer is a criterion's ranking (``activation`` by default); how many go
+in each layer is what the search decides.
+
+1. **A variant library, repaired in closed form.** One pass of the dense model over the *fit*
+   windows gathers, per layer, the Gram matrices of the output projections' inputs; every
+   level's kept columns are then re-solved by least squares (the reconstruction of
+   ``fit.reconstruct``, without intercept) so that the layer reproduces the dense branch's
+   output. An MLP removed from a layer that keeps its attention is healed into that layer's
+   o_proj (the same fit with the MLP's contribution added to the target). Variants are stored
+   as kept columns in bfloat16.
+2. **Candidates judged on other windows.** A candidate is assembled by writing each layer's
+   variant into the model (removed units: zero columns), then judged by KL(dense ‖ candidate)
+   over the dense top-k tokens (``objectives.DenseKL``) on *judge* windows disjoint from the
+   fit ones, from cached layer inputs (a candidate runs from its first changed layer on).
+3. **Evolution** (EvoPress, arXiv 2410.14649): from the best of a few uniform allocations that
+   meet the budget, each generation makes offspring by level-switch mutations (one sublayer
+   gives a level, another takes one, the budget kept within tolerance) and keeps the best by
+   multi-step selection: all offspring on a few judge windows, the best few on more, the best
+   one against the parent on all of them.
+
+The chosen candidate becomes an ordinary ``Plan``; the cut then repairs it exactly (width
+re-fit, healing of removed runs on the already-pruned model's activations).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateurs.errors import ConfigError, UnsupportedModelError
+from secateurs.objectives import DenseKL
+from secateurs.plan import Plan
+from secateurs.units.width import layer_width, output_projection, output_weight_columns
+
+log = logging.getLogger(__name__)
+
+MLP_STEPS = 8  # an MLP keeps 0/8 … 8/8 of its channels
+Gene = tuple[int, int]  # (KV groups kept, eighths of the MLP channels kept)
+Genome = tuple[Gene, ...]
+
+
+@dataclass(frozen=True)
+class Space:
+    """The choices of every layer and what each costs (parameters removed)."""
+
+    kv: int  # KV groups per layer
+    channels: int  # MLP channels per layer
+    group_cost: int  # parameters of one KV group (its q, k, v rows and o columns)
+    channel_cost: int  # parameters of one MLP channel
+    attn_rest: int  # what an attention keeps beyond its groups (norms, biases): goes with it
+    mlp_rest: int
+    num_layers: int
+
+    def kept_channels(self, eighths: int) -> int:
+        return round(self.channels * eighths / MLP_STEPS)
+
+    def removed(self, genome: Genome) -> int:
+        """Parameters ``genome`` removes."""
+        total = 0
+        for kv, eighths in genome:
+            total += (self.kv - kv) * self.group_cost + (self.attn_rest if kv == 0 else 0)
+            gone = self.channels - self.kept_channels(eighths)
+            total += gone * self.channel_cost + (self.mlp_rest if eighths == 0 else 0)
+        return total
+
+    def dense(self) -> Genome:
+        return ((self.kv, MLP_STEPS),) * self.num_layers
+
+
+def space_of(model: Any, adapter: Any) -> Space:
+    """The search space of a model whose layers all have the same shape."""
+    from secateurs.units import unit_cost
+
+    if adapter.heads is None or adapter.channels is None or adapter.output_norms:
+        raise UnsupportedModelError(
+            f"--unit auto needs head and channel layouts and branch outputs added straight "
+            f"to the residual stream; {adapter.name} has not."
+        )
+    widths = {layer_width(adapter, layer) for layer in adapter.layers(model)}
+    if len(widths) != 1:
+        raise UnsupportedModelError("--unit auto needs every layer to have the same shape.")
+    (width,) = widths
+    group, channel = unit_cost(model, adapter, 0, "heads"), unit_cost(model, adapter, 0, "channels")
+    attn, mlp = unit_cost(model, adapter, 0, "attn"), unit_cost(model, adapter, 0, "mlp")
+    return Space(
+        width.kv_heads, width.channels, group, channel,
+        attn - width.kv_heads * group, mlp - width.channels * channel, adapter.num_layers(model),
+    )  # fmt: skip
+
+
+# --- the variant library ------------------------------------------------------------------------
+@dataclass
+class LayerVariants:
+    """One layer's dense output projections and every level's re-fitted kept columns."""
+
+    groups: torch.Tensor  # KV groups, least important first
+    channels: torch.Tensor  # MLP channels, least important first
+    o_dense: torch.Tensor
+    down_dense: torch.Tensor
+    o_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    o: dict[int, torch.Tensor] = field(default_factory=dict)  # kv kept → (out, kept cols)
+    o_healed: dict[int, torch.Tensor] = field(default_factory=dict)  # … with the MLP absorbed
+    down: dict[int, torch.Tensor] = field(default_factory=dict)  # eighths kept → (out, kept)
+
+
+class Library:
+    """Every layer's variants (module docstring, 1), fitted on the dense model's inputs."""
+
+    def __init__(self, space: Space, damping: float = 0.01) -> None:
+        self.space, self.damping = space, damping
+        self.layers: list[LayerVariants] = []
+
+    def build(self, flow: Any, rankings: dict[str, list[torch.Tensor]], progress: Any) -> None:
+        """One pass of ``flow`` (the dense model over the fit windows)."""
+        session = flow.session
+        for step in flow.walk(desc="variant library"):
+            heads = output_projection(session.model, session.adapter, step.index, "heads")
+            channels = output_projection(session.model, session.adapter, step.index, "channels")
+            stats = _Moments()
+            with _observed(heads[0], channels[0], session, step.index, stats):
+                step.advance()
+            order = {k: rankings[k][step.index].argsort() for k in ("heads", "channels")}
+            self.layers.append(self._fit(stats, heads, channels, order))
+
+    def _fit(self, stats, heads, channels, order) -> LayerVariants:
+        o = output_weight_columns(heads[0], False).detach().double()
+        down = output_weight_columns(channels[0], False).detach().double()
+        variants = LayerVariants(order["heads"], order["channels"], o.float(), down.float(),
+                                 _bias(heads[0]), _bias(channels[0]))  # fmt: skip
+        for kv in range(1, self.space.kv + 1):
+            kept = heads[1][order["heads"][self.space.kv - kv :]].flatten().sort().values
+            variants.o[kv] = self._solve(stats.o_gram, o, kept)
+            variants.o_healed[kv] = self._solve(stats.o_gram, o, kept, stats.o_cross_mlp)
+        for eighths in range(1, MLP_STEPS):
+            keep = self.space.kept_channels(eighths)
+            kept = order["channels"][self.space.channels - keep :].sort().values
+            variants.down[eighths] = self._solve(stats.down_gram, down, kept)
+        return variants
+
+    def _solve(self, gram, weight, kept, extra=None) -> torch.Tensor:
+        """The kept columns W' minimising ||X_k W'ᵀ − (X Wᵀ + D)||² + λ||W' − W_k||² (D: an
+        absorbed branch's output, from ``extra`` = XᵀD); stored as bfloat16."""
+        a = gram[kept][:, kept].clone()
+        b = gram[kept] @ weight.T
+        if extra is not None:
+            b = b + extra[kept]
+        lam = self.damping * float(a.diagonal().mean().clamp_min(1e-12))
+        a.diagonal().add_(lam)
+        b += lam * weight[:, kept].T
+        solution = torch.linalg.solve(a, b).T  # (out, kept)
+        return solution.to(torch.bfloat16)
+
+    # --- writing a candidate into the model -----------------------------------------------------
+    def assign(self, model: Any, adapter: Any, layer: int, gene: Gene) -> None:
+        """Write ``gene``'s variants into ``layer``'s output projections."""
+        variants = self.layers[layer]
+        o_module, o_cols = output_projection(model, adapter, layer, "heads")
+        down_module, _ = output_projection(model, adapter, layer, "channels")
+        kv, eighths = gene
+        o = torch.zeros_like(variants.o_dense)
+        if kv == self.space.kv and eighths > 0:
+            o = variants.o_dense.clone()
+        elif kv > 0:
+            table = variants.o_healed if eighths == 0 else variants.o
+            kept = o_cols[variants.groups[self.space.kv - kv :]].flatten().sort().values
+            o[:, kept] = table[kv].float()
+        down = torch.zeros_like(variants.down_dense)
+        if eighths == MLP_STEPS:
+            down = variants.down_dense.clone()
+        elif eighths > 0:
+            keep = self.space.kept_channels(eighths)
+            kept = variants.channels[self.space.channels - keep :].sort().values
+            down[:, kept] = variants.down[eighths].float()
+        _write(o_module, o, None if kv == 0 else variants.o_bias)
+        _write(down_module, down, None if eighths == 0 else variants.down_bias)
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach().clone()
+
+
+def _write(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """A projection's weight, and its bias (zero for a removed branch)."""
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if module.bias is not None:
+            module.bias.copy_(bias if bias is not None else torch.zeros_like(module.bias))
+
+
+@dataclass
+class _Moments:
+    """XᵀX of o_proj's and down_proj's inputs, and o_proj inputsᵀ · the MLP's output."""
+
+    o_gram: Any = 0
+    down_gram: Any = 0
+    o_cross_mlp: Any = 0
+    _o_input: list = field(default_factory=list)
+
+    def o_input(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.o_gram = self.o_gram + x.T @ x
+        self._o_input.append(x)
+
+    def down_input(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.down_gram = self.down_gram + x.T @ x
+
+    def mlp_output(self, y: torch.Tensor) -> None:
+        y = y.reshape(-1, y.shape[-1]).double()
+        self.o_cross_mlp = self.o_cross_mlp + self._o_input.pop(0).T @ y
+
+
+class _observed:
+    """Hooks gathering ``_Moments`` while a layer runs on the fit windows."""
+
+    def __init__(self, o_proj, down_proj, session, layer, stats) -> None:
+        branch = session.adapter.sub_block("mlp", session.model.config).output
+        self.mlp = session.adapter.layers(session.model)[layer].get_submodule(branch)
+        self.o_proj, self.down_proj, self.stats = o_proj, down_proj, stats
+
+    def __enter__(self) -> None:
+        stats = self.stats
+        self.handles = [
+            self.o_proj.register_forward_pre_hook(lambda m, a: stats.o_input(a[0])),
+            self.down_proj.register_forward_pre_hook(lambda m, a: stats.down_input(a[0])),
+            self.mlp.register_forward_hook(lambda m, a, out: stats.mlp_output(_first(out))),
+        ]
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+# --- judging candidates -------------------------------------------------------------------------
+class Judge:
+    """KL(dense ‖ candidate) on the judge windows, from cached layer inputs (docstring, 2)."""
+
+    def __init__(self, flow: Any, library: Library, top_k: int = 64) -> None:
+        self.flow, self.library = flow, library
+        self.session = flow.session
+        self.goal = DenseKL(top_k)
+        self.goal.prepare(flow.logits(flow.final()))
+        self.current: list[Gene] = list(library.space.dense())
+        self.inputs = [list(flow.inputs(0))] + [None] * (flow.num_layers - 1)
+        self.evaluations = 0
+
+    def __call__(self, genome: Genome, batches: int | None = None) -> float:
+        """The KL of ``genome`` on the first ``batches`` judge batches (all if None)."""
+        changed = self._assign(genome)
+        count = len(self.flow.batches) if batches is None else batches
+        hidden = self._hidden(changed)[:count]
+        for index in range(changed, self.flow.num_layers):
+            hidden = self.flow.run_unedited(index, hidden)
+        self.evaluations += 1
+        reference = self.goal.reference
+        self.goal.reference = reference[:count]
+        try:
+            pairs = zip(self.flow.batches[:count], hidden, strict=True)
+            return self.goal((ids, self.session.logits(ids, h)) for ids, h in pairs)
+        finally:
+            self.goal.reference = reference
+
+    def _assign(self, genome: Genome) -> int:
+        """Write ``genome`` into the model; the first layer that changed."""
+        model, adapter = self.session.model, self.session.adapter
+        first = len(genome)
+        for index, (old, new) in enumerate(zip(self.current, genome, strict=True)):
+            if old != new:
+                self.library.assign(model, adapter, index, new)
+                self.current[index] = new
+                first = min(first, index)
+                self._forget(index)
+        return min(first, len(genome) - 1)
+
+    def _forget(self, index: int) -> None:
+        for later in range(index + 1, len(self.inputs)):
+            self.inputs[later] = None
+
+    def _hidden(self, layer: int) -> list[torch.Tensor]:
+        """The judge windows' input of ``layer`` under the assigned candidate (cached)."""
+        start = max(i for i in range(layer + 1) if self.inputs[i] is not None)
+        hidden = self.inputs[start]
+        for index in range(start, layer):
+            hidden = self.flow.run_unedited(index, hidden)
+            self.inputs[index + 1] = hidden
+        return hidden
+
+
+# --- the evolution ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Evolution:
+    """EvoPress's settings: ``generations`` of ``offspring`` mutated candidates, selected in
+    ``stages`` (judge batches used, survivors kept); ``tolerance`` of the budget."""
+
+    generations: int = 60
+    offspring: int = 16
+    stages: tuple[tuple[int, int], ...] = ((1, 4), (4, 1))
+    tolerance: float = 0.01
+    seed: int = 0
+
+
+def evolve(judge: Judge, space: Space, target: int, settings: Evolution) -> dict[str, Any]:
+    """The best candidate removing ``target`` parameters (± tolerance), and its history."""
+    rng = random.Random(settings.seed)
+    parent = _start(judge, space, target)
+    fitness = judge(parent)
+    history = [{"generation": 0, "kl": fitness, "removed": space.removed(parent)}]
+    start = time.perf_counter()
+    for generation in range(1, settings.generations + 1):
+        children = _offspring(parent, space, target, settings, rng)
+        best, score = _select(judge, children, settings.stages)
+        if best is not None and score < fitness:
+            parent, fitness = best, score
+        history.append({"generation": generation, "kl": fitness})
+        if generation % 10 == 0:
+            log.info("search: generation %d, KL %.5f (%.0f s)", generation, fitness,
+                     time.perf_counter() - start)  # fmt: skip
+    judge(parent)  # leave the chosen candidate assigned
+    return {"genome": parent, "kl": fitness, "history": history,
+            "evaluations": judge.evaluations}  # fmt: skip
+
+
+def _start(judge: Judge, space: Space, target: int) -> Genome:
+    """The best uniform allocations (same level everywhere, attention, MLP or both) that
+    remove at least ``target`` parameters: the first parent."""
+    options = []
+    for kv in range(space.kv, -1, -1):
+        for eighths in range(MLP_STEPS, -1, -1):
+            genome = ((kv, eighths),) * space.num_layers
+            if space.removed(genome) >= target:
+                options.append(genome)
+                break
+    if not options:
+        raise ConfigError("The budget removes more than the whole decoder.")
+    scored = [(judge(g), g) for g in options]
+    return min(scored)[1]
+
+
+def _offspring(parent: Genome, space: Space, target: int, settings: Evolution, rng) -> list:
+    """Mutated children that remove at least the target (less the tolerance), and not more
+    than the parent or the target plus the tolerance (so a start above the budget may move
+    towards it, never away)."""
+    low = target * (1 - settings.tolerance)
+    high = max(space.removed(parent), target * (1 + settings.tolerance))
+    children, tries = [], 0
+    while len(children) < settings.offspring and tries < 100 * settings.offspring:
+        tries += 1
+        child = _mutate(parent, space, rng)
+        if child != parent and low <= space.removed(child) <= high:
+            children.append(child)
+    return children
+
+
+def _mutate(parent: Genome, space: Space, rng) -> Genome:
+    """Level switch: one sublayer gives a level, another (possibly of the other kind) takes
+    one."""
+    genes = [list(g) for g in parent]
+    top = (space.kv, MLP_STEPS)
+    for direction in (-1, +1):
+        layer, kind = rng.randrange(space.num_layers), rng.randrange(2)
+        genes[layer][kind] = min(max(genes[layer][kind] + direction, 0), top[kind])
+    return tuple(tuple(g) for g in genes)
+
+
+def _select(judge: Judge, children: Sequence[Genome], stages) -> tuple[Genome | None, float]:
+    """Multi-step selection: every child on a few batches, the best few on more, ..."""
+    survivors = list(children)
+    scores: dict[Genome, float] = {}
+    for batches, keep in stages:
+        scores = {g: judge(g, batches) for g in survivors}
+        survivors = sorted(survivors, key=scores.get)[:keep]
+    if not survivors:
+        return None, math.inf
+    best = survivors[0]
+    return best, judge(best)
+
+
+# --- the result ---------------------------------------------------------------------------------
+def genome_plan(genome: Genome, library: Library, space: Space) -> Plan:
+    """The ``Plan`` of a candidate: removed branches and blocks, and per-layer widths."""
+    n = space.num_layers
+    blocks = [i for i, (kv, e) in enumerate(genome) if kv == 0 and e == 0]
+    attn = [i for i, (kv, e) in enumerate(genome) if kv == 0 and e > 0]
+    mlp = [i for i, (kv, e) in enumerate(genome) if e == 0 and kv > 0]
+    heads, channels = [], []
+    for i, (kv, eighths) in enumerate(genome):
+        variants = library.layers[i]
+        drop_heads = 0 < kv < space.kv
+        drop_channels = 0 < eighths < MLP_STEPS
+        gone = space.channels - space.kept_channels(eighths)
+        heads.append(tuple(sorted(variants.groups[: space.kv - kv].tolist())) if drop_heads else ())
+        channels.append(tuple(sorted(variants.channels[:gone].tolist())) if drop_channels else ())
+    return Plan(
+        n, tuple(blocks), tuple(attn), tuple(mlp),
+        heads=tuple(heads), channels=tuple(channels),
+        num_heads=(space.kv,) * n, num_channels=(space.channels,) * n,
+    )  # fmt: skip
+
+
+def describe(genome: Genome, space: Space) -> list[dict[str, Any]]:
+    """Per layer, what the search chose (for ``secateurs.json``)."""
+    return [
+        {"layer": i, "kv_groups": kv, "mlp_channels": space.kept_channels(e)}
+        for i, (kv, e) in enumerate(genome)
+    ]
+
+
+def restore(model: Any, adapter: Any, library: Library) -> None:
+    """Put the dense output projections back (the cut starts from the dense model)."""
+    space = library.space
+    for layer in range(space.num_layers):
+        library.assign(model, adapter, layer, (space.kv, MLP_STEPS))
+
+
+__all__ = ["Evolution", "Judge", "Library", "Space", "evolve", "genome_plan", "space_of"]
