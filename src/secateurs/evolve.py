@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.objectives import DenseKL
@@ -136,8 +137,8 @@ class Library:
             self.layers.append(self._fit(stats, heads, channels, order))
 
     def _fit(self, stats, heads, channels, order) -> LayerVariants:
-        o = output_weight_columns(heads[0], False).detach().double()
-        down = output_weight_columns(channels[0], False).detach().double()
+        o = output_weight_columns(heads[0], _conv1d(heads[0])).detach().double()
+        down = output_weight_columns(channels[0], _conv1d(channels[0])).detach().double()
         variants = LayerVariants(order["heads"], order["channels"], o.float(), down.float(),
                                  _bias(heads[0]), _bias(channels[0]))  # fmt: skip
         for kv in range(1, self.space.kv + 1):
@@ -188,6 +189,10 @@ class Library:
         _write(down_module, down, None if eighths == 0 else variants.down_bias)
 
 
+def _conv1d(module: nn.Module) -> bool:
+    return isinstance(module, Conv1D)  # GPT-2's projections store (in, out)
+
+
 def _bias(module: nn.Module) -> torch.Tensor | None:
     return None if module.bias is None else module.bias.detach().clone()
 
@@ -195,7 +200,7 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 def _write(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """A projection's weight, and its bias (zero for a removed branch)."""
     with torch.no_grad():
-        module.weight.copy_(weight)
+        module.weight.copy_(weight.T if _conv1d(module) else weight)
         if module.bias is not None:
             module.bias.copy_(bias if bias is not None else torch.zeros_like(module.bias))
 
