@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from secateurs.commands import COMMANDS, Command
 from secateurs.errors import ConfigError, SecateursError
+
+log = logging.getLogger("secateurs.cli")
 
 DESCRIPTION = (
     "Structured pruning of Hugging Face causal LMs: remove blocks, attention/MLP branches, "
@@ -28,12 +31,46 @@ EPILOG = (
 )
 
 
+THREADS_HELP = (
+    "torch CPU threads. Default: OMP_NUM_THREADS if set, else the cores not busy when the "
+    "command starts (1-minute load average), at least 1: on a shared machine, threads that "
+    "wait for a busy core made a forward pass 2-5x slower than one thread"
+)
+
+
+def choose_threads(requested: int | None) -> int | None:
+    """Threads for torch: ``requested``, else None when OMP_NUM_THREADS already says (torch
+    reads it), else the idle cores (cores minus the 1-minute load), at least 1."""
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"--threads must be at least 1; got {requested}.")
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores or 1, round((cores or 1) - busy)))
+
+
+def apply_threads(threads: int | None) -> None:
+    """Before torch is imported, through the environment (torch, MKL and OpenMP read it at
+    start); torch already imported (tests, the Python API): set it directly."""
+    if threads is None:
+        return
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    log.debug("torch CPU threads: %d", threads)
+
+
 def build_parser(
     selected: tuple[str, ...] | None = None,
 ) -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
     """The parser; only ``selected``'s flags are added (all of them when ``selected`` is None)."""
     parser = argparse.ArgumentParser(prog="secateurs", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, dest="threads_first", help=THREADS_HELP)
     groups = {(): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
     leaves: dict[tuple[str, ...], argparse.ArgumentParser] = {}
     for path, command in sorted(COMMANDS.items()):
@@ -51,6 +88,8 @@ def build_parser(
         leaf.add_argument("--config", type=Path, help="YAML recipe; command-line flags override it")
         if selected is None or path == selected:
             command.add_arguments(leaf)
+            if "--threads" not in leaf._option_string_actions:  # bench has its own
+                leaf.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
         leaf.set_defaults(_command=command, _path=path)
         leaves[path] = leaf
     return parser, leaves
@@ -88,7 +127,10 @@ def recipe_target(argv: list[str]) -> tuple[tuple[str, ...] | None, Path | None]
             recipe = Path(argv[i + 1])
         elif arg.startswith("--config="):
             recipe = Path(arg.split("=", 1)[1])
-    words = tuple(a for a in argv if not a.startswith("-"))
+    # the command's words, without the values of options given before it (--threads N)
+    words = tuple(
+        a for i, a in enumerate(argv) if not a.startswith("-") and argv[i - 1 : i] != ["--threads"]
+    )
     path = next((p for p in sorted(COMMANDS, key=len, reverse=True) if words[: len(p)] == p), None)
     return path, recipe
 
@@ -105,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.DEBUG if args.verbose else logging.INFO,
             format="%(levelname)s %(name)s: %(message)s",
         )
+        threads = getattr(args, "threads", None)
+        apply_threads(choose_threads(args.threads_first if threads is None else threads))
         command: Command = args._command
         return command.run(args) or 0
     except SecateursError as err:

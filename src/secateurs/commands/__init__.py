@@ -32,6 +32,7 @@ def register(cls: type[Command]) -> type[Command]:
 # Explicit imports: each module registers its command(s).
 from secateurs.commands import (  # noqa: E402,F401
     bench,
+    eval_generate,
     eval_ppl,
     eval_zeroshot,
     export,

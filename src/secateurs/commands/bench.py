@@ -7,6 +7,7 @@ from pathlib import Path
 
 from secateurs.checkpoint import write_json
 from secateurs.commands import Command, register
+from secateurs.commands.common import add_save_arg, save_dirs, save_speed
 from secateurs.errors import ConfigError
 
 
@@ -88,6 +89,7 @@ class Bench(Command):
         parser.add_argument(
             "--json", type=Path, help="also write the results to this JSON file (default: no file)"
         )
+        add_save_arg(parser, "speed")
 
     def run(self, args: argparse.Namespace) -> int:
         import torch
@@ -102,6 +104,7 @@ class Bench(Command):
 
         if not args.models and not args.random_config:
             raise ConfigError("Give models to measure, or --random-config NAME.")
+        saves = save_dirs(args, list(args.models))
         if args.threads:
             torch.set_num_threads(args.threads)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,5 +120,6 @@ class Bench(Command):
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             write_json(args.json, result)
+        save_speed(saves, result)
         print(format_table(result))
         return 0
