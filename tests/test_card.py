@@ -400,3 +400,52 @@ def test_no_record_or_a_damaged_one_is_a_clear_error(tmp_path, outputs):
     with pytest.raises(ConfigError, match="results.json is not valid JSON"):
         write_card(directory)
     (directory / "results.json").unlink()
+
+
+def test_bench_save_puts_speed_in_the_card(outputs):
+    dense, pruned = outputs["block"].parent / "llama", outputs["streamed"]
+    flags = ["--batch-sizes", "1,2", "--new-tokens", "2", "--prompt-len", "4", "--repeats", "1"]
+    assert main(["bench", str(dense), str(pruned), *flags, "--warmup", "0", "--save"]) == 0
+    speed = read_results(pruned)["speed"]
+    assert speed["model"]["source"] == str(pruned) and speed["model"]["baseline"] == "llama"
+    rows = table((pruned / CARD_FILE).read_text(), "| batch | latency (s)")
+    for row, measured in zip(rows, speed["model"]["results"], strict=True):
+        assert int(row[0]) == measured["batch_size"]
+        assert number(row[1]) == round(measured["latency_s"], 3)
+        assert number(row[2]) == round(measured["throughput_tok_s"], 1)
+        assert number(row[3]) == round(measured["speedup"], 2)
+    card = (pruned / CARD_FILE).read_text()
+    assert_only_recorded_numbers(card, read_record(pruned), read_results(pruned), "streamed")
+    # a model directory that secateurs did not write gets its results, never a card
+    assert "speed" in read_results(dense) and not (dense / CARD_FILE).exists()
+
+
+def test_a_recovered_model_says_it_was_retrained(outputs):
+    record = read_record(outputs["width"])
+    recovery = {
+        "method": "lora",
+        "data": {"source": "c4", "documents": 900},
+        "teacher": None,
+        "tokens_seen": 200_000,
+    }
+    card = render_card({**record, "recovery": recovery}, name="width")
+    assert "then retrained (see Recovery)" in card and "not retrained" not in card
+    assert "Retrained after pruning: `lora` on `c4`, 200,000 tokens." in card
+    assert "not retrained" in render_card(record, name="width")
+
+
+def test_healing_names_each_span_and_its_fit(outputs):
+    record = read_record(outputs["heal"])
+    run = record["healing"]["runs"][0]
+    first, last = run["blocks"]
+    card = render_card(record, name="heal")
+    assert (
+        f"blocks {first}–{last} replaced by a linear correction folded into layer "
+        f"{run['into_layer']}; squared error on the calibration windows "
+        f"{run['error_before']:,.4f} → {run['error_after']:,.4f}"
+    ) in card
+    skipped = {"blocks": [0, 0], "into_layer": -1, "skipped": "no kept MLP output projection"}
+    healing = {**record["healing"], "runs": [skipped]}
+    assert "block 0 not healed (no kept MLP output projection)" in render_card(
+        {**record, "healing": healing}
+    )

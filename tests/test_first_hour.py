@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from secateurs import cli
 from secateurs.cli import choose_threads, main
 from secateurs.errors import ConfigError, OutputExistsError
 from secateurs.evaluate.generate import distinct_ngrams, generate_greedy
@@ -179,20 +180,42 @@ def test_a_saved_checkpoint_is_readable_by_others_under_umask_022(dense_and_prun
 # --- threads ------------------------------------------------------------------------------------
 
 
-def test_threads_given_then_omp_then_idle_cores(monkeypatch):
+def _cpus(monkeypatch, cores: int, idle_share: float) -> None:
+    """A machine of ``cores`` CPUs that are idle ``idle_share`` of the time while sampled."""
+    samples = iter([(0, 0), (int(1000 * idle_share), 1000)])
+    monkeypatch.setattr(cli, "cpu_times", lambda: next(samples))
+    monkeypatch.setattr(cli.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+
+
+@pytest.mark.parametrize(
+    ("cores", "idle_share", "threads"),
+    [(2, 1.0, 2), (2, 0.92, 2), (2, 0.8, 1), (2, 0.5, 1), (2, 0.0, 1), (4, 0.65, 2), (4, 1, 4)],
+)
+def test_default_threads_are_the_idle_cores(monkeypatch, cores, idle_share, threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    _cpus(monkeypatch, cores, idle_share)
+    assert choose_threads(None) == threads
+
+
+def test_threads_given_or_set_in_the_environment_win(monkeypatch):
     assert choose_threads(3) == 3
     with pytest.raises(ConfigError, match="at least 1"):
         choose_threads(0)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert choose_threads(None) is None  # the user's environment already says
-    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert choose_threads(None) is None  # the user's environment already says; torch reads it
+
+
+def test_without_proc_stat_the_load_average_decides(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cli, "cpu_times", lambda: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 1.0))
-    assert choose_threads(None) == 1  # 4 cores, 2.6 busy
-    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 1.0, 1.0))
+    assert choose_threads(None) == 1  # 1.4 idle
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 1.0, 1.0))
     assert choose_threads(None) == 1  # never 0
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 1.0, 1.0))
-    assert choose_threads(None) == 4
 
 
 @pytest.mark.parametrize(

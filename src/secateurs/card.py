@@ -344,12 +344,28 @@ def _search_lines(record: dict[str, Any]) -> list[str]:
     healing = record.get("healing") or {}
     for run in healing.get("runs", []):
         lines.append(
-            f"- healing ({healing.get('method', '?')}, target `{healing.get('target', '?')}`, "
-            f"{healing.get('samples', '?')} windows): blocks {_layers(run['blocks'])} folded into "
-            f"layer {run['into_layer']}, relative error {run['error_before']:.4f} → "
-            f"{run['error_after']:.4f}"
+            f"- healing ({healing.get('method', '?')}, target "
+            f"`{healing.get('target', '?')}`, {healing.get('samples', '?')} windows): "
+            + _heal_run(run)
         )
     return lines
+
+
+def _heal_run(run: dict[str, Any]) -> str:
+    """One healed span: ``blocks`` is [first, last] of a run of consecutive removed blocks."""
+    first, last = run["blocks"]
+    span = f"block {first}" if first == last else f"blocks {first}–{last}"
+    if run.get("skipped"):
+        return f"{span} not healed ({run['skipped']})"
+    return (
+        f"{span} replaced by a linear correction folded into layer {run['into_layer']}; "
+        f"squared error on the calibration windows {_error(run['error_before'])} → "
+        f"{_error(run['error_after'])}"
+    )
+
+
+def _error(value: float) -> str:
+    return f"{value:,.4f}" if abs(value) < 1000 else f"{value:,.1f}"
 
 
 def _width_lines(record: dict[str, Any]) -> list[str]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,15 +34,17 @@ EPILOG = (
 
 
 THREADS_HELP = (
-    "torch CPU threads. Default: OMP_NUM_THREADS if set, else the cores not busy when the "
-    "command starts (1-minute load average), at least 1: on a shared machine, threads that "
-    "wait for a busy core made a forward pass 2-5x slower than one thread"
+    "torch CPU threads. Default: OMP_NUM_THREADS if set, else the cores idle when the command "
+    "starts (at least 1): on a shared machine, a thread waiting for a busy core made a forward "
+    "pass 2-5x slower than one thread"
 )
+SAMPLE_S = 0.1  # how long the CPUs' idle time is watched to choose the default
+SPARE = 0.2  # a core counts as idle from 80% idle: oversubscribing costs more than one core less
 
 
 def choose_threads(requested: int | None) -> int | None:
     """Threads for torch: ``requested``, else None when OMP_NUM_THREADS already says (torch
-    reads it), else the idle cores (cores minus the 1-minute load), at least 1."""
+    reads it), else the cores idle now, at least 1."""
     if requested is not None:
         if requested < 1:
             raise ConfigError(f"--threads must be at least 1; got {requested}.")
@@ -48,8 +52,32 @@ def choose_threads(requested: int | None) -> int | None:
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores or 1, round((cores or 1) - busy)))
+    cores = cores or 1
+    return max(1, min(cores, math.floor(idle_cores() + SPARE)))
+
+
+def idle_cores() -> float:
+    """Cores idle over the next ``SAMPLE_S`` seconds (/proc/stat); elsewhere, the cores minus
+    the 1-minute load average. Not the load average on Linux: it still counts, for a minute,
+    the work of the command that ran just before (e.g. the previous quickstart step)."""
+    first = cpu_times()
+    if first is None:
+        cores = os.cpu_count() or 1
+        return cores - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    time.sleep(SAMPLE_S)
+    second = cpu_times()
+    idle, total = (b - a for a, b in zip(first, second, strict=True))
+    return (os.cpu_count() or 1) * idle / total if total > 0 else float(os.cpu_count() or 1)
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user … steal
 
 
 def apply_threads(threads: int | None) -> None:

@@ -335,6 +335,7 @@ def ppl_figure(runs: list[RunInfo]):
         ax.plot(*zip(*dense, strict=True), "*", color="black", markersize=12, label="dense")
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel("perplexity (log scale)")
+    ax.margins(x=0.2)  # room for the labels of the outermost points
     readable_log_axis(ax, [p for _, _, p in points])
     ax.set_title("Perplexity vs parameters")
     ax.grid(alpha=0.3)

@@ -7,7 +7,8 @@ directory, lm-eval's stock tasks (which download from the hub) are used instead.
 
 We report the papers' metric per task (LLM-Pruner, Shortened LLaMA, Wanda): boolq acc, piqa acc,
 hellaswag acc_norm, winogrande acc, arc_easy acc, arc_challenge acc_norm, openbookqa acc_norm;
-and their unweighted mean.
+and their unweighted mean. LAMBADA (``lambada_openai``: accuracy, and the target's perplexity
+beside it) runs when asked for by name.
 """
 
 from __future__ import annotations
