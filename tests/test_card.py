@@ -449,3 +449,11 @@ def test_healing_names_each_span_and_its_fit(outputs):
     assert "block 0 not healed (no kept MLP output projection)" in render_card(
         {**record, "healing": healing}
     )
+
+
+def test_results_are_saved_even_where_no_card_can_be_written(tmp_path, caplog):
+    (tmp_path / "secateurs.json").write_text(json.dumps({"source_model": "x"}))  # no plan
+    save_results(tmp_path, "ppl", {"wikitext2": 12.5})
+    assert read_results(tmp_path) == {"ppl": {"wikitext2": 12.5}}
+    assert not (tmp_path / CARD_FILE).exists()
+    assert "Model card of" in caplog.text and "has no plan" in caplog.text

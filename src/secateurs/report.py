@@ -67,7 +67,10 @@ def save_results(directory: str | os.PathLike, key: str, value: Any) -> Path:
     path = Path(directory) / RESULTS_FILE
     write_json(path, {**read_results(directory), key: value})
     if (Path(directory) / RECORD_FILE).is_file():
-        write_card(directory)
+        try:
+            write_card(directory)
+        except ConfigError as err:  # the results are saved; only the card could not follow
+            log.warning("Model card of %s not updated: %s", directory, err)
     return path
 
 
