@@ -457,3 +457,14 @@ def test_results_are_saved_even_where_no_card_can_be_written(tmp_path, caplog):
     assert read_results(tmp_path) == {"ppl": {"wikitext2": 12.5}}
     assert not (tmp_path / CARD_FILE).exists()
     assert "Model card of" in caplog.text and "has no plan" in caplog.text
+
+
+def test_a_card_written_in_a_temporary_directory_carries_the_final_name(outputs, tmp_path):
+    from secateurs.outputs import atomic_directory
+
+    record = (outputs["block"] / "secateurs.json").read_text()
+    with atomic_directory(tmp_path / "runs-d6") as tmp:  # as the checkpoint writer will
+        (tmp / "secateurs.json").write_text(record)
+        write_card(tmp, name="runs-d6")
+    card = (tmp_path / "runs-d6" / CARD_FILE).read_text()
+    assert "\n# runs-d6\n" in card and ".partial-" not in card

@@ -75,10 +75,11 @@ def render_card(
     return "\n\n".join(s.strip() for s in sections if s) + "\n"
 
 
-def write_card(directory: str | os.PathLike) -> Path | None:
+def write_card(directory: str | os.PathLike, name: str | None = None) -> Path | None:
     """(Re)write ``directory/README.md`` atomically from its ``secateurs.json`` and
-    ``results.json``; return its path. A README.md without our mark is a person's card: it is
-    kept (with a warning) and None is returned."""
+    ``results.json``; return its path. ``name``: the model's name in the card (default: the
+    directory's; give the final one when ``directory`` is a temporary sibling being filled).
+    A README.md without our mark is a person's card: it is kept (with a warning), None returned."""
     from secateurs.checkpoint import RECORD_FILE
 
     folder = Path(directory)
@@ -89,7 +90,8 @@ def write_card(directory: str | os.PathLike) -> Path | None:
     if card.is_file() and MARK not in card.read_text(encoding="utf-8", errors="replace"):
         log.warning("%s was not written by secateurs; it is kept as it is", card)
         return None
-    text = render_card(_read_json(record_path), _read_json(folder / "results.json"), folder.name)
+    results = _read_json(folder / "results.json")
+    text = render_card(_read_json(record_path), results, name or folder.name)
     _write_text(card, text)
     return card
 
