@@ -261,3 +261,19 @@ def test_harness_expected_warnings_are_dropped_and_real_ones_kept(caplog):
     task_log.warning(EXPECTED_WARNINGS[0])  # outside a run: lm-eval's logging is untouched
     assert caplog.records[-1].getMessage() == EXPECTED_WARNINGS[0]
     assert not logging.getLogger("lm_eval").filters and not task_log.filters
+
+
+@pytest.mark.parametrize("command", [["eval", "generate"], ["eval", "ppl"], ["eval", "zeroshot"]])
+def test_a_damaged_results_file_is_reported_before_the_evaluation(
+    dense_and_pruned, monkeypatch, capsys, command
+):
+    _, pruned = dense_and_pruned
+    (pruned / "results.json").write_text("{damaged")
+    monkeypatch.setattr("secateurs.models.load_model", _refuse_to_load)
+    assert main([*command, str(pruned), "--save"]) == 2
+    err = capsys.readouterr().err
+    assert f"{pruned / 'results.json'} is not valid JSON" in err
+
+
+def _refuse_to_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the damaged results.json was reported")

@@ -133,7 +133,15 @@ def save_location(args: argparse.Namespace, model: str | None = None) -> Path | 
     location = Path(resolve_model(model))
     if not location.is_dir():
         raise ConfigError(f"--save needs a model directory; {model!r} is not one.")
+    _check_results_file(location)
     return location
+
+
+def _check_results_file(location: Path) -> None:
+    """A damaged results.json is reported now, not after the evaluation it would lose."""
+    from secateurs.report import read_results
+
+    read_results(location)
 
 
 def save_dirs(args: argparse.Namespace, models: list[str]) -> dict[str, Path]:
@@ -143,6 +151,8 @@ def save_dirs(args: argparse.Namespace, models: list[str]) -> dict[str, Path]:
     dirs = {m: Path(m) for m in models if Path(m).expanduser().is_dir()}
     if not dirs:
         raise ConfigError(f"--save needs a model directory; none of {models} is one.")
+    for location in dirs.values():
+        _check_results_file(location)
     return dirs
 
 
