@@ -98,7 +98,7 @@ def build_parser(
     """The parser; only ``selected``'s flags are added (all of them when ``selected`` is None)."""
     parser = argparse.ArgumentParser(prog="secateurs", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--threads", type=int, dest="threads_first", help=THREADS_HELP)
+    parser.add_argument("--threads", type=int, dest="threads_first", metavar="N", help=THREADS_HELP)
     groups = {(): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
     leaves: dict[tuple[str, ...], argparse.ArgumentParser] = {}
     for path, command in sorted(COMMANDS.items()):
@@ -117,7 +117,7 @@ def build_parser(
         if selected is None or path == selected:
             command.add_arguments(leaf)
             if "--threads" not in leaf._option_string_actions:  # bench has its own
-                leaf.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+                leaf.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
         leaf.set_defaults(_command=command, _path=path)
         leaves[path] = leaf
     return parser, leaves

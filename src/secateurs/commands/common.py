@@ -121,7 +121,8 @@ def add_save_arg(parser: argparse.ArgumentParser, key: str) -> None:
     parser.add_argument(
         "--save",
         action="store_true",
-        help=f"merge results into MODEL/results.json (key '{key}') for 'secateurs report'",
+        help=f"merge results into MODEL/results.json (key '{key}'), for 'secateurs report' "
+        "and the model card (MODEL/README.md)",
     )
 
 
