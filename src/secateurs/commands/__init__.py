@@ -3,6 +3,7 @@
 # Explicit imports: each module registers its command(s).
 from secateurs.commands import (  # noqa: E402,F401
     bench,
+    eval_generate,
     eval_ppl,
     eval_zeroshot,
     export,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from secateurs.checkpoint import write_json
 from secateurs.commands.base import Command, register
-from secateurs.commands.common import device_arg, dtype_arg
+from secateurs.commands.common import add_save_arg, device_arg, dtype_arg, save_dirs, save_speed
 from secateurs.errors import ConfigError
 
 
@@ -46,6 +46,7 @@ class Bench(Command):
         )
         _add_protocol_args(parser, BenchConfig())
         _add_model_args(parser)
+        add_save_arg(parser, "speed")
 
     def run(self, args: argparse.Namespace) -> int:
         if not args.models and not args.random_config:
@@ -63,6 +64,7 @@ class Bench(Command):
             random_config,
         )
 
+        saves = save_dirs(args, list(args.models))
         config = BenchConfig(
             args.batch_sizes, args.new_tokens, args.prompt_len, args.repeats, args.warmup, args.seed
         )
@@ -80,6 +82,7 @@ class Bench(Command):
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             write_json(args.json, result)
+        save_speed(saves, result)
         print(format_table(result))
         return 0
 
@@ -147,7 +150,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "(default: none)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: as the global --threads: the idle cores)",
     )
     parser.add_argument(
         "--json", type=Path, help="also write the results to this JSON file (default: no file)"

@@ -14,13 +14,13 @@ from typing import Any
 from secateurs.defaults import (
     DEFAULT_SHORTLIST,
     DEPTH_SHARE,
-    JUDGE_SAMPLES,
-    SEARCH_GENERATIONS,
     HEAL_DAMPING,
     HEAL_SAMPLES,
     HEAL_TARGETS,
+    JUDGE_SAMPLES,
     RECONSTRUCT_DAMPING,
     RECONSTRUCT_SAMPLES,
+    SEARCH_GENERATIONS,
 )
 from secateurs.errors import ConfigError
 

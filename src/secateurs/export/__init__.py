@@ -161,7 +161,10 @@ def _check_out(out: Path, fmt: ExportFormat, overwrite: bool) -> None:
     if not fmt.single_file:
         check_output_dir(out, overwrite)
     elif out.exists() and (out.is_dir() or not overwrite):
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it (files only).")
+        raise OutputExistsError(
+            f"{out} exists; pass --overwrite (from Python: overwrite=True) to replace it "
+            "(files only)."
+        )
 
 
 def _write_file(out: Path, write: Callable[[Path], None]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from secateurs.card import write_card
 from secateurs.checkpoint import (
     RECORD_FILE,
     atomic_directory,
@@ -364,6 +365,8 @@ def save_recovered(
         for item in staged.iterdir():
             item.rename(tmp / item.name)
         staged.rmdir()
+        if any(record.get(key) for key in RECORD_KEYS):  # the staged card says "checkpoint"
+            write_card(tmp, name=Path(out).name)
         curve = record["recovery"]["loss_curve"]
         write_json(tmp / "loss_curve.json", curve)
         title = f"recovery: {record['recovery']['method']}"
