@@ -70,7 +70,7 @@ def _library(model):
         ],
     }
     library = Library(space)
-    library.build(Flow(session, CALIBRATION[:12], 4), rankings, None)
+    library.build(Flow(session, CALIBRATION[:12], 4), rankings)
     return session, space, library
 
 
@@ -98,24 +98,37 @@ def test_the_cost_model_counts_exactly_what_the_cut_removes(family, tmp_path):
     assert kept != {(2, 64)}, "the search removed nothing"
 
 
-def test_a_candidate_judged_from_cached_inputs_scores_what_a_full_forward_scores():
+def _full_kl(model, adapter, library, genome, windows) -> float:
+    """KL of ``genome`` by a plain forward of the whole model (the reference)."""
+    goal = DenseKL()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    restore(model, adapter, library)
+    with torch.no_grad():
+        goal.prepare([(ids, model(ids).logits) for ids in windows.split(2)])
+        for layer, gene in enumerate(genome):
+            library.assign(model, adapter, layer, gene)
+        kl = goal([(ids, model(ids).logits) for ids in windows.split(2)])
+    model.load_state_dict(state)
+    return kl
+
+
+def test_a_candidate_judged_from_the_parents_cache_scores_what_a_full_forward_scores():
     model = tiny_model("llama")
     session, space, library = _library(model)
-    judge_windows = CALIBRATION[12:]
-    judge = Judge(Flow(session, judge_windows, 2), library)
-    for seed in range(4):  # each genome reuses the cache of the one before where it can
+    windows = CALIBRATION[12:]
+    judge = Judge(Flow(session, windows, 2), library)
+    for seed in range(4):
+        if seed == 2:  # a new parent: its cache replaces the dense one
+            judge.adopt(_random_genome(space, 10))
         genome = _random_genome(space, seed)
-        cached = judge(genome)
-        goal = DenseKL()
-        restore_state = {k: v.clone() for k, v in model.state_dict().items()}
-        restore(model, session.adapter, library)
-        with torch.no_grad():
-            goal.prepare([(ids, model(ids).logits) for ids in judge_windows.split(2)])
-        model.load_state_dict(restore_state)
-        with torch.no_grad():
-            full = goal([(ids, model(ids).logits) for ids in judge_windows.split(2)])
-        assert cached == pytest.approx(full, rel=1e-5, abs=1e-7)
-        assert judge.current == list(genome)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        full = _full_kl(model, session.adapter, library, genome, windows)
+        assert judge(genome) == pytest.approx(full, rel=1e-5, abs=1e-7)
+        for name, value in model.state_dict().items():  # the parent is assigned again
+            assert torch.equal(value, before[name]), name
+    assert judge(judge.parent) == pytest.approx(
+        _full_kl(model, session.adapter, library, judge.parent, windows), rel=1e-5, abs=1e-7
+    )
 
 
 def test_a_variant_writes_only_its_kept_columns_and_the_dense_genes_restore_the_model():
@@ -143,6 +156,9 @@ class _Separable:
     def __init__(self, space, weights):
         self.space, self.weights, self.evaluations = space, weights, 0
 
+    def adopt(self, genome):
+        self.parent = genome
+
     def __call__(self, genome, batches=None):
         self.evaluations += 1
         return sum(
@@ -156,11 +172,12 @@ def test_the_evolution_keeps_the_budget_and_never_takes_a_worse_parent():
     weights = [1.0, 5.0, 0.2, 0.2, 5.0, 1.0]  # cheap layers: 2 and 3
     judge = _Separable(space, weights)
     target = int(0.3 * space.removed(((0, 0),) * space.num_layers))
-    found = evolve(judge, space, target, Evolution(generations=60, seed=1))
+    found = evolve(judge, space, space.parameters(target), Evolution(generations=60, seed=1))
     kls = [step["kl"] for step in found["history"]]
     assert all(b <= a for a, b in zip(kls, kls[1:], strict=False))
     assert kls[-1] < kls[0]
     assert 0.99 * target <= space.removed(found["genome"])
+    assert judge.parent == found["genome"]  # the result is what stays assigned
     genome = found["genome"]
     cut = [space.kv - kv + MLP_STEPS - e for kv, e in genome]
     assert cut[2] + cut[3] > cut[1] + cut[4], genome  # the cheap layers give the most

@@ -518,10 +518,12 @@ def joint(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
     tokens = windows.tokens(fit_count + judge_count)  # disjoint: fit first, judge last
     start = time.perf_counter()
     library = Library(space, spec.fit.reconstruct_damping)
-    library.build(Flow(session, tokens[:fit_count], spec.data.batch_size), rankings, None)
+    library.build(
+        Flow(session, tokens[:fit_count], spec.data.batch_size, windows.progress), rankings
+    )
     judge = Judge(Flow(session, tokens[fit_count:], 2), library)
     settings = Evolution(generations=spec.selection.generations, seed=spec.data.seed)
-    found = evolve(judge, space, target, settings)
+    found = evolve(judge, space, space.parameters(target), settings, windows.progress)
     restore(session.model, session.adapter, library)
     plan = genome_plan(found["genome"], library, space)
     search = {

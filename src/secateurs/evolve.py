@@ -32,12 +32,13 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from secateurs.errors import ConfigError, UnsupportedModelError
@@ -78,6 +79,20 @@ class Space:
 
     def dense(self) -> Genome:
         return ((self.kv, MLP_STEPS),) * self.num_layers
+
+    def parameters(self, amount: float) -> Goal:
+        """Remove ``amount`` decoder parameters."""
+        return Goal(self.removed, amount, "parameters")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What the search must remove (``amount``), measured by ``removed(genome)`` in ``unit``:
+    parameters, or seconds per token an engine's latency table predicts."""
+
+    removed: Callable[[Genome], float]
+    amount: float
+    unit: str
 
 
 def space_of(model: Any, adapter: Any) -> Space:
@@ -124,8 +139,8 @@ class Library:
         self.space, self.damping = space, damping
         self.layers: list[LayerVariants] = []
 
-    def build(self, flow: Any, rankings: dict[str, list[torch.Tensor]], progress: Any) -> None:
-        """One pass of ``flow`` (the dense model over the fit windows)."""
+    def build(self, flow: Any, rankings: dict[str, list[torch.Tensor]]) -> None:
+        """One pass of ``flow`` (the dense model over the fit windows; its bar shows it)."""
         session = flow.session
         for step in flow.walk(desc="variant library"):
             heads = output_projection(session.model, session.adapter, step.index, "heads")
@@ -255,57 +270,72 @@ def _first(output: Any) -> torch.Tensor:
 
 # --- judging candidates -------------------------------------------------------------------------
 class Judge:
-    """KL(dense ‖ candidate) on the judge windows, from cached layer inputs (docstring, 2)."""
+    """KL(dense ‖ candidate) on the judge windows (module docstring, 2).
+
+    The *parent* (the search's current best) is kept assigned in the model with its input of
+    every layer on every judge batch cached. A candidate is written over it only where it
+    differs, runs from its first difference on, and is taken out again: a child of the parent
+    costs the layers from its first mutation, whatever was judged before it."""
 
     def __init__(self, flow: Any, library: Library, top_k: int = 64) -> None:
         self.flow, self.library = flow, library
         self.session = flow.session
         self.goal = DenseKL(top_k)
         self.goal.prepare(flow.logits(flow.final()))
-        self.current: list[Gene] = list(library.space.dense())
-        self.inputs = [list(flow.inputs(0))] + [None] * (flow.num_layers - 1)
+        self.parent: Genome = library.space.dense()
+        self.inputs: list[list[torch.Tensor]] = []
+        self.scores: dict[tuple[Genome, int], float] = {}
         self.evaluations = 0
+        self.adopt(self.parent)
+
+    @property
+    def batches(self) -> int:
+        return len(self.flow.batches)
+
+    def adopt(self, genome: Genome) -> None:
+        """Make ``genome`` the parent: assign it and cache its input of every layer."""
+        self._write(self.parent, genome)
+        self.parent = genome
+        hidden = list(self.flow.inputs(0))
+        self.inputs = [hidden]
+        for index in range(self.flow.num_layers - 1):
+            hidden = self.flow.run_unedited(index, hidden)
+            self.inputs.append(hidden)
 
     def __call__(self, genome: Genome, batches: int | None = None) -> float:
         """The KL of ``genome`` on the first ``batches`` judge batches (all if None)."""
-        changed = self._assign(genome)
-        count = len(self.flow.batches) if batches is None else batches
-        hidden = self._hidden(changed)[:count]
-        for index in range(changed, self.flow.num_layers):
-            hidden = self.flow.run_unedited(index, hidden)
+        count = self.batches if batches is None else min(batches, self.batches)
+        if (genome, count) in self.scores:
+            return self.scores[(genome, count)]
+        changed = [i for i, (a, b) in enumerate(zip(self.parent, genome, strict=True)) if a != b]
+        first = changed[0] if changed else self.flow.num_layers - 1
+        self._write(self.parent, genome)
+        try:
+            hidden = self.inputs[first][:count]
+            for index in range(first, self.flow.num_layers):
+                hidden = self.flow.run_unedited(index, hidden)
+            score = self._kl(hidden, count)
+        finally:
+            self._write(genome, self.parent)
         self.evaluations += 1
+        self.scores[(genome, count)] = score
+        return score
+
+    def _kl(self, final: list[torch.Tensor], count: int) -> float:
         reference = self.goal.reference
         self.goal.reference = reference[:count]
         try:
-            pairs = zip(self.flow.batches[:count], hidden, strict=True)
+            pairs = zip(self.flow.batches[:count], final, strict=True)
             return self.goal((ids, self.session.logits(ids, h)) for ids, h in pairs)
         finally:
             self.goal.reference = reference
 
-    def _assign(self, genome: Genome) -> int:
-        """Write ``genome`` into the model; the first layer that changed."""
+    def _write(self, old: Genome, new: Genome) -> None:
+        """Turn the model's layers from ``old``'s forms into ``new``'s where they differ."""
         model, adapter = self.session.model, self.session.adapter
-        first = len(genome)
-        for index, (old, new) in enumerate(zip(self.current, genome, strict=True)):
-            if old != new:
-                self.library.assign(model, adapter, index, new)
-                self.current[index] = new
-                first = min(first, index)
-                self._forget(index)
-        return min(first, len(genome) - 1)
-
-    def _forget(self, index: int) -> None:
-        for later in range(index + 1, len(self.inputs)):
-            self.inputs[later] = None
-
-    def _hidden(self, layer: int) -> list[torch.Tensor]:
-        """The judge windows' input of ``layer`` under the assigned candidate (cached)."""
-        start = max(i for i in range(layer + 1) if self.inputs[i] is not None)
-        hidden = self.inputs[start]
-        for index in range(start, layer):
-            hidden = self.flow.run_unedited(index, hidden)
-            self.inputs[index + 1] = hidden
-        return hidden
+        for index, (a, b) in enumerate(zip(old, new, strict=True)):
+            if a != b:
+                self.library.assign(model, adapter, index, b)
 
 
 # --- the evolution ------------------------------------------------------------------------------
@@ -321,54 +351,61 @@ class Evolution:
     seed: int = 0
 
 
-def evolve(judge: Judge, space: Space, target: int, settings: Evolution) -> dict[str, Any]:
-    """The best candidate removing ``target`` parameters (± tolerance), and its history."""
+def evolve(
+    judge: Judge, space: Space, goal: Goal, settings: Evolution, progress: bool = False
+) -> dict[str, Any]:
+    """The best candidate removing ``goal.amount`` (± tolerance), and its history."""
     rng = random.Random(settings.seed)
-    parent = _start(judge, space, target)
+    parent = _start(judge, space, goal)
     fitness = judge(parent)
-    history = [{"generation": 0, "kl": fitness, "removed": space.removed(parent)}]
+    history = [{"generation": 0, "kl": fitness, "removed": goal.removed(parent)}]
     start = time.perf_counter()
-    for generation in range(1, settings.generations + 1):
-        children = _offspring(parent, space, target, settings, rng)
+    bar = tqdm(range(1, settings.generations + 1), desc="search", disable=not progress,
+               leave=False)  # fmt: skip
+    for generation in bar:
+        children = _offspring(parent, space, goal, settings, rng)
         best, score = _select(judge, children, settings.stages)
         if best is not None and score < fitness:
             parent, fitness = best, score
+            judge.adopt(parent)
         history.append({"generation": generation, "kl": fitness})
+        bar.set_postfix(kl=f"{fitness:.4f}")
         if generation % 10 == 0:
             log.info("search: generation %d, KL %.5f (%.0f s)", generation, fitness,
                      time.perf_counter() - start)  # fmt: skip
-    judge(parent)  # leave the chosen candidate assigned
     return {"genome": parent, "kl": fitness, "history": history,
             "evaluations": judge.evaluations}  # fmt: skip
 
 
-def _start(judge: Judge, space: Space, target: int) -> Genome:
+def _start(judge: Judge, space: Space, goal: Goal) -> Genome:
     """The best uniform allocations (same level everywhere, attention, MLP or both) that
-    remove at least ``target`` parameters: the first parent."""
+    remove at least the goal: the first parent."""
     options = []
     for kv in range(space.kv, -1, -1):
         for eighths in range(MLP_STEPS, -1, -1):
             genome = ((kv, eighths),) * space.num_layers
-            if space.removed(genome) >= target:
+            if goal.removed(genome) >= goal.amount:
                 options.append(genome)
                 break
     if not options:
         raise ConfigError("The budget removes more than the whole decoder.")
     scored = [(judge(g), g) for g in options]
-    return min(scored)[1]
+    best = min(scored)[1]
+    judge.adopt(best)
+    return best
 
 
-def _offspring(parent: Genome, space: Space, target: int, settings: Evolution, rng) -> list:
-    """Mutated children that remove at least the target (less the tolerance), and not more
-    than the parent or the target plus the tolerance (so a start above the budget may move
+def _offspring(parent: Genome, space: Space, goal: Goal, settings: Evolution, rng) -> list:
+    """Mutated children that remove at least the goal (less the tolerance), and not more
+    than the parent or the goal plus the tolerance (so a start above the budget may move
     towards it, never away)."""
-    low = target * (1 - settings.tolerance)
-    high = max(space.removed(parent), target * (1 + settings.tolerance))
+    low = goal.amount * (1 - settings.tolerance)
+    high = max(goal.removed(parent), goal.amount * (1 + settings.tolerance))
     children, tries = [], 0
     while len(children) < settings.offspring and tries < 100 * settings.offspring:
         tries += 1
         child = _mutate(parent, space, rng)
-        if child != parent and low <= space.removed(child) <= high:
+        if child != parent and low <= goal.removed(child) <= high:
             children.append(child)
     return children
 
@@ -434,4 +471,4 @@ def restore(model: Any, adapter: Any, library: Library) -> None:
         library.assign(model, adapter, layer, (space.kv, MLP_STEPS))
 
 
-__all__ = ["Evolution", "Judge", "Library", "Space", "evolve", "genome_plan", "space_of"]
+__all__ = ["Evolution", "Goal", "Judge", "Library", "Space", "evolve", "genome_plan", "space_of"]
