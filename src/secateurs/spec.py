@@ -310,7 +310,7 @@ class FitSpec:
     heal_samples: int = HEAL_SAMPLES
     heal_bias: bool = False
     heal_target: str = "local"
-    heal_damping: float = HEAL_DAMPING
+    heal_damping: float | str = HEAL_DAMPING  # 'auto': chosen on held-out windows
     reconstruct: bool | None = None
     reconstruct_damping: float = RECONSTRUCT_DAMPING
     reconstruct_samples: int = RECONSTRUCT_SAMPLES
@@ -324,8 +324,10 @@ class FitSpec:
         for name in ("heal_samples", "reconstruct_samples"):
             if not _whole(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} takes a positive whole number.")
-        if not (_number(self.heal_damping) and self.heal_damping >= 0):
-            raise ConfigError(f"--heal-damping must be ≥ 0; got {self.heal_damping!r}.")
+        if self.heal_damping != "auto" and not (
+            _number(self.heal_damping) and self.heal_damping >= 0
+        ):
+            raise ConfigError(f"--heal-damping must be ≥ 0 or 'auto'; got {self.heal_damping!r}.")
         if not (_number(self.reconstruct_damping) and self.reconstruct_damping >= 0):
             raise ConfigError(
                 f"--reconstruct-damping must be ≥ 0; got {self.reconstruct_damping!r}."

@@ -139,10 +139,10 @@ def add_fit_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--heal-damping",
-        type=float,
+        type=_damping,
         default=None,
-        help="ridge penalty of the --heal fit, as a fraction of its inputs' mean energy "
-        f"({HEAL_DAMPING})",
+        help="ridge penalty of the --heal fit, as a fraction of its inputs' mean energy, or "
+        f"'auto': chosen per run on held-out windows ({HEAL_DAMPING})",
     )
     group.add_argument(
         "--heal-target",
@@ -263,6 +263,15 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n-samples", type=int, default=None, help="scoring windows (10)")
     group.add_argument("--calib-seq-len", type=int, default=None, help="tokens per window (128)")
     group.add_argument("--seed", type=int, default=None, help="sampling seed (0)")
+
+
+def _damping(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {text!r}") from None
 
 
 def _positive_int(text: str) -> int:

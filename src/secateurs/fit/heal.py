@@ -44,6 +44,10 @@ from secateurs.units.width import add_output_bias, bias_flag_supported
 log = logging.getLogger(__name__)
 
 DAMP = 0.01
+# --heal-damping auto: candidates, as fractions of the mean diagonal of XᵀX (0 is left out: an
+# exactly singular Gram would make it meaningless).
+DAMPING_GRID = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+FOLDS = 2
 Sublayer = tuple[int, str]  # (layer, "attn" | "mlp"), in stream order
 PROJECTIONS = {"attn": "o_proj", "mlp": "down_proj"}  # what a run heals into, by target kind
 
@@ -117,6 +121,27 @@ def fit_correction(gram: torch.Tensor, cross: torch.Tensor, damp: float = DAMP) 
     return torch.linalg.lstsq(system, cross).solution.T  # lstsq: safe when X is rank-deficient
 
 
+def cross_validated_damping(
+    folds: list[dict[str, torch.Tensor]], grid: tuple[float, ...] = DAMPING_GRID
+) -> tuple[float, dict[float, float]]:
+    """The damping of ``grid`` whose fit on all folds but one best predicts the one left out
+    (summed over folds), and each candidate's held-out error. One eigendecomposition per fold
+    serves the whole grid: (G + λI)⁻¹ C = Q diag(1 / (Λ + λ)) Qᵀ C."""
+    errors = dict.fromkeys(grid, 0.0)
+    for held in range(len(folds)):
+        rest = [f for i, f in enumerate(folds) if i != held]
+        gram = sum(f["gram"] for f in rest)
+        cross = sum(f["cross"] for f in rest)
+        values, vectors = torch.linalg.eigh(gram)
+        projected = vectors.T @ cross
+        scale = float(gram.diagonal().mean())
+        for damp in grid:
+            solved = vectors @ (projected / (values.clamp_min(0) + damp * scale)[:, None])
+            errors[damp] += residual_energy(folds[held], solved.T)
+    best = min(grid, key=errors.get)
+    return best, errors
+
+
 def residual_energy(stats: dict[str, torch.Tensor], delta: torch.Tensor) -> float:
     """||D − X ΔWᵀ||² from the statistics: DᵀD − 2⟨ΔW, (XᵀD)ᵀ⟩ + ⟨ΔW, ΔW XᵀX⟩."""
     return float(
@@ -139,25 +164,29 @@ def projection(model: PreTrainedModel, adapter: Adapter, target: Sublayer) -> nn
 
 @dataclass
 class SpanStatistics:
-    """XᵀX, XᵀD, DᵀD (float64) of one run's fit; X gets a column of ones for an intercept."""
+    """XᵀX, XᵀD, DᵀD (float64) of one run's fit, per fold (batches dealt in turn) so that a
+    damping can be chosen on held-out windows; X gets a column of ones for an intercept."""
 
     intercept: bool
-    gram: Any = 0
-    cross: Any = 0
-    energy: Any = 0
     parts: list[torch.Tensor] = field(default_factory=list)  # D per batch, consumed in order
+    folds: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"gram": 0, "cross": 0, "energy": 0} for _ in range(FOLDS)]
+    )
+    batches: int = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
         if self.intercept:
             x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
         d = self.parts.pop(0).reshape(len(x), -1).double()
-        self.gram = self.gram + x.T @ x
-        self.cross = self.cross + x.T @ d
-        self.energy = self.energy + (d * d).sum()
+        fold = self.folds[self.batches % len(self.folds)]
+        fold["gram"] = fold["gram"] + x.T @ x
+        fold["cross"] = fold["cross"] + x.T @ d
+        fold["energy"] = fold["energy"] + (d * d).sum()
+        self.batches += 1
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {"gram": self.gram, "cross": self.cross, "energy": self.energy}
+        return {key: sum(f[key] for f in self.folds) for key in ("gram", "cross", "energy")}
 
 
 class Healing:
@@ -169,7 +198,7 @@ class Healing:
         model: PreTrainedModel,
         adapter: Adapter,
         plan: Plan,
-        damp: float = DAMP,
+        damp: float | str = DAMP,
         bias: bool = False,
         target: str = "local",
     ) -> None:
@@ -231,7 +260,7 @@ class Healing:
         intercept = self.bias and run.target[1] == "mlp"
         stats = SpanStatistics(intercept, parts=[a - b for a, b in zip(after, before, strict=True)])
         step.run_until(target, stats.add)
-        self._correct(target, stats.as_dict(), run, intercept)
+        self._correct(target, stats, run, intercept)
         return True
 
     def _before_run(self, step: Step, run: Run) -> list[torch.Tensor]:
@@ -251,10 +280,20 @@ class Healing:
                 hidden = flow.run_unedited(layer, hidden)
         return hidden
 
-    def _correct(self, target: nn.Module, stats: dict, run: Run, intercept: bool) -> None:
-        delta = fit_correction(stats["gram"], stats["cross"], self.damp)
+    def _correct(self, target: nn.Module, fitted: SpanStatistics, run: Run, intercept: bool):
+        stats, damp, chosen = fitted.as_dict(), self.damp, {}
+        if damp == "auto":
+            if fitted.batches < len(fitted.folds):
+                raise ConfigError(
+                    f"--heal-damping auto holds windows out: it needs at least {FOLDS} batches "
+                    "(more --heal-samples, or a smaller --batch-size)."
+                )
+            damp, errors = cross_validated_damping(fitted.folds)
+            chosen = {"damp": damp, "held_out_error": {str(k): v for k, v in errors.items()}}
+        delta = fit_correction(stats["gram"], stats["cross"], damp)
         entry = {
             **run.describe(),
+            **chosen,
             "error_before": float(stats["energy"]),
             "error_after": residual_energy(stats, delta),
         }
