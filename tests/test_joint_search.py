@@ -205,3 +205,21 @@ def test_the_searched_model_reloads_to_the_same_logits(tmp_path):
     ids = tokens(2, 10, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2, 0.35, 0.6])
+def test_the_first_parents_meet_the_budget_tightly(fraction):
+    from secateurs.evolve import _near_uniform
+
+    space = space_of(tiny_model("llama"), ResidentSession(tiny_model("llama")).adapter)
+    goal = space.parameters(fraction * space.removed(((0, 0),) * space.num_layers))
+    for kv in range(space.kv + 1):
+        genome = _near_uniform(space, goal, kv)
+        if genome is None:
+            assert space.removed(((kv, 0),) * space.num_layers) < goal.amount
+            continue
+        assert space.removed(genome) >= goal.amount
+        for layer, (a, e) in enumerate(genome):  # no layer could keep one level more
+            if e < MLP_STEPS:
+                looser = (*genome[:layer], (a, e + 1), *genome[layer + 1 :])
+                assert space.removed(looser) < goal.amount

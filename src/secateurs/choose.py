@@ -521,7 +521,7 @@ def joint(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
     library.build(
         Flow(session, tokens[:fit_count], spec.data.batch_size, windows.progress), rankings
     )
-    judge = Judge(Flow(session, tokens[fit_count:], 2), library)
+    judge = Judge(Flow(session, tokens[fit_count:], 1), library)  # stages count windows
     settings = Evolution(generations=spec.selection.generations, seed=spec.data.seed)
     found = evolve(judge, space, space.parameters(target), settings, windows.progress)
     restore(session.model, session.adapter, library)
