@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from secateurs.checkpoint import read_record
-from secateurs.errors import ConfigError
+from secateurs.errors import ConfigError, ModelFileError
 from secateurs.plan import Plan
 from secateurs.run import prune
 from secateurs.shards import TensorSpec, write_safetensors
@@ -100,7 +100,7 @@ def test_branch_and_width_plans_stream_as_they_cut_in_memory(tmp_path):
 
 def test_non_safetensors_input_is_refused(tmp_path):
     tiny_model("llama").config.save_pretrained(tmp_path / "bare")
-    with pytest.raises(ConfigError, match="safetensors"):
+    with pytest.raises(ModelFileError, match="no weights.*safetensors"):
         stream_depth_prune(tmp_path / "bare", Plan(num_layers=6, blocks=(1,)), tmp_path / "o")
 
 

@@ -354,9 +354,12 @@ def _search_lines(record: dict[str, Any]) -> list[str]:
 
 
 def _heal_run(run: dict[str, Any]) -> str:
-    """One healed span: ``blocks`` is [first, last] of a run of consecutive removed blocks."""
-    first, last = run["blocks"]
-    span = f"block {first}" if first == last else f"blocks {first}–{last}"
+    """One healed span: whole blocks ``[first, last]``, or the ``sublayers`` of a mixed run."""
+    if run.get("sublayers"):
+        span = ", ".join(f"{kind} {layer}" for layer, kind in run["sublayers"])
+    else:
+        first, last = run["blocks"]
+        span = f"block {first}" if first == last else f"blocks {first}–{last}"
     if run.get("skipped"):
         return f"{span} not healed ({run['skipped']})"
     return (

@@ -37,8 +37,12 @@ def open_session(
             )
         check_config(spec, source.config)
         return ResidentSession(source, tokenizer, getattr(source, "name_or_path", None))
-    from secateurs.models import check_model_files, resolve_model
+    from secateurs.models import check_model_files, check_supported, resolve_model
 
+    check_supported(source)  # an architecture without an adapter, from its config alone
+    local = Path(source).expanduser()
+    if (local / "config.json").is_file():  # what the config alone refuses, before its files
+        check_config(spec, _config(str(local)))
     check_model_files(source, shapes=False)  # damaged files named before anything is read
     location = resolve_model(source)
     config = _config(location)
