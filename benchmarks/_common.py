@@ -52,7 +52,9 @@ def prune_batched(model, tokenizer, score_batch: int = 1, fit_batch: int = 8, **
     spec = PruneSpec.from_options(batch_size=score_batch, **options)
     session = ResidentSession(model, tokenizer)
     choice = choose(session, spec, Windows(spec.data, session, progress=False))
-    fit = spec.replaced(batch_size=fit_batch)
+    # from the options, not spec.replaced(): that rebuilds from to_options(), where a
+    # calibration tensor has become its description ("tensor[N, T]")
+    fit = PruneSpec.from_options(batch_size=fit_batch, **options)
     cut(session, choice.plan, fit, Windows(fit.data, session, progress=False), choice.means)
     return choice
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -42,6 +43,7 @@ PARTS = ("experts", "width", "depth", "scale")
 PPL_TOLERANCE = 1e-3
 MEMORY_TOLERANCE = 0.10
 SCALE_STEPS = (1, 2, 3, 4, 5)
+DISK_NEEDED_GB = 26
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,14 @@ def measure_experts(runner: Runner, side: Side) -> dict:
     return json.loads((folder / "results" / "experts.json").read_text())
 
 
+def measure_combined(runner: Runner, side: Side) -> dict:
+    """combined.py at depth share 0.5 (not in the default parts: the budget split of the
+    staged plan, whose width sensitivity the redesign may size differently)."""
+    folder = runner.scripts(side, "combined")
+    runner.run(side, "combined", folder / "combined.py", ["--shares", "0.5"])
+    return json.loads((folder / "results" / "combined.json").read_text())
+
+
 def scale_step(runner: Runner, side: Side, step: int) -> dict:
     """One step of scale.py (a fresh results table, so the row read back is this run's)."""
     folder = runner.scripts(side, "scale", fresh=False)
@@ -181,6 +191,9 @@ def scale_source(runner: Runner, side: Side) -> Path:
 
 def run_scale(runner: Runner, sides: dict[str, Side], steps) -> None:
     """Per step: each side, then the outputs compared tensor by tensor and deleted."""
+    free = shutil.disk_usage(runner.work).free / 1e9
+    if free < DISK_NEEDED_GB:  # two 6.4 GB sources and two outputs of up to 5.3 GB
+        raise SystemExit(f"scale needs {DISK_NEEDED_GB} GB free in {runner.work}; {free:.0f}.")
     for step in steps:
         key = f"scale-{step}.compare"
         if runner.cached(key) is not None:
@@ -218,7 +231,6 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
 def tensor_differences(a: Path, b: Path) -> dict:
     """Names, shapes and dtypes equal? The largest |a − b| over all tensors (float64, in row
     blocks: one tensor at a time is never read whole), and how many tensors differ at all."""
-    import torch
     from safetensors import safe_open
 
     def tensors(folder: Path) -> dict[str, Path]:
@@ -264,25 +276,25 @@ def tensor_differences(a: Path, b: Path) -> dict:
 # --- comparing ------------------------------------------------------------------------------------
 def row(metric: str, before, after, kind: str) -> dict:
     """One line of the table. ``kind``: ppl (to 1e-3), exact, memory (10%), info (no verdict)."""
-    difference = None
-    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
-        difference = after - before
-    if kind == "ppl":
-        ok = difference is not None and abs(difference) <= PPL_TOLERANCE
-    elif kind == "memory":
-        ok = difference is not None and abs(difference) <= MEMORY_TOLERANCE * abs(before)
-        difference = (
-            None if difference is None else f"{difference:+,.0f} ({difference / before:+.1%})"
-        )
-    elif kind == "exact":
-        ok = before == after
-    else:
-        ok = None
-    if isinstance(difference, float):
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before, after))
+    difference = after - before if numbers else None
+    ok = {
+        "ppl": numbers and abs(difference) <= PPL_TOLERANCE,
+        "memory": numbers and abs(difference) <= MEMORY_TOLERANCE * abs(before),
+        "exact": before == after,
+    }.get(kind)
+    if kind == "memory" and numbers:
+        difference = f"{difference:+,.0f} ({difference / before:+.1%})"
+    elif isinstance(difference, float):
         difference = f"{difference:+.2e}"
     verdict = {True: "same", False: "DIFFERS", None: "–"}[ok]
-    return {"metric": metric, "before": shown(before), "after": shown(after),
-            "difference": difference, "verdict": verdict}  # fmt: skip
+    return {
+        "metric": metric,
+        "before": shown(before),
+        "after": shown(after),
+        "difference": difference,
+        "verdict": verdict,
+    }
 
 
 def shown(value):
@@ -293,19 +305,28 @@ def shown(value):
     return value
 
 
+def keyed(rows: list[dict], *keys: str) -> dict[tuple, dict]:
+    return {tuple(r[k] for k in keys): r for r in rows}
+
+
+def ppl_rows(name: str, old: dict, new: dict) -> list[dict]:
+    return [
+        row(f"{name}: WikiText-2 PPL", old["wikitext2"], new.get("wikitext2"), "ppl"),
+        row(f"{name}: PTB PPL", old["ptb"], new.get("ptb"), "ppl"),
+    ]
+
+
 def compare_width(before: dict, after: dict) -> list[dict]:
     lines = []
-    keyed = {side: {(r["setting"], r["criterion"]): r for r in data["rows"]}
-             for side, data in (("b", before), ("a", after))}  # fmt: skip
-    for key, old in keyed["b"].items():
-        new = keyed["a"].get(key, {})
-        name = f"width {key[0]}" + (f" {key[1]}" if key[1] != "–" else "")
-        lines += [row(f"{name}: WikiText-2 PPL", old["wikitext2"], new.get("wikitext2"), "ppl"),
-                  row(f"{name}: PTB PPL", old["ptb"], new.get("ptb"), "ppl"),
-                  row(f"{name}: parameters", old["params"], new.get("params"), "exact")]  # fmt: skip
+    new_rows = keyed(after["rows"], "setting", "criterion")
+    for key, old in keyed(before["rows"], "setting", "criterion").items():
+        new = new_rows.get(key, {})
+        name = "width " + (key[0] if key[0] == "dense" else " ".join(key))
+        lines += ppl_rows(name, old, new)
+        lines.append(row(f"{name}: parameters", old["params"], new.get("params"), "exact"))
         if "peak_mb" in old:
-            lines.append(row(f"{name}: scoring peak RSS MB", old["peak_mb"], new.get("peak_mb"),
-                             "memory"))  # fmt: skip
+            peak = new.get("peak_mb")
+            lines.append(row(f"{name}: scoring peak RSS MB", old["peak_mb"], peak, "memory"))
             for t in ("scoring_s", "reconstruct_s"):
                 lines.append(row(f"{name}: {t}", old[t], new.get(t), "info"))
     return lines
@@ -313,38 +334,51 @@ def compare_width(before: dict, after: dict) -> list[dict]:
 
 def compare_depth(before: dict, after: dict) -> list[dict]:
     lines = []
-    keyed = {side: {(r["method"], r["budget"], r["healed"]): r for r in data["rows"]}
-             for side, data in (("b", before), ("a", after))}  # fmt: skip
-    for (method, budget, healed), old in keyed["b"].items():
-        new = keyed["a"].get((method, budget, healed), {})
+    new_rows = keyed(after["rows"], "method", "budget", "healed")
+    for (method, budget, healed), old in keyed(
+        before["rows"], "method", "budget", "healed"
+    ).items():
+        new = new_rows.get((method, budget, healed), {})
         name = f"depth {method} {budget}{' --heal' if healed else ''}"
         if budget:
             lines.append(row(f"{name}: removed", old["removed"], new.get("removed"), "exact"))
-        lines += [row(f"{name}: WikiText-2 PPL", old["wikitext2"], new.get("wikitext2"), "ppl"),
-                  row(f"{name}: PTB PPL", old["ptb"], new.get("ptb"), "ppl")]  # fmt: skip
+        lines += ppl_rows(name, old, new)
     for method, old in before.get("methods", {}).items():
         new = after.get("methods", {}).get(method, {})
-        lines.append(row(f"depth {method}: scoring peak RSS MB", old["peak_rss_mb"],
-                         new.get("peak_rss_mb"), "memory"))  # fmt: skip
-        lines.append(row(f"depth {method}: scoring s", old["scoring_s"], new.get("scoring_s"),
-                         "info"))  # fmt: skip
-        lines += compare_search(method, old.get("search"), new.get("search") or {})
+        peak = new.get("peak_rss_mb")
+        lines.append(
+            row(f"depth {method}: scoring peak RSS MB", old["peak_rss_mb"], peak, "memory")
+        )
+        lines.append(
+            row(f"depth {method}: scoring s", old["scoring_s"], new.get("scoring_s"), "info")
+        )
+        lines += compare_search(f"depth {method}", old.get("search"), new.get("search") or {})
     return lines
 
 
-def compare_search(method: str, old: dict | None, new: dict) -> list[dict]:
+def compare_search(name: str, old: dict | None, new: dict) -> list[dict]:
+    """The greedy search's order, its calibration PPL after each step, its first-step scores."""
     if not old:
         return []
-    lines = [row(f"depth {method}: search order", old["order"], new.get("order"), "exact")]
-    for i, (a, b) in enumerate(zip(old["calibration_ppl"], new.get("calibration_ppl", []))):
-        lines.append(row(f"depth {method}: calibration PPL after step {i + 1}", a, b, "ppl"))
-    firsts = [old["first_step_scores"], new.get("first_step_scores", {})]
-    for kind, values in firsts[0].items():
-        other = firsts[1].get(kind, [])
-        gap = max((abs(x - y) for x, y in zip(values, other) if x is not None and y is not None),
-                  default=None)  # fmt: skip
-        lines.append(row(f"depth {method}: first-step {kind} scores, max |Δ|", 0.0, gap, "ppl"))
+    lines = [row(f"{name}: search order", old["order"], new.get("order"), "exact")]
+    (key,) = [k for k in old if k.startswith("calibration_")]  # _ppl or _kl: the objective
+    after = new.get(key, [])
+    for i, value in enumerate(old[key]):
+        other = after[i] if i < len(after) else None
+        lines.append(row(f"{name}: {key} after step {i + 1}", value, other, "ppl"))
+    for kind, values in old["first_step_scores"].items():
+        other = new.get("first_step_scores", {}).get(kind, [None] * len(values))
+        # layers not scored (protected: NaN), which must be the same on both sides
+        unscored = [[i for i, v in enumerate(side) if not finite(v)] for side in (values, other)]
+        lines.append(row(f"{name}: first-step {kind}: layers not scored", *unscored, "exact"))
+        pairs = [(x, y) for x, y in zip(values, other, strict=True) if finite(x) and finite(y)]
+        gap = max((abs(x - y) for x, y in pairs), default=None)
+        lines.append(row(f"{name}: first-step {kind} scores, largest |Δ|", 0.0, gap, "ppl"))
     return lines
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def compare_experts(before: dict, after: dict) -> list[dict]:
@@ -353,9 +387,20 @@ def compare_experts(before: dict, after: dict) -> list[dict]:
         name = f"experts {old['experts']}"
         for key in ("params_m", "weight_mb", "macs_m"):
             lines.append(row(f"{name}: {key}", old[key], new[key], "exact"))
-        lines.append(row(f"{name}: max |Δlogit| vs masked", float(old["max_err"]),
-                         float(new["max_err"]), "ppl"))  # fmt: skip
+        error = (float(old["max_err"]), float(new["max_err"]))
+        lines.append(row(f"{name}: max |Δlogit| vs masked", *error, "ppl"))
         lines.append(row(f"{name}: latency s", old["latency_s"], new["latency_s"], "info"))
+    return lines
+
+
+def compare_combined(before: dict, after: dict) -> list[dict]:
+    lines = []
+    new_rows = keyed(after["rows"], "depth_share")
+    for (share,), old in keyed(before["rows"], "depth_share").items():
+        new, name = new_rows.get((share,), {}), f"combined share {share}"
+        for key in ("blocks", "achieved_ratio", "params_m"):
+            lines.append(row(f"{name}: {key}", old[key], new.get(key), "exact"))
+        lines += ppl_rows(name, old, new)
     return lines
 
 
@@ -364,76 +409,97 @@ def compare_scale(runner: Runner, sides: dict[str, Side]) -> list[dict]:
     for step in SCALE_STEPS:
         old, new = (runner.cached(f"scale-{step}.{s}") for s in sides)
         tensors = runner.cached(f"scale-{step}.compare")
-        if not (old and new and tensors):
-            continue
-        old, new = old["result"], new["result"]
-        name = f"scale {step} ({old['step'].split(',')[0]})"
-        lines += [row(f"{name}: removed / kept", old["removed"], new["removed"], "exact"),
-                  row(f"{name}: output GB", old["output_gb"], new["output_gb"], "exact"),
-                  row(f"{name}: peak RSS MB", old["peak_rss_mb"], new["peak_rss_mb"], "memory"),
-                  row(f"{name}: wall s", old["wall_s"], new["wall_s"], "info"),
-                  row(f"{name}: plain from_pretrained", old["plain_load"], new["plain_load"],
-                      "exact")]  # fmt: skip
-        if old["plain_load_peak_mb"]:
-            lines.append(row(f"{name}: plain load peak RSS MB", old["plain_load_peak_mb"],
-                             new["plain_load_peak_mb"], "memory"))  # fmt: skip
-        lines += tensor_rows(name, tensors)
+        if old and new and tensors:
+            lines += scale_rows(step, old["result"], new["result"], tensors)
     source = runner.cached("scale-source.compare")
     if source:
         lines += tensor_rows("scale: the random source checkpoints", source)
     return lines
 
 
+def scale_rows(step: int, old: dict, new: dict, tensors: dict) -> list[dict]:
+    name = f"scale {step} ({old['step'].split(',')[0]})"
+    lines = [
+        row(f"{name}: removed / kept", old["removed"], new["removed"], "exact"),
+        row(f"{name}: output GB", old["output_gb"], new["output_gb"], "exact"),
+        row(f"{name}: peak RSS MB", old["peak_rss_mb"], new["peak_rss_mb"], "memory"),
+        row(f"{name}: wall s", old["wall_s"], new["wall_s"], "info"),
+        row(f"{name}: plain from_pretrained", old["plain_load"], new["plain_load"], "exact"),
+    ]
+    if old["plain_load_peak_mb"]:
+        peaks = (old["plain_load_peak_mb"], new["plain_load_peak_mb"])
+        lines.append(row(f"{name}: plain load peak RSS MB", *peaks, "memory"))
+    return lines + tensor_rows(name, tensors)
+
+
 def tensor_rows(name: str, tensors: dict) -> list[dict]:
     same = tensors["same_names"] and tensors["same_config"]
-    return [row(f"{name}: same tensor names and config", True, same, "exact"),
-            row(f"{name}: largest |Δ| over all output tensors", 0.0, tensors["max_abs_diff"],
-                "ppl"),
-            row(f"{name}: tensors that differ at all", 0, tensors["differing_tensors"], "info")]  # fmt: skip
+    largest = tensors["max_abs_diff"]
+    return [
+        row(f"{name}: same tensor names and config", True, same, "exact"),
+        row(f"{name}: largest |Δ| over all tensors", 0.0, largest, "ppl"),
+        row(f"{name}: tensors that differ at all", 0, tensors["differing_tensors"], "info"),
+    ]
 
 
-# --- main ------------------------------------------------------------------------------------------
-MEASURES = {"width": measure_width, "depth": measure_depth, "experts": measure_experts}
-COMPARES = {"width": compare_width, "depth": compare_depth, "experts": compare_experts}
-COLUMNS = [("metric", "metric"), ("before", "before (1fe3184)"), ("after", "after"),
-           ("difference", "after − before"), ("verdict", "verdict")]  # fmt: skip
+# --- main ----------------------------------------------------------------------------------------
+MEASURES = {
+    "width": measure_width,
+    "depth": measure_depth,
+    "experts": measure_experts,
+    "combined": measure_combined,
+}
+COMPARES = {
+    "width": compare_width,
+    "depth": compare_depth,
+    "experts": compare_experts,
+    "combined": compare_combined,
+}
+COLUMNS = [
+    ("metric", "metric"),
+    ("before", "before (1fe3184)"),
+    ("after", "after"),
+    ("difference", "after − before"),
+    ("verdict", "verdict"),
+]
+TIMING = [("part", "part"), ("side", "side"), ("seconds", "wall s"), ("load", "load average")]
 
 
 def report(runner: Runner, sides: dict[str, Side]) -> None:
     lines, seconds = [], []
-    for part in PARTS:
+    for part in (*PARTS, "combined"):
         if part == "scale":
             lines += compare_scale(runner, sides)
-            keys = [f"scale-{s}" for s in SCALE_STEPS]
         else:
             found = [runner.cached(f"{part}.{s}") for s in sides]
             if all(found):
                 lines += COMPARES[part](found[0]["result"], found[1]["result"])
-            keys = [part]
-        for key in keys:
-            for side in sides:
-                found = runner.cached(f"{key}.{side}")
-                if found:
-                    seconds.append({"part": key, "side": side, "seconds": found["seconds"],
-                                    "load": f"{found['load_start']} → {found['load_end']}"})  # fmt: skip
+        keys = [f"scale-{s}" for s in SCALE_STEPS] if part == "scale" else [part]
+        seconds += [timing(runner, key, side) for key in keys for side in sides]
     protocol = (
         "Before: the code and benchmark scripts of commit 1fe3184 (before the redesign); after: "
         "this tree's. Each side's scripts run in fresh processes, one thread, nice 10, on a "
         f"shared 2-core machine. Verdicts: PPL-like numbers to {PPL_TOLERANCE:g} (absolute), "
         f"memory within {MEMORY_TOLERANCE:.0%}, the rest exactly; times are shown, not judged."
     )
-    timing = markdown_table(seconds, [("part", "part"), ("side", "side"), ("seconds", "wall s"),
-                                      ("load", "load average (start → end)")])  # fmt: skip
-    table = f"{protocol}\n\n{markdown_table(lines, COLUMNS)}\n\n{timing}"
-    data = {"protocol": protocol, "rows": lines, "timing": seconds}
-    write_results("redesign-check", data, table)
+    seconds = [s for s in seconds if s]
+    table = f"{protocol}\n\n{markdown_table(lines, COLUMNS)}\n\n{markdown_table(seconds, TIMING)}"
+    write_results("redesign-check", {"protocol": protocol, "rows": lines, "timing": seconds}, table)
+
+
+def timing(runner: Runner, key: str, side: str) -> dict | None:
+    found = runner.cached(f"{key}.{side}")
+    if not found:
+        return None
+    load = f"{found['load_start']} → {found['load_end']}"
+    return {"part": key, "side": side, "seconds": found["seconds"], "load": load}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=Path("/work/base"), help="the old checkout")
     parser.add_argument("--work", type=Path, default=Path("/tmp/secateurs-redesign-check"))
-    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--parts", default=",".join(PARTS), help="also: combined (share 0.5)")
     parser.add_argument("--sides", default="before,after", help="run only one side: before")
     parser.add_argument("--steps", default=",".join(map(str, SCALE_STEPS)), help="scale steps")
     parser.add_argument("--fresh", default="", help="parts whose cached results are dropped")
@@ -446,7 +512,7 @@ def main() -> None:
     chosen = {name: sides[name] for name in args.sides.split(",")}
     for part in args.parts.split(","):
         if part == "scale":
-            if len(chosen) == 2:
+            if len(chosen) == 2:  # the outputs are compared, then deleted, step by step
                 run_scale(runner, sides, [int(s) for s in args.steps.split(",")])
             continue
         for side in chosen.values():
