@@ -9,10 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from secateurs.adapters import adapter_for
-from secateurs.choose import explicit_plan
 from secateurs.criteria import CRITERIA, ScoringContext
 from secateurs.errors import ConfigError
-from secateurs.fit.heal import fit_correction, runs_of
+from secateurs.fit.heal import fit_correction, runs_of, sublayer_runs
 from secateurs.plan import Plan, Unit
 from secateurs.run import prune
 from secateurs.search import greedy_search, merge_branches, unit_params
@@ -146,10 +145,10 @@ def test_explicit_selection_needs_no_scoring(tmp_path):
     assert result.plan == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
     assert result.record["criterion"]["name"] == "explicit" and result.record["scores"] == []
     again = PruneSpec.from_options(plan=str(tmp_path / "a" / "secateurs.json"))
-    assert explicit_plan(again, LAYERS) == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
+    assert again.selection.plan_for(LAYERS) == Plan(LAYERS, blocks=(1, 3), mlp=(4,))
     (tmp_path / "p.json").write_text(json.dumps({"num_layers": LAYERS, "attn": [2]}))
     bare = PruneSpec.from_options(plan=str(tmp_path / "p.json"))
-    assert explicit_plan(bare, LAYERS) == Plan(LAYERS, attn=(2,))
+    assert bare.selection.plan_for(LAYERS) == Plan(LAYERS, attn=(2,))
 
 
 @pytest.mark.parametrize(
@@ -323,3 +322,80 @@ def test_search_records_first_step_scores_for_plots():
     assert all(math.isfinite(v) for v in scores.values[1:-1])
     steps = result.record["search"]["steps"]
     assert [len(s["nll"]) for s in steps] == [LAYERS - 2, 3]
+
+
+# --- healing of branch runs ---------------------------------------------------------------------
+def _hand_fit(model, ids, layer, kind):
+    """X and D of one removed branch, by hand on the dense model: the inputs of the projection
+    before it (this layer's o_proj for an MLP, the previous layer's down_proj for attention)
+    and the branch's own contribution to the stream."""
+    layers = adapter_for(model).layers(model)
+    if kind == "mlp":
+        into, branch = layers[layer].self_attn.o_proj, layers[layer].mlp
+    else:
+        into, branch = layers[layer - 1].mlp.down_proj, layers[layer].self_attn.o_proj
+    seen = {}
+    handles = [
+        into.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
+        branch.register_forward_hook(lambda m, a, out: seen.__setitem__("d", out)),
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+    d = seen["d"].reshape(-1, 32).double()
+    return into.weight.detach().clone(), fit_correction(x.T @ x, x.T @ d, damp=0.0)
+
+
+@pytest.mark.parametrize(("kind", "into_layer"), [("mlp", 2), ("attn", 1)])
+def test_a_removed_branch_is_healed_into_the_projection_before_it(kind, into_layer):
+    """MLP 2 heals into layer 2's o_proj, attention 2 into layer 1's down_proj: the correction
+    is the least-squares fit of the branch's contribution on those inputs (by hand here), and
+    never raises the error on the windows."""
+    model, ids = tiny_model("llama"), tokens(batch=8, length=16)
+    weight, delta = _hand_fit(model, ids, 2, kind)
+    result = prune(model, **{kind: "2"}, heal=True, heal_damping=0.0, calibration=ids,
+                   progress=False)  # fmt: skip
+    (run,) = result.record["healing"]["runs"]
+    assert run["sublayers"] == [[2, kind]] and run["into_layer"] == into_layer
+    assert run["into"] == ("o_proj" if kind == "mlp" else "down_proj")
+    assert run["error_after"] < run["error_before"]
+    layers = adapter_for(model).layers(model)
+    healed = layers[2].self_attn.o_proj if kind == "mlp" else layers[1].mlp.down_proj
+    torch.testing.assert_close(healed.weight - weight, delta.float(), rtol=1e-3, atol=1e-5)
+
+
+def test_runs_cross_layers_and_skip_what_a_linear_fit_cannot_absorb():
+    plan = Plan(LAYERS, blocks=(2,), attn=(3,), mlp=(0, 5))
+    runs = [(r.target, r.removed) for r in sublayer_runs(plan)]
+    assert runs == [
+        ((0, "attn"), ((0, "mlp"),)),
+        ((1, "mlp"), ((2, "attn"), (2, "mlp"), (3, "attn"))),
+        ((5, "attn"), ((5, "mlp"),)),
+    ]
+    skipped = prune(tiny_model("gemma2"), blocks="2", heal=True, calibration=tokens(4, 12))
+    assert "normalises branch outputs" in skipped.record["healing"]["runs"][0]["skipped"]
+    parallel = prune(tiny_model("gpt_neox"), mlp="2", heal=True, calibration=tokens(4, 12))
+    assert "parallel-residual" in parallel.record["healing"]["runs"][0]["skipped"]
+
+
+def test_width_and_depth_are_healed_and_reconstructed_together(tmp_path):
+    """block,width with --heal: the widths are re-fitted in their layers and the removed
+    blocks healed into the (re-fitted) projection before them, in one pass."""
+    model, ids = tiny_model("llama"), tokens(batch=16, length=12)
+    result = prune(
+        model,
+        unit="block,width",
+        criterion="block-influence,activation",
+        ratio=0.4,
+        depth_share=0.5,
+        protect="none",
+        heal=True,
+        calibration=ids,
+        progress=False,
+    )
+    record = result.record  # fmt: skip
+    assert record["reconstruction"]["enabled"] and record["healing"]["runs"]
+    healed = [r for r in record["healing"]["runs"] if "skipped" not in r]
+    assert healed and all(r["error_after"] <= r["error_before"] for r in healed)

@@ -19,12 +19,13 @@ from secateurs.allocate import Bounds, UnitTable, allocate
 from secateurs.checkpoint import read_record
 from secateurs.cli import main
 from secateurs.errors import ConfigError, UnsupportedModelError
-from secateurs.export import EXPORTS, check_export, engines_for_model, export
+from secateurs.export import EXPORTS, check_export, export
 from secateurs.export.decilm import exact_ffn_mult, ffn_mult_to_intermediate_size
 from secateurs.export.gguf_file import ZERO_FFN, rope_permute
 from secateurs.export.layout import read_layout
 from secateurs.models import load_model
 from secateurs.plan import Plan
+from secateurs.structure import engines_for_model
 from secateurs.targets import width_constraints
 from secateurs.units import apply_plan
 from secateurs.units.width import prune_layer

@@ -54,7 +54,10 @@ CASES = {
             heal_target="dense",
         ),
     ),  # fmt: skip
-    "attn": ("llama", dict(unit="attn", criterion="block-influence", remove=2, protect="none")),
+    "attn, --heal": (
+        "llama",
+        dict(unit="attn", criterion="block-influence", remove=2, protect="none", heal=True),
+    ),
     "mlp, --heal": (
         "gpt2",
         dict(unit="mlp", criterion="ppl", remove=2, protect="none", heal=True),
@@ -88,7 +91,7 @@ CASES = {
         "qwen2_moe",
         dict(unit="experts", criterion="frequency", params=40_000, allocation="global"),
     ),
-    "block,width": (
+    "block,width, --heal": (
         "llama",
         dict(
             unit="block,width",
@@ -96,8 +99,9 @@ CASES = {
             ratio=0.4,
             depth_share=0.5,
             protect="none",
+            heal=True,
         ),
-    ),  # fmt: skip
+    ),
 }
 MODES = ("memory", "sequential")
 VOLATILE = {"created", "timings", "session", "versions", "argv"}
@@ -185,7 +189,8 @@ def test_every_mode_saves_the_same_checkpoint(case, tmp_path):
     assert not result.plan.is_empty
 
 
-REPLAYED = ("width, uniform, reconstruction", "experts, uniform", "block,width", "block, --heal")
+REPLAYED = ("width, uniform, reconstruction", "experts, uniform", "block,width, --heal",
+            "block, --heal")  # fmt: skip
 
 
 @pytest.mark.parametrize("case", REPLAYED)

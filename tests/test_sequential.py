@@ -17,9 +17,10 @@ import torch
 from secateurs.adapters import adapter_for
 from secateurs.cli import main
 from secateurs.criteria import CRITERIA, ScoringContext
+from secateurs.edits import Perturbation, Removal
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.run import prune
-from secateurs.session.flow import Flow, Perturbation, Removal, Streams
+from secateurs.session.flow import Flow, Streams
 from secateurs.session.lazy import LazyModel, LazySession
 from tiny_models import TINY_CONFIGS, scoring_context, tiny_model, tokens
 

@@ -211,3 +211,18 @@ def test_a_criterion_that_predicts_the_reconstructed_model_warns_without_it(
             progress=False,
         )
     assert ("ranks units by the loss after reconstruction" in caplog.text) is warned
+
+
+def test_large_systems_are_fitted_in_float32_and_still_reproduce_redundant_units(monkeypatch):
+    """Above ``FLOAT64_BYTES`` the normal equations are float32 (a 14B MLP's would be 1.4 GB in
+    float64): the redundant units are still reproduced, and each fit records its precision."""
+    monkeypatch.setattr("secateurs.fit.reconstruct.FLOAT64_BYTES", 0)
+    model = tiny_model("llama")
+    _duplicate_unit(model, "channels", 0, 1)
+    ids = tokens(3, 12, seed=2)
+    expected = _logits(model, ids)
+    plan = _plan(model, None, [(1,)] * LAYERS)
+    record = reconstruct_plan(model, plan, tokens(**CALIBRATION), damping=0.0)
+    assert {row["precision"] for row in record["layers"]} == {"float32"}
+    assert max(r["relative_error_reconstructed"] for r in record["layers"]) < 1e-4
+    torch.testing.assert_close(_logits(model, ids), expected, atol=2e-3, rtol=1e-3)

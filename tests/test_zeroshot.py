@@ -3,6 +3,8 @@ lm-eval's, and an lm-eval run on a tiny model returns the papers' metrics."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
@@ -12,7 +14,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from secateurs.errors import ConfigError
-from secateurs.evaluate.zeroshot import PAPER_TASKS, TASKS, local_task, parse_tasks, zeroshot
+from secateurs.evaluate.zeroshot import (
+    PAPER_TASKS,
+    TASKS,
+    format_table,
+    local_task,
+    parse_tasks,
+    zeroshot,
+)
 from tiny_models import TINY_CONFIGS
 
 README_COUNTS = {
@@ -138,3 +147,71 @@ def test_lm_eval_all_seven_tasks():
     assert list(result.scores) == list(PAPER_TASKS)
     assert result.metrics["hellaswag"].keys() >= {"acc", "acc_norm"}
     assert result.scores["hellaswag"] == result.metrics["hellaswag"]["acc_norm"]
+
+
+# --- LAMBADA (lambada_openai) ---------------------------------------------------------------
+
+LAMBADA_TEXTS = [
+    "the cat sat on the mat and it was a cat",
+    "a dog ran to the park. the dog was happy",
+    "it is in the box , and the box is on the table",
+    "an apple a day keeps the doctor away from the apple",
+    "she said that it was for the best",
+]
+
+
+@pytest.fixture
+def lambada_dir(tmp_path):
+    folder = tmp_path / "lambada"
+    folder.mkdir()
+    rows = "".join(json.dumps({"text": text}) + "\n" for text in LAMBADA_TEXTS)
+    (folder / "lambada_test.jsonl").write_text(rows)
+    return tmp_path
+
+
+def _target_loglikelihood(model, tokenizer, text: str) -> tuple[float, bool]:
+    """lm-eval's loglikelihood request, computed directly: the context is the text up to its
+    last space, the target " " + the last word; (sum of target log-probs, all greedy)."""
+    context, word = text.rsplit(" ", 1)
+    whole = tokenizer(context + " " + word)["input_ids"]
+    target = whole[len(tokenizer(context)["input_ids"]) :]
+    with torch.no_grad():
+        logits = model(torch.tensor([whole[:-1]])).logits[0, -len(target) :].log_softmax(-1)
+    chosen = logits[torch.arange(len(target)), torch.tensor(target)]
+    return float(chosen.sum()), bool((logits.argmax(-1) == torch.tensor(target)).all())
+
+
+def test_lambada_reports_accuracy_and_target_perplexity_as_computed_directly(lambada_dir):
+    model, tokenizer = long_context_llama(), word_tokenizer()
+    result = zeroshot(model, tokenizer, "lambada", batch_size=2, data_root=lambada_dir)
+    assert list(result.scores) == ["lambada_openai"]  # the alias resolves
+    assert result.samples == {"lambada_openai": len(LAMBADA_TEXTS)}
+    direct = [_target_loglikelihood(model, tokenizer, text) for text in LAMBADA_TEXTS]
+    expected_ppl = math.exp(-sum(ll for ll, _ in direct) / len(direct))
+    expected_acc = sum(greedy for _, greedy in direct) / len(direct)
+    metrics = result.metrics["lambada_openai"]
+    assert metrics["perplexity"] == pytest.approx(expected_ppl, rel=1e-4)
+    assert result.scores["lambada_openai"] == metrics["acc"] == pytest.approx(expected_acc)
+    table = format_table(result)
+    assert f"| lambada_openai | perplexity | {expected_ppl:.4f} | 5 |" in table
+
+
+def test_lambada_is_registered_beside_the_paper_tasks():
+    task = TASKS.get("lambada")
+    assert (task.name, task.metric, task.count, task.hub_task) == (
+        "lambada_openai",
+        "acc",
+        5153,
+        "lambada_openai",
+    )
+    assert "lambada_openai" not in PAPER_TASKS  # asked for by name, not in the papers' mean
+
+
+@needs_data
+def test_lambada_local_file_has_every_passage_and_the_stock_prompt():
+    task = local_task("lambada_openai", SHARED)
+    docs = task.test_docs()
+    assert len(docs) == 5153
+    text = docs[0]["text"]
+    assert task.doc_to_text(docs[0]) + task.doc_to_target(docs[0]) == text
+    assert task.doc_to_target(docs[0]) == " signs"

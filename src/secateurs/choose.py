@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,9 +31,7 @@ from secateurs.plan import (
     Plan,
     Unit,
     check_scores,
-    given_plan,
     lowest_unprotected,
-    read_plan_file,
     resolve_protected,
 )
 from secateurs.runinfo import count_parameters
@@ -70,6 +67,8 @@ def choose(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
     start = time.perf_counter()
     if spec.selection.explicit:
         choice = explicit(session, spec, windows)
+    elif spec.joint:
+        choice = joint(session, spec, windows)
     elif spec.combined:
         choice = staged(session, spec, windows)
     elif spec.experts:
@@ -178,7 +177,7 @@ def criterion_record(spec: PruneSpec, scorer: Criterion, **more: Any) -> dict[st
 # --- explicit ----------------------------------------------------------------------------------
 def explicit(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
     """The user's plan; a compensating width plan gets its means from the windows."""
-    plan = explicit_plan(spec, session.num_layers)
+    plan = spec.selection.plan_for(session.num_layers)
     choice = Choice(plan, {"name": "explicit", "protected": list(plan.protected)})
     if plan.compensate and plan.has_widths:
         ctx = ScoringContext(session, windows.flow(), (), windows.progress)
@@ -186,15 +185,6 @@ def explicit(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
         choice.means = {k: [s and s.mean for s in input_statistics(ctx, k)] for k in kinds}
         choice.calibration = windows.record()
     return choice
-
-
-def explicit_plan(spec: PruneSpec, num_layers: int) -> Plan:
-    given = spec.selection.plan
-    if given is not None:
-        data = given if isinstance(given, dict) else read_plan_file(Path(given))
-        return given_plan(data, num_layers)
-    lists = spec.selection.layer_lists()
-    return Plan(num_layers, lists["blocks"], lists["attn"], lists["mlp"])
 
 
 # --- depth -------------------------------------------------------------------------------------
@@ -503,3 +493,53 @@ def staged_blocks(session: Session, spec: PruneSpec, target: int) -> int:
             "share (or prune blocks alone)."
         )
     return count
+
+
+# --- joint: every layer's form chosen together ---------------------------------------------------
+def joint(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
+    """``--unit auto``: the evolutionary search of ``secateurs.evolve`` under the budget."""
+    from secateurs.evolve import (
+        Evolution,
+        Judge,
+        Library,
+        describe,
+        evolve,
+        genome_plan,
+        restore,
+        space_of,
+    )
+    from secateurs.session.flow import Flow
+
+    space, target = space_of(session.model, session.adapter), budget_params(session, spec)
+    scorer = scorer_for(spec, "heads")
+    ctx = context(session, scorer, windows)
+    rankings = {kind: scorer.score_width(ctx, kind) for kind in WIDTH_KINDS}
+    fit_count, judge_count = spec.fit.reconstruct_samples, spec.selection.judge_samples
+    tokens = windows.tokens(fit_count + judge_count)  # disjoint: fit first, judge last
+    start = time.perf_counter()
+    library = Library(space, spec.fit.reconstruct_damping)
+    library.build(
+        Flow(session, tokens[:fit_count], spec.data.batch_size, windows.progress), rankings
+    )
+    judge = Judge(Flow(session, tokens[fit_count:], 2), library)
+    settings = Evolution(generations=spec.selection.generations, seed=spec.data.seed)
+    found = evolve(judge, space, space.parameters(target), settings, windows.progress)
+    restore(session.model, session.adapter, library)
+    plan = genome_plan(found["genome"], library, space)
+    search = {
+        "kind": "evolutionary (EvoPress-style level switch, KL from dense)",
+        "layers": describe(found["genome"], space),
+        "predicted_kl": found["kl"],
+        "history": found["history"],
+        "evaluations": found["evaluations"],
+        "windows": {"fit": fit_count, "judge": judge_count},
+        "budget": {
+            "value": target,
+            "counts": "parameters",
+            "removed": space.removed(found["genome"]),
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    details = {k: v for k, v in ctx.extras.items() if k != "input_mean"}
+    record = criterion_record(spec, scorer, details=details)
+    return Choice(plan, record, windows.record(), {"search": search})

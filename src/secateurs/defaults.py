@@ -31,3 +31,8 @@ SUBBLOCK_SEARCH_OBJECTIVE = "nll"
 # calibration windows its least-squares fit uses (many more tokens than scoring needs).
 RECONSTRUCT_DAMPING = 0.01
 RECONSTRUCT_SAMPLES = 64
+
+# --unit auto (secateurs.evolve): generations of the evolutionary search, and the calibration
+# windows that judge candidates (drawn apart from the windows the variants are fitted on).
+SEARCH_GENERATIONS = 60
+JUDGE_SAMPLES = 16

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,3 +129,18 @@ def objective(name: str = "nll", **options: object) -> NLL | DenseKL:
     if name == "nll" and options:
         raise ConfigError(f"objective nll takes no options; got {sorted(options)}.")
     return OBJECTIVES[name](**options)  # type: ignore[arg-type]
+
+
+def prepare(flow: Any, goal: NLL | DenseKL) -> None:
+    """Give an objective that compares with the base model's predictions those predictions
+    (``flow``: a ``session.flow.Flow``)."""
+    if goal.name != "nll":
+        goal.prepare(flow.logits(flow.final()))
+
+
+def measure(flow: Any, goal: NLL | DenseKL, perturbations: list[Any]) -> list[float]:
+    """``goal`` of each modified model (``edits.Perturbation``) the flow runs; the NLL is read
+    from the session's head directly (in row blocks from disk)."""
+    if goal.name == "nll":
+        return flow.perturbed(perturbations, flow.mean_nll)
+    return flow.perturbed(perturbations, lambda final: goal(flow.logits(final)))

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -120,7 +121,10 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, wait: bool = False
 
 def _check_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"Output directory {path} exists; pass --overwrite to replace it.")
+        raise OutputExistsError(
+            f"Output directory {path} exists; pass --overwrite (from Python: overwrite=True) to "
+            "replace it."
+        )
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"Output path {path} exists and is not a directory.")
 
@@ -159,6 +163,7 @@ def atomic_directory(
         tmp = _new_sibling(target)
         try:
             yield tmp
+            follow_umask(tmp)
             with interrupts_deferred():
                 _swap_into_place(tmp, target)
         except OSError as err:
@@ -179,6 +184,31 @@ def _new_sibling(target: Path) -> Path:
     path = target.with_name(f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     path.mkdir()
     return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give everything under ``root`` the permissions a plain ``open``/``mkdir`` would: some
+    writers (safetensors' temporary files, ``tempfile``) create 0600 / 0700 entries, which made
+    outputs readable by their owner only whatever the user's umask."""
+    mask = current_umask()
+    for folder, _dirs, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):  # an executable stays executable (as 0777 & ~umask)
+                os.chmod(path, (0o777 if mode & 0o111 else 0o666) & ~mask)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

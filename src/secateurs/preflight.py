@@ -24,9 +24,7 @@ def check_config(spec: PruneSpec, config: Any) -> None:
     n = int(config.num_hidden_layers)
     keep = resolve_protected(spec.criterion.protected, n)
     if spec.selection.explicit:
-        from secateurs.choose import explicit_plan
-
-        explicit_plan(spec, n)  # indices out of range, a plan for another model
+        spec.selection.plan_for(n)  # indices out of range, a plan for another model
         return
     for kind in spec.width_kinds:
         adapter.width_layout(kind, config)  # no width support here → its refusal

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secateurs.checkpoint import RECORD_FILE, read_record, write_json
+from secateurs.checkpoint import RECORD_FILE, write_json
 from secateurs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,36 @@ def ppl_warning(model: str, dataset: str, ppl: float, dense: str, base: float) -
 
 def read_results(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / RESULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json_file(path, "results file") if path.is_file() else {}
+
+
+def read_json_file(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or a ConfigError naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"Cannot read the {what} {path}: {err.strerror}.") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"The {what} {path} is not valid JSON ({err}); it is damaged or not a {what}."
+        ) from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"The {what} {path} holds {type(data).__name__}, not a JSON object.")
+    return data
 
 
 def save_results(directory: str | os.PathLike, key: str, value: Any) -> Path:
-    """Merge ``{key: value}`` into ``directory/results.json`` (atomic write)."""
+    """Merge ``{key: value}`` into ``directory/results.json`` (atomic write), and rewrite the
+    model card of a secateurs output (a directory with ``secateurs.json``) to show it."""
+    from secateurs.card import write_card
+
     path = Path(directory) / RESULTS_FILE
     write_json(path, {**read_results(directory), key: value})
+    if (Path(directory) / RECORD_FILE).is_file():
+        try:
+            write_card(directory)
+        except ConfigError as err:  # the results are saved; only the card could not follow
+            log.warning("Model card of %s not updated: %s", directory, err)
     return path
 
 
@@ -123,7 +146,9 @@ def load_runs(paths: list[Path]) -> list[RunInfo]:
             raise ConfigError(f"Run directory {path} does not exist.")
         if not (path / RECORD_FILE).is_file() and not (path / RESULTS_FILE).is_file():
             log.warning("%s has neither %s nor %s", path, RECORD_FILE, RESULTS_FILE)
-        runs.append(RunInfo(path.name, path, read_record(path), read_results(path)))
+        record_path = path / RECORD_FILE
+        record = read_json_file(record_path, "run record") if record_path.is_file() else {}
+        runs.append(RunInfo(path.name, path, record, read_results(path)))
     return runs
 
 
@@ -289,6 +314,13 @@ def _removed_units(plan: dict[str, Any]) -> set[tuple[int, str]]:
 def plot_ppl_vs_params(runs: list[RunInfo], out: Path) -> Path | None:
     """PPL against parameters, one line per dataset, dense models (runs or recorded beside
     pruned runs by ``eval ppl --save``) included and drawn as black stars."""
+    fig = ppl_figure(runs)
+    return None if fig is None else _save(fig, out / "ppl_vs_params.png")
+
+
+def ppl_figure(runs: list[RunInfo]):
+    """The figure of ``plot_ppl_vs_params`` (None without a point): each point labelled with
+    its run and PPL, the log axis ticked in plain numbers."""
     everything = runs + dense_points(runs)
     points = [(r, d, p) for r in everything if r.parameters for d, p in r.ppl().items()]
     if not points:
@@ -299,17 +331,56 @@ def plot_ppl_vs_params(runs: list[RunInfo], out: Path) -> Path | None:
         series = sorted((r.parameters / 1e6, p, r.name) for r, d, p in points if d == dataset)
         ax.plot([s[0] for s in series], [s[1] for s in series], "o-", label=dataset)
         for x, y, name in series:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            label = f"{name}: {_ppl_label(y)}"
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     dense = [(r.parameters / 1e6, p) for r, _, p in points if r.kind == "dense"]
     if dense:
         ax.plot(*zip(*dense, strict=True), "*", color="black", markersize=12, label="dense")
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_yscale("log")
+    ax.margins(x=0.2)  # room for the labels of the outermost points
+    readable_log_axis(ax, [p for _, _, p in points])
     ax.set_title("Perplexity vs parameters")
     ax.grid(alpha=0.3)
     ax.legend(title="dataset")
-    return _save(fig, out / "ppl_vs_params.png")
+    return fig
+
+
+def _ppl_label(value: float) -> str:
+    return f"{value:,.1f}" if value < 1000 else f"{value:,.0f}"
+
+
+def readable_log_axis(ax, values: list[float]) -> None:
+    """A log y axis whose ticks are labelled in plain numbers at 1-2-5 steps (more within a
+    narrow range): matplotlib's default labels only powers of ten, so a 60-150 range showed
+    a single "10²"."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    low, high = min(values), max(values)
+    ax.set_yscale("log")
+    ax.set_ylim(low / 1.15, high * 1.15)
+    ticks = log_ticks(low / 1.15, high * 1.15)
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.10g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Round values between ``low`` and ``high`` for a log axis: about 4 to 10 of them."""
+    import math
+
+    decades = math.log10(high / low)
+    steps = (1, 1.5, 2, 3, 5, 7) if decades < 1 else (1, 2, 5) if decades < 3 else (1,)
+    start, stop = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    every = max(1, math.ceil((stop - start) / 10))  # many decades: every n-th power of ten
+    ticks = [step * 10.0**exp for exp in range(start, stop + 1, every) for step in steps]
+    inside = [t for t in ticks if low <= t <= high]
+    if len(inside) >= 3:
+        return inside
+    from matplotlib.ticker import MaxNLocator  # a narrow range: evenly spaced round values
+
+    return [float(t) for t in MaxNLocator(nbins=5).tick_values(low, high) if low <= t <= high]
 
 
 def plot_bench(bench: dict[str, Any], out: Path, stem: str) -> list[Path]:
@@ -368,13 +439,14 @@ def build_report(
     """Write ``out/index.md`` and its PNGs; return the page's path."""
     if not run_dirs and not bench_files:
         raise ConfigError("Nothing to report: give run directories and/or --bench files.")
-    out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(list(run_dirs))
+    benches = [(path, load_bench(path)) for path in bench_files]  # all read before any writing
+    out.mkdir(parents=True, exist_ok=True)
     sections = [f"# {title}\n"]
     if runs:
         sections += _runs_section(runs, out)
-    for path in bench_files:
-        sections += _bench_section(path, out)
+    for path, bench in benches:
+        sections += _bench_section(path, bench, out)
     page = out / "index.md"
     page.write_text("\n".join(sections) + "\n")
     log.info("Report written to %s", page)
@@ -386,6 +458,7 @@ def _runs_section(runs: list[RunInfo], out: Path) -> list[str]:
     for message in far_above_dense(runs):
         log.warning(message)
         lines += [f"> **Warning**: {message}", ""]
+    lines += _generations_section(runs)
     ppl_plot = plot_ppl_vs_params(runs, out)
     if ppl_plot:
         lines += ["## Perplexity vs parameters\n", f"![PPL vs parameters]({ppl_plot.name})", ""]
@@ -399,12 +472,62 @@ def _runs_section(runs: list[RunInfo], out: Path) -> list[str]:
     return lines
 
 
-def _bench_section(path: Path, out: Path) -> list[str]:
-    from secateurs.evaluate.efficiency import format_table
-
+def load_bench(path: Path) -> dict[str, Any]:
+    """A ``secateurs bench --json`` file, checked enough to draw it (clear errors otherwise)."""
     if not path.is_file():
         raise ConfigError(f"Bench file {path} does not exist.")
-    bench = json.loads(path.read_text())
+    bench = read_json_file(path, "bench file")
+    models = bench.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError(
+            f"The bench file {path} has no 'models' list: write it with 'secateurs bench --json'."
+        )
+    for model in models:
+        missing = _missing_bench_keys(model)
+        if missing:
+            raise ConfigError(
+                f"The bench file {path} has a model entry without {missing}: it is damaged or "
+                "from another tool; write it again with 'secateurs bench --json'."
+            )
+    return bench
+
+
+BENCH_MODEL_KEYS = ("name", "kind", "parameters", "macs_per_token", "ideal_speedup", "results")
+
+
+def _missing_bench_keys(model: Any) -> list[str]:
+    if not isinstance(model, dict):
+        return list(BENCH_MODEL_KEYS)
+    missing = [key for key in BENCH_MODEL_KEYS if key not in model]
+    rows = model.get("results")
+    if not isinstance(rows, list) or any(
+        not isinstance(r, dict) or "batch_size" not in r for r in rows
+    ):
+        missing.append("results[].batch_size")
+    return missing
+
+
+def _generations_section(runs: list[RunInfo]) -> list[str]:
+    """Each run's greedy continuations beside its dense model's (``eval generate --save``)."""
+    from secateurs.evaluate.generate import side_by_side
+
+    tables = [(run.name, side_by_side(run.results, run.name)) for run in runs]
+    tables = [(name, table) for name, table in tables if table]
+    if not tables:
+        return []
+    lines = [
+        "## Greedy generations\n",
+        "distinct-n: distinct word n-grams / all n-grams of the continuation (1 = no "
+        "repetition; a loop drives it toward 0).\n",
+    ]
+    for name, table in tables:
+        lines += [f"### {name}\n", table, ""]
+    return lines
+
+
+def _bench_section(path: Path, bench: dict[str, Any], out: Path) -> list[str]:
+    from secateurs.evaluate.efficiency import format_table
+
     protocol = bench.get("protocol", {})
     plots = plot_bench(bench, out, _slug(path.stem))
     summary = ", ".join(

@@ -34,7 +34,7 @@ from secateurs.plan import Plan
 from secateurs.record import build_record
 from secateurs.runinfo import count_parameters
 from secateurs.scores import ScoreResult
-from secateurs.session import open_session
+from secateurs.sources import open_session
 from secateurs.spec import PruneSpec
 from secateurs.writer import write_checkpoint
 

@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
+from secateurs.edits import Perturbation, Removal
 from secateurs.errors import ConfigError
-from secateurs.objectives import NLL, DenseKL
+from secateurs.objectives import NLL, DenseKL, measure, prepare
 from secateurs.plan import Unit
-from secateurs.session.flow import Flow, Perturbation, Removal
+from secateurs.session.flow import Flow
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +93,6 @@ def greedy_search(
             spent += cost[choice]
             bar.update(cost[choice])
     return state
-
-
-def prepare(flow: Flow, goal: NLL | DenseKL) -> None:
-    """Show an objective that compares with the base model's predictions those predictions."""
-    if goal.name != "nll":
-        goal.prepare(flow.logits(flow.final()))
-
-
-def measure(flow: Flow, goal: NLL | DenseKL, perturbations: list[Perturbation]) -> list[float]:
-    """``goal`` of each modified model (NLL read from the session's head directly)."""
-    if goal.name == "nll":
-        return flow.perturbed(perturbations, flow.mean_nll)
-    return flow.perturbed(perturbations, lambda final: goal(flow.logits(final)))
 
 
 def _drop_last_block(fits: list[Unit], removed: list[Unit], num_layers: int) -> list[Unit]:

@@ -12,27 +12,11 @@ first and last layers approximate: on SmolLM2 they are the most sensitive ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from secateurs.session.flow import Flow, Perturbation
-from secateurs.units.width import width_masked
-
-
-@dataclass(frozen=True)
-class WidthMask:
-    """An edit of one layer: its ``units`` of ``kind`` masked (a ``flow.Edit``)."""
-
-    kind: str
-    units: tuple[int, ...]
-    skip = False
-
-    def applied(self, session: Any, layer: int) -> AbstractContextManager:
-        removed = [self.units if i == layer else () for i in range(session.num_layers)]
-        return width_masked(session.model, session.adapter, {self.kind: removed})
+from secateurs.edits import Perturbation, WidthMask
 
 
 def lowest(values: torch.Tensor, fraction: float) -> tuple[int, ...]:
@@ -43,7 +27,7 @@ def lowest(values: torch.Tensor, fraction: float) -> tuple[int, ...]:
 
 @torch.no_grad()
 def layer_sensitivity(
-    flow: Flow,
+    flow: Any,
     scores: dict[str, Sequence[torch.Tensor]],
     layers: Sequence[int],
     fraction: float,

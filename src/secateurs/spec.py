@@ -32,11 +32,13 @@ from secateurs.defaults import (
     HEAL_DAMPING,
     HEAL_SAMPLES,
     HEAL_TARGETS,
+    JUDGE_SAMPLES,
     RECONSTRUCT_DAMPING,
     RECONSTRUCT_SAMPLES,
+    SEARCH_GENERATIONS,
 )
 from secateurs.errors import ConfigError
-from secateurs.plan import SL_PROTECTED, parse_protected
+from secateurs.plan import SL_PROTECTED, Plan, given_plan, parse_protected, read_plan_file
 
 DEPTH_KINDS = ("block", "attn", "mlp")
 WIDTH_KINDS = ("heads", "channels")
@@ -50,6 +52,7 @@ UNIT_WORDS: dict[str, tuple[str, ...]] = {
     "channels": ("channels",),
     "width": WIDTH_KINDS,
     "experts": ("experts",),
+    "auto": ("auto",),  # every layer's form chosen together (``evolve``)
 }
 MODES = ("auto", "memory", "sequential", "stream")
 ALLOCATIONS = ("uniform", "global")
@@ -203,6 +206,8 @@ class Selection:
 
     iterative: bool = False
     shortlist: int | str = DEFAULT_SHORTLIST  # or "all": re-score every candidate
+    generations: int = SEARCH_GENERATIONS  # --unit auto: the evolutionary search's length
+    judge_samples: int = JUDGE_SAMPLES  # --unit auto: windows that judge candidates
     scores: str | None = None
     blocks: str | tuple[int, ...] | None = None
     attn: str | tuple[int, ...] | None = None
@@ -216,6 +221,9 @@ class Selection:
             _layer_list(getattr(self, name), name)  # parsed once here: bad text fails now
         if self.shortlist != "all" and (not _whole(self.shortlist) or self.shortlist < 0):
             raise ConfigError(f"--shortlist takes a count ≥ 0 or 'all', not {self.shortlist!r}.")
+        for name in ("generations", "judge_samples"):
+            if not _whole(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} takes a positive whole number.")
         if self.explicit and (self.iterative or self.scores is not None):
             raise ConfigError(
                 "An explicit selection (--blocks/--plan) takes no --iterative/--scores."
@@ -232,6 +240,14 @@ class Selection:
 
     def layer_lists(self) -> dict[str, tuple[int, ...]]:
         return {k: _layer_list(getattr(self, k), k) for k in ("blocks", "attn", "mlp")}
+
+    def plan_for(self, num_layers: int) -> Plan:
+        """The explicit plan for a model of ``num_layers`` layers (checked against it)."""
+        if self.plan is not None:
+            data = self.plan if isinstance(self.plan, dict) else read_plan_file(Path(self.plan))
+            return given_plan(data, num_layers)
+        lists = self.layer_lists()
+        return Plan(num_layers, lists["blocks"], lists["attn"], lists["mlp"])
 
 
 @dataclass(frozen=True)
@@ -294,7 +310,7 @@ class FitSpec:
     heal_samples: int = HEAL_SAMPLES
     heal_bias: bool = False
     heal_target: str = "local"
-    heal_damping: float = HEAL_DAMPING
+    heal_damping: float | str = HEAL_DAMPING  # 'auto': chosen on held-out windows
     reconstruct: bool | None = None
     reconstruct_damping: float = RECONSTRUCT_DAMPING
     reconstruct_samples: int = RECONSTRUCT_SAMPLES
@@ -308,8 +324,10 @@ class FitSpec:
         for name in ("heal_samples", "reconstruct_samples"):
             if not _whole(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} takes a positive whole number.")
-        if not (_number(self.heal_damping) and self.heal_damping >= 0):
-            raise ConfigError(f"--heal-damping must be ≥ 0; got {self.heal_damping!r}.")
+        if self.heal_damping != "auto" and not (
+            _number(self.heal_damping) and self.heal_damping >= 0
+        ):
+            raise ConfigError(f"--heal-damping must be ≥ 0 or 'auto'; got {self.heal_damping!r}.")
         if not (_number(self.reconstruct_damping) and self.reconstruct_damping >= 0):
             raise ConfigError(
                 f"--reconstruct-damping must be ≥ 0; got {self.reconstruct_damping!r}."
@@ -415,10 +433,11 @@ class PruneSpec:
             if given.get(switch):
                 groups["mode"]["mode"] = "memory" if switch == "in_memory" else switch
         built = {name: kind(**groups[name]) for name, kind in _GROUPS.items()}
-        criterion = CriterionSpec.parse(
-            given.get("criterion", "ppl+"), given.get("protect"), given.get("options")
-        )
         units = parse_units(given.get("unit", "block"))
+        default = "activation" if units == ("auto",) else "ppl+"  # auto ranks width units
+        criterion = CriterionSpec.parse(
+            given.get("criterion", default), given.get("protect"), given.get("options")
+        )
         check_applicable(units, set(given), built["selection"])
         return cls(units, criterion, **built)
 
@@ -467,6 +486,11 @@ class PruneSpec:
     @property
     def experts(self) -> bool:
         return self.units == ("experts",)
+
+    @property
+    def joint(self) -> bool:
+        """``--unit auto``: every layer's form chosen together."""
+        return self.units == ("auto",)
 
     @property
     def needs_windows(self) -> bool:
@@ -608,15 +632,18 @@ DEPTH_ONLY = frozenset({"iterative", "scores", "blocks", "attn", "mlp"})
 
 def check_applicable(units: tuple[str, ...], given: set[str], selection: Selection) -> None:
     """Refuse options that do not apply to ``units`` (a silently ignored flag is a bug)."""
-    width = any(k in WIDTH_KINDS for k in units) or selection.plan is not None
-    depth = any(k in DEPTH_KINDS for k in units) or selection.plan is not None
+    auto = units == ("auto",)
+    width = any(k in WIDTH_KINDS for k in units) or selection.plan is not None or auto
+    depth = any(k in DEPTH_KINDS for k in units) or selection.plan is not None or auto
     rules = [
         (WIDTH_OPTIONS, width, "width units (--unit heads|channels|width|block,width)"),
         ({"allocation"}, width or units == ("experts",), "width or expert units"),
         ({"min_keep"}, units == ("experts",), "--unit experts"),
         ({"depth_share"}, len(units) > 1 and "block" in units, "--unit block,width"),
+        ({"generations", "judge_samples"}, auto, "--unit auto"),
         (HEAL_OPTIONS - {"heal"}, "heal" in given, "--heal"),
-        (HEAL_OPTIONS | DEPTH_ONLY, depth and not width or selection.plan is not None,
+        (HEAL_OPTIONS, depth, "units with depth (--unit block|attn|mlp|subblock|block,width)"),
+        (DEPTH_ONLY, depth and not width and not auto or selection.plan is not None,
          "depth units (--unit block|attn|mlp|subblock)"),
     ]  # fmt: skip
     for names, applies, what in rules:
@@ -653,7 +680,7 @@ def _check_criterion_units(spec: PruneSpec) -> None:
         raise ConfigError(
             "--criterion BLOCK,WIDTH names two criteria: use it with --unit block,width."
         )
-    for kind in spec.units:
+    for kind in WIDTH_KINDS if spec.joint else spec.units:  # auto ranks groups and channels
         name = spec.criterion.width_name if kind in WIDTH_KINDS else spec.criterion.name
         scorer = CRITERIA.get(name)
         if kind not in scorer.units:
@@ -678,8 +705,10 @@ def _check_selection(spec: PruneSpec) -> None:
         )
     if spec.experts and spec.budget.remove is not None and spec.allocation.mode != "uniform":
         raise ConfigError("--remove N counts experts per layer: use --allocation uniform.")
-    if spec.fit.heal and (spec.width_kinds or spec.experts):
-        raise ConfigError("--heal corrects removed blocks and branches: a depth-only plan.")
+    if spec.joint and spec.budget.remove is not None:
+        raise ConfigError("--unit auto takes a parameter budget: --ratio or --params.")
+    if spec.fit.heal and spec.experts:
+        raise ConfigError("--heal corrects removed blocks and branches, not experts.")
 
 
 def _check_mode(spec: PruneSpec) -> None:
@@ -693,6 +722,11 @@ def _check_mode(spec: PruneSpec) -> None:
                 "--blocks or --plan, and no --heal (use --sequential to score or heal)."
             )
         return
+    if mode == "sequential" and spec.joint:
+        raise ConfigError(
+            "--unit auto assembles candidates in the model itself: it needs the model in "
+            "memory (drop --sequential)."
+        )
     if mode != "sequential" or spec.selection.explicit:
         return
     for name in set(spec.criterion.names):

@@ -30,7 +30,6 @@ RUNTIME_ATTRS = frozenset({"training", "gradient_checkpointing"})
 def structure_record(model: PreTrainedModel) -> dict[str, Any]:
     """``structure``, ``loading`` and ``engines`` of a pruned model's record (works on a
     ``meta`` model: only shapes and config are read). Refuses what a reload would misread."""
-    from secateurs.export import engines_for_model
     from secateurs.units.depth import skipped_branches
     from secateurs.units.experts import expert_structure
 
@@ -212,3 +211,28 @@ def loading_note(
             "it instead of loading it wrong; export it for those engines."
         ),
     }
+
+
+def engines_for_model(model: PreTrainedModel, plain: bool | None = None) -> dict[str, Any]:
+    """Per output kind (``secateurs export --to``): the engines that load a model in memory, or
+    why that kind cannot express it; ``plain``: its config alone describes every shape (found
+    from the model if not given)."""
+    from secateurs.errors import SecateursError
+    from secateurs.export import engines_for
+    from secateurs.export.layout import LLAMA_FAMILY, Layout, layer_shapes
+
+    try:
+        if plain is None:
+            plain = _describes_every_shape(model)
+        layers = layer_shapes(model) if model.config.model_type in LLAMA_FAMILY else ()
+    except SecateursError as err:  # no adapter for this family
+        return {"error": str(err)}
+    return engines_for(Layout(model.config.to_dict(), layers, plain))
+
+
+def _describes_every_shape(model: PreTrainedModel) -> bool:
+    from secateurs.units.depth import skipped_branches
+    from secateurs.units.experts import expert_structure
+
+    structure = (skipped_branches(model), width_structure(model), expert_structure(model))
+    return not any(structure)

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+from secateurs.card import write_card
 from secateurs.checkpoint import RECORD_FILE, mark_config, write_json
 from secateurs.outputs import atomic_directory
+from secateurs.plan import RECORD_KEYS
 from secateurs.session.base import Session
 from secateurs.shards import TensorSpec, saved_state, write_weights
 from secateurs.structure import structure_record
@@ -53,7 +55,8 @@ def write_checkpoint(
         if not record["loading"]["plain_transformers"]:
             mark_config(tmp)
         write_json(tmp / RECORD_FILE, record)
-        write_card(tmp)
+        if any(record.get(key) for key in RECORD_KEYS):  # a run's record, not a bare save
+            write_card(tmp, name=Path(out).name)
     log.info("Saved to %s", out)
     return record
 
@@ -103,15 +106,6 @@ def _write_tokenizer(session: Session, tmp: Path) -> None:
             log.warning("%s has no loadable tokenizer: the output has none either.", session.source)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-
-
-def write_card(directory: Path) -> None:
-    """The model card (README.md) of a saved run, when ``secateurs.card`` is available."""
-    try:
-        from secateurs.card import write_card as write
-    except ImportError:  # the card module arrives with its own change
-        return
-    write(directory)
 
 
 def save_checkpoint(

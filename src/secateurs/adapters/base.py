@@ -126,6 +126,9 @@ class Adapter:
     width_unsupported: str = ""
     # Routed experts (mixture-of-experts families); None for dense families.
     experts: ExpertLayout | None = None
+    # Branch outputs pass through a norm before the residual add (Gemma 2/3, OLMo 2/3, EXAONE 4,
+    # GLM-4): a linear correction of an output projection is not a linear change of the stream.
+    output_norms: bool = False
 
     # --- blocks -------------------------------------------------------------------------------
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
@@ -175,6 +178,10 @@ class Adapter:
             values = getattr(config, key, None)
             if isinstance(values, (list, tuple)):
                 setattr(config, key, [position[i] for i in values if i in position])
+
+    def parallel_residual(self, config: PretrainedConfig) -> bool:
+        """Whether attention and MLP both read the block's input (not the attention's output)."""
+        return False
 
     def experts_refusal(self, config: PretrainedConfig) -> str:
         """Why this config variant cannot remove experts ("" if it can)."""

@@ -10,6 +10,7 @@ from secateurs.adapters.olmo2 import CHANNELS
 EXAONE4 = register_adapter(
     Adapter(
         name="exaone4",
+        output_norms=True,
         model_types=("exaone4",),
         layers_path="model.layers",
         attn=SubBlock("self_attn", companions=("post_attention_layernorm",), returns_tuple=True),

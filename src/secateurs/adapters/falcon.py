@@ -17,6 +17,9 @@ class FalconAdapter(Adapter):
         companions = (norm,) if norm else ()
         return SubBlock(branch.output, companions, branch.returns_tuple, branch.residual_arg)
 
+    def parallel_residual(self, config: PretrainedConfig) -> bool:
+        return bool(config.parallel_attn)
+
 
 def _branch_norm(part: str, config: PretrainedConfig) -> str:
     """The norm that serves only this branch ("" when both branches share one)."""

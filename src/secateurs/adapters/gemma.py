@@ -25,6 +25,7 @@ GEMMA = register_adapter(
 GEMMA2 = register_adapter(
     Adapter(
         name="gemma2",
+        output_norms=True,
         model_types=("gemma2", "gemma3_text"),
         layers_path="model.layers",
         attn=SubBlock(

@@ -7,6 +7,7 @@ from secateurs.adapters.llama import HEADS
 GLM4 = register_adapter(
     Adapter(
         name="glm4",
+        output_norms=True,
         model_types=("glm4",),
         layers_path="model.layers",
         attn=SubBlock(

@@ -1,10 +1,21 @@
 """GPT-NeoX / Pythia: parallel residual (attention and MLP both read the block input)."""
 
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
 from secateurs.adapters import register_adapter
 from secateurs.adapters.base import Adapter, ChannelLayout, HeadLayout, SubBlock
 
+
+@dataclass(frozen=True)
+class GptNeoXAdapter(Adapter):
+    def parallel_residual(self, config: PretrainedConfig) -> bool:
+        return bool(getattr(config, "use_parallel_residual", True))
+
+
 GPT_NEOX = register_adapter(
-    Adapter(
+    GptNeoXAdapter(
         name="gpt_neox",
         model_types=("gpt_neox",),
         layers_path="gpt_neox.layers",

@@ -12,6 +12,7 @@ CHANNELS = _LLAMA_CHANNELS.__class__(_LLAMA_CHANNELS.output, _LLAMA_CHANNELS.inp
 OLMO2 = register_adapter(
     Adapter(
         name="olmo2",
+        output_norms=True,
         model_types=("olmo2", "olmo3"),
         layers_path="model.layers",
         attn=SubBlock("self_attn", companions=("post_attention_layernorm",), returns_tuple=True),

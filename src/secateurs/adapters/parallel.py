@@ -17,7 +17,13 @@ _LLAMA_MLP = ChannelLayout("mlp.down_proj", inputs=("mlp.gate_proj", "mlp.up_pro
 
 
 @dataclass(frozen=True)
-class CohereAdapter(Adapter):
+class ParallelAdapter(Adapter):
+    def parallel_residual(self, config: PretrainedConfig) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class CohereAdapter(ParallelAdapter):
     def width_refusal(self, kind: str, config: PretrainedConfig | None) -> str:
         if kind == "heads" and getattr(config, "use_qk_norm", False):
             return "use_qk_norm holds one norm weight per head, not sliced by this adapter"
@@ -37,7 +43,7 @@ COHERE = register_adapter(
 )
 
 PHI = register_adapter(
-    Adapter(
+    ParallelAdapter(
         name="phi",
         model_types=("phi",),
         layers_path="model.layers",
@@ -57,7 +63,7 @@ PHI = register_adapter(
 )
 
 GPTJ = register_adapter(
-    Adapter(
+    ParallelAdapter(
         name="gptj",
         model_types=("gptj",),
         layers_path="transformer.h",

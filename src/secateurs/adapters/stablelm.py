@@ -18,6 +18,9 @@ class StableLmAdapter(Adapter):
         # Parallel: both branches read input_layernorm; post_attention_layernorm is None.
         return SubBlock(branch.output, (), branch.returns_tuple, branch.residual_arg)
 
+    def parallel_residual(self, config: PretrainedConfig) -> bool:
+        return bool(getattr(config, "use_parallel_residual", False))
+
     def width_refusal(self, kind: str, config: PretrainedConfig | None) -> str:
         if kind == "heads" and getattr(config, "qk_layernorm", False):
             return "qk_layernorm keeps one LayerNorm per head in a list, not sliced by this adapter"

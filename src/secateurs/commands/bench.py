@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from secateurs.checkpoint import write_json
-from secateurs.commands import Command, register
-from secateurs.commands.common import device_arg, dtype_arg
+from secateurs.commands.base import Command, register
+from secateurs.commands.common import add_save_arg, device_arg, dtype_arg, save_dirs, save_speed
 from secateurs.errors import ConfigError
 
 
@@ -41,73 +41,12 @@ class Bench(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from secateurs.evaluate.bench_protocol import BenchConfig
 
-        defaults = BenchConfig()
         parser.add_argument(
             "models", nargs="*", help="HF directories, hub ids, .gguf files or aliases to measure"
         )
-        parser.add_argument(
-            "--batch-sizes",
-            type=int_list,
-            default=defaults.batch_sizes,
-            metavar="N,M,...",
-            help=f"batch sizes to measure (default: {','.join(map(str, defaults.batch_sizes))})",
-        )
-        parser.add_argument(
-            "--new-tokens",
-            type=int,
-            default=defaults.new_tokens,
-            help="tokens generated per sequence (default: %(default)s)",
-        )
-        parser.add_argument(
-            "--prompt-len",
-            type=int,
-            default=defaults.prompt_len,
-            help="prompt tokens per sequence (default: %(default)s)",
-        )
-        parser.add_argument(
-            "--repeats",
-            type=int,
-            default=defaults.repeats,
-            help="timed runs per model and batch size; the median is reported (default: "
-            "%(default)s)",
-        )
-        parser.add_argument(
-            "--warmup",
-            type=int,
-            default=defaults.warmup,
-            help="untimed runs first (default: %(default)s)",
-        )
-        parser.add_argument(
-            "--seed", type=int, default=defaults.seed, help="prompt seed (default: %(default)s)"
-        )
-        parser.add_argument(
-            "--dtype", type=dtype_arg, default=None, help="float32 (default), bfloat16, float16"
-        )
-        parser.add_argument(
-            "--device", type=device_arg, default=None, help="default: cuda if present, else cpu"
-        )
-        parser.add_argument(
-            "--random-config",
-            action="append",
-            default=[],
-            metavar="NAME_OR_JSON",
-            help="also measure a random-weight model of this shape (llama-7b, smollm2-135m, "
-            "or a config.json); repeatable",
-        )
-        parser.add_argument(
-            "--plan-depth",
-            type=int_list,
-            default=(),
-            metavar="N[,M]",
-            help="with --random-config: also measure it with N (and M ...) blocks removed "
-            "(default: none)",
-        )
-        parser.add_argument(
-            "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
-        )
-        parser.add_argument(
-            "--json", type=Path, help="also write the results to this JSON file (default: no file)"
-        )
+        _add_protocol_args(parser, BenchConfig())
+        _add_model_args(parser)
+        add_save_arg(parser, "speed")
 
     def run(self, args: argparse.Namespace) -> int:
         if not args.models and not args.random_config:
@@ -125,6 +64,7 @@ class Bench(Command):
             random_config,
         )
 
+        saves = save_dirs(args, list(args.models))
         config = BenchConfig(
             args.batch_sizes, args.new_tokens, args.prompt_len, args.repeats, args.warmup, args.seed
         )
@@ -142,5 +82,79 @@ class Bench(Command):
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             write_json(args.json, result)
+        save_speed(saves, result)
         print(format_table(result))
         return 0
+
+
+def _add_protocol_args(parser: argparse.ArgumentParser, defaults) -> None:
+    """What is measured: batch sizes, tokens, repeats, the prompt seed."""
+    parser.add_argument(
+        "--batch-sizes",
+        type=int_list,
+        default=defaults.batch_sizes,
+        metavar="N,M,...",
+        help=f"batch sizes to measure (default: {','.join(map(str, defaults.batch_sizes))})",
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=defaults.new_tokens,
+        help="tokens generated per sequence (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prompt-len",
+        type=int,
+        default=defaults.prompt_len,
+        help="prompt tokens per sequence (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=defaults.repeats,
+        help="timed runs per model and batch size; the median is reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=defaults.warmup,
+        help="untimed runs first (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="prompt seed (default: %(default)s)"
+    )
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """How the models run and what else is measured."""
+    parser.add_argument(
+        "--dtype", type=dtype_arg, default=None, help="float32 (default), bfloat16, float16"
+    )
+    parser.add_argument(
+        "--device", type=device_arg, default=None, help="default: cuda if present, else cpu"
+    )
+    parser.add_argument(
+        "--random-config",
+        action="append",
+        default=[],
+        metavar="NAME_OR_JSON",
+        help="also measure a random-weight model of this shape (llama-7b, smollm2-135m, "
+        "or a config.json); repeatable",
+    )
+    parser.add_argument(
+        "--plan-depth",
+        type=int_list,
+        default=(),
+        metavar="N[,M]",
+        help="with --random-config: also measure it with N (and M ...) blocks removed "
+        "(default: none)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: as the global --threads: the idle cores)",
+    )
+    parser.add_argument(
+        "--json", type=Path, help="also write the results to this JSON file (default: no file)"
+    )

@@ -13,9 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from secateurs.commands import Command, register
-from secateurs.commands.common import add_data_args, add_model_args, add_save_arg, print_json
-from secateurs.errors import ConfigError
+from secateurs.commands.base import Command, register
+from secateurs.commands.common import (
+    add_data_args,
+    add_model_args,
+    add_save_arg,
+    dense_of,
+    print_json,
+    save_dense,
+    save_dirs,
+)
 from secateurs.report import FAR_ABOVE, ppl_warning
 
 BOS_POLICIES = ("stream", "window", "none")  # as secateurs.evaluate.ppl (torch: imported later)
@@ -51,7 +58,7 @@ class EvalPPL(Command):
 
         models = [args.model] if isinstance(args.model, str) else list(args.model)
         datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
-        saves = _save_dirs(args, models)
+        saves = save_dirs(args, models)
         # cheap checks first (no torch yet): data reachable, windows within the positions
         require_data(f"eval ppl ({', '.join(datasets)})", args.data_dir)
         for model in models:
@@ -70,16 +77,6 @@ class EvalPPL(Command):
             _save(location, runs[model], _dense_of(model, runs), runs)
         _print(args, runs, warnings)
         return 0
-
-
-def _save_dirs(args: argparse.Namespace, models: list[str]) -> dict[str, Path]:
-    """Directories ``--save`` writes into: every model given as a directory (checked first)."""
-    if not args.save:
-        return {}
-    dirs = {m: Path(m) for m in models if Path(m).expanduser().is_dir()}
-    if not dirs:
-        raise ConfigError(f"--save needs a model directory; none of {models} is one.")
-    return dirs
 
 
 def _check_positions(model: str, seq_len: int) -> None:
@@ -111,20 +108,7 @@ def _evaluate(model: str, protocols: list, args: argparse.Namespace) -> dict[str
 
 def _dense_of(model: str, runs: dict[str, dict]) -> str | None:
     """The evaluated model that ``model`` was pruned from (its record's ``source``), if given."""
-    source = runs[model].get("source")
-    if source is None:
-        return None
-    for other in runs:
-        if other != model and _same_model(other, source):
-            return other
-    return None
-
-
-def _same_model(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    return dense_of(model, {name: run.get("source") for name, run in runs.items()})
 
 
 def _warnings(runs: dict[str, dict]) -> list[str]:
@@ -148,13 +132,10 @@ def _save(location: Path, run: dict[str, Any], dense: str | None, runs: dict) ->
     save_results(location, "ppl", {**previous.get("ppl", {}), **run["results"]})
     save_results(location, "parameters", run["parameters"])
     if dense is not None:
-        old = previous.get("dense", {}).get("ppl", {})
-        entry = {
-            "model": dense,
-            "parameters": runs[dense]["parameters"],
-            "ppl": {**old, **runs[dense]["results"]},
-        }
-        save_results(location, "dense", entry)
+        entry = previous.get("dense") or {}
+        old = entry.get("ppl", {}) if entry.get("model") == dense else {}
+        values = {"parameters": runs[dense]["parameters"], "ppl": {**old, **runs[dense]["results"]}}
+        save_dense(location, dense, values)
 
 
 def _print(args: argparse.Namespace, runs: dict[str, dict], warnings: list[str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from secateurs.commands import Command, register
+from secateurs.commands.base import Command, register
 from secateurs.commands.common import (
     add_data_args,
     add_model_args,
@@ -17,13 +17,20 @@ from secateurs.commands.common import (
 @register
 class EvalZeroShot(Command):
     path = ("eval", "zeroshot")
-    help = "zero-shot accuracy (lm-eval) on boolq, piqa, hellaswag, winogrande, arc, openbookqa"
+    help = (
+        "zero-shot accuracy (lm-eval) on boolq, piqa, hellaswag, winogrande, arc, openbookqa; "
+        "lambada_openai (accuracy and target perplexity) when named in --tasks"
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from secateurs.evaluate.zeroshot import PAPER_TASKS
 
         add_model_args(parser)
-        parser.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated tasks")
+        parser.add_argument(
+            "--tasks",
+            default=",".join(PAPER_TASKS),
+            help="comma-separated tasks (default: the papers' seven; also: lambada_openai)",
+        )
         parser.add_argument("--limit", type=int, default=None, help="at most N documents per task")
         parser.add_argument("--batch-size", type=int, default=8)
         parser.add_argument("--seed", type=int, default=0)

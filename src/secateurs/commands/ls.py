@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from secateurs.commands import Command, register
+from secateurs.commands.base import Command, register
 
 
 @register

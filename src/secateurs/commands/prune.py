@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from secateurs.commands import Command, register
+from secateurs.commands.base import Command, register
 from secateurs.commands.common import add_data_args, add_model_args
 from secateurs.commands.spec_args import (
     add_allocation_args,

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from secateurs.commands import Command, register
+from secateurs.commands.base import Command, register
 from secateurs.commands.common import add_data_args, device_arg
 from secateurs.errors import ConfigError
 
@@ -61,22 +61,25 @@ class Recover(Command):
             lora_train = _train_config(
                 args, args.lora_tokens, args.lora_lr or _lib().DEFAULT_LR["lora"]
             )
-        result = _lib().recover(
-            args.pruned,
-            args.out,
+        spec = _lib().RecoverSpec(
+            train,
             method=method,
             data=args.data,
-            train=train,
             lora_train=lora_train,
             lora=_lora_settings(args),
             distill=_distill_settings(args),
             teacher=args.teacher,
             data_root=args.data_dir,
+            device=args.device,
+        )
+        result = _lib().recover(
+            args.pruned,
+            args.out,
+            spec,
             work_dir=args.work_dir,
             resume=args.resume,
             overwrite=args.overwrite,
             keep_work=args.keep_work,
-            device=args.device,
         )
         _lib().end_process_group()  # a launched process exits cleanly only without it
         if int(os.environ.get("RANK", "0")) != 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from secateurs.commands import Command, register
+from secateurs.commands.base import Command, register
 
 
 @register

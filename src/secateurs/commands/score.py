@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from secateurs.commands import Command, register
+from secateurs.commands.base import Command, register
 from secateurs.commands.common import add_data_args, add_model_args
 from secateurs.commands.spec_args import add_calibration_args, add_unit_args, spec_from_args
 from secateurs.errors import OutputExistsError

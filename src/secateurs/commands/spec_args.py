@@ -17,8 +17,10 @@ from secateurs.defaults import (
     HEAL_DAMPING,
     HEAL_SAMPLES,
     HEAL_TARGETS,
+    JUDGE_SAMPLES,
     RECONSTRUCT_DAMPING,
     RECONSTRUCT_SAMPLES,
+    SEARCH_GENERATIONS,
 )
 from secateurs.errors import ConfigError
 
@@ -98,6 +100,20 @@ def add_selection_args(parser: argparse.ArgumentParser) -> None:
         f"('all' = exact greedy, 0 = the first step's ranking). Default: {DEFAULT_SHORTLIST}",
     )
     parser.add_argument("--scores", type=Path, help="reuse depth scores saved by 'secateurs score'")
+    search = parser.add_argument_group("joint search (--unit auto)")
+    search.add_argument(
+        "--generations",
+        type=_positive_int,
+        default=None,
+        help=f"generations of the evolutionary search (default {SEARCH_GENERATIONS})",
+    )
+    search.add_argument(
+        "--judge-samples",
+        type=_positive_int,
+        default=None,
+        help="calibration windows that judge each candidate, apart from those that repair "
+        f"it (default {JUDGE_SAMPLES})",
+    )
     group = parser.add_argument_group("explicit selection (no scoring)")
     group.add_argument("--blocks", help="remove these blocks, e.g. 12,13,14,16,17,18")
     group.add_argument("--attn", help="remove these layers' attention branches")
@@ -123,10 +139,10 @@ def add_fit_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--heal-damping",
-        type=float,
+        type=_damping,
         default=None,
-        help="ridge penalty of the --heal fit, as a fraction of its inputs' mean energy "
-        f"({HEAL_DAMPING})",
+        help="ridge penalty of the --heal fit, as a fraction of its inputs' mean energy, or "
+        f"'auto': chosen per run on held-out windows ({HEAL_DAMPING})",
     )
     group.add_argument(
         "--heal-target",
@@ -249,6 +265,25 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None, help="sampling seed (0)")
 
 
+def _damping(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return value
+
+
 def _shortlist(text: str) -> int | str:
     if text.strip().lower() == "all":
         return "all"
@@ -268,7 +303,8 @@ SPEC_FLAGS = (
     "include_embeddings", "iterative", "shortlist", "scores", "blocks", "attn", "mlp", "plan",
     "heal", "heal_samples", "heal_bias", "heal_target", "heal_damping", "reconstruct",
     "reconstruct_damping", "reconstruct_samples", "compensate", "allocation", "layers",
-    "min_ratio", "max_ratio", "round_to", "uniform_widths", "sensitivity", "target", "depth_share", "min_keep",
+    "min_ratio", "max_ratio", "round_to", "uniform_widths", "sensitivity", "target",
+    "depth_share", "min_keep", "generations", "judge_samples",
     "sequential", "stream", "in_memory", "max_memory", "offload_dir", "calibration", "n_samples",
     "calib_seq_len", "seed", "dtype", "device", "data_dir",
 )  # fmt: skip

@@ -16,8 +16,6 @@ from transformers import PreTrainedModel
 from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
 from secateurs.plan import Unit
-from secateurs.session.base import Session
-from secateurs.session.flow import Flow
 from secateurs.units.width import ParamSlice, group_slices, output_projection
 
 
@@ -27,8 +25,8 @@ class ScoringContext:
     layers the flow loads one at a time), the calibration ``flow`` (None: data-free), and the
     depth units already ``removed`` from the base model (iterative pruning; staged plans)."""
 
-    session: Session
-    flow: Flow | None = None
+    session: Any  # a ``session.base.Session``: where the weights live
+    flow: Any = None  # a ``session.flow.Flow`` over the calibration windows; None: data-free
     removed: tuple[Unit, ...] = ()
     progress: bool = True
     extras: dict[str, Any] = field(default_factory=dict)  # criteria may leave details here

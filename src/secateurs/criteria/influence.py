@@ -40,7 +40,7 @@ from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import Criterion, ScoringContext, calibration_loss
 from secateurs.errors import ConfigError
 from secateurs.units.depth import masked
-from secateurs.units.width import output_weight_columns
+from secateurs.units.width import can_add_intercept, output_weight_columns
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,6 @@ class Influence(Criterion):
         }
 
     def score_width(self, ctx: ScoringContext, kind: str) -> list[torch.Tensor]:
-        from secateurs.fit.reconstruct import can_add_intercept  # reconstruction's own rule
-
         conv1d = ctx.adapter.width_layout(kind).conv1d
         projections = [ctx.output_projection(layer, kind) for layer in range(ctx.num_layers())]
         curvature = kfac_factors(ctx, [m for m, _ in projections])

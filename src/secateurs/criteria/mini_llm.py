@@ -37,8 +37,8 @@ from secateurs.criteria.zeroth_order import (
     signed_steps,
     spsa_perturbations,
 )
+from secateurs.edits import Perturbation
 from secateurs.errors import ConfigError
-from secateurs.session.flow import Perturbation
 from secateurs.units.width import output_weight_columns
 
 log = logging.getLogger(__name__)

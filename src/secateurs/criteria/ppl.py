@@ -14,11 +14,11 @@ import torch
 
 from secateurs.criteria import CRITERIA
 from secateurs.criteria.base import Criterion, ScoringContext
+from secateurs.edits import Perturbation, Removal
 from secateurs.errors import ConfigError
+from secateurs.objectives import measure, prepare
 from secateurs.objectives import objective as make_objective
 from secateurs.plan import Unit
-from secateurs.search import measure, prepare
-from secateurs.session.flow import Perturbation, Removal
 
 
 @CRITERIA.register("ppl")

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs.edits import Perturbation
 from secateurs.errors import ConfigError
-from secateurs.session.flow import Perturbation
 from secateurs.units.width import output_projection
 
 DISTRIBUTIONS = ("rademacher", "gaussian")

@@ -7,7 +7,8 @@ directory, lm-eval's stock tasks (which download from the hub) are used instead.
 
 We report the papers' metric per task (LLM-Pruner, Shortened LLaMA, Wanda): boolq acc, piqa acc,
 hellaswag acc_norm, winogrande acc, arc_easy acc, arc_challenge acc_norm, openbookqa acc_norm;
-and their unweighted mean.
+and their unweighted mean. LAMBADA (``lambada_openai``: accuracy, and the target's perplexity
+beside it) runs when asked for by name.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -48,6 +50,8 @@ class ZeroShotTask:
     config: dict[str, Any]
     hub_task: str  # lm-eval's stock task name
     note: str = ""
+    also: tuple[str, ...] = ()  # further lm-eval metrics shown beside ``metric``
+    aliases: tuple[str, ...] = ()
 
 
 TASKS: Registry[ZeroShotTask] = Registry("zero-shot task")
@@ -176,7 +180,7 @@ def _mc(text: Any, target: Any, choice: Any, metrics=(_ACC, _ACC_NORM)) -> dict[
 
 
 def _add(task: ZeroShotTask) -> None:
-    TASKS.add(task.name, task)
+    TASKS.add(task.name, task, aliases=task.aliases)
 
 
 _add(
@@ -262,6 +266,38 @@ _add(
 )
 
 
+def load_lambada(root: Path) -> Docs:
+    """OpenAI's detokenized LAMBADA test set: one passage per row, its last word the target."""
+    return [{"text": row["text"]} for row in _jsonl(root / "lambada" / "lambada_test.jsonl")]
+
+
+# LAMBADA (lm-eval ``lambada_openai``): the context is the passage up to its last space, the
+# target " " + its last word; accuracy = every target token is the greedy argmax, perplexity =
+# exp of minus the mean (over passages) target log-likelihood. Not one of the papers' seven
+# multiple-choice tasks (not in PAPER_TASKS); ReplaceMe and other depth-pruning papers report it.
+_add(
+    ZeroShotTask(
+        "lambada_openai",
+        "acc",
+        ("lambada/lambada_test.jsonl",),
+        5153,
+        load_lambada,
+        {
+            "output_type": "loglikelihood",
+            "doc_to_text": "{{text.split(' ')[:-1]|join(' ')}}",
+            "doc_to_target": "{{' '+text.split(' ')[-1]}}",
+            "metric_list": [
+                {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                dict(_ACC),
+            ],
+        },
+        "lambada_openai",
+        also=("perplexity",),
+        aliases=("lambada",),
+    )
+)
+
+
 # --- lm-eval glue -------------------------------------------------------------------------------
 
 SPLIT = "test"
@@ -335,23 +371,24 @@ def zeroshot(
     if limit is not None and limit <= 0:
         raise ConfigError(f"limit must be positive; got {limit}.")
     root = data_dir(data_root)
-    task_objects, manager, source = _tasks(names, root)
-    lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size)
-    start = time.perf_counter()
-    output = simple_evaluate(
-        model=lm,
-        tasks=task_objects,
-        limit=limit,
-        task_manager=manager,
-        num_fewshot=0,
-        log_samples=False,
-        bootstrap_iters=0,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
-    seconds = time.perf_counter() - start
+    with harness_quieted():
+        task_objects, manager, source = _tasks(names, root)
+        lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size)
+        start = time.perf_counter()
+        output = simple_evaluate(
+            model=lm,
+            tasks=task_objects,
+            limit=limit,
+            task_manager=manager,
+            num_fewshot=0,
+            log_samples=False,
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+        seconds = time.perf_counter() - start
     protocol = {
         "tasks": list(names),
         "limit": limit,
@@ -362,6 +399,44 @@ def zeroshot(
         "harness": _version(),
     }
     return _result(output, names, seconds, protocol)
+
+
+# lm-eval warnings that follow from how we call it, on purpose, and tell a user nothing: an
+# in-memory model (no accelerate), num_fewshot=0 for every task, tasks built from configs (so
+# the `--metadata` hint). Everything else it warns about (truncated contexts, a task that fails
+# to load, --limit) stays visible.
+EXPECTED_WARNINGS = (
+    "Custom kwargs can be passed to `--metadata`",
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+    "Overwriting default num_fewshot of",
+)
+
+
+class _ExpectedWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in EXPECTED_WARNINGS)
+
+
+@contextmanager
+def harness_quieted() -> Iterator[None]:
+    """lm-eval without its expected warnings and, unless secateurs logs at DEBUG (``-v``), its
+    per-task INFO lines (seeds, "Building contexts for ..."); both restored afterwards."""
+    names = ["lm_eval", *(n for n in logging.root.manager.loggerDict if n.startswith("lm_eval."))]
+    loggers = [logging.getLogger(name) for name in names]
+    quiet = _ExpectedWarnings()
+    root, level = loggers[0], loggers[0].level
+    if not log.isEnabledFor(logging.DEBUG):
+        root.setLevel(max(logging.WARNING, level))
+    for logger in loggers:  # a parent's filter does not see its children's records
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def _tasks(names: tuple[str, ...], root: Path | None):
@@ -403,5 +478,9 @@ def format_table(result: ZeroShotResult) -> str:
     for name, value in result.scores.items():
         metric = result.protocol["metric"][name]
         lines.append(f"| {name} | {metric} | {value:.4f} | {result.samples.get(name, '')} |")
+        for other in TASKS.get(name).also:
+            extra = result.metrics[name].get(other)
+            if extra is not None:
+                lines.append(f"| {name} | {other} | {extra:.4f} | {result.samples.get(name, '')} |")
     lines.append(f"| **mean** | | **{result.mean:.4f}** | |")
     return "\n".join(lines)

@@ -17,16 +17,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from secateurs.checkpoint import write_json
 from secateurs.errors import ConfigError, ModelNotFoundError, OutputExistsError, SecateursError
-from secateurs.export.layout import LLAMA_FAMILY, Layout, check_model, layer_shapes, read_layout
+from secateurs.export.layout import Layout, check_model, read_layout
 from secateurs.outputs import atomic_directory, check_output_dir
 from secateurs.registry import Registry
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +161,10 @@ def _check_out(out: Path, fmt: ExportFormat, overwrite: bool) -> None:
     if not fmt.single_file:
         check_output_dir(out, overwrite)
     elif out.exists() and (out.is_dir() or not overwrite):
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it (files only).")
+        raise OutputExistsError(
+            f"{out} exists; pass --overwrite (from Python: overwrite=True) to replace it "
+            "(files only)."
+        )
 
 
 def _write_file(out: Path, write: Callable[[Path], None]) -> None:
@@ -197,25 +197,4 @@ def engines_for(layout: Layout) -> dict[str, Any]:
     return kinds
 
 
-def engines_for_model(model: PreTrainedModel, plain: bool | None = None) -> dict[str, Any]:
-    """``engines_for`` a model in memory (what ``save_checkpoint`` records); ``plain``: its
-    config alone describes every shape (found from the model if not given)."""
-    try:
-        if plain is None:
-            plain = _describes_every_shape(model)
-        layers = layer_shapes(model) if model.config.model_type in LLAMA_FAMILY else ()
-    except SecateursError as err:  # no adapter for this family
-        return {"error": str(err)}
-    return engines_for(Layout(model.config.to_dict(), layers, plain))
-
-
-def _describes_every_shape(model: PreTrainedModel) -> bool:
-    from secateurs.structure import width_structure
-    from secateurs.units.depth import skipped_branches
-    from secateurs.units.experts import expert_structure
-
-    structure = (skipped_branches(model), width_structure(model), expert_structure(model))
-    return not any(structure)
-
-
-__all__ = ["EXPORTS", "ExportFormat", "check_export", "engines_for", "engines_for_model", "export"]
+__all__ = ["EXPORTS", "ExportFormat", "check_export", "engines_for", "export"]

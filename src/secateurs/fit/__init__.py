@@ -62,7 +62,7 @@ def cut(session: Session, plan: Plan, spec: PruneSpec, windows: Windows, means: 
 def _fits(session: Session, plan: Plan, spec: PruneSpec, windows: Windows) -> dict[str, Any]:
     fits: dict[str, Any] = {}
     model, adapter = session.model, session.adapter
-    if spec.fit.heal and plan.blocks:
+    if (spec.fit.heal or spec.joint) and plan.has_depth:  # auto's removals are always healed
         fit = spec.fit
         fits["heal"] = Healing(
             model, adapter, plan, fit.heal_damping, fit.heal_bias, fit.heal_target
@@ -94,9 +94,11 @@ def _walk(flow: Flow, cutter: Cut, fits: dict[str, Any], last: int, dense: dict)
         changed = cutter.touches(step.index)
         if rebuild is not None:
             rebuild.layer(step)  # cuts the widths it re-fits
-        cutter.layer(step.index, widths=() if rebuild is not None else ("heads", "channels"))
-        if heal is not None and heal.heals_into(step.index):
+        widths = () if rebuild is not None else ("heads", "channels")
+        cutter.layer(step.index, widths=widths, branches=("attn",))
+        if heal is not None and heal.heals_into(step.index):  # may need this layer's MLP
             changed = heal.layer(step, dense.get(step.index)) or changed
+        cutter.layer(step.index, widths=(), branches=("mlp",))
         if changed:
             session.changed(step.index)
 
@@ -107,7 +109,7 @@ def _dense_after(flow: Flow, fits: dict[str, Any]) -> dict[int, list]:
     heal = fits.get("heal")
     if heal is None or not heal.needs_dense_stream:
         return {}
-    into = {last: layer for layer, (_, last) in heal.runs.items() if layer >= 0}
+    into = {run.removed[-1][0]: layer for layer, run in heal.runs.items()}
     found: dict[int, list] = {}
     flow.set_base(())
     for step in flow.walk(stop=max(into) + 1, desc="dense stream"):

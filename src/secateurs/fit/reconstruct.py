@@ -42,7 +42,7 @@ from secateurs.runinfo import return_freed_memory
 from secateurs.session.flow import Step
 from secateurs.units.width import (
     add_output_bias,
-    bias_flag_supported,
+    can_add_intercept,
     keep_index,
     output_projection,
     output_weight_columns,
@@ -64,6 +64,11 @@ class Refit:
 
 # --- the least-squares fit --------------------------------------------------------------------
 ROWS_AT_ONCE = 256  # output rows of W handled at a time: float64 copies stay small
+TOKENS_AT_ONCE = 256  # input tokens handled at a time: (tokens, in) float64 copies stay small
+# Above this size the normal equations (A and B) are held in float32: a 14B MLP keeps ~11k of
+# 13.8k channels, whose float64 system alone is 1.4 GB. Every model up to a 3B one (Llama-3.2:
+# 0.5 GB) is fitted in float64 as before; the record says which precision each fit used.
+FLOAT64_BYTES = 768 * 2**20
 
 
 class NormalEquations:
@@ -82,10 +87,12 @@ class NormalEquations:
         self.weight, self.bias, self.intercept = weight, bias, intercept
         self.kept, self.removed = kept, _removed(weight.shape[1], kept)
         size, out = len(kept) + int(intercept), weight.shape[0]
+        small = (size * size + size * out) * 8 <= FLOAT64_BYTES
+        self.dtype = torch.float64 if small else torch.float32
         # Column-major, as LAPACK works: factorisation and solves then happen truly in place
         # (a row-major matrix is copied first, which at this size is hundreds of MB).
-        self.a = torch.zeros(size, size, dtype=torch.float64, device=weight.device).mT
-        self.b = torch.zeros(out, size, dtype=torch.float64, device=weight.device).mT
+        self.a = torch.zeros(size, size, dtype=self.dtype, device=weight.device).mT
+        self.b = torch.zeros(out, size, dtype=self.dtype, device=weight.device).mT
         self.output_energy = self.sliced_error = self.residual = 0.0
         self.solution: torch.Tensor | None = None
         self.tokens = 0
@@ -95,11 +102,14 @@ class NormalEquations:
             yield slice(start, start + ROWS_AT_ONCE)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        for part in _token_chunks(x):
+            self._add(part)
+
+    def _add(self, x: torch.Tensor) -> None:
         z = x[:, self.kept]
         if self.intercept:
             z = torch.cat([z, z.new_ones(len(z), 1)], dim=1)
-        self.a.addmm_(z.T, z)
+        self.a.addmm_(z.T.to(self.dtype), z.to(self.dtype))
         removed = x[:, self.removed]
         for rows in self.rows():
             w = self.weight[rows].detach().to(torch.float64)
@@ -108,7 +118,7 @@ class NormalEquations:
             self.output_energy += float((target + bias).pow(2).sum())
             if self.intercept:
                 target += bias
-            self.b[:, rows].addmm_(z.T, target)
+            self.b[:, rows].addmm_(z.T.to(self.dtype), target.to(self.dtype))
             self.sliced_error += float((removed @ w[:, self.removed].T).pow(2).sum())
         self.tokens += len(x)
 
@@ -119,7 +129,7 @@ class NormalEquations:
         lam = damping * float(self.a.diagonal()[:k].mean().clamp_min(1e-12))
         self.a.diagonal()[:k] += lam
         for rows in self.rows():  # b += λ W_keptᵀ: the pull towards the sliced weights
-            self.b[:k, rows] += lam * self.weight[rows][:, self.kept].detach().to(torch.float64).T
+            self.b[:k, rows] += lam * self.weight[rows][:, self.kept].detach().to(self.dtype).T
         self.solution = _solve_in_place(self.a, self.b, exact=damping == 0)
         self.a = None  # the factor is not needed any more
 
@@ -127,15 +137,18 @@ class NormalEquations:
         """Add the fitted map's output error on inputs ``x`` (a second pass, after ``solve``):
         measured, not derived from the normal equations, so it is exact however ill-conditioned
         the system was."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        for part in _token_chunks(x):
+            self._measure(part)
+
+    def _measure(self, x: torch.Tensor) -> None:
         z = x[:, self.kept]
         k = len(self.kept)
         for rows in self.rows():
             target = x @ self.weight[rows].detach().to(torch.float64).T
-            predicted = z @ self.solution[:k, rows]
+            predicted = z @ self.solution[:k, rows].to(torch.float64)
             if self.intercept:
                 bias = 0.0 if self.bias is None else self.bias[rows].detach().to(torch.float64)
-                predicted += self.solution[k, rows] - bias
+                predicted += self.solution[k, rows].to(torch.float64) - bias
             self.residual += float((predicted - target).pow(2).sum())
 
     def result(self) -> Refit:
@@ -146,6 +159,13 @@ class NormalEquations:
             self.sliced_error / total,
             self.residual / total,
         )
+
+
+def _token_chunks(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``x`` as (tokens, in) float64 pieces of ``TOKENS_AT_ONCE`` tokens."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    for start in range(0, len(flat), TOKENS_AT_ONCE):
+        yield flat[start : start + TOKENS_AT_ONCE].to(torch.float64)
 
 
 def _removed(n_in: int, kept: torch.Tensor) -> torch.Tensor:
@@ -206,13 +226,6 @@ class ReconstructionReport:
         }
 
 
-def can_add_intercept(model: PreTrainedModel, adapter: Adapter, kind: str) -> bool:
-    """Whether ``kind``'s output projection has, or its config flag can add, a bias."""
-    module, _ = output_projection(model, adapter, 0, kind)
-    flag = adapter.width_layout(kind).bias_flag
-    return module.bias is not None or bias_flag_supported(model.config, flag)
-
-
 def prepare_intercepts(
     model: PreTrainedModel, adapter: Adapter, kinds: Sequence[str], intercept: bool
 ) -> dict[str, bool]:
@@ -262,7 +275,7 @@ class Reconstruction:
         return_freed_memory()  # the pass's temporaries, before the solve needs the room
         normal.solve(self.damping)
         step.run_until(module, normal.measure)
-        fit = normal.result()
+        fit, precision = normal.result(), str(normal.dtype).removeprefix("torch.")
         del normal
         prune_layer(self.model, self.adapter, index, kind, units)
         module, _ = output_projection(self.model, self.adapter, index, kind)
@@ -273,6 +286,7 @@ class Reconstruction:
             "kept_columns": len(kept),
             "relative_error_sliced": round(fit.error_before, 6),
             "relative_error_reconstructed": round(fit.error_after, 6),
+            "precision": precision,
         }
 
     def finish(self) -> dict[str, Any]:

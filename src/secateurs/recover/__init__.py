@@ -14,6 +14,7 @@ from secateurs.recover.lora import LoraSettings, attach_lora, merge_lora, train_
 from secateurs.recover.pipeline import (
     DEFAULT_LR,
     METHODS,
+    RecoverSpec,
     RecoveryResult,
     recover,
     training_documents,
@@ -24,6 +25,7 @@ __all__ = [
     "METHODS",
     "DistillSettings",
     "LoraSettings",
+    "RecoverSpec",
     "RecoveryResult",
     "StageResult",
     "TrainConfig",

@@ -20,6 +20,7 @@ from typing import Any
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from secateurs.card import write_card
 from secateurs.checkpoint import (
     RECORD_FILE,
     atomic_directory,
@@ -134,67 +135,101 @@ def stage_configs(
     return configs
 
 
+@dataclass(frozen=True)
+class RecoverSpec:
+    """What a recovery run does: ``method`` ("lora", "cpt", "cpt+lora", "distill") on
+    ``data`` ("c4" or a text file) with the ``train`` budget (and ``lora_train`` for the LoRA
+    stage of cpt+lora), LoRA and distillation settings, a ``teacher`` (distill; default: the
+    pruned model's source), where named data is read (``data_root``) and the ``device``."""
+
+    train: TrainConfig
+    method: str = "lora"
+    data: str = "c4"
+    lora_train: TrainConfig | None = None
+    lora: LoraSettings | None = None
+    distill: DistillSettings | None = None
+    teacher: str | None = None
+    data_root: str | os.PathLike | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", METHODS.canonical(self.method))
+        stage_configs(self.method, self.train, self.lora_train)  # a missing budget: refused now
+
+
 def recover(
     pruned: str | os.PathLike,
-    out: str | os.PathLike | None,
+    out: str | os.PathLike | None = None,
+    spec: RecoverSpec | None = None,
     *,
-    method: str = "lora",
-    data: str = "c4",
-    train: TrainConfig,
-    lora_train: TrainConfig | None = None,
-    lora: LoraSettings | None = None,
-    distill: DistillSettings | None = None,
-    teacher: str | None = None,
-    data_root: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,
     resume: bool = False,
     overwrite: bool = False,
     keep_work: bool = False,
-    device: str = "cpu",
     progress: bool = True,
+    **options: Any,
 ) -> RecoveryResult:
-    """Retrain the pruned checkpoint ``pruned`` with ``method`` and save it merged to ``out``."""
-    method = METHODS.canonical(method)
-    configs = stage_configs(method, train, lora_train)
+    """Retrain the pruned checkpoint ``pruned`` as ``spec`` (or the ``RecoverSpec`` fields
+    given as ``options``) says, and save it merged to ``out``; ``work_dir`` holds the
+    resumable stages (default: beside ``out``)."""
+    spec = spec if spec is not None else RecoverSpec(**options)
+    configs = stage_configs(spec.method, spec.train, spec.lora_train)
     check_launch()
-    device = process_device(device)
+    device = process_device(spec.device)
     if out is not None and _is_main_process():  # one writer: the main process claims `out`
         check_output_dir(out, overwrite)
     work = Path(work_dir) if work_dir else default_work_dir(out or "secateurs-recover")
     for stage in configs:  # a stale work dir without --resume: refuse before loading anything
         resume_point(work / stage, resume)
     record = _input_record(pruned)
-    teacher_name = _teacher_name(method, teacher, record)
-    model, tokenizer = load_model(pruned, device=device)
-    need = max(c.tokens for c in configs.values())
-    docs = training_documents(data, data_root, max_docs=math.ceil(need / 32))
-    blocks = {s: training_blocks(tokenizer, docs, c) for s, c in configs.items()}
-    teacher_model = load_model(teacher_name, device=device)[0] if teacher_name else None
+    run = _Inputs.load(pruned, spec, configs, record, device)
     start = time.perf_counter()
+    settings = dict(
+        lora=spec.lora or LoraSettings(),
+        distill=spec.distill or DistillSettings(),
+        teacher=run.teacher,
+        resume=resume,
+        device=device,
+        progress=progress,
+    )
     model, stages = _run_stages(
-        model,
-        tokenizer,
-        record,
-        configs,
-        blocks,
-        work,
-        dict(
-            lora=lora or LoraSettings(),
-            distill=distill or DistillSettings(),
-            teacher=teacher_model,
-            resume=resume,
-            device=device,
-            progress=progress,
-        ),
+        run.model, run.tokenizer, record, configs, run.blocks, work, settings
     )
-    info = dict(
-        method=method,
-        data=data,
-        documents=len(docs),
-        teacher=teacher_name,
-        wall_s=time.perf_counter() - start,
-    )
+    info = dict(method=spec.method, data=spec.data, documents=run.documents,
+                teacher=run.teacher_name, wall_s=time.perf_counter() - start)  # fmt: skip
     full_record = recovery_record(record, stages, info)
+    return _finish(
+        model, run.tokenizer, (full_record, stages, configs), out, (overwrite, keep_work, work)
+    )
+
+
+@dataclass
+class _Inputs:
+    """The pruned model, its training blocks per stage and the teacher, loaded."""
+
+    model: Any
+    tokenizer: Any
+    blocks: dict[str, Any]
+    documents: int
+    teacher: Any
+    teacher_name: str | None
+
+    @classmethod
+    def load(cls, pruned, spec: RecoverSpec, configs, record, device) -> _Inputs:
+        teacher_name = _teacher_name(spec.method, spec.teacher, record)
+        model, tokenizer = load_model(pruned, device=device)
+        need = max(c.tokens for c in configs.values())
+        docs = training_documents(spec.data, spec.data_root, max_docs=math.ceil(need / 32))
+        blocks = {s: training_blocks(tokenizer, docs, c) for s, c in configs.items()}
+        teacher = load_model(teacher_name, device=device)[0] if teacher_name else None
+        return cls(model, tokenizer, blocks, len(docs), teacher, teacher_name)
+
+
+def _finish(model, tokenizer, result: tuple, out, how: tuple) -> RecoveryResult:
+    """Save the merged model if every stage spent its budget (every rank returns once the
+    output exists)."""
+    full_record, stages, configs = result
+    overwrite, keep_work, work = how
     finished = len(stages) == len(configs) and all(
         s.global_step >= configs[s.method].steps for s in stages
     )
@@ -205,7 +240,7 @@ def recover(
         save_recovered(model, tokenizer, out, full_record, overwrite=overwrite)
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
-    wait_for_every_process()  # every rank returns once the output exists
+    wait_for_every_process()
     return RecoveryResult(model, full_record, stages, Path(out) if out else None)
 
 
@@ -330,6 +365,8 @@ def save_recovered(
         for item in staged.iterdir():
             item.rename(tmp / item.name)
         staged.rmdir()
+        if any(record.get(key) for key in RECORD_KEYS):  # the staged card says "checkpoint"
+            write_card(tmp, name=Path(out).name)
         curve = record["recovery"]["loss_curve"]
         write_json(tmp / "loss_curve.json", curve)
         title = f"recovery: {record['recovery']['method']}"

@@ -17,58 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from secateurs.edits import Edit, Perturbation, Removal
 from secateurs.plan import Unit
 from secateurs.session.base import Session, Stop, passthroughs
-from secateurs.units.depth import first_arg, masked
+from secateurs.units.depth import first_arg
 
 Call = tuple[tuple, dict]  # a layer's positional arguments after the hidden states, and kwargs
-
-
-# --- modified models, as data --------------------------------------------------------------------
-class Edit(Protocol):
-    """How one layer's call differs in a modified model: ``applied`` installs the change (hooks)
-    while the layer runs; ``skip``: the layer is bypassed (its output is its input)."""
-
-    skip: bool
-
-    def applied(self, session: Session, layer: int) -> AbstractContextManager: ...
-
-
-@dataclass(frozen=True)
-class Removal:
-    """The ``kind`` depth unit of the layer removed (a block is skipped, a branch masked)."""
-
-    kind: str
-
-    @property
-    def skip(self) -> bool:
-        return self.kind == "block"
-
-    def applied(self, session: Session, layer: int) -> AbstractContextManager:
-        return masked(session.model, session.adapter, [Unit(layer, self.kind)])
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    """A model equal to the base one up to layer ``start``; ``edits[i]`` modifies layer i ≥
-    ``start`` (layers without an edit run as in the base). No edits: the base model itself."""
-
-    start: int
-    edits: Mapping[int, Edit] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if any(layer < self.start for layer in self.edits):
-            raise ValueError(f"edits before the start layer {self.start}: {sorted(self.edits)}")
 
 
 @dataclass
@@ -131,12 +95,11 @@ class Flow:
             return self.run_unedited(index, hidden)
 
     def run_unedited(self, index: int, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Layer ``index`` (loaded) as it is now, whatever the base model removes."""
-        layer = self.session.layers[index]
+        """Layer ``index`` (loaded) as it is now, whatever the base model removes, on the
+        first ``len(hidden)`` batches."""
+        layer, calls = self.session.layers[index], self.calls[index][: len(hidden)]
         with torch.no_grad():
-            return [
-                _call(layer, h, call) for h, call in zip(hidden, self.calls[index], strict=True)
-            ]
+            return [_call(layer, h, call) for h, call in zip(hidden, calls, strict=True)]
 
     def run_until(
         self, index: int, hidden: Sequence[torch.Tensor], module: nn.Module, fn: Callable

@@ -71,15 +71,20 @@ class Cut:
             ]
         )
 
-    def layer(self, index: int, widths: Sequence[str] = WIDTH_KINDS) -> None:
-        """Cut layer ``index`` (loaded): its experts, the width ``widths`` kinds (a fit may
-        cut the others itself), its removed branches."""
+    def layer(
+        self,
+        index: int,
+        widths: Sequence[str] = WIDTH_KINDS,
+        branches: Sequence[str] = ("attn", "mlp"),
+    ) -> None:
+        """Cut layer ``index`` (loaded): its experts, its ``widths`` kinds and its removed
+        ``branches`` (a fit may do some of these itself, or need a branch a little longer)."""
         gone = self.plan.removed("experts")[index]
-        if gone:
+        if gone and "mlp" in branches:
             experts.prune_layer_experts(self.model, self.adapter, index, gone)
         for kind in widths:
             self.width_layer(index, kind)
-        for kind in ("attn", "mlp"):
+        for kind in branches:
             if index in getattr(self.plan, kind):
                 depth.skip_branch(self.model, self.adapter, depth.Unit(index, kind))
 

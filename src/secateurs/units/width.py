@@ -382,6 +382,14 @@ def bias_flag_supported(config, flag: str | None) -> bool:
     return bool(flag) and flag in AutoConfig.for_model(config.model_type).to_dict()
 
 
+def can_add_intercept(model: PreTrainedModel, adapter: Adapter, kind: str) -> bool:
+    """Whether ``kind``'s output projection has, or its config flag can add, a bias (what the
+    reconstruction fit uses as its intercept)."""
+    module, _ = output_projection(model, adapter, 0, kind)
+    flag = adapter.width_layout(kind).bias_flag
+    return module.bias is not None or bias_flag_supported(model.config, flag)
+
+
 def check_compensation(model: PreTrainedModel, adapter: Adapter, kind: str) -> None:
     """Fail before any work if the output projection cannot carry a compensating bias."""
     layout = adapter.width_layout(kind)

@@ -1,0 +1,144 @@
+"""What a run reads — a model object, a directory, a GGUF file, an alias or a hub id — opened
+as a session: in memory (``ResidentSession``) or one layer at a time from disk
+(``LazySession``), picked from the spec and the checkpoint's size after the spec was checked
+against the model's config (nothing heavy is read before that)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from secateurs.errors import ConfigError
+from secateurs.session.base import Session
+from secateurs.session.resident import ResidentSession
+from secateurs.spec import PruneSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def open_session(
+    source: Any, spec: PruneSpec, tokenizer: Any = None, work: str | os.PathLike | None = None
+) -> Session:
+    """A session over ``source`` (a model object, a directory, a GGUF file, an alias or a hub
+    id) for ``spec``; ``work``: where a lazy session spills changed layers."""
+    from secateurs.preflight import check_config
+
+    if isinstance(source, PreTrainedModel):
+        if spec.mode.mode in ("sequential", "stream"):
+            raise ConfigError(
+                "--sequential/--stream read a checkpoint from disk, not a model object."
+            )
+        check_config(spec, source.config)
+        return ResidentSession(source, tokenizer, getattr(source, "name_or_path", None))
+    from secateurs.models import check_model_files, resolve_model
+
+    check_model_files(source, shapes=False)  # damaged files named before anything is read
+    location = resolve_model(source)
+    config = _config(location)
+    if config is not None:
+        check_config(spec, config)
+    mode, switched = _mode(spec, location)
+    session = (
+        _resident(source, location, spec)
+        if mode == "memory"
+        else _lazy(location, spec, work, mode, tokenizer)
+    )
+    if switched:
+        session.notes["switched"] = switched
+    return session
+
+
+def _config(location: str) -> Any:
+    if not Path(location).is_dir():
+        return None  # a hub id: its config comes with the model
+    from secateurs.checkpoint import read_config
+
+    return read_config(location)
+
+
+def _dtype(spec: PruneSpec) -> torch.dtype:
+    name = spec.mode.dtype or "float32"
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {name!r}.")
+    return getattr(torch, name)
+
+
+def _mode(spec: PruneSpec, location: str) -> tuple[str, str | None]:
+    """(memory, sequential or stream; why it was switched to, if it was): ``auto`` reads from
+    disk when loading whole would need more than ``--max-memory`` (default: 80% of the memory
+    available now), and says so in one line."""
+    asked = spec.mode.mode
+    if asked != "auto":
+        if asked != "memory" and not Path(location).is_dir():
+            raise ConfigError(f"--{asked} needs a local checkpoint directory; {location} is not.")
+        return asked, None
+    need, budget = _memory_need(spec, location)
+    if need is None or need <= budget:
+        return "memory", None
+    why = (
+        f"{location} needs {need / 2**30:.1f} GiB in memory (budget {budget / 2**30:.1f} GiB): "
+        "reading it one layer at a time (--sequential)."
+    )
+    print(why)
+    return ("stream" if spec.selection.explicit and not spec.fit.heal else "sequential"), why
+
+
+def _memory_need(spec: PruneSpec, location: str) -> tuple[int | None, float]:
+    from secateurs.session.lazy import available_memory, bytes_to_load
+    from secateurs.shards import CheckpointReader
+
+    if not Path(location).is_dir():
+        return None, 0.0
+    try:
+        CheckpointReader(location)
+    except ConfigError:  # not safetensors: only the in-memory path reads it
+        return None, 0.0
+    budget = spec.mode.max_memory * 2**30 if spec.mode.max_memory else 0.8 * available_memory()
+    return bytes_to_load(location, _dtype(spec)), budget
+
+
+def _resident(source: Any, location: str, spec: PruneSpec) -> ResidentSession:
+    from secateurs.models import load_model
+
+    model, tokenizer = load_model(
+        location, dtype=_dtype(spec), device=spec.mode.device, require_adapter=True
+    )
+    session = ResidentSession(model, tokenizer, source)
+    session.notes["source_dtype"] = _source_dtype(str(source), location)
+    return session
+
+
+def _source_dtype(source: str, location: str) -> str:
+    """The dtype the output keeps: the source checkpoint's; float32 for a dequantized GGUF."""
+    if source.endswith(".gguf") or location != source and not Path(source).is_dir():
+        return "float32"
+    from secateurs.checkpoint import read_config
+    from secateurs.shards import checkpoint_dtype
+
+    config = read_config(location) if Path(location).is_dir() else None
+    return str(checkpoint_dtype(config)).removeprefix("torch.") if config else "float32"
+
+
+def _lazy(location: str, spec: PruneSpec, work: Any, mode: str, tokenizer: Any) -> Session:
+    from secateurs.models import check_model_files
+    from secateurs.session.lazy import LazyModel, LazySession
+
+    if work is None:
+        raise ConfigError("Reading a checkpoint one layer at a time writes to --out; give one.")
+    check_model_files(location)  # weights whose shapes differ from config.json
+    lazy = LazyModel(location, _dtype(spec), spec.mode.device)
+    session = LazySession(lazy, work, tokenizer, stream=mode == "stream")
+    from secateurs.shards import checkpoint_dtype
+
+    session.notes["source_dtype"] = str(checkpoint_dtype(lazy.config)).removeprefix("torch.")
+    return session
+
+
+__all__ = ["open_session"]
