@@ -25,8 +25,38 @@ def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple
     return time.perf_counter() - start, peak_kb / 1024
 
 
+def peak_rss_since_reset_mb() -> float:
+    """This process's resident-memory high-water mark (MB, the kernel's VmHWM: since the process
+    started, or since ``/proc/self/clear_refs`` last reset it). Linux only."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def secateurs_cli() -> list[str]:
     return [sys.executable, "-m", "secateurs.cli"]
+
+
+def prune_batched(model, tokenizer, score_batch: int = 1, fit_batch: int = 8, **options):
+    """``secateurs.run.prune`` in memory (no record, nothing saved) with scoring run
+    ``score_batch`` windows per forward and the fits (reconstruction, healing) ``fit_batch``:
+    what the Python API did by default before the redesign, which these benchmarks' published
+    numbers used. ``prune`` now takes one batch size for both. Returns the ``Choice``."""
+    from secateurs.calibration import Windows
+    from secateurs.choose import choose
+    from secateurs.fit import cut
+    from secateurs.session import ResidentSession
+    from secateurs.spec import PruneSpec
+
+    spec = PruneSpec.from_options(batch_size=score_batch, **options)
+    session = ResidentSession(model, tokenizer)
+    choice = choose(session, spec, Windows(spec.data, session, progress=False))
+    # from the options, not spec.replaced(): that rebuilds from to_options(), where a
+    # calibration tensor has become its description ("tensor[N, T]")
+    fit = PruneSpec.from_options(batch_size=fit_batch, **options)
+    cut(session, choice.plan, fit, Windows(fit.data, session, progress=False), choice.means)
+    return choice
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

@@ -21,15 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import markdown_table, write_results  # noqa: E402
-from secateurs.api import prune  # noqa: E402
-from secateurs.width_api import parameter_base  # noqa: E402
+from _common import markdown_table, prune_batched, write_results  # noqa: E402
 
 from secateurs.adapters import adapter_for  # noqa: E402
+from secateurs.choose import decoder_parameters  # noqa: E402
 from secateurs.data import CalibrationConfig  # noqa: E402
 from secateurs.evaluate.ppl import PPLProtocol, perplexity  # noqa: E402
 from secateurs.models import load_model  # noqa: E402
 from secateurs.runinfo import count_parameters  # noqa: E402
+from secateurs.session import ResidentSession  # noqa: E402
 
 COLUMNS = [
     ("depth_share", "depth share"),
@@ -50,19 +50,26 @@ def _ppl(model, tokenizer, windows: int) -> dict[str, float]:
     }
 
 
+def parameter_base(model) -> int:
+    """The parameters ``--ratio`` is a fraction of: all but the embeddings and the head."""
+    return decoder_parameters(ResidentSession(model), include_embeddings=False)
+
+
 def _prune(model, tokenizer, ratio: float, share: float):
-    common = dict(calibration=CalibrationConfig(), progress=False)
+    """Scoring one window per forward, reconstruction 8 (the protocol of the published table);
+    calibration: the defaults (10 C4 windows × 128 tokens, seed 0; reconstruction 64)."""
     if share == 0:
-        return prune(model, tokenizer, criterion="fluctuation", unit="width", ratio=ratio,
-                     allocation="global", **common)  # fmt: skip
+        return prune_batched(model, tokenizer, criterion="fluctuation", unit="width",
+                             ratio=ratio, allocation="global")  # fmt: skip
     if share == 1:
         adapter = adapter_for(model)
         block = count_parameters(adapter.layers(model)[0])
-        blocks = round(ratio * parameter_base(model, False) / block)
-        return prune(model, tokenizer, criterion="block-influence+", unit="block", remove=blocks,
-                     **common)  # fmt: skip
-    return prune(model, tokenizer, criterion="block-influence+,fluctuation", unit="block,width",
-                 ratio=ratio, depth_share=share, allocation="global", **common)  # fmt: skip
+        blocks = round(ratio * parameter_base(model) / block)
+        return prune_batched(model, tokenizer, criterion="block-influence+", unit="block",
+                             remove=blocks)  # fmt: skip
+    return prune_batched(model, tokenizer, criterion="block-influence+,fluctuation",
+                         unit="block,width", ratio=ratio, depth_share=share,
+                         allocation="global")  # fmt: skip
 
 
 def main() -> None:
@@ -75,7 +82,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     dense, tokenizer = load_model(args.model)
-    base = parameter_base(dense, False)
+    base = parameter_base(dense)
     ppl = _ppl(dense, tokenizer, args.max_windows)
     params = count_parameters(dense) / 1e6
     rows.append(dict(depth_share="dense", blocks=0, achieved_ratio=0.0, params_m=params, **ppl))

@@ -24,11 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import markdown_table, write_results  # noqa: E402
-from secateurs.api import prune  # noqa: E402
-from secateurs.experts import experts_masked  # noqa: E402
 
-from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.evaluate.efficiency import linear_macs_per_token, weight_bytes  # noqa: E402
+from secateurs.run import prune  # noqa: E402
+from secateurs.units import masked  # noqa: E402
 
 CONFIG = dict(
     vocab_size=4096,
@@ -70,14 +69,13 @@ def main() -> None:
         model = copy.deepcopy(dense)
         error = 0.0
         if remove:
-            result = prune(model, None, criterion="magnitude", unit="experts", remove=remove)
-            with (
-                torch.no_grad(),
-                experts_masked(dense, adapter_for(dense), result.plan.removed_by_layer()),
-            ):
-                masked = dense(input_ids=ids).logits
+            # --remove counts experts per MoE layer (uniform allocation)
+            result = prune(model, unit="experts", criterion="magnitude", remove=remove,
+                           progress=False)  # fmt: skip
+            with torch.no_grad(), masked(dense, result.plan):
+                reference = dense(input_ids=ids).logits
             with torch.no_grad():
-                error = float((model(input_ids=ids).logits - masked).abs().max())
+                error = float((model(input_ids=ids).logits - reference).abs().max())
         rows.append(
             {
                 "experts": f"{8 - remove} of 8",

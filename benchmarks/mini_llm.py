@@ -31,10 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import width  # noqa: E402
 from _common import RESULTS, markdown_table, write_results  # noqa: E402
-from secateurs.pipeline import window_losses  # noqa: E402
-from secateurs.width import output_weight_columns  # noqa: E402
 
-from secateurs.adapters import adapter_for  # noqa: E402
 from secateurs.criteria import CRITERIA, ScoringContext  # noqa: E402
 from secateurs.criteria.mini_llm import combine, gate_gradients  # noqa: E402
 from secateurs.criteria.zeroth_order import (  # noqa: E402
@@ -43,6 +40,8 @@ from secateurs.criteria.zeroth_order import (  # noqa: E402
     signal_to_noise,
 )
 from secateurs.models import load_model  # noqa: E402
+from secateurs.session.resident import token_nll  # noqa: E402
+from secateurs.units.width import output_weight_columns  # noqa: E402
 
 KINDS = ("heads", "channels")
 # (label, windows, scope [+ layers per pass], prior power, SPSASettings kwargs)
@@ -141,14 +140,14 @@ def _row(label, kind, how, scores, truth, taylor, gates=None) -> dict:
     return row
 
 
-def sweep_rows(model, adapter, tokenizer, args, refs10: dict) -> list[dict]:
+def sweep_rows(model, tokenizer, args, refs10: dict) -> list[dict]:
     rows, refs = [], {10: refs10}
     for label, windows, scope, power, options in SWEEP:
         if args.only and label not in args.only.split(";"):
             continue
         if windows not in refs:
-            refs[windows] = references(_ctx(model, adapter, tokenizer, args, windows))
-        ctx = _ctx(model, adapter, tokenizer, args, windows)
+            refs[windows] = references(_ctx(model, tokenizer, args, windows))
+        ctx = _ctx(model, tokenizer, args, windows)
         for kind in KINDS:
             r = refs[windows][kind]
             start = time.perf_counter()
@@ -181,9 +180,9 @@ def noise_levels(estimates: list[GateEstimate], exact: list[torch.Tensor]) -> di
     return {"snr": f"{own.nanmedian():.2g}", "snr_oracle": f"{oracle.median():.2g}"}
 
 
-def _ctx(model, adapter, tokenizer, args, windows: int) -> ScoringContext:
-    calib = width.calibration(tokenizer, args, windows)
-    return ScoringContext(model, adapter, calib, 1, progress=False)
+def _ctx(model, tokenizer, args, windows: int) -> ScoringContext:
+    """One window per forward, as width.py scores."""
+    return width.scoring_context(model, tokenizer, width.calibration(tokenizer, args, windows))
 
 
 def run_sweep(args, previous: list[dict]) -> dict:
@@ -191,13 +190,12 @@ def run_sweep(args, previous: list[dict]) -> dict:
     model, tokenizer = load_model(args.model)
     for p in model.parameters():
         p.requires_grad_(False)
-    adapter = adapter_for(model)
-    refs = references(_ctx(model, adapter, tokenizer, args, 10))
+    refs = references(_ctx(model, tokenizer, args, 10))
     timing = {k: {"taylor_s": r["taylor_s"], "pass_s": r["pass_s"]} for k, r in refs.items()}
     rows = ceilings(refs)
     for row in rows:
         print(json.dumps(row), flush=True)
-    rows += sweep_rows(model, adapter, tokenizer, args, refs)
+    rows += sweep_rows(model, tokenizer, args, refs)
     fresh = {row["setting"] for row in rows}  # rows of settings not rerun are kept
     return {"sweep": rows + [r for r in previous if r["setting"] not in fresh], **timing_of(timing)}
 
@@ -236,7 +234,7 @@ def oracle_ppl(args) -> list[dict]:
     model, tokenizer = load_model(args.model)
     for p in model.parameters():
         p.requires_grad_(False)
-    refs = references(_ctx(model, adapter_for(model), tokenizer, args, args.n_samples))
+    refs = references(_ctx(model, tokenizer, args, args.n_samples))
     rows = []
     for how in ("paper", "gate"):
         scores = {
@@ -257,7 +255,7 @@ def run_ceilings(args) -> dict:
     model, tokenizer = load_model(args.model)
     for p in model.parameters():
         p.requires_grad_(False)
-    ctx = _ctx(model, adapter_for(model), tokenizer, args, args.n_samples)
+    ctx = _ctx(model, tokenizer, args, args.n_samples)
     views = {kind: ceiling_views(ctx, kind) for kind in KINDS}
     rows = []
     for name in args.variants.split(","):
@@ -335,7 +333,8 @@ def exact_gates(ctx: ScoringContext, kind: str, per_window=False, centers=None):
             gates.append(s)
         try:
             for batch in [run] if per_window else ctx.batches():
-                losses = window_losses(ctx.model(input_ids=batch, use_cache=False).logits, batch)
+                logits = ctx.model(input_ids=batch, use_cache=False).logits
+                losses = token_nll(logits, batch).mean(-1)  # each window's mean NLL
                 (losses.sum() / (1 if per_window else windows)).backward()
         finally:
             for handle in handles:

@@ -57,8 +57,9 @@ def write_random_checkpoint(directory: Path, layers: int, shard: str = "2GB") ->
     """The checkpoint in the hub's per-expert layout, written tensor by tensor."""
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
-    from secateurs.streaming import TensorSpec, meta_skeleton, saved_state, write_safetensors
     from transformers import OlmoeConfig
+
+    from secateurs.shards import TensorSpec, meta_skeleton, saved_state, write_safetensors
 
     directory.mkdir(parents=True, exist_ok=True)
     OlmoeConfig(**{**OLMOE_SHAPED, "num_hidden_layers": layers}).save_pretrained(directory)
@@ -90,7 +91,7 @@ def write_random_checkpoint(directory: Path, layers: int, shard: str = "2GB") ->
 
 def sizes(directory: Path) -> tuple[float, float, int]:
     """GB of the checkpoint, GB of layer 1's tensors, and how many tensors layer 1 has."""
-    from secateurs.streaming import CheckpointReader
+    from secateurs.shards import CheckpointReader
 
     reader = CheckpointReader(directory)
     layer = [n for n in reader.names() if n.startswith("model.layers.1.")]

@@ -65,8 +65,9 @@ def write_random_checkpoint(directory: Path, shard: str = "5GB") -> None:
     """A Llama-3.2-3B-shaped checkpoint, written tensor by tensor (never the whole model)."""
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
-    from secateurs.streaming import TensorSpec, meta_skeleton, saved_state, write_safetensors
     from transformers import LlamaConfig
+
+    from secateurs.shards import TensorSpec, meta_skeleton, saved_state, write_safetensors
 
     directory.mkdir(parents=True, exist_ok=True)
     LlamaConfig(**{k: v for k, v in LLAMA_3_2_3B.items() if k != "model_type"}).save_pretrained(
@@ -128,8 +129,9 @@ def size_gb(directory: Path) -> float:
 def run_step(name: str, flags: list[str], source: Path, out: Path, calib: list[str]) -> dict:
     scored = "--sequential" in flags
     command = ["prune", str(source), *flags, "--out", str(out), "--overwrite"]
-    if scored:
-        command += [*calib, "--protect", "sl"] if "block" in flags else calib
+    if scored:  # reconstruction's windows: width only (the CLI refuses the flag elsewhere)
+        width = calib + ["--reconstruct-samples", calib[1]]
+        command += [*calib, "--protect", "sl"] if "block" in flags else width
     seconds, peak = run_measured([sys.executable, "-m", "secateurs.cli", *command])
     record = json.loads((out / "secateurs.json").read_text())
     plain = record["loading"]["plain_transformers"]
@@ -184,12 +186,10 @@ SMOLLM2_CASES = {
 def smollm2_equivalence(work: Path, n_samples: int, seq_len: int) -> None:
     """Whole-model vs layer-by-layer on SmolLM2-135M: same units, logits within tolerance."""
     import torch
-    from secateurs.sequential import sequential_prune
-    from secateurs.width_api import WidthOptions
 
     from secateurs import load_model, prune
-    from secateurs.checkpoint import save_checkpoint
     from secateurs.data import CalibrationConfig, load_eval_text
+    from secateurs.writer import save_checkpoint
 
     model, tokenizer = load_model("smollm2-135m")
     source = work / "smollm2"
@@ -197,25 +197,21 @@ def smollm2_equivalence(work: Path, n_samples: int, seq_len: int) -> None:
     calibration = CalibrationConfig(n_samples=n_samples, seq_len=seq_len).load(tokenizer)
     text = load_eval_text("wikitext2").text[:20_000]
     probe = torch.tensor(tokenizer(text)["input_ids"][:512]).view(4, 128)
-    width = WidthOptions(unit="width", ratio=0.2, allocation="uniform", sensitivity=False)
     rows = []
     for name, case in SMOLLM2_CASES.items():
-        unit, criterion = case["unit"], case["criterion"]
-        if unit == "block":
-            depth = dict(protect="sl", remove=case["remove"])
-            memory_extra, layered_extra = depth, depth
+        if case["unit"] == "block":
+            extra = dict(protect="sl", remove=case["remove"])
         else:
-            memory_extra = dict(ratio=0.2, allocation="uniform", sensitivity=False)
-            layered_extra = dict(width=width)
-        shared = dict(criterion=criterion, unit=unit, calibration=calibration, overwrite=True,
-                      progress=False)  # fmt: skip
-        memory = prune(load_model(source)[0], tokenizer, out=work / "memory", batch_size=8,
-                       **shared, **memory_extra)  # fmt: skip
-        layered = sequential_prune(source, work / "layered", **shared, **layered_extra)
+            extra = dict(ratio=0.2, allocation="uniform", sensitivity=False)
+        # both ways 8 windows per forward (scoring and fits), as before the redesign
+        shared = dict(criterion=case["criterion"], unit=case["unit"], calibration=calibration,
+                      overwrite=True, progress=False, batch_size=8, **extra)  # fmt: skip
+        memory = prune(load_model(source)[0], tokenizer=tokenizer, out=work / "memory", **shared)
+        layered = prune(str(source), out=work / "layered", mode="sequential", **shared)
         a, b = load_model(work / "memory")[0], load_model(work / "layered")[0]
         with torch.no_grad():
             delta = max(float((a(w[None]).logits - b(w[None]).logits).abs().max()) for w in probe)
-        same = memory.record["plan"] == layered["plan"]
+        same = memory.record["plan"] == layered.record["plan"]
         rows.append(dict(case=name, same_units=same, max_abs_logit_delta=delta))
         print(rows[-1], flush=True)
     protocol = {"calibration": f"C4, {n_samples} windows x {seq_len} tokens, same tensor"}
@@ -246,13 +242,13 @@ MEMORY_COLUMNS = [
     ("peak_rss_mb", "peak RSS MB"),
     ("over_imports_mb", "peak RSS over the imports' MB"),
 ]
-IMPORTS = "import torch, transformers, secateurs.cli, secateurs.sequential, secateurs.width_api"
+IMPORTS = "import torch, transformers, secateurs.cli, secateurs.run"
 
 
 SAVE_SMOLLM2 = """
 import sys
 from secateurs import load_model
-from secateurs.checkpoint import save_checkpoint
+from secateurs.writer import save_checkpoint
 model, tokenizer = load_model("smollm2-135m")
 save_checkpoint(model, tokenizer, sys.argv[1], {}, overwrite=True)
 """
@@ -315,7 +311,6 @@ def main() -> None:
         seconds, peak = run_measured([sys.executable, __file__, "--write-only", str(source)])
         print(f"wrote {size_gb(source):.2f} GB in {seconds:.0f} s (peak RSS {peak:,.0f} MB)")
     calib = ["--n-samples", str(args.n_samples), "--calib-seq-len", str(args.seq_len)]
-    calib += ["--reconstruct-samples", str(args.n_samples)]
     chosen = [int(i) for i in args.steps.split(",")] if args.steps else range(1, len(STEPS) + 1)
     rows = []
     for number, (name, flags) in enumerate(STEPS.items(), start=1):

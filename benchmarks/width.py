@@ -33,28 +33,33 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # noqa: E402
     RESULTS,
     markdown_table,
+    peak_rss_since_reset_mb,
     run_measured,
     write_atomically,
     write_results,
 )
-from secateurs.api import count_parameters  # noqa: E402
-from secateurs.surgery import apply_width_plan  # noqa: E402
-from secateurs.width_api import (  # noqa: E402
-    WidthOptions,
-    _plan,
-    _sensing,
-    ensure_input_means,
-    parameter_base,
-    reconstruct_plan,
-)
 
-from secateurs.adapters import adapter_for  # noqa: E402
+from secateurs.calibration import Windows  # noqa: E402
+from secateurs.choose import (  # noqa: E402
+    budget_params,
+    compensates,
+    decoder_parameters,
+    input_means,
+    senses,
+    width_plan,
+)
 from secateurs.criteria import CRITERIA, ScoringContext  # noqa: E402
 from secateurs.data import CalibrationConfig  # noqa: E402
-from secateurs.evaluate.efficiency import PeakMemory, _proc_status_kb  # noqa: E402
+from secateurs.evaluate.efficiency import PeakMemory  # noqa: E402
 from secateurs.evaluate.ppl import PPLProtocol, perplexity  # noqa: E402
+from secateurs.fit import cut  # noqa: E402
 from secateurs.models import load_model  # noqa: E402
+from secateurs.runinfo import count_parameters  # noqa: E402
 from secateurs.sensitivity import layer_sensitivity  # noqa: E402
+from secateurs.session import ResidentSession  # noqa: E402
+from secateurs.session.flow import Flow  # noqa: E402
+from secateurs.spec import PruneSpec  # noqa: E402
+from secateurs.units import apply_plan  # noqa: E402
 
 CRITERIA_NAMES = [
     "magnitude",
@@ -90,22 +95,27 @@ def phase_peak(result: dict):
     start (so model loading, whose transient copies can exceed any later phase, is excluded)."""
     with PeakMemory(torch.device("cpu")).track():
         yield
-    result["phase_peak_mb"] = _proc_status_kb("VmHWM") / 1024
+    result["phase_peak_mb"] = peak_rss_since_reset_mb()
+
+
+def scoring_context(model, tokenizer, tokens: torch.Tensor) -> ScoringContext:
+    """Scoring on ``tokens`` one window per forward (this benchmark's protocol throughout)."""
+    session = ResidentSession(model, tokenizer)
+    return ScoringContext(session, Flow(session, tokens, batch_size=1), progress=False)
 
 
 def score_one(args) -> None:
     """Child process: score with one criterion and save the scores (no evaluation here)."""
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model)
-    ctx = ScoringContext(model, adapter_for(model), calibration(tokenizer, args), 1, progress=False)
+    ctx = scoring_context(model, tokenizer, calibration(tokenizer, args))
     scorer = CRITERIA.get(args.score_one)(**json.loads(args.criterion_options))
     memory: dict = {}
     start = time.perf_counter()
     with phase_peak(memory):
         scores = {kind: scorer.score_width(ctx, kind) for kind in KINDS}
     seconds = time.perf_counter() - start
-    ensure_input_means(ctx, KINDS)  # for FLAP's compensation; not part of scoring
-    extras = {k: v for k, v in ctx.extras.items() if k == "input_mean"}
+    extras = {"input_mean": input_means(ctx, KINDS)}  # for FLAP's compensation; not scoring
     torch.save({"scores": scores, "seconds": seconds, "extras": extras, **memory}, args.out)
 
 
@@ -157,39 +167,49 @@ def evaluate(model, tokenizer, args) -> dict[str, float]:
     }
 
 
+def width_spec(criterion: str, setting: dict, fit_tokens, args) -> PruneSpec:
+    """The run's options: the setting, reconstruction on ``fit_tokens`` (8 windows per
+    forward) or none, the intercept unless ``--no-intercept``."""
+    fit = {"calibration": fit_tokens, "batch_size": 8} if fit_tokens is not None else {}
+    return PruneSpec.from_options(
+        unit="width", criterion=criterion, reconstruct=fit_tokens is not None,
+        reconstruct_damping=args.damping, compensate=False if args.no_intercept else None,
+        **setting, **fit,
+    )  # fmt: skip
+
+
 def prune_copy(dense, scored: dict, criterion: str, setting: dict, fit_tokens, args):
     """A pruned copy of ``dense``; with ``fit_tokens`` reconstructed, else FLAP's compensation
     where the criterion has it by default (fluctuation)."""
     model = copy.deepcopy(dense)
-    adapter = adapter_for(model)
-    compensate = False if args.no_intercept else None
-    opts = WidthOptions("width", reconstruct_damping=args.damping, compensate=compensate, **setting)
-    target = round(opts.ratio * parameter_base(model, False))
+    spec = width_spec(criterion, setting, fit_tokens, args)
+    session = ResidentSession(model, args.tokenizer)
     scorer = CRITERIA.get(criterion)()
-    layers = opts.layer_range(adapter.num_layers(model))
-    compensate = None if fit_tokens is None else False
+    layers = spec.allocation.layer_range(session.num_layers)
     sensitivity, sensing_s = None, 0.0
-    if _sensing(opts, scorer):  # as `secateurs prune`: not for loss-unit scores (influence)
-        sensitivity, sensing_s = sensitivity_of(dense, scored, opts, layers, args)
-    plan = _plan(
-        model, adapter, scored["scores"], opts, layers, target, scorer, compensate, sensitivity
+    if senses(spec, scorer):  # as `secateurs prune`: not for loss-unit scores (influence)
+        sensitivity, sensing_s = sensitivity_of(dense, scored, spec, layers, args)
+    target = budget_params(session, spec)
+    compensating = compensates(spec, scorer)  # never with reconstruction (its intercept)
+    plan = width_plan(
+        session, spec, scorer, scored["scores"], layers, target, compensating, sensitivity
     )
     if fit_tokens is None:
-        apply_width_plan(model, plan, adapter, scored["extras"].get("input_mean"))
+        apply_plan(model, plan, session.adapter, scored["extras"].get("input_mean"))
         return model, 0.0, sensing_s
-    record = reconstruct_plan(model, plan, fit_tokens, opts, adapter)
-    return model, record["seconds"], sensing_s
+    report = cut(session, plan, spec, Windows(spec.data, session, progress=False), {})
+    return model, report.reconstruction["seconds"], sensing_s
 
 
-def sensitivity_of(dense, scored: dict, opts: WidthOptions, layers, args) -> tuple[dict, float]:
+def sensitivity_of(dense, scored: dict, spec: PruneSpec, layers, args) -> tuple[dict, float]:
     """Per-layer sensitivity on the scoring calibration and its seconds (cached on disk per
     score file and ratio)."""
-    out = CACHE / f"sensitivity-{scored['file']}-{opts.ratio}-{layers[0]}-{layers[-1]}.json"
+    ratio = spec.budget.ratio
+    out = CACHE / f"sensitivity-{scored['file']}-{ratio}-{layers[0]}-{layers[-1]}.json"
     if not out.exists():
-        tokens = calibration(args.tokenizer, args)
-        ctx = ScoringContext(dense, adapter_for(dense), tokens, 1, progress=False)
+        ctx = scoring_context(dense, args.tokenizer, calibration(args.tokenizer, args))
         start = time.perf_counter()
-        values = layer_sensitivity(ctx, scored["scores"], layers, opts.ratio)
+        values = layer_sensitivity(ctx.flow, scored["scores"], layers, ratio)
         seconds = round(time.perf_counter() - start, 1)
         write_atomically(out, json.dumps({"values": values, "seconds": seconds}))
     cached = json.loads(out.read_text())
@@ -233,7 +253,8 @@ def run(args) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     dense, tokenizer = load_model(args.model)
     args.tokenizer = tokenizer
-    base, dense_params = parameter_base(dense, False), count_parameters(dense)
+    base = decoder_parameters(ResidentSession(dense), False)
+    dense_params = count_parameters(dense)
     results = load_previous(args)
     rows = results["rows"]
     done = {(r["setting"], r["criterion"], r["reconstruct"], r["windows"]) for r in rows}
