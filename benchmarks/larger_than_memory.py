@@ -10,8 +10,12 @@ in a fresh process, whose peak RSS is measured):
 - depth: ``block-influence+``, 8 blocks, layer by layer (the automatic switch: no flag needed);
 - width: ``activation`` 20% of the decoder, uniform, with reconstruction, layer by layer;
 
-each computing in bfloat16 (``--dtype bfloat16``; the checkpoint's dtype) with a 2 GB target for
-peak RSS. The depth output is then loaded by plain transformers (``from_pretrained`` with
+each with a 2 GB target for peak RSS. Layers compute in float32 by default (``--dtype``): this
+CPU has no bfloat16 matrix instructions, and a bfloat16 layer took 915 s against ~10× less in
+float32 (measured on the first layers); the outputs are written in the checkpoint's bfloat16
+either way. Calibration is small (``--n-samples`` 4 windows for scores, ``--reconstruct-samples``
+8 for the width fit): memory does not depend on it beyond the activations. The depth output is
+then loaded by plain transformers (``from_pretrained`` with
 ``device_map`` offload to disk, in another process, not part of the budget) and run on a few
 tokens. The checkpoints are deleted at the end (``--keep`` keeps them).
 
@@ -110,7 +114,7 @@ def size_gb(directory: Path) -> float:
 
 
 def run_step(name: str, flags: list[str], source: Path, out: Path, calib: list[str]) -> dict:
-    command = [*secateurs_cli(), "prune", str(source), *flags, "--dtype", "bfloat16"]
+    command = [*secateurs_cli(), "prune", str(source), *flags]
     command += [*calib, "--out", str(out), "--overwrite"]
     print(f"\n== {name}\n{' '.join(command)}", flush=True)
     seconds, peak = run_measured(command)
@@ -141,7 +145,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for the checkpoints")
     parser.add_argument("--steps", default=",".join(STEPS), help="depth, width (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
-    parser.add_argument("--n-samples", type=int, default=10)
+    parser.add_argument("--n-samples", type=int, default=4, help="scoring windows")
+    parser.add_argument("--reconstruct-samples", type=int, default=8, help="width fit windows")
+    parser.add_argument("--dtype", default="float32", help="compute dtype of each layer")
     parser.add_argument("--write-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_only:  # in a process of its own: a forked child's peak RSS counts ours
@@ -155,12 +161,13 @@ def main() -> None:
     seconds = round(time.perf_counter() - start, 1)
     written = {"checkpoint_gb": round(size_gb(source), 2), "write_s": seconds}
     print(written, flush=True)
-    calib = ["--n-samples", str(args.n_samples)]
+    calib = ["--n-samples", str(args.n_samples), "--dtype", args.dtype]
     rows = []
     try:
         for key in args.steps.split(","):
             out = args.work / f"out-{key}"
-            row = run_step(*STEPS[key], source, out, calib)
+            fit = ["--reconstruct-samples", str(args.reconstruct_samples)] if key == "width" else []
+            row = run_step(*STEPS[key], source, out, calib + fit)
             if row["plain_config"]:
                 row.update(plain_load(out, args.work))
             rows.append(row)

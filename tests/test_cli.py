@@ -62,6 +62,15 @@ def test_unknown_recipe_key_is_an_error(model_dir, tmp_path, capsys):
     assert "unknown options ['critrion']" in capsys.readouterr().err
 
 
+def test_score_needs_no_removable_block(model_dir, calibration_file, tmp_path):
+    """``ppl+`` protects all 6 layers of the tiny model: nothing could be removed, yet scoring
+    removes nothing, so every layer is scored (a placeholder budget must not be checked)."""
+    scores = tmp_path / "scores.json"
+    argv = ["score", str(model_dir), "--criterion", "ppl+", "--out", str(scores)]
+    assert main([*argv, *calib_flags(calibration_file)]) == 0
+    assert len(json.loads(scores.read_text())["values"]) == 6
+
+
 def test_score_then_prune_with_saved_scores(model_dir, calibration_file, tmp_path):
     scores = tmp_path / "scores.json"
     assert (

@@ -18,8 +18,9 @@ from secateurs.spec import DEPTH_KINDS, PruneSpec
 from secateurs.units.experts import expert_layout
 
 
-def check_config(spec: PruneSpec, config: Any) -> None:
-    """Refuse what ``config`` alone shows ``spec`` cannot do."""
+def check_config(spec: PruneSpec, config: Any, budget: bool = True) -> None:
+    """Refuse what ``config`` alone shows ``spec`` cannot do (``budget``: also whether its
+    budget can be met; not when the run only scores)."""
     adapter = adapter_for(config)
     n = int(config.num_hidden_layers)
     keep = resolve_protected(spec.criterion.protected, n)
@@ -32,7 +33,8 @@ def check_config(spec: PruneSpec, config: Any) -> None:
         spec.allocation.layer_range(n)
     if spec.experts:
         _check_experts(spec, adapter, config)
-    if len(spec.units) == 1 and spec.units[0] in DEPTH_KINDS and spec.budget.remove is not None:
+    counted = budget and spec.budget.remove is not None
+    if counted and len(spec.units) == 1 and spec.units[0] in DEPTH_KINDS:
         _check_count(spec.units[0], spec.budget.remove, n, keep)
 
 

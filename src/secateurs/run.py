@@ -134,7 +134,7 @@ def score(
     spec = as_spec(spec, {"remove": 1, **options} if spec is None else options)
     if len(spec.units) != 1 or spec.width_kinds or spec.experts:
         raise ConfigError("secateurs score scores one depth unit kind: --unit block|attn|mlp.")
-    session = open_session(source, spec, tokenizer)
+    session = open_session(source, spec, tokenizer, scores_only=True)
     try:
         windows = Windows(spec.data, session, True)
         scorer = scorer_for(spec, spec.units[0])

@@ -24,10 +24,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def open_session(
-    source: Any, spec: PruneSpec, tokenizer: Any = None, work: str | os.PathLike | None = None
+    source: Any,
+    spec: PruneSpec,
+    tokenizer: Any = None,
+    work: str | os.PathLike | None = None,
+    scores_only: bool = False,
 ) -> Session:
     """A session over ``source`` (a model object, a directory, a GGUF file, an alias or a hub
-    id) for ``spec``; ``work``: where a lazy session spills changed layers."""
+    id) for ``spec``; ``work``: where a lazy session spills changed layers; ``scores_only``:
+    the run scores and removes nothing (its budget is not checked)."""
     from secateurs.preflight import check_config
 
     if isinstance(source, PreTrainedModel):
@@ -35,19 +40,19 @@ def open_session(
             raise ConfigError(
                 "--sequential/--stream read a checkpoint from disk, not a model object."
             )
-        check_config(spec, source.config)
+        check_config(spec, source.config, not scores_only)
         return ResidentSession(source, tokenizer, getattr(source, "name_or_path", None))
     from secateurs.models import check_model_files, check_supported, resolve_model
 
     check_supported(source)  # an architecture without an adapter, from its config alone
     local = Path(source).expanduser()
     if (local / "config.json").is_file():  # what the config alone refuses, before its files
-        check_config(spec, _config(str(local)))
+        check_config(spec, _config(str(local)), not scores_only)
     check_model_files(source, shapes=False)  # damaged files named before anything is read
     location = resolve_model(source)
     config = _config(location)
     if config is not None:
-        check_config(spec, config)
+        check_config(spec, config, not scores_only)
     mode, switched = _mode(spec, location)
     session = (
         _resident(source, location, spec)
