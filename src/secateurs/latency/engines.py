@@ -124,6 +124,11 @@ class Engine(ABC):
         should call it on its candidates); every form is servable unless an engine says not."""
         return None
 
+    def check_config(self, config: dict[str, Any]) -> None:
+        """Raise if the engine cannot serve a model of this ``config.json`` (any kind of block
+        it does not compute); every model is servable unless an engine says not."""
+        return None
+
     def check_dtype(self, dtype: str) -> None:
         if dtype not in self.dtypes:
             raise ConfigError(
@@ -297,6 +302,19 @@ class LlamaCpp(Engine):
         from secateurs.export import gguf_file
 
         gguf_file.check(probe_layout(shape, layers))
+
+    def check_config(self, config: dict[str, Any]) -> None:
+        """What ``secateurs export --to gguf`` refuses from the config alone: blocks other than
+        LLaMA's, an unsupported rotary scaling, an activation other than SiLU."""
+        from secateurs.errors import UnsupportedModelError
+        from secateurs.export.layout import Layout, check_family
+
+        check_family(Layout(config, ()), "gguf")
+        if config.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(
+                f"--to gguf: llama.cpp's LLaMA graphs use SiLU; this model uses "
+                f"{config.get('hidden_act')!r}."
+            )
 
     def _quantize(self, source: Path, out: Path, dtype: str) -> None:
         from secateurs import llamacpp

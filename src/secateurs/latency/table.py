@@ -199,7 +199,14 @@ class TableKey:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TableKey:
-        return cls(**{**data, "shape": ModelShape(**data["shape"])})
+        """A stored key; one written before a field existed gets the value it was measured
+        with then (not today's default), so an old table is never mistaken for a new one."""
+        return cls(**{**LEGACY, **data, "shape": ModelShape(**data["shape"])})
+
+
+# what a stored key lacking a field was measured with: wall time (before ``clock``), the median
+# (before ``statistic``), the first design (before ``method``)
+LEGACY = {"clock": "wall", "statistic": "median", "method": 1}
 
 
 @dataclass(frozen=True)
