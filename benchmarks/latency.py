@@ -13,6 +13,7 @@ good as the machine was quiet, CPU-time ones (the default) much less sensitive.
     python benchmarks/latency.py                          # 1 thread, f16, pp512 / tg128, CPU time
     python benchmarks/latency.py --quick                  # small settings, to try it out
     python benchmarks/latency.py --dtype q8_0 --threads 2 --clock wall
+    python benchmarks/latency.py --check-model OUT        # a --latency model, end to end
 
 Writes benchmarks/results/latency.{json,md} (table and checks) and latency-reference.{json,md}
 (the dense model by our timer and by llama-bench, 1 and 2 threads); ``--name`` to change.
@@ -43,6 +44,7 @@ from secateurs.latency import (  # noqa: E402
     mlp_levels,
     random_mixes,
 )
+from secateurs.latency.budget import check_checkpoint, recorded_table  # noqa: E402
 from secateurs.latency.measure import cache_root, load_average  # noqa: E402
 
 
@@ -206,6 +208,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--reference-only", action="store_true", help="only the dense model's llama-bench rows"
     )
+    parser.add_argument(
+        "--check-model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="only the end-to-end check of a model pruned with --latency: export it as GGUF, "
+        "time it beside the dense model, compare with the prediction its record keeps",
+    )
     parser.add_argument("--quick", action="store_true", help="pp64 / tg16, 1 pass: a try-out")
     parser.add_argument("--name", default="latency", help="results file name")
     args = parser.parse_args()
@@ -218,6 +228,8 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # one line per tensor written
+    if args.check_model is not None:
+        return check_model(args.check_model, args.name)
     shape = shape_of(args.model)
     if not args.reference_only:
         table_and_checks(shape, args)
@@ -256,6 +268,56 @@ def table_and_checks(shape: ModelShape, args: argparse.Namespace) -> None:
         "seconds": {"table": table_seconds, "total": round(time.perf_counter() - start, 1)},
     }
     write_results(args.name, data, report(table, checks, data))
+
+
+def check_model(directory: Path, name: str) -> None:
+    """A ``--latency`` model's measured llama.cpp speed beside its recorded prediction."""
+    from secateurs.checkpoint import read_record
+
+    table, load_before = recorded_table(directory), load_average()
+    start = time.perf_counter()
+    measured = check_checkpoint(directory, table)
+    latency = read_record(directory)["search"]["latency"]
+    data = {
+        "model": str(directory),
+        "recorded": latency,
+        "measured": measured,
+        "load_before": load_before,
+        "load_after": load_average(),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    rows = [
+        {
+            "metric": metric,
+            "dense_meas": m["dense_measured_tps"],
+            "dense_pred": latency["predicted"]["dense"][f"{metric}_tps"],
+            "pred": m["predicted_tps"],
+            "meas": m["measured_tps"],
+            "err": 100 * m["error"],
+            "ratio": f"{m['predicted_ratio']:.3f} / {m['measured_ratio']:.3f}",
+        }
+        for metric, m in ((k, measured[k]) for k in ("decode", "prompt"))
+    ]
+    key = table.key
+    head = (
+        f"{directory} (--latency {latency['fraction']}, {latency['metric']}), exported as "
+        f"{key.dtype} GGUF and timed by llama.cpp ({key.engine_version}, {key.threads} "
+        f"thread(s), pp{key.n_prompt} / tg{key.n_gen}, {key.clock} clock, {key.statistic} of "
+        f"the samples) in the same passes as a dense probe, on {key.machine}; table "
+        f"{key.digest()}. Load average before / after: {_load(load_before)} / "
+        f"{_load(data['load_after'])}; lowest CPU share {measured['cpu_share']:.2f}; "
+        f"{data['seconds']} s."
+    )
+    columns = [
+        ("metric", "metric"),
+        ("dense_pred", "dense tok/s predicted"),
+        ("dense_meas", "dense tok/s measured"),
+        ("pred", "pruned tok/s predicted"),
+        ("meas", "pruned tok/s measured"),
+        ("err", "time error %"),
+        ("ratio", "time / dense: predicted / measured"),
+    ]
+    write_results(f"{name}-check", data, f"{head}\n\n{markdown_table(rows, columns)}")
 
 
 def report(table: LatencyTable, checks: list[dict], data: dict) -> str:

@@ -39,6 +39,7 @@ from secateurs.latency.table import (
     LatencyTable,
     LayerVariant,
     ModelShape,
+    TableKey,
     keep,
     layout_layers,
     predict,
@@ -247,9 +248,27 @@ def spec_budget(
 
 
 # --- the end-to-end check ------------------------------------------------------------------------
+def recorded_table(checkpoint: str | os.PathLike, cache: Path | None = None) -> LatencyTable:
+    """The table a ``--latency`` run priced its candidates with (from the cache, by the key
+    its ``secateurs.json`` records)."""
+    from secateurs.checkpoint import read_record
+
+    latency = read_record(checkpoint).get("search", {}).get("latency")
+    if not latency:
+        raise ConfigError(f"{checkpoint} was not pruned under a latency budget (--latency).")
+    key = TableKey.from_dict(latency["table"]["key"])
+    table = cached_table(key, cache)
+    if table is None:
+        raise ConfigError(
+            f"The latency table {key.digest()} that pruned {checkpoint} is not in the cache "
+            f"({cache_path(key, cache)}): measured on another machine or cleared."
+        )
+    return table
+
+
 def check_checkpoint(
     checkpoint: str | os.PathLike,
-    table: LatencyTable,
+    table: LatencyTable | None = None,
     engine: str | Engine = DEFAULT_ENGINE,
     settings: BenchSettings | None = None,
 ) -> dict[str, Any]:
@@ -257,10 +276,12 @@ def check_checkpoint(
 
     Exports ``checkpoint`` as GGUF (``secateurs.export``, the table's weight type) and times it
     in the same passes as a dense probe of the table's shape, so the measured ratio to the
-    dense model cancels how busy the machine was. Settings: the table's own."""
+    dense model cancels how busy the machine was. Table: the one its record names, unless
+    given; settings: the table's own."""
     from secateurs.export import export
     from secateurs.export.layout import read_layout
 
+    table = table if table is not None else recorded_table(checkpoint)
     engine, key = engine_for(engine), table.key
     if engine.name != key.engine:
         raise ConfigError(f"The table is for {key.engine}, not {engine.name}.")
