@@ -25,7 +25,15 @@ from secateurs.evolve import MLP_STEPS, Evolution, evolve, space_of
 from secateurs.export.layout import read_layout
 from secateurs.latency import LatencyTable, LlamaCpp, ModelShape, TableKey, layout_layers, predict
 from secateurs.latency import budget as latency_budget
-from secateurs.latency.budget import LatencyBudget, genome_layers, latency_goal
+from secateurs.latency.budget import (
+    LatencyBudget,
+    compare_measured,
+    genome_layers,
+    latency_goal,
+    recorded_table,
+)
+from secateurs.latency.engines import Speed
+from secateurs.latency.measure import save_table
 from secateurs.latency.table import BASE, STUB
 from secateurs.run import prune
 from secateurs.session.resident import ResidentSession
@@ -235,6 +243,34 @@ def test_the_record_carries_the_table_and_the_written_models_prediction(source, 
     assert [[v.kv_groups, v.channels] for v in layers] == [
         [entry["kv_groups"], entry["mlp_channels"]] for entry in search["layers"]
     ]
+    # the end-to-end check finds the run's table by the key its record keeps
+    monkeypatch.setenv("SECATEURS_LATENCY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=f"table {table.key.digest()} .* not in the cache"):
+        recorded_table(out)
+    save_table(table)
+    assert recorded_table(out) == table
+    with pytest.raises(ConfigError, match="not pruned under a latency budget"):
+        recorded_table(source)
+
+
+def test_the_check_compares_measured_with_predicted_speed():
+    space, table = _space(), _table()
+    genome = ((2, 8), (1, 4), (0, 8), (0, 0), (2, 0), (1, 8))
+    layers = genome_layers(space, genome)
+    dense_s = {m: _by_hand(table, space.dense(), m) for m in ("decode", "prompt")}
+    pruned_s = {m: _by_hand(table, genome, m) for m in ("decode", "prompt")}
+    # measured: the dense model 10% slower than its table, the pruned one 20% slower
+    dense = Speed(1.1 * dense_s["decode"], 1.1 * dense_s["prompt"], {}, 6, 0.9)
+    speed = Speed(1.2 * pruned_s["decode"], 1.2 * pruned_s["prompt"], {}, 6, 0.8)
+    result = compare_measured(table, layers, speed, dense)
+    assert result["layers"][3] == [0, 0] and result["cpu_share"] == 0.8
+    for metric in ("decode", "prompt"):
+        row = result[metric]
+        assert row["predicted_tps"] == pytest.approx(1 / pruned_s[metric])
+        assert row["measured_tps"] == pytest.approx(1 / (1.2 * pruned_s[metric]))
+        assert row["error"] == pytest.approx(1 / 1.2 - 1)
+        assert row["predicted_ratio"] == pytest.approx(pruned_s[metric] / dense_s[metric])
+        assert row["measured_ratio"] == pytest.approx(1.2 / 1.1 * row["predicted_ratio"])
 
 
 def test_a_model_the_engine_cannot_serve_is_refused_from_its_config(tmp_path):
