@@ -16,7 +16,8 @@ good as the machine was quiet, CPU-time ones (the default) much less sensitive.
     python benchmarks/latency.py --check-model OUT        # a --latency model, end to end
 
 Writes benchmarks/results/latency.{json,md} (table and checks) and latency-reference.{json,md}
-(the dense model by our timer and by llama-bench, 1 and 2 threads); ``--name`` to change.
+(the dense model by our timer and by llama-bench, 1 and 2 threads); ``--check-model`` writes
+``NAME-check.{json,md}``; ``--name`` to change.
 """
 
 from __future__ import annotations
