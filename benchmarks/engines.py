@@ -1,7 +1,8 @@
 """Do our exports run in real engines, and compute what transformers computes?
 
-Builds llama.cpp from source once (the C++ tree inside the llama-cpp-python source distribution
-from PyPI; only libllama plus our two small tools ``llama_nll.cpp`` and ``llama_tokenize.cpp``),
+Builds llama.cpp from source once (``secateurs.llamacpp``: the C++ tree inside the
+llama-cpp-python source distribution from PyPI; here libllama plus our two small tools
+``llama_nll.cpp`` and ``llama_tokenize.cpp``),
 prunes SmolLM2 seven ways with cheap criteria, exports each model as GGUF (f32 and f16), DeciLM
 and plain HF (where expressible), and compares perplexity on the same WikiText-2 token windows:
 
@@ -26,7 +27,6 @@ import os
 import re
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -36,21 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import markdown_table, secateurs_cli, write_results  # noqa: E402
 
+from secateurs import llamacpp  # noqa: E402
+
 HERE = Path(__file__).parent
 TOOLS = (HERE / "llama_nll.cpp", HERE / "llama_tokenize.cpp")
-CACHE_ENV = "SECATEURS_LLAMACPP"
-CMAKE_FLAGS = [
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=ON",
-    "-DGGML_NATIVE=ON",
-    "-DLLAMA_CURL=OFF",
-    "-DLLAMA_OPENSSL=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
-    "-DLLAMA_BUILD_TOOLS=OFF",
-    "-DLLAMA_BUILD_COMMON=OFF",
-]
+CACHE_ENV = llamacpp.CACHE_ENV
 
 # name -> `secateurs prune` arguments (None: the dense model itself)
 WIDTH = ["--unit", "width", "--criterion", "fluctuation", "--ratio", "0.2"]  # FLAP: with biases
@@ -65,51 +55,10 @@ MODELS: dict[str, list[str] | None] = {
 }
 
 
-# --- llama.cpp build (cached) ------------------------------------------------------------------
-def cache_dir(explicit: str | None) -> Path:
-    root = explicit or os.environ.get(CACHE_ENV) or Path.home() / ".cache/secateurs/llamacpp"
-    return Path(root)
-
-
-def llama_source(cache: Path) -> Path:
-    """The llama.cpp tree of the newest llama-cpp-python sdist (downloaded once)."""
-    found = sorted(cache.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    if found:
-        return found[-1]
-    cache.mkdir(parents=True, exist_ok=True)
-    if not sorted(cache.glob("llama_cpp_python-*.tar.gz")):
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        subprocess.run([*pip, "llama-cpp-python", "-d", str(cache)], check=True)
-    sdist = sorted(cache.glob("llama_cpp_python-*.tar.gz"))[-1]
-    with tarfile.open(sdist) as archive:
-        archive.extractall(cache, filter="data")
-    return sorted(cache.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
-
-
+# --- llama.cpp build (cached; shared with secateurs.latency) -----------------------------------
 def build_tools(cache: Path, jobs: int) -> dict[str, Path]:
     """libllama (nice'd, ``jobs`` compile jobs) and our tools linked to it; cached."""
-    build = cache / "build"
-    tools = {source.stem: build / "bin" / source.stem for source in TOOLS}
-    if all(tool.is_file() and tool.stat().st_mtime >= src.stat().st_mtime
-           for src, tool in zip(TOOLS, tools.values(), strict=True)):  # fmt: skip
-        return tools
-    source = llama_source(cache)
-    nice = ["nice", "-n", "10"]
-    if not (build / "bin" / "libllama.so").is_file():
-        subprocess.run(
-            [*nice, "cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS], check=True
-        )
-        subprocess.run(
-            [*nice, "cmake", "--build", str(build), "--target", "llama", "-j", str(jobs)],
-            check=True,
-        )
-    lib = build / "bin"
-    for src, tool in zip(TOOLS, tools.values(), strict=True):
-        compile_ = ["g++", "-O2", "-std=c++17", f"-I{source / 'include'}"]
-        compile_ += [f"-I{source / 'ggml' / 'include'}", str(src), f"-L{lib}"]
-        compile_ += ["-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}", "-o", str(tool)]
-        subprocess.run([*nice, *compile_], check=True)
-    return tools
+    return {source.stem: llamacpp.compile_tool(cache, source, jobs) for source in TOOLS}
 
 
 def same_tokens(tokenizer_tool: Path, gguf: Path, text: str, work: Path) -> dict:
@@ -304,9 +253,9 @@ def main() -> None:
     parser.add_argument("--tokenizer-chars", type=int, default=200_000)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    tools = build_tools(cache_dir(args.cache), args.jobs)
+    tools = build_tools(llamacpp.cache_dir(args.cache), args.jobs)
     scorer = tools["llama_nll"]
-    args.work = args.work or cache_dir(args.cache) / "work"
+    args.work = args.work or llamacpp.cache_dir(args.cache) / "work"
     args.work.mkdir(parents=True, exist_ok=True)
     batches = windows(args.windows, args.seq_len, args.data_dir)
     tokens = args.work / "tokens.i32"

@@ -510,7 +510,13 @@ def joint(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
     )
     from secateurs.session.flow import Flow
 
-    space, target = space_of(session.model, session.adapter), budget_params(session, spec)
+    space = space_of(session.model, session.adapter)
+    latency = None
+    if spec.budget.latency is not None:  # seconds per token by the engine's latency table
+        from secateurs.latency.budget import spec_budget
+
+        latency = spec_budget(space, spec.budget, session.model.config)
+    goal = latency.goal() if latency else space.parameters(budget_params(session, spec))
     scorer = scorer_for(spec, "heads")
     ctx = context(session, scorer, windows)
     rankings = {kind: scorer.score_width(ctx, kind) for kind in WIDTH_KINDS}
@@ -523,7 +529,7 @@ def joint(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
     )
     judge = Judge(Flow(session, tokens[fit_count:], 1), library)  # stages count windows
     settings = Evolution(generations=spec.selection.generations, seed=spec.data.seed)
-    found = evolve(judge, space, space.parameters(target), settings, windows.progress)
+    found = evolve(judge, space, goal, settings, windows.progress)
     restore(session.model, session.adapter, library)
     plan = genome_plan(found["genome"], library, space)
     search = {
@@ -534,12 +540,15 @@ def joint(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
         "evaluations": found["evaluations"],
         "windows": {"fit": fit_count, "judge": judge_count},
         "budget": {
-            "value": target,
-            "counts": "parameters",
-            "removed": space.removed(found["genome"]),
+            "value": goal.amount,
+            "counts": goal.unit,
+            "removed": goal.removed(found["genome"]),
+            "parameters_removed": space.removed(found["genome"]),
         },
         "seconds": round(time.perf_counter() - start, 1),
     }
+    if latency is not None:
+        search["latency"] = latency.record(found["genome"])
     details = {k: v for k, v in ctx.extras.items() if k != "input_mean"}
     record = criterion_record(spec, scorer, details=details)
     return Choice(plan, record, windows.record(), {"search": search})

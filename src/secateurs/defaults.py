@@ -36,3 +36,5 @@ RECONSTRUCT_SAMPLES = 64
 # windows that judge candidates (drawn apart from the windows the variants are fitted on).
 SEARCH_GENERATIONS = 60
 JUDGE_SAMPLES = 16
+# --latency: the engine whose per-layer table prices the search's candidates (the only one yet).
+LATENCY_ENGINE = "llama.cpp"

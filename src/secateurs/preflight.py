@@ -36,6 +36,10 @@ def check_config(spec: PruneSpec, config: Any, budget: bool = True) -> None:
     counted = budget and spec.budget.remove is not None
     if counted and len(spec.units) == 1 and spec.units[0] in DEPTH_KINDS:
         _check_count(spec.units[0], spec.budget.remove, n, keep)
+    if spec.budget.latency is not None:
+        from secateurs.latency.budget import check_config as check_engine
+
+        check_engine(config, spec.budget.engine)
 
 
 def _check_count(kind: str, count: int, n: int, keep: tuple[int, ...]) -> None:

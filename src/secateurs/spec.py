@@ -33,6 +33,7 @@ from secateurs.defaults import (
     HEAL_SAMPLES,
     HEAL_TARGETS,
     JUDGE_SAMPLES,
+    LATENCY_ENGINE,
     RECONSTRUCT_DAMPING,
     RECONSTRUCT_SAMPLES,
     SEARCH_GENERATIONS,
@@ -106,17 +107,23 @@ def unit_word(kinds: tuple[str, ...]) -> str:
 @dataclass(frozen=True)
 class Budget:
     """How much goes: exactly one of ``ratio`` (of the decoder's parameters), ``remove`` (a
-    count) or ``params`` (a parameter count); none for an explicit selection."""
+    count), ``params`` (a parameter count) or ``latency`` (``--unit auto``: a fraction of the
+    dense model's time per token on ``engine``, by its latency table); none for an explicit
+    selection."""
 
     ratio: float | None = None
     remove: int | None = None
     params: int | None = None
     include_embeddings: bool = False
+    latency: float | None = None
+    engine: str | None = None
 
     def __post_init__(self) -> None:
-        given = [n for n in ("ratio", "remove", "params") if getattr(self, n) is not None]
+        amounts = ("ratio", "remove", "params", "latency")
+        given = [n for n in amounts if getattr(self, n) is not None]
         if len(given) > 1:
-            raise ConfigError(f"Give one of --ratio, --remove or --params, not {given}.")
+            raise ConfigError(f"Give one of --ratio, --remove, --params or --latency, not {given}.")
+        self._check_latency()
         if self.ratio is not None and not (_number(self.ratio) and 0 < self.ratio < 1):
             raise ConfigError(
                 f"--ratio is a fraction of the decoder's parameters in (0, 1), not {self.ratio!r}"
@@ -127,9 +134,28 @@ class Budget:
             if value is not None and (not _whole(value) or value < 1):
                 raise ConfigError(f"--{name} takes a positive whole number, not {value!r}.")
 
+    def _check_latency(self) -> None:
+        if self.latency is not None and not (_number(self.latency) and 0 < self.latency < 1):
+            raise ConfigError(
+                "--latency is a fraction of the dense model's time per token in (0, 1) (0.7: "
+                f"0.7× the dense model's decode time), not {self.latency!r}."
+            )
+        if self.engine is not None and self.latency is None:
+            raise ConfigError("--engine names the engine whose speed --latency budgets; add it.")
+        if self.latency is not None and self.include_embeddings:
+            raise ConfigError("--include-embeddings counts parameters for --ratio, not --latency.")
+        if self.latency is not None:
+            from secateurs.latency.engines import ENGINES
+
+            try:
+                engine = ENGINES.canonical(self.engine or LATENCY_ENGINE)
+            except ConfigError as err:
+                raise ConfigError(f"--engine: {err}") from None
+            object.__setattr__(self, "engine", engine)
+
     @property
     def given(self) -> bool:
-        return any(v is not None for v in (self.ratio, self.remove, self.params))
+        return any(v is not None for v in (self.ratio, self.remove, self.params, self.latency))
 
 
 @dataclass(frozen=True)
@@ -640,7 +666,7 @@ def check_applicable(units: tuple[str, ...], given: set[str], selection: Selecti
         ({"allocation"}, width or units == ("experts",), "width or expert units"),
         ({"min_keep"}, units == ("experts",), "--unit experts"),
         ({"depth_share"}, len(units) > 1 and "block" in units, "--unit block,width"),
-        ({"generations", "judge_samples"}, auto, "--unit auto"),
+        ({"generations", "judge_samples", "latency", "engine"}, auto, "--unit auto"),
         (HEAL_OPTIONS - {"heal"}, "heal" in given, "--heal"),
         (HEAL_OPTIONS, depth, "units with depth (--unit block|attn|mlp|subblock|block,width)"),
         (DEPTH_ONLY, depth and not width and not auto or selection.plan is not None,
@@ -666,7 +692,7 @@ def check_spec(spec: PruneSpec) -> None:
     if not spec.selection.explicit and not spec.budget.given:
         raise ConfigError(
             "Say what to remove: --ratio R (of the decoder's parameters), --remove N, "
-            "--params P, or an explicit --blocks/--attn/--mlp/--plan."
+            "--params P, --latency F (--unit auto), or an explicit --blocks/--attn/--mlp/--plan."
         )
 
 
@@ -706,7 +732,10 @@ def _check_selection(spec: PruneSpec) -> None:
     if spec.experts and spec.budget.remove is not None and spec.allocation.mode != "uniform":
         raise ConfigError("--remove N counts experts per layer: use --allocation uniform.")
     if spec.joint and spec.budget.remove is not None:
-        raise ConfigError("--unit auto takes a parameter budget: --ratio or --params.")
+        raise ConfigError(
+            "--unit auto takes a parameter budget (--ratio or --params) or a latency budget "
+            "(--latency)."
+        )
     if spec.fit.heal and spec.experts:
         raise ConfigError("--heal corrects removed blocks and branches, not experts.")
 

@@ -18,6 +18,7 @@ from secateurs.defaults import (
     HEAL_SAMPLES,
     HEAL_TARGETS,
     JUDGE_SAMPLES,
+    LATENCY_ENGINE,
     RECONSTRUCT_DAMPING,
     RECONSTRUCT_SAMPLES,
     SEARCH_GENERATIONS,
@@ -80,6 +81,19 @@ def add_budget_args(parser: argparse.ArgumentParser) -> None:
         "blocks' parameters",
     )
     amount.add_argument("--params", type=int, help="parameters to remove")
+    amount.add_argument(
+        "--latency",
+        type=float,
+        metavar="F",
+        help="--unit auto: keep F (0 < F < 1) of the dense model's decode time per token on "
+        "--engine, as its per-layer latency table predicts (measured once per machine, cached)",
+    )
+    parser.add_argument(
+        "--engine",
+        default=None,
+        help="the engine whose latency --latency budgets: llama.cpp (f16 GGUF, 1 thread, this "
+        f"CPU; the only one yet). Default: {LATENCY_ENGINE}",
+    )
     parser.add_argument(
         "--include-embeddings", action="store_true", help="--ratio counts embeddings too"
     )
@@ -304,7 +318,7 @@ SPEC_FLAGS = (
     "heal", "heal_samples", "heal_bias", "heal_target", "heal_damping", "reconstruct",
     "reconstruct_damping", "reconstruct_samples", "compensate", "allocation", "layers",
     "min_ratio", "max_ratio", "round_to", "uniform_widths", "sensitivity", "target",
-    "depth_share", "min_keep", "generations", "judge_samples",
+    "depth_share", "min_keep", "generations", "judge_samples", "latency", "engine",
     "sequential", "stream", "in_memory", "max_memory", "offload_dir", "calibration", "n_samples",
     "calib_seq_len", "seed", "dtype", "device", "data_dir",
 )  # fmt: skip
