@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+
 import random
 
 import pytest
@@ -205,6 +207,10 @@ def test_the_searched_model_reloads_to_the_same_logits(tmp_path):
     ids = tokens(2, 10, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)
+    search = json.loads((tmp_path / "out" / "secateurs.json").read_text())["search"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    judged = f"{search['evaluations']} candidates judged on {search['windows']['judge']} windows"
+    assert "search: evolutionary" in card and judged in card and "greedy" not in card
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.2, 0.35, 0.6])

@@ -337,7 +337,9 @@ def _sl_protected(num_layers: int) -> tuple[int, ...]:
 def _search_lines(record: dict[str, Any]) -> list[str]:
     lines = []
     search = record.get("search") or {}
-    if search:
+    if search.get("layers"):  # --unit auto: every layer's form chosen together
+        lines.append(_joint_line(search))
+    elif search:
         objective = (search.get("objective") or {}).get("objective", "?")
         lines.append(
             f"- search: greedy, objective `{objective}`, shortlist {search.get('shortlist')}; "
@@ -351,6 +353,24 @@ def _search_lines(record: dict[str, Any]) -> list[str]:
             + _heal_run(run)
         )
     return lines
+
+
+def _joint_line(search: dict[str, Any]) -> str:
+    budget = search.get("budget") or {}
+    latency = search.get("latency") or {}
+    goal = (
+        f"{latency.get('fraction')}× the dense model's {latency.get('engine')} "
+        f"{latency.get('metric')} latency"
+        if latency
+        else f"{budget.get('value'):,} parameters"
+    )
+    windows = search.get("windows") or {}
+    return (
+        f"- search: {search.get('kind', 'evolutionary')}, budget {goal}; "
+        f"{len(search.get('history', [])) - 1} generations, {search.get('evaluations')} "
+        f"candidates judged on {windows.get('judge')} windows (variants fitted on "
+        f"{windows.get('fit')} others); predicted KL from dense {search.get('predicted_kl'):.4f}"
+    )
 
 
 def _heal_run(run: dict[str, Any]) -> str:
