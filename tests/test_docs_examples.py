@@ -251,3 +251,43 @@ def test_plans_combined_budget(tmp_path, model_dir, calibration_file):
         == params["before"] - params["after"] - params["removed_by_depth"]
         > 0
     )
+
+
+# --- the `secateurs prune` command lines of the docs -------------------------------------------
+DOCS = ("scale", "width", "criteria", "depth", "architectures", "reliability", "plans")
+
+
+def prune_commands() -> list[tuple[str, str]]:
+    """Every ``secateurs prune`` line of the docs' bash blocks (continuations joined)."""
+    found = []
+    for path in [ROOT / "README.md", *(ROOT / "docs" / f"{name}.md" for name in DOCS)]:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+            text = re.sub(r"\\\n\s*", " ", block)
+            for line in text.splitlines():
+                line = line.split("#")[0].strip()
+                if line.startswith("secateurs prune") and "..." not in line:
+                    found.append((path.name, line))
+    return found
+
+
+@pytest.mark.parametrize(("doc", "line"), prune_commands())
+def test_doc_prune_commands_are_valid_specs(doc, line):
+    """Each documented ``secateurs prune`` command parses, and its flags make a valid spec
+    (every flag exists; no combination the spec refuses), without a model."""
+    import shlex
+
+    from secateurs.cli import apply_recipe, build_parser
+    from secateurs.commands.spec_args import spec_from_args
+
+    parser, leaves = build_parser(("prune",))
+    words = shlex.split(line)[1:]
+    args = parser.parse_args(words)
+    if args.config is not None:  # a recipe of the repository: its keys are defaults
+        apply_recipe(leaves[("prune",)], ROOT / args.config)
+        args = parser.parse_args(words)
+    spec = spec_from_args(args)
+    assert spec.units and (spec.budget.given or spec.selection.explicit)
+
+
+def test_doc_prune_commands_are_found():
+    assert len(prune_commands()) >= 15
