@@ -55,6 +55,11 @@ class PruneResult:
 
 def as_spec(spec: PruneSpec | None, options: dict[str, Any]) -> PruneSpec:
     """``spec`` itself, or one built from flat options (``unit="width", ratio=0.2``)."""
+    if spec is not None and not isinstance(spec, PruneSpec):
+        raise ConfigError(
+            f"prune(source, spec, ...): the second argument must be a PruneSpec, got "
+            f"{type(spec).__name__}; pass a tokenizer as tokenizer=..."
+        )
     if spec is not None and options:
         return spec.replaced(**options)
     return spec if spec is not None else PruneSpec.from_options(**options)
@@ -95,6 +100,12 @@ def _run(session, spec: PruneSpec, output: tuple, progress: bool, clock) -> Prun
     before = count_parameters(session.model)
     with clock("scoring"):
         choice = choose(session, spec, windows)
+    if choice.plan.is_empty:  # e.g. widths rounded up to whole multiples: nothing to save
+        raise ConfigError(
+            "The budget removes nothing from this model (every layer stays whole, e.g. its "
+            "widths rounded to --round-to / --target multiples); raise the budget or lower "
+            "--round-to."
+        )
     with clock("cut"):
         report = cut(session, choice.plan, spec, windows, choice.means)
     record = build_record(spec, session, choice, report, (before, base), clock.phases())

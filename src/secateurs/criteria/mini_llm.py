@@ -13,7 +13,7 @@ every layer's gates in the same passes over the whole model, ``scope="layer"`` o
 time (with ``layers_per_pass`` − 1 interleaved later ones), running only layers ℓ... No
 ``backward()``. The perturbed models are handed to ``ctx.flow.losses``: in
 memory they run one after the other from cached layer inputs; layer by layer from disk
-(``SequentialPipeline``) their streams advance in lockstep, each layer loaded once — the same
+(``the layer-by-layer flow``) their streams advance in lockstep, each layer loaded once — the same
 directions and the same estimator, so the same scores.
 """
 

@@ -23,7 +23,7 @@ layer's signal-to-noise ratio (``signal_to_noise``): whether the estimate says a
 Everything here is pure tensor math plus one pre-hook that rescales columns: weights are never
 modified, nothing but (windows × groups) directions is stored, and no ``backward()`` runs.
 The estimator says which perturbed models it needs (``spsa_perturbations``: one
-``flow.Perturbation`` per direction and sign) and combines their losses
+``edits.Perturbation`` per direction and sign) and combines their losses
 (``gate_estimates``); how the passes run — one after the other in memory, or every stream in
 lockstep layer by layer from disk — is the flow's business, so both give the same â.
 """
