@@ -231,7 +231,7 @@ def test_a_positional_tokenizer_is_named_not_crashed(tokenizer):
 def test_a_budget_that_removes_nothing_is_refused_before_writing(tmp_path):
     """Widths rounded to multiples of 64 on channels of 32: every layer stays whole."""
     model = tiny_model("llama")
-    with pytest.raises(ConfigError, match="removes nothing"):
+    with pytest.raises(ConfigError, match="removes nothing from this model"):
         prune(model, unit="width", criterion="magnitude", ratio=0.05, round_to=64,
               calibration=tokens(4, 8), out=tmp_path / "o")  # fmt: skip
     assert not (tmp_path / "o").exists()
