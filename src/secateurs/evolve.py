@@ -18,9 +18,9 @@ in each layer is what the search decides.
    fit ones, from cached layer inputs (a candidate runs from its first changed layer on).
 3. **Evolution** (EvoPress, arXiv 2410.14649): from the best of a few uniform allocations that
    meet the budget, each generation makes offspring by level-switch mutations (one sublayer
-   gives a level, another takes one, the budget met and overshot by at most the tolerance) and keeps the best by
-   multi-step selection: all offspring on a few judge windows, the best few on more, the best
-   one against the parent on all of them.
+   gives a level, another takes one; the budget met, overshot by at most the tolerance) and
+   keeps the best by multi-step selection: all offspring on a few judge windows, the best few
+   on more, the best one against the parent on all of them.
 
 The chosen candidate becomes an ordinary ``Plan``; the cut then repairs it exactly (width
 re-fit, healing of removed runs on the already-pruned model's activations).
