@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -401,6 +402,28 @@ def test_bench_help_documents_every_option(capsys):
         ("--seed", "0"),
     ):
         assert option in text and f"(default: {default})" in text, option
+
+
+def test_prune_help_names_every_unit_kind_and_explains_the_jargon(capsys):
+    from secateurs.spec import UNIT_WORDS
+
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--unit UNIT what to remove")
+    unit_help = text[start : text.index("--criterion CRITERION", start)]
+    for word in [*UNIT_WORDS, "block,width"]:  # every --unit word: subblock, auto included
+        assert re.search(rf"(?<![\w,-]){word}(?![\w,-])", unit_help), word
+    for explained in (
+        "'sl' = Shortened LLaMA's set (the first four and the last two: 0,1,2,3,L-2,L-1)",
+        "--heal-target {local,dense} what --heal reproduces: local = what the removed blocks "
+        "added to the stream (default); dense = the dense model's stream after them",
+        "--shortlist SHORTLIST greedy ppl search: candidates re-scored per step after the first "
+        "full step ('all' = exact greedy, 0 = the first step's ranking). Default: 3",
+        "--reconstruct-damping RECONSTRUCT_DAMPING how strongly that fit is pulled towards the "
+        "plainly sliced weights",
+    ):
+        assert explained in text, explained
 
 
 def test_data_dir_help_matches_the_readme(capsys):

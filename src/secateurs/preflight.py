@@ -14,7 +14,7 @@ from secateurs.adapters import adapter_for
 from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.plan import resolve_protected
-from secateurs.spec import DEPTH_KINDS, PruneSpec
+from secateurs.spec import DEPTH_KINDS, PruneSpec, scores_file_for
 from secateurs.units.experts import expert_layout
 
 
@@ -27,6 +27,8 @@ def check_config(spec: PruneSpec, config: Any, budget: bool = True) -> None:
     if spec.selection.explicit:
         spec.selection.plan_for(n)  # indices out of range, a plan for another model
         return
+    if spec.selection.scores is not None:
+        scores_file_for(spec, n)  # missing, not JSON, other keys, another criterion or model
     for kind in spec.width_kinds:
         adapter.width_layout(kind, config)  # no width support here → its refusal
     if spec.width_kinds:

@@ -112,9 +112,8 @@ def _run(session, spec: PruneSpec, output: tuple, progress: bool, clock) -> Prun
     record["parameters"]["plain_config"] = report.plain_config
     record["argv"] = argv
     _log_result(choice, record)
-    if out is not None:
-        with clock("write"):
-            record = write_checkpoint(session, out, record, choice.plan.kept_layers, overwrite)
+    if out is not None:  # the writer adds the write's time to the record's timings
+        record = write_checkpoint(session, out, record, choice.plan.kept_layers, overwrite)
     model = session.model if session.kind == "memory" else None
     return PruneResult(model, choice.plan, choice.scores, record, Path(out) if out else None)
 
