@@ -127,8 +127,9 @@ TRUNCATED = (
         ["export", "{m}", "--to", "hf", "--out", "{tmp}/e"],
         ["score", "{m}", "--calibration", "{calib}", "--out", "{tmp}/s.json"],
         ["recover", "{m}", "--tokens", "1024", "--data", "{calib}", "--out", "{tmp}/r"],
+        ["prune", "{m}", "--remove", "1", "--protect", "none", "--out", "{tmp}/p"],
     ],
-    ids=lambda c: " ".join(w for w in c if not w.startswith(("{", "-"))),
+    ids=lambda c: " ".join(w for w in c if not w.startswith(("{", "-")) and not w.isdigit()),
 )
 def test_truncated_weights_named_with_the_bytes_missing_by_every_command(
     command, truncated_dir, data_dir, calibration_file, tmp_path, no_load, capsys
@@ -150,6 +151,13 @@ def test_prune_flow_check_names_the_truncated_file_before_any_reader(truncated_d
 def test_truncated_file_is_reported_without_importing_torch(truncated_dir):
     code, heavy, err = _light_cli("eval", "ppl", str(truncated_dir))
     assert code == 2 and heavy == "-" and "(1,000 missing)" in err
+
+
+def test_prune_names_the_truncated_file_before_importing_transformers(truncated_dir, tmp_path):
+    out = str(tmp_path / "p")
+    argv = ("prune", str(truncated_dir), "--remove", "1", "--protect", "none", "--out", out)
+    code, heavy, err = _light_cli(*argv)  # torch: the criterion's class checks its options
+    assert (code, heavy) == (2, "torch") and "(1,000 missing)" in err
 
 
 def test_prune_flow_light_check_imports_no_torch(truncated_dir):
@@ -630,6 +638,20 @@ def test_flag_errors_the_command_line_shows_import_no_torch(case, model_dir, tmp
     argv, message = PRUNE_REFUSALS[case]
     code, heavy, err = _light_cli("prune", str(model_dir), *argv, "--out", str(tmp_path / "p"))
     assert (code, heavy) == (2, "-") and message in err
+
+
+@pytest.mark.parametrize(
+    "case", ["layers beyond the model", "remove more blocks than the model has", "unknown "
+             "criterion option"]
+)  # fmt: skip
+def test_config_level_errors_come_before_transformers_is_imported(case, model_dir, tmp_path):
+    """config.json is read as JSON (``preflight.check_source``): no transformers import, the
+    seconds it costs; torch only for the criterion's class."""
+    argv, message = PRUNE_REFUSALS[case]
+    runs = tmp_path / "runs"
+    code, heavy, err = _light_cli("prune", str(model_dir), *argv, "--out", str(runs / "p"))
+    assert (code, heavy) == (2, "torch") and message in err
+    assert [*runs.glob("*"), *runs.glob(".*")] == []  # no output, no lock file left
 
 
 SCORES_FILES = {

@@ -165,6 +165,15 @@ def test_output_directories_follow_the_umask(tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
 
 
+def test_a_refused_run_leaves_no_claim_on_its_output(model_dir, tmp_path):
+    from secateurs import prune
+
+    out = tmp_path / "runs" / "p"
+    with pytest.raises(ConfigError, match="only 5 of 6 are removable"):
+        prune(str(model_dir), remove=31, protect="none", out=out)
+    assert list(out.parent.iterdir()) == [] and out not in outputs._HELD
+
+
 def test_unwritable_output_is_refused_before_loading(model_dir, monkeypatch, capsys):
     _no_load(monkeypatch, prune_command)
     out = "/proc/self/secateurs-out/pruned"  # not writable, even for root

@@ -29,6 +29,9 @@ class Score(Command):
             raise OutputExistsError(f"{args.out} exists; pass --overwrite to replace it.")
         spec = spec_from_args(args, remove=1)  # a budget is never used: scores only
         from secateurs.data import require_data
+        from secateurs.preflight import check_source
+
+        check_source(spec, args.model, budget=False)  # before torch and transformers load
         from secateurs.run import score
         from secateurs.scores import save_scores
 

@@ -7,16 +7,18 @@ from abc import ABC
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
 from secateurs.plan import Unit
 from secateurs.units.width import ParamSlice, group_slices, output_projection
+
+if TYPE_CHECKING:  # annotations only: importing transformers costs seconds
+    from transformers import PreTrainedModel
 
 
 @dataclass
