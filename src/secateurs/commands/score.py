@@ -31,12 +31,12 @@ class Score(Command):
         from secateurs.data import require_data
         from secateurs.preflight import check_source
 
-        check_source(spec, args.model, budget=False)  # before torch and transformers load
+        if spec.data.calibration == "c4":
+            require_data("C4 calibration", spec.data.data_dir)
+        check_source(spec, args.model, budget=False)  # before transformers is imported
         from secateurs.run import score
         from secateurs.scores import save_scores
 
-        if spec.data.calibration == "c4":
-            require_data("C4 calibration", spec.data.data_dir)
         result = score(args.model, spec)
         save_scores(result, args.out, {"source_model": str(args.model)})
         ranked = sorted(range(len(result.values)), key=lambda i: result.values[i])
