@@ -612,6 +612,19 @@ PRUNE_REFUSALS = {
         "Asked to remove 31 block units but only 5 of 6 are removable (protected: []; at least "
         "one block must remain).",
     ),
+    "blocks beyond the model": (
+        ["--blocks", "3,40"],
+        "Plan blocks [40] out of range for 6 layers.",
+    ),
+    "protected layer beyond the model": (
+        ["--remove", "1", "--protect", "7"],
+        "Protected layer 7 is out of range for 6 layers.",
+    ),
+    "a criterion that cannot score the unit": (
+        ["--unit", "heads", "--ratio", "0.2"],
+        "Criterion 'ppl' cannot score heads units; criteria that can: activation, fluctuation, "
+        "hywia, influence, magnitude, mini-llm, taylor.",
+    ),
     "unknown criterion option": (
         ["--remove", "1", "--option", "bogus=1"],
         "Criterion 'ppl' has no option bogus; its options: batch_size, objective, top_k.",
