@@ -153,11 +153,11 @@ def test_truncated_file_is_reported_without_importing_torch(truncated_dir):
     assert code == 2 and heavy == "-" and "(1,000 missing)" in err
 
 
-def test_prune_names_the_truncated_file_before_importing_transformers(truncated_dir, tmp_path):
+def test_prune_names_the_truncated_file_without_importing_torch(truncated_dir, tmp_path):
     out = str(tmp_path / "p")
     argv = ("prune", str(truncated_dir), "--remove", "1", "--protect", "none", "--out", out)
-    code, heavy, err = _light_cli(*argv)  # torch: the criterion's class checks its options
-    assert (code, heavy) == (2, "torch") and "(1,000 missing)" in err
+    code, heavy, err = _light_cli(*argv)
+    assert (code, heavy) == (2, "-") and "(1,000 missing)" in err
 
 
 def test_prune_flow_light_check_imports_no_torch(truncated_dir):
@@ -557,6 +557,7 @@ def test_registry_tables_match_the_registered_objects():
     assert sorted(adapters) == [name for name, _ in ARCHITECTURES.catalog()]
     for name, info in CRITERIA.catalog():
         assert (criteria[name].units, criteria[name].summary) == (info["units"], info["summary"])
+        assert criteria[name].accepts() == info["accepts"]  # --option names, checked lightly
     for name, info in ARCHITECTURES.catalog():
         assert adapters[name].model_types == info["model_types"]
 
@@ -645,26 +646,21 @@ def test_prune_refuses_bad_flags_before_reading_weights(case, model_dir, tmp_pat
     assert not (tmp_path / "p").exists()
 
 
-@pytest.mark.parametrize("case", ["ratio as a percent", "layers selecting none", "option value "
-                                  "not YAML"])  # fmt: skip
-def test_flag_errors_the_command_line_shows_import_no_torch(case, model_dir, tmp_path):
-    argv, message = PRUNE_REFUSALS[case]
-    code, heavy, err = _light_cli("prune", str(model_dir), *argv, "--out", str(tmp_path / "p"))
-    assert (code, heavy) == (2, "-") and message in err
-
-
-@pytest.mark.parametrize(
-    "case", ["layers beyond the model", "remove more blocks than the model has", "unknown "
-             "criterion option"]
-)  # fmt: skip
-def test_config_level_errors_come_before_transformers_is_imported(case, model_dir, tmp_path):
-    """config.json is read as JSON (``preflight.check_source``): no transformers import, the
-    seconds it costs; torch only for the criterion's class."""
+@pytest.mark.parametrize("case", PRUNE_REFUSALS)
+def test_config_level_errors_import_neither_torch_nor_transformers(case, model_dir, tmp_path):
+    """config.json is read as JSON (``preflight.check_source``) and the criteria's options and
+    unit kinds come from the registry's table: no heavy import, no seconds spent on one."""
     argv, message = PRUNE_REFUSALS[case]
     runs = tmp_path / "runs"
     code, heavy, err = _light_cli("prune", str(model_dir), *argv, "--out", str(runs / "p"))
-    assert (code, heavy) == (2, "torch") and message in err
+    assert (code, heavy) == (2, "-") and message in err
     assert [*runs.glob("*"), *runs.glob(".*")] == []  # no output, no lock file left
+
+
+def test_an_option_value_is_checked_by_the_criterion_itself(model_dir, tmp_path, no_load, capsys):
+    argv = ["prune", str(model_dir), "--remove", "1", "--criterion", "magnitude", "--option"]
+    assert main([*argv, "p=-1", "--out", str(tmp_path / "p")]) == 2
+    assert _error(capsys) == "secateurs: error: magnitude: p must be positive, got -1.\n"
 
 
 SCORES_FILES = {
@@ -705,6 +701,14 @@ def test_bad_scores_file_is_named_before_reading_weights(
     argv = ["prune", str(model_dir), "--remove", "1", "--protect", "none", "--scores", str(path)]
     assert main([*argv, "--out", str(tmp_path / "p")]) == 2
     assert _error(capsys) == f"secateurs: error: {message.format(path=path)}\n"
+
+
+def test_a_scores_file_for_another_model_is_refused_without_importing_torch(model_dir, tmp_path):
+    path = tmp_path / "scores.json"
+    path.write_text(SCORES_FILES["another model"][0])
+    argv = ["prune", str(model_dir), "--remove", "1", "--protect", "none", "--scores", str(path)]
+    code, heavy, err = _light_cli(*argv, "--out", str(tmp_path / "p"))
+    assert (code, heavy) == (2, "-") and f"--scores {path} covers 3 layers" in err
 
 
 RECIPES = {

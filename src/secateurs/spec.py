@@ -205,15 +205,15 @@ class CriterionSpec:
 
         if len(set(self.names)) > 1 and self.options:
             raise ConfigError("Criterion options need one criterion for both kinds (not A,B).")
-        known = set(_accepted(CRITERIA.get(self.name))) | SEARCH_OPTIONS
+        known = set(CRITERIA.fact(self.name, "accepts")) | SEARCH_OPTIONS  # no import
         unknown = sorted(set(self.options) - known)
         if unknown:
             raise ConfigError(
                 f"Criterion {self.name!r} has no option {', '.join(unknown)}; its options: "
                 f"{', '.join(sorted(known)) or 'none'}{_suggest(unknown[0], known)}."
             )
-        for name in set(self.names):  # a criterion checks its options' values when built
-            CRITERIA.get(name)(**(self.criterion_options() if name == self.name else {}))
+        if self.options:  # a criterion checks its options' values when built (imports it)
+            CRITERIA.get(self.name)(**self.criterion_options())
 
     def criterion_options(self) -> dict[str, Any]:
         """The options the criterion's constructor takes (search options left out)."""
@@ -733,9 +733,8 @@ def _check_criterion_units(spec: PruneSpec) -> None:
         )
     for kind in WIDTH_KINDS if spec.joint else spec.units:  # auto ranks groups and channels
         name = spec.criterion.width_name if kind in WIDTH_KINDS else spec.criterion.name
-        scorer = CRITERIA.get(name)
-        if kind not in scorer.units:
-            able = sorted(n for n, c in CRITERIA.items() if kind in c.units)
+        if kind not in CRITERIA.fact(name, "units"):  # declared: no import
+            able = sorted(n for n in CRITERIA.names() if kind in CRITERIA.fact(n, "units"))
             raise ConfigError(
                 f"Criterion {name!r} cannot score {kind} units; criteria that can: "
                 f"{', '.join(able)}."

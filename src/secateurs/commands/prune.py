@@ -45,8 +45,8 @@ class Prune(Command):
 
         spec = spec_from_args(args)  # every flag checked before anything is read
         check_output_dir(args.out, args.overwrite)
+        check_source(spec, args.model)  # config.json and the files, before torch is imported
         _check_data(spec)
-        check_source(spec, args.model)  # config.json and the files, before transformers loads
         from secateurs.run import prune
 
         argv = shlex.join(["secateurs", *sys.argv[1:]])

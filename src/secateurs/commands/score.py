@@ -31,9 +31,9 @@ class Score(Command):
         from secateurs.data import require_data
         from secateurs.preflight import check_source
 
+        check_source(spec, args.model, budget=False)  # before torch is imported
         if spec.data.calibration == "c4":
             require_data("C4 calibration", spec.data.data_dir)
-        check_source(spec, args.model, budget=False)  # before transformers is imported
         from secateurs.run import score
         from secateurs.scores import save_scores
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC
 from collections.abc import Iterator
@@ -96,6 +97,12 @@ class Criterion(ABC):
     def __init__(self, **options: Any) -> None:
         if options:
             raise ConfigError(f"Criterion {self.name!r} takes no options {sorted(options)}.")
+
+    @classmethod
+    def accepts(cls) -> tuple[str, ...]:
+        """The keyword options the constructor takes (declared in the registry's table)."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD)
 
     def score(self, ctx: ScoringContext, unit: str) -> torch.Tensor:
         """One importance score per layer for depth unit kind ``unit`` (shape ``(num_layers,)``)."""
