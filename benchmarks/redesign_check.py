@@ -10,6 +10,8 @@ they report:
 - ``depth``: ``benchmarks/depth.py`` for ``ppl+ --iterative`` (seed 0, with and without
   ``--heal``) at 6 and 10 blocks, with its anchor selections: chosen blocks exactly, PPL to 1e-3;
 - ``experts``: ``benchmarks/experts.py``: sizes exactly, Δlogit to 1e-3;
+- ``memory`` (not in the default parts): peak RSS of the same ``secateurs prune … ppl+
+  --iterative`` command line on both sides, the least of two fresh processes;
 - ``scale``: ``benchmarks/scale.py`` on the 3B-shaped random checkpoint, one step at a time:
   removed units and output sizes exactly, every output tensor compared between the sides (equal
   tensors: equal PPL), peak RSS within 10%.
@@ -154,6 +156,51 @@ def measure_depth(runner: Runner, side: Side) -> dict:
     (folder.parent / "evaluations.json").unlink(missing_ok=True)
     runner.run(side, "depth", folder / "depth.py", args)
     return json.loads((folder / "results" / "redesign-depth.json").read_text())
+
+
+# The depth benchmark passes the one flow its own batch size (8), the old CLI its default: the
+# same user command on both sides is what the memory verdict compares.
+MEMORY_COMMAND = [
+    "prune",
+    "smollm2-135m",
+    "--criterion",
+    "ppl+",
+    "--remove",
+    "10",
+    "--iterative",
+    "--shortlist",
+    "3",
+    "--n-samples",
+    "10",
+    "--calib-seq-len",
+    "128",
+    "--seed",
+    "0",
+]
+
+
+def measure_memory(runner: Runner, side: Side, repeats: int = 2) -> dict:
+    """Peak RSS of ``secateurs`` running MEMORY_COMMAND in fresh processes (the least of
+    ``repeats``: glibc's allocation history moves a peak by ~0.1 GB between runs)."""
+    check_import(side)
+    out = runner.work / side.name / "memory" / "out"
+    command = ["nice", "-n", "10", sys.executable, "-m", "secateurs.cli", *MEMORY_COMMAND]
+    command += ["--out", str(out), "--overwrite"]
+    peaks = []
+    for _ in range(repeats):
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        process = subprocess.Popen(command, cwd=side.root, env=side.env, **quiet)
+        _, status, usage = os.wait4(process.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"[{side.name}] memory: {' '.join(command)} failed")
+        peaks.append(round(usage.ru_maxrss / 1024))
+    shutil.rmtree(out, ignore_errors=True)
+    return {"peak_rss_mb": min(peaks), "peaks_mb": peaks, "command": " ".join(MEMORY_COMMAND)}
+
+
+def compare_memory(before: dict, after: dict) -> list[dict]:
+    name = f"`secateurs {before['command']}`: peak RSS MB (least of {len(before['peaks_mb'])})"
+    return [row(name, before["peak_rss_mb"], after["peak_rss_mb"], "memory")]
 
 
 def measure_experts(runner: Runner, side: Side) -> dict:
@@ -448,12 +495,14 @@ MEASURES = {
     "depth": measure_depth,
     "experts": measure_experts,
     "combined": measure_combined,
+    "memory": measure_memory,
 }
 COMPARES = {
     "width": compare_width,
     "depth": compare_depth,
     "experts": compare_experts,
     "combined": compare_combined,
+    "memory": compare_memory,
 }
 COLUMNS = [
     ("metric", "metric"),
@@ -465,9 +514,9 @@ COLUMNS = [
 TIMING = [("part", "part"), ("side", "side"), ("seconds", "wall s"), ("load", "load average")]
 
 
-def report(runner: Runner, sides: dict[str, Side]) -> None:
+def report(runner: Runner, sides: dict[str, Side], name: str) -> None:
     lines, seconds = [], []
-    for part in (*PARTS, "combined"):
+    for part in (*PARTS, "combined", "memory"):
         if part == "scale":
             lines += compare_scale(runner, sides)
         else:
@@ -484,7 +533,7 @@ def report(runner: Runner, sides: dict[str, Side]) -> None:
     )
     seconds = [s for s in seconds if s]
     table = f"{protocol}\n\n{markdown_table(lines, COLUMNS)}\n\n{markdown_table(seconds, TIMING)}"
-    write_results("redesign-check", {"protocol": protocol, "rows": lines, "timing": seconds}, table)
+    write_results(name, {"protocol": protocol, "rows": lines, "timing": seconds}, table)
 
 
 def timing(runner: Runner, key: str, side: str) -> dict | None:
@@ -499,10 +548,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=Path("/work/base"), help="the old checkout")
     parser.add_argument("--work", type=Path, default=Path("/tmp/secateurs-redesign-check"))
-    parser.add_argument("--parts", default=",".join(PARTS), help="also: combined (share 0.5)")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help="also: combined (share 0.5), memory"
+    )
     parser.add_argument("--sides", default="before,after", help="run only one side: before")
     parser.add_argument("--steps", default=",".join(map(str, SCALE_STEPS)), help="scale steps")
     parser.add_argument("--fresh", default="", help="parts whose cached results are dropped")
+    parser.add_argument("--name", default="redesign-check", help="results/NAME.json and .md")
     args = parser.parse_args()
     sides = {"before": Side("before", args.base.resolve()), "after": Side("after", ROOT)}
     runner = Runner(args.work, sides)
@@ -517,7 +569,7 @@ def main() -> None:
             continue
         for side in chosen.values():
             timed(runner, side, part, lambda side=side, part=part: MEASURES[part](runner, side))
-    report(runner, sides)
+    report(runner, sides, args.name)
 
 
 if __name__ == "__main__":

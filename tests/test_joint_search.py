@@ -94,7 +94,7 @@ def test_the_cost_model_counts_exactly_what_the_cut_removes(family, tmp_path):
     added = _count(result.model, only_new_beside=_names(original))
     removed = _count(original) - _count(result.model) + added
     assert removed == search["budget"]["removed"]
-    assert removed >= 0.99 * search["budget"]["value"]
+    assert removed >= search["budget"]["value"]  # the budget is met, never undershot
     kept = {(layer["kv_groups"], layer["mlp_channels"]) for layer in search["layers"]}
     assert kept != {(2, 64)}, "the search removed nothing"
 
@@ -177,7 +177,7 @@ def test_the_evolution_keeps_the_budget_and_never_takes_a_worse_parent():
     kls = [step["kl"] for step in found["history"]]
     assert all(b <= a for a, b in zip(kls, kls[1:], strict=False))
     assert kls[-1] < kls[0]
-    assert 0.99 * target <= space.removed(found["genome"])
+    assert target <= space.removed(found["genome"])
     assert judge.parent == found["genome"]  # the result is what stays assigned
     genome = found["genome"]
     cut = [space.kv - kv + MLP_STEPS - e for kv, e in genome]

@@ -183,7 +183,7 @@ def test_the_evolution_keeps_a_latency_budget():
     genome = found["genome"]
     kls = [step["kl"] for step in found["history"]]
     assert all(b <= a for a, b in zip(kls, kls[1:], strict=False)) and kls[-1] < kls[0]
-    assert goal.removed(genome) >= 0.99 * goal.amount  # the budget, within its tolerance
+    assert goal.removed(genome) >= goal.amount  # the budget is met, never undershot
     assert budget.seconds(genome) <= 0.75 * budget.dense_seconds() + 0.01 * goal.amount
     assert genome[0][0] > 0  # llama.cpp serves it
     cut = [space.kv - kv + MLP_STEPS - e for kv, e in genome]

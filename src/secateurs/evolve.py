@@ -18,7 +18,7 @@ in each layer is what the search decides.
    fit ones, from cached layer inputs (a candidate runs from its first changed layer on).
 3. **Evolution** (EvoPress, arXiv 2410.14649): from the best of a few uniform allocations that
    meet the budget, each generation makes offspring by level-switch mutations (one sublayer
-   gives a level, another takes one, the budget kept within tolerance) and keeps the best by
+   gives a level, another takes one, the budget met and overshot by at most the tolerance) and keeps the best by
    multi-step selection: all offspring on a few judge windows, the best few on more, the best
    one against the parent on all of them.
 
@@ -322,11 +322,11 @@ class Judge:
         return score
 
     def _kl(self, final: list[torch.Tensor], count: int) -> float:
+        """KL on the first ``count`` batches (the reference holds one entry per window)."""
         reference = self.goal.reference
-        self.goal.reference = reference[:count]
+        self.goal.reference = reference[: sum(len(ids) for ids in self.flow.batches[:count])]
         try:
-            pairs = zip(self.flow.batches[:count], final, strict=True)
-            return self.goal((ids, self.session.logits(ids, h)) for ids, h in pairs)
+            return self.goal(self.flow.logits(final))
         finally:
             self.goal.reference = reference
 
@@ -342,7 +342,8 @@ class Judge:
 @dataclass(frozen=True)
 class Evolution:
     """EvoPress's settings: ``generations`` of ``offspring`` mutated candidates, selected in
-    ``stages`` (judge batches used, survivors kept); ``tolerance`` of the budget."""
+    ``stages`` (judge batches used, survivors kept); ``tolerance``: how far beyond the budget
+    a candidate may remove."""
 
     generations: int = 60
     offspring: int = 12
@@ -354,7 +355,7 @@ class Evolution:
 def evolve(
     judge: Judge, space: Space, goal: Goal, settings: Evolution, progress: bool = False
 ) -> dict[str, Any]:
-    """The best candidate removing ``goal.amount`` (± tolerance), and its history."""
+    """The best candidate removing ``goal.amount`` (+ at most the tolerance), and its history."""
     rng = random.Random(settings.seed)
     parent = _start(judge, space, goal)
     fitness = judge(parent)
@@ -411,10 +412,10 @@ def _near_uniform(space: Space, goal: Goal, kv: int) -> Genome | None:
 
 
 def _offspring(parent: Genome, space: Space, goal: Goal, settings: Evolution, rng) -> list:
-    """Mutated children that remove at least the goal (less the tolerance), and not more
-    than the parent or the goal plus the tolerance (so a start above the budget may move
-    towards it, never away)."""
-    low = goal.amount * (1 - settings.tolerance)
+    """Mutated children that remove at least the goal (a budget is a promise: ``--ratio 0.2``
+    never leaves more than 80%), and not more than the parent or the goal plus the tolerance
+    (so a start above the budget may move towards it, never away)."""
+    low = goal.amount
     high = max(goal.removed(parent), goal.amount * (1 + settings.tolerance))
     children, tries = [], 0
     while len(children) < settings.offspring and tries < 100 * settings.offspring:

@@ -225,9 +225,14 @@ class Flow:
         return total / count
 
     def logits(self, final: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(window ids, logits) per batch, for objectives that read whole distributions."""
-        for ids, hidden in zip(self.batches, final, strict=True):
-            yield ids, self.session.logits(ids, hidden)
+        """(window ids, logits) one window at a time, for objectives that read whole
+        distributions. A batch's logits and their log-softmax would be the largest tensors of
+        a search (8 windows × 128 tokens × 49,152 words in float32: 0.2 GB each at SmolLM2's
+        size); one window's are a batch's share. ``final`` may cover the first batches only."""
+        for ids, hidden in zip(self.batches[: len(final)], final, strict=True):
+            for row in range(len(ids)):
+                window = slice(row, row + 1)
+                yield ids[window], self.session.logits(ids[window], hidden[window])
 
     def final(self) -> list[torch.Tensor]:
         """The base model's last-layer outputs (from cached inputs where there are some)."""
