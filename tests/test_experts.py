@@ -374,9 +374,14 @@ def test_group_limited_routers_are_refused(model_type, overrides, tokenizer):
         apply_expert_plan(model, expert_plan(model, {layer: (1,)}))
 
 
-def test_cli_refuses_experts_on_a_dense_model_from_its_config(tmp_path, capsys):
+def test_cli_refuses_experts_on_a_dense_model_from_its_config(tmp_path, capsys, monkeypatch):
     source = tmp_path / "dense"
-    tiny_model("llama").config.save_pretrained(source)  # a config alone: no weights to load
+    tiny_model("llama").save_pretrained(source)  # the weight files are checked first
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read before the config refused the run")
+
+    monkeypatch.setattr("secateurs.reload.load_checkpoint", refuse)
     args = ["prune", str(source), "--unit", "experts", "--criterion", "magnitude", "--remove", "1"]
     assert main([*args, "--out", str(tmp_path / "o")]) != 0
     assert "no routed experts" in capsys.readouterr().err

@@ -4,14 +4,17 @@ the umask says, a deliberate thread count, and zero-shot runs without the harnes
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from secateurs import cli
 from secateurs.cli import choose_threads, main
@@ -175,6 +178,39 @@ def test_a_saved_checkpoint_is_readable_by_others_under_umask_022(dense_and_prun
     os.umask(mask)
     for path in pruned.iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path.name
+
+
+def test_interrupted_recovery_message_names_the_flag_and_the_python_argument(tmp_path):
+    from secateurs.recover.common import resume_point
+
+    (tmp_path / "checkpoint-5").mkdir()
+    with pytest.raises(OutputExistsError) as caught:
+        resume_point(tmp_path, resume=False)
+    assert "pass --resume (from Python: resume=True) to continue it" in str(caught.value)
+
+
+def test_record_holds_the_resolved_spec_the_command_each_phase_and_the_dtype(
+    tmp_path, calibration_file, monkeypatch
+):
+    source, out = tmp_path / "bf16", tmp_path / "pruned"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    argv = ["prune", str(source), "--criterion", "ppl+", "--protect", "0", "--remove", "2",
+            "--calibration", str(calibration_file), "--n-samples", "2", "--calib-seq-len", "16",
+            "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["secateurs", *argv])
+    assert main(argv) == 0
+    record = json.loads((out / "secateurs.json").read_text())
+    assert record["criterion"]["name"] == "ppl+" and record["spec"]["criterion"] == "ppl+"
+    assert record["argv"] == shlex.join(["secateurs", *argv])  # as typed
+    assert record["command"].startswith(f"secateurs prune {source} --unit block --criterion ppl+")
+    phases = ["load_s", "scoring_s", "cut_s", "write_s", "cpu_s", "peak_rss_mb"]
+    assert list(record["timings"]) == phases
+    assert all(record["timings"][k] >= 0 for k in phases)
+    assert record["parameters"]["saved_dtype"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    weights = load_file(out / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
 
 
 # --- threads ------------------------------------------------------------------------------------

@@ -127,8 +127,9 @@ TRUNCATED = (
         ["export", "{m}", "--to", "hf", "--out", "{tmp}/e"],
         ["score", "{m}", "--calibration", "{calib}", "--out", "{tmp}/s.json"],
         ["recover", "{m}", "--tokens", "1024", "--data", "{calib}", "--out", "{tmp}/r"],
+        ["prune", "{m}", "--remove", "1", "--protect", "none", "--out", "{tmp}/p"],
     ],
-    ids=lambda c: " ".join(w for w in c if not w.startswith(("{", "-"))),
+    ids=lambda c: " ".join(w for w in c if not w.startswith(("{", "-")) and not w.isdigit()),
 )
 def test_truncated_weights_named_with_the_bytes_missing_by_every_command(
     command, truncated_dir, data_dir, calibration_file, tmp_path, no_load, capsys
@@ -150,6 +151,13 @@ def test_prune_flow_check_names_the_truncated_file_before_any_reader(truncated_d
 def test_truncated_file_is_reported_without_importing_torch(truncated_dir):
     code, heavy, err = _light_cli("eval", "ppl", str(truncated_dir))
     assert code == 2 and heavy == "-" and "(1,000 missing)" in err
+
+
+def test_prune_names_the_truncated_file_without_importing_torch(truncated_dir, tmp_path):
+    out = str(tmp_path / "p")
+    argv = ("prune", str(truncated_dir), "--remove", "1", "--protect", "none", "--out", out)
+    code, heavy, err = _light_cli(*argv)
+    assert (code, heavy) == (2, "-") and "(1,000 missing)" in err
 
 
 def test_prune_flow_light_check_imports_no_torch(truncated_dir):
@@ -549,6 +557,7 @@ def test_registry_tables_match_the_registered_objects():
     assert sorted(adapters) == [name for name, _ in ARCHITECTURES.catalog()]
     for name, info in CRITERIA.catalog():
         assert (criteria[name].units, criteria[name].summary) == (info["units"], info["summary"])
+        assert criteria[name].accepts() == info["accepts"]  # --option names, checked lightly
     for name, info in ARCHITECTURES.catalog():
         assert adapters[name].model_types == info["model_types"]
 
@@ -581,3 +590,152 @@ def test_a_registration_that_drifts_from_its_declaration_is_refused():
     assert registry.canonical("A") == "alpha" and "alpha" in registry and len(registry) == 1
     with pytest.raises(ModuleNotFoundError):
         registry.get("alpha")  # resolving a declared name imports its module
+
+
+# --- prune's own flags, recipes and scores files: refused before any weight is read -------------
+
+PRUNE_REFUSALS = {
+    "ratio as a percent": (
+        ["--ratio", "20"],
+        "--ratio is a fraction of the decoder's parameters in (0, 1), not 20.0 (a percentage? "
+        "use 0.2 for 20%).",
+    ),
+    "layers beyond the model": (
+        ["--unit", "width", "--criterion", "magnitude", "--ratio", "0.2", "--layers", "40:50"],
+        "--layers 40:50 is not inside 0:6.",
+    ),
+    "layers selecting none": (
+        ["--unit", "width", "--criterion", "magnitude", "--ratio", "0.2", "--layers", "4:2"],
+        "--layers 4:2 selects no layer: 0 <= START < STOP.",
+    ),
+    "remove more blocks than the model has": (
+        ["--remove", "31", "--protect", "none"],
+        "Asked to remove 31 block units but only 5 of 6 are removable (protected: []; at least "
+        "one block must remain).",
+    ),
+    "blocks beyond the model": (
+        ["--blocks", "3,40"],
+        "Plan blocks [40] out of range for 6 layers.",
+    ),
+    "protected layer beyond the model": (
+        ["--remove", "1", "--protect", "7"],
+        "Protected layer 7 is out of range for 6 layers.",
+    ),
+    "a criterion that cannot score the unit": (
+        ["--unit", "heads", "--ratio", "0.2"],
+        "Criterion 'ppl' cannot score heads units; criteria that can: activation, fluctuation, "
+        "hywia, influence, magnitude, mini-llm, taylor.",
+    ),
+    "unknown criterion option": (
+        ["--remove", "1", "--option", "bogus=1"],
+        "Criterion 'ppl' has no option bogus; its options: batch_size, objective, top_k.",
+    ),
+    "option value not YAML": (
+        ["--remove", "1", "--criterion", "magnitude", "--option", "p=["],
+        "--option p=[: the value is not a number, word or YAML list (expected the node content, "
+        "but found '<stream end>').",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PRUNE_REFUSALS)
+def test_prune_refuses_bad_flags_before_reading_weights(case, model_dir, tmp_path, no_load, capsys):
+    argv, message = PRUNE_REFUSALS[case]
+    assert main(["prune", str(model_dir), *argv, "--out", str(tmp_path / "p")]) == 2
+    assert _error(capsys) == f"secateurs: error: {message}\n"
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("case", PRUNE_REFUSALS)
+def test_config_level_errors_import_neither_torch_nor_transformers(case, model_dir, tmp_path):
+    """config.json is read as JSON (``preflight.check_source``) and the criteria's options and
+    unit kinds come from the registry's table: no heavy import, no seconds spent on one."""
+    argv, message = PRUNE_REFUSALS[case]
+    runs = tmp_path / "runs"
+    code, heavy, err = _light_cli("prune", str(model_dir), *argv, "--out", str(runs / "p"))
+    assert (code, heavy) == (2, "-") and message in err
+    assert [*runs.glob("*"), *runs.glob(".*")] == []  # no output, no lock file left
+
+
+def test_an_option_value_is_checked_by_the_criterion_itself(model_dir, tmp_path, no_load, capsys):
+    argv = ["prune", str(model_dir), "--remove", "1", "--criterion", "magnitude", "--option"]
+    assert main([*argv, "p=-1", "--out", str(tmp_path / "p")]) == 2
+    assert _error(capsys) == "secateurs: error: magnitude: p must be positive, got -1.\n"
+
+
+SCORES_FILES = {
+    "missing": (None, "--scores {path}: no such file."),
+    "not JSON": (
+        "not json",
+        "--scores {path} is not a JSON scores file (Expecting value: line 1 column 1 (char 0)).",
+    ),
+    "without the keys": (
+        '{"a": 1}',
+        "--scores {path} lacks criterion, unit, values: not written by 'secateurs score'.",
+    ),
+    "a list": ("[1, 2]", "--scores {path} lacks criterion, unit, values: not written by "
+               "'secateurs score'."),
+    "values not numbers": (
+        '{"criterion": "ppl", "unit": "block", "values": 5}',
+        "--scores {path}: 'values' is not a list of numbers.",
+    ),
+    "another criterion": (
+        '{"criterion": "taylor", "unit": "block", "values": [1, 2, 3, 4, 5, 6]}',
+        "--scores {path} holds taylor/block scores, not ppl/block.",
+    ),
+    "another model": (
+        '{"criterion": "ppl", "unit": "block", "values": [1, 2, 3]}',
+        "--scores {path} covers 3 layers; the model has 6.",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SCORES_FILES)
+def test_bad_scores_file_is_named_before_reading_weights(
+    case, model_dir, tmp_path, no_load, capsys
+):
+    content, message = SCORES_FILES[case]
+    path = tmp_path / "scores.json"
+    if content is not None:
+        path.write_text(content)
+    argv = ["prune", str(model_dir), "--remove", "1", "--protect", "none", "--scores", str(path)]
+    assert main([*argv, "--out", str(tmp_path / "p")]) == 2
+    assert _error(capsys) == f"secateurs: error: {message.format(path=path)}\n"
+
+
+def test_a_scores_file_for_another_model_is_refused_without_importing_torch(model_dir, tmp_path):
+    path = tmp_path / "scores.json"
+    path.write_text(SCORES_FILES["another model"][0])
+    argv = ["prune", str(model_dir), "--remove", "1", "--protect", "none", "--scores", str(path)]
+    code, heavy, err = _light_cli(*argv, "--out", str(tmp_path / "p"))
+    assert (code, heavy) == (2, "-") and f"--scores {path} covers 3 layers" in err
+
+
+RECIPES = {
+    "not YAML": (
+        "remove: [1\nunit: :\n",
+        "Recipe {path} is not valid YAML at line 2, column 5: expected ',' or ']', but got ':'.",
+    ),
+    "a tab": (
+        "remove: 1\n\tunit: block\n",
+        "Recipe {path} is not valid YAML at line 2, column 1: found character '\\t' that cannot "
+        "start any token.",
+    ),
+    "not UTF-8": (b"\xff\xfe", "Recipe {path} is not UTF-8 text (byte 0)."),
+    "not a mapping": ("- a\n- b\n", "Recipe {path} must be a mapping of option: value."),
+    "a fractional count": ("remove: 2.5\n", "--remove takes a positive whole number, not 2.5."),
+}
+
+
+@pytest.mark.parametrize("case", RECIPES)
+def test_bad_recipe_is_named_without_importing_torch(case, model_dir, tmp_path):
+    content, message = RECIPES[case]
+    path = tmp_path / "recipe.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    argv = ("prune", str(model_dir), "--config", str(path), "--out", str(tmp_path / "p"))
+    code, heavy, err = _light_cli(*argv)
+    assert (code, heavy) == (2, "-")
+    assert err == f"secateurs: error: {message.format(path=path)}\n"

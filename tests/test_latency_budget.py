@@ -273,9 +273,14 @@ def test_the_check_compares_measured_with_predicted_speed():
         assert row["measured_ratio"] == pytest.approx(1.2 / 1.1 * row["predicted_ratio"])
 
 
-def test_a_model_the_engine_cannot_serve_is_refused_from_its_config(tmp_path):
+def test_a_model_the_engine_cannot_serve_is_refused_from_its_config(tmp_path, monkeypatch):
     path = tmp_path / "opt"
-    tiny_model("opt").config.save_pretrained(path)  # config only: no weight is ever read
+    tiny_model("opt").save_pretrained(path)  # the weight files are checked first
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read before the config refused the run")
+
+    monkeypatch.setattr("secateurs.reload.load_checkpoint", refuse)
     with pytest.raises(UnsupportedModelError, match="--latency .*llama.cpp.*'opt'"):
         prune(path, unit="auto", latency=0.7, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()

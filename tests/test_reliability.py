@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -162,6 +163,15 @@ def test_output_directories_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_refused_run_leaves_no_claim_on_its_output(model_dir, tmp_path):
+    from secateurs import prune
+
+    out = tmp_path / "runs" / "p"
+    with pytest.raises(ConfigError, match="only 5 of 6 are removable"):
+        prune(str(model_dir), remove=31, protect="none", out=out)
+    assert list(out.parent.iterdir()) == [] and out not in outputs._HELD
 
 
 def test_unwritable_output_is_refused_before_loading(model_dir, monkeypatch, capsys):
@@ -401,6 +411,28 @@ def test_bench_help_documents_every_option(capsys):
         ("--seed", "0"),
     ):
         assert option in text and f"(default: {default})" in text, option
+
+
+def test_prune_help_names_every_unit_kind_and_explains_the_jargon(capsys):
+    from secateurs.spec import UNIT_WORDS
+
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("--unit UNIT what to remove")
+    unit_help = text[start : text.index("--criterion CRITERION", start)]
+    for word in [*UNIT_WORDS, "block,width"]:  # every --unit word: subblock, auto included
+        assert re.search(rf"(?<![\w,-]){word}(?![\w,-])", unit_help), word
+    for explained in (
+        "'sl' = Shortened LLaMA's set (the first four and the last two: 0,1,2,3,L-2,L-1)",
+        "--heal-target {local,dense} what --heal reproduces: local = what the removed blocks "
+        "added to the stream (default); dense = the dense model's stream after them",
+        "--shortlist SHORTLIST greedy ppl search: candidates re-scored per step after the first "
+        "full step ('all' = exact greedy, 0 = the first step's ranking). Default: 3",
+        "--reconstruct-damping RECONSTRUCT_DAMPING how strongly that fit is pulled towards the "
+        "plainly sliced weights",
+    ):
+        assert explained in text, explained
 
 
 def test_data_dir_help_matches_the_readme(capsys):

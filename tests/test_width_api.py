@@ -160,7 +160,7 @@ def test_global_allocation_respects_layer_range_and_bounds():
             "aggregation",
         ),
         (dict(ratio=0.2, max_ratio=1.0), ConfigError, "keep something"),
-        (dict(ratio=0.2, layers="9:3"), ConfigError, "--layers 9:3 is not inside"),
+        (dict(ratio=0.2, layers="9:3"), ConfigError, "--layers 9:3 selects no layer"),
     ],
 )
 def test_bad_input_fails_before_any_work(kwargs, error, message):

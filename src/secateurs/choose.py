@@ -39,7 +39,7 @@ from secateurs.scores import ScoreResult
 from secateurs.search import greedy_search, merge_branches, search_record
 from secateurs.sensitivity import layer_sensitivity
 from secateurs.session.base import Session
-from secateurs.spec import WIDTH_KINDS, PruneSpec, read_scores_file
+from secateurs.spec import WIDTH_KINDS, PruneSpec, scores_file_for
 from secateurs.targets import width_constraints
 from secateurs.units import unit_cost
 from secateurs.units import unit_count as units_in
@@ -197,7 +197,7 @@ def ranked_depth(
     count = depth_count(session, spec, kind) if count is None else count
     scorer = scorer_for(spec, kind)
     if spec.selection.scores is not None:
-        history = [reused_scores(spec, kind, session.num_layers)]
+        history = [ScoreResult.from_dict(scores_file_for(spec, session.num_layers))]
     elif spec.selection.iterative:
         history = rescored(scorer, kind, count, keep, context(session, scorer, windows), windows)
     else:
@@ -237,18 +237,6 @@ def rescored(scorer, kind, count, keep, ctx, windows) -> list[ScoreResult]:
                 "iterative: removed %s %d (step %d/%d)", kind, removed[-1].layer, step + 1, count
             )
     return history
-
-
-def reused_scores(spec: PruneSpec, kind: str, num_layers: int) -> ScoreResult:
-    result = ScoreResult.from_dict(read_scores_file(spec.selection.scores))
-    if (result.criterion, result.unit) != (spec.criterion.name, kind):
-        raise ConfigError(
-            f"Saved scores are for {result.criterion}/{result.unit}, not "
-            f"{spec.criterion.name}/{kind}."
-        )
-    if len(result.values) != num_layers:
-        raise ConfigError(f"Scores cover {len(result.values)} layers; the model has {num_layers}.")
-    return result
 
 
 # --- search ------------------------------------------------------------------------------------

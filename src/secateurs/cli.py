@@ -129,7 +129,15 @@ def apply_recipe(parser: argparse.ArgumentParser, recipe: Path) -> None:
 
     if not recipe.is_file():
         raise ConfigError(f"Recipe {recipe} does not exist.")
-    values = yaml.safe_load(recipe.read_text()) or {}
+    try:
+        values = yaml.safe_load(recipe.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Recipe {recipe} is not UTF-8 text (byte {err.start}).") from err
+    except yaml.YAMLError as err:  # the parser's own words say where, e.g. "line 2, column 7"
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"Recipe {recipe} is not valid YAML{at}: {problem}.") from err
     if not isinstance(values, dict):
         raise ConfigError(f"Recipe {recipe} must be a mapping of option: value.")
     known = {action.dest for action in parser._actions}

@@ -9,6 +9,7 @@ writers that were killed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -96,6 +97,14 @@ def release(target: str | os.PathLike) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(lock_path(key))
     os.close(fd)
+
+
+@atexit.register
+def _release_all() -> None:
+    """A process that stops before writing (a refused spec, an error, Ctrl-C) leaves no lock
+    file beside its target."""
+    for key in list(_HELD):
+        release(key)
 
 
 def _remove_leftovers(key: Path) -> None:

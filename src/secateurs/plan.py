@@ -12,11 +12,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from secateurs.errors import ConfigError, ScoreError
+
+if TYPE_CHECKING:  # the spec reads plans; torch is imported only where scores are checked
+    import torch
 
 DEPTH_UNITS = ("block", "attn", "mlp")
 
@@ -393,6 +394,8 @@ def count_to_remove(num_units: int, *, ratio: float | None, remove: int | None) 
 
 
 def check_scores(values: torch.Tensor, criterion: str) -> None:
+    import torch
+
     if not torch.isfinite(values).all():
         bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
         raise ScoreError(

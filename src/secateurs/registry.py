@@ -99,6 +99,16 @@ class Registry(Generic[T]):
                 f"{self.kind} {name!r} is declared in {module}, which did not register it"
             )
 
+    def fact(self, name: str, key: str) -> Any:
+        """A declared fact of ``name`` (e.g. its unit kinds), read without importing its module;
+        for an entry registered without a declaration, the object's attribute."""
+        name = self.canonical(name)
+        declared = self._declared.get(name)
+        if declared is not None and key in declared.info:
+            return declared.info[key]
+        value = getattr(self.get(name), key)
+        return value() if callable(value) else value
+
     def names(self) -> list[str]:
         return sorted({*self._entries, *self._declared})
 

@@ -29,7 +29,7 @@ from secateurs.calibration import Windows
 from secateurs.choose import Choice, choose, context, decoder_parameters, scored, scorer_for
 from secateurs.errors import ConfigError
 from secateurs.fit import cut
-from secateurs.outputs import check_output_dir
+from secateurs.outputs import check_output_dir, release
 from secateurs.plan import Plan
 from secateurs.record import build_record
 from secateurs.runinfo import count_parameters
@@ -84,13 +84,18 @@ def prune(
     spec = as_spec(spec, options)
     if out is not None:
         check_output_dir(out, overwrite)
-    clock = Clock()
-    with clock("load"):
-        session = open_session(source, spec, tokenizer, _spill_dir(out))
     try:
-        return _run(session, spec, (out, overwrite, argv), progress, clock)
-    finally:
-        session.close()
+        clock = Clock()
+        with clock("load"):
+            session = open_session(source, spec, tokenizer, _spill_dir(out))
+        try:
+            return _run(session, spec, (out, overwrite, argv), progress, clock)
+        finally:
+            session.close()
+    except BaseException:
+        if out is not None:
+            release(out)  # a failed run leaves ``out`` free for the next one, now
+        raise
 
 
 def _run(session, spec: PruneSpec, output: tuple, progress: bool, clock) -> PruneResult:
@@ -112,9 +117,8 @@ def _run(session, spec: PruneSpec, output: tuple, progress: bool, clock) -> Prun
     record["parameters"]["plain_config"] = report.plain_config
     record["argv"] = argv
     _log_result(choice, record)
-    if out is not None:
-        with clock("write"):
-            record = write_checkpoint(session, out, record, choice.plan.kept_layers, overwrite)
+    if out is not None:  # the writer adds the write's time to the record's timings
+        record = write_checkpoint(session, out, record, choice.plan.kept_layers, overwrite)
     model = session.model if session.kind == "memory" else None
     return PruneResult(model, choice.plan, choice.scores, record, Path(out) if out else None)
 

@@ -33,7 +33,7 @@ def open_session(
     """A session over ``source`` (a model object, a directory, a GGUF file, an alias or a hub
     id) for ``spec``; ``work``: where a lazy session spills changed layers; ``scores_only``:
     the run scores and removes nothing (its budget is not checked)."""
-    from secateurs.preflight import check_config
+    from secateurs.preflight import check_config, check_source
 
     if isinstance(source, PreTrainedModel):
         if spec.mode.mode in ("sequential", "stream"):
@@ -42,13 +42,9 @@ def open_session(
             )
         check_config(spec, source.config, not scores_only)
         return ResidentSession(source, tokenizer, getattr(source, "name_or_path", None))
-    from secateurs.models import check_model_files, check_supported, resolve_model
+    from secateurs.models import resolve_model
 
-    check_supported(source)  # an architecture without an adapter, from its config alone
-    local = Path(source).expanduser()
-    if (local / "config.json").is_file():  # what the config alone refuses, before its files
-        check_config(spec, _config(str(local)), not scores_only)
-    check_model_files(source, shapes=False)  # damaged files named before anything is read
+    check_source(spec, source, not scores_only)  # config.json and the files' headers
     location = resolve_model(source)
     config = _config(location)
     if config is not None:

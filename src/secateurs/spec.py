@@ -88,12 +88,16 @@ def parse_layers(value: Any) -> tuple[int, int] | None:
     if isinstance(value, str):
         start, sep, stop = value.partition(":")
         try:
-            return (int(start or 0), int(stop)) if sep else (int(start), int(start) + 1)
+            pair = (int(start or 0), int(stop)) if sep else (int(start), int(start) + 1)
         except ValueError as err:
             raise ConfigError(f"--layers takes START:STOP (e.g. 4:28), not {value!r}.") from err
-    if len(value) != 2 or not all(_whole(v) for v in value):
+    elif len(value) != 2 or not all(_whole(v) for v in value):
         raise ConfigError(f"--layers takes START:STOP (e.g. 4:28), not {value!r}.")
-    return (int(value[0]), int(value[1]))
+    else:
+        pair = (int(value[0]), int(value[1]))
+    if not 0 <= pair[0] < pair[1]:  # no model needed to see it selects nothing
+        raise ConfigError(f"--layers {pair[0]}:{pair[1]} selects no layer: 0 <= START < STOP.")
+    return pair
 
 
 def unit_word(kinds: tuple[str, ...]) -> str:
@@ -201,15 +205,15 @@ class CriterionSpec:
 
         if len(set(self.names)) > 1 and self.options:
             raise ConfigError("Criterion options need one criterion for both kinds (not A,B).")
-        known = set(_accepted(CRITERIA.get(self.name))) | SEARCH_OPTIONS
+        known = set(CRITERIA.fact(self.name, "accepts")) | SEARCH_OPTIONS  # no import
         unknown = sorted(set(self.options) - known)
         if unknown:
             raise ConfigError(
                 f"Criterion {self.name!r} has no option {', '.join(unknown)}; its options: "
                 f"{', '.join(sorted(known)) or 'none'}{_suggest(unknown[0], known)}."
             )
-        for name in set(self.names):  # a criterion checks its options' values when built
-            CRITERIA.get(name)(**(self.criterion_options() if name == self.name else {}))
+        if self.options:  # a criterion checks its options' values when built (imports it)
+            CRITERIA.get(self.name)(**self.criterion_options())
 
     def criterion_options(self) -> dict[str, Any]:
         """The options the criterion's constructor takes (search options left out)."""
@@ -628,6 +632,25 @@ def read_scores_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(
             f"--scores {path} lacks {', '.join(missing)}: not written by 'secateurs score'."
         )
+    if not isinstance(data["values"], list) or not all(_number(v) for v in data["values"]):
+        raise ConfigError(f"--scores {path}: 'values' is not a list of numbers.")
+    return data
+
+
+def scores_file_for(spec: PruneSpec, num_layers: int) -> dict[str, Any]:
+    """``spec``'s ``--scores`` file, checked against the spec and a model of ``num_layers``
+    layers (``preflight``: from its config alone, before any weight is read)."""
+    path, kind = spec.selection.scores, spec.units[0]
+    data = read_scores_file(path)
+    if (data["criterion"], data["unit"]) != (spec.criterion.name, kind):
+        raise ConfigError(
+            f"--scores {path} holds {data['criterion']}/{data['unit']} scores, not "
+            f"{spec.criterion.name}/{kind}."
+        )
+    if len(data["values"]) != num_layers:
+        raise ConfigError(
+            f"--scores {path} covers {len(data['values'])} layers; the model has {num_layers}."
+        )
     return data
 
 
@@ -641,6 +664,8 @@ __all__ = [
     "PruneSpec",
     "Selection",
     "parse_units",
+    "read_scores_file",
+    "scores_file_for",
 ]
 
 
@@ -708,9 +733,8 @@ def _check_criterion_units(spec: PruneSpec) -> None:
         )
     for kind in WIDTH_KINDS if spec.joint else spec.units:  # auto ranks groups and channels
         name = spec.criterion.width_name if kind in WIDTH_KINDS else spec.criterion.name
-        scorer = CRITERIA.get(name)
-        if kind not in scorer.units:
-            able = sorted(n for n, c in CRITERIA.items() if kind in c.units)
+        if kind not in CRITERIA.fact(name, "units"):  # declared: no import
+            able = sorted(n for n in CRITERIA.names() if kind in CRITERIA.fact(n, "units"))
             raise ConfigError(
                 f"Criterion {name!r} cannot score {kind} units; criteria that can: "
                 f"{', '.join(able)}."

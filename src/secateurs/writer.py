@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,13 @@ def write_checkpoint(
     record["parameters"]["saved_dtype"] = str(dtype).removeprefix("torch.")
     specs, read = _tensors(session, kept, dtype)
     needed = sum(spec.nbytes for spec in specs.values()) + (20 << 20)
+    start = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite, needed=needed) as tmp:
         _write_config(session, dtype, tmp)
         write_weights(tmp, specs, read, model.num_parameters())
         _write_tokenizer(session, tmp)
+        if "timings" in record:  # a run's record: writing is its last phase (the rest: < 1 s)
+            record["timings"] = _with_write(record["timings"], _since(start))
         if not record["loading"]["plain_transformers"]:
             mark_config(tmp)
         write_json(tmp / RECORD_FILE, record)
@@ -59,6 +63,16 @@ def write_checkpoint(
             write_card(tmp, name=Path(out).name)
     log.info("Saved to %s", out)
     return record
+
+
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+
+
+def _with_write(timings: dict[str, float], seconds: float) -> dict[str, float]:
+    """The phases' times in their order (load, scoring, cut, write), then the totals."""
+    phases = {k: v for k, v in timings.items() if k not in ("cpu_s", "peak_rss_mb")}
+    return {**phases, "write_s": seconds, **{k: v for k, v in timings.items() if k not in phases}}
 
 
 def saved_dtype(session: Session) -> torch.dtype:

@@ -7,11 +7,14 @@ surgery) asks the adapter, so supporting a new family is one small file of names
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
 
 from secateurs.errors import ConfigError, UnsupportedModelError
+
+if TYPE_CHECKING:  # annotations only: importing transformers costs seconds
+    from transformers import PretrainedConfig, PreTrainedModel
 
 SUB_BLOCKS = ("attn", "mlp")
 WIDTH_KINDS = ("heads", "channels")

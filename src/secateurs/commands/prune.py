@@ -41,9 +41,11 @@ class Prune(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from secateurs.outputs import check_output_dir
+        from secateurs.preflight import check_source
 
         spec = spec_from_args(args)  # every flag checked before anything is read
         check_output_dir(args.out, args.overwrite)
+        check_source(spec, args.model)  # config.json and the files, before torch is imported
         _check_data(spec)
         from secateurs.run import prune
 

@@ -29,11 +29,14 @@ class Score(Command):
             raise OutputExistsError(f"{args.out} exists; pass --overwrite to replace it.")
         spec = spec_from_args(args, remove=1)  # a budget is never used: scores only
         from secateurs.data import require_data
+        from secateurs.preflight import check_source
+
+        check_source(spec, args.model, budget=False)  # before torch is imported
+        if spec.data.calibration == "c4":
+            require_data("C4 calibration", spec.data.data_dir)
         from secateurs.run import score
         from secateurs.scores import save_scores
 
-        if spec.data.calibration == "c4":
-            require_data("C4 calibration", spec.data.data_dir)
         result = score(args.model, spec)
         save_scores(result, args.out, {"source_model": str(args.model)})
         ranked = sorted(range(len(result.values)), key=lambda i: result.values[i])

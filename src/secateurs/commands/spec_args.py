@@ -29,7 +29,10 @@ UNIT_HELP = (
     "what to remove. Depth: block (whole decoder layers), attn / mlp (one branch of a layer), "
     "subblock (attention and MLP branches chosen together by a greedy PPL search). Width: heads "
     "(KV head groups), channels (MLP channels), width (both). block,width: blocks and width "
-    "under one --ratio budget. experts: routed experts of MoE models. Default: block"
+    "under one --ratio budget. auto: how many head groups and MLP channels each layer keeps "
+    "(0 removes the branch; both 0, the block), chosen for all layers together by an "
+    "evolutionary search under --ratio, --params or --latency. "
+    "experts: routed experts of MoE models. Default: block"
 )
 # Flags whose store_true value False means "not given".
 SWITCHES = ("iterative", "heal", "heal_bias", "uniform_widths", "include_embeddings",
@@ -353,5 +356,11 @@ def parse_options(items: Any) -> dict[str, Any] | None:
         key, sep, value = str(item).partition("=")
         if not sep:
             raise ConfigError(f"--option takes KEY=VALUE, not {item!r}.")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as err:  # e.g. an unclosed '[': say which option, not a trace
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"--option {item}: the value is not a number, word or YAML list ({problem})."
+            ) from err
     return options

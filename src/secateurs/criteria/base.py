@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
 from secateurs.errors import ConfigError
 from secateurs.plan import Unit
 from secateurs.units.width import ParamSlice, group_slices, output_projection
+
+if TYPE_CHECKING:  # annotations only: importing transformers costs seconds
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -94,6 +97,12 @@ class Criterion(ABC):
     def __init__(self, **options: Any) -> None:
         if options:
             raise ConfigError(f"Criterion {self.name!r} takes no options {sorted(options)}.")
+
+    @classmethod
+    def accepts(cls) -> tuple[str, ...]:
+        """The keyword options the constructor takes (declared in the registry's table)."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD)
 
     def score(self, ctx: ScoringContext, unit: str) -> torch.Tensor:
         """One importance score per layer for depth unit kind ``unit`` (shape ``(num_layers,)``)."""

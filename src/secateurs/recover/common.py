@@ -255,7 +255,8 @@ def resume_point(work_dir: Path, resume: bool) -> str | None:
     if last is not None and not resume:
         raise OutputExistsError(
             f"{work_dir} holds checkpoints of an interrupted run ({Path(last).name}); pass "
-            "--resume to continue it, or delete that directory to start over."
+            "--resume (from Python: resume=True) to continue it, or delete that directory to "
+            "start over."
         )
     if resume and last is None:
         log.info("Nothing to resume in %s: starting from step 0.", work_dir)

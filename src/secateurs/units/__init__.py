@@ -15,14 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter, adapter_for
 from secateurs.errors import ConfigError
 from secateurs.plan import Plan
 from secateurs.units import depth, experts, width
+
+if TYPE_CHECKING:  # annotations only: importing transformers costs seconds
+    from transformers import PreTrainedModel
 
 WIDTH_KINDS = ("heads", "channels")
 Means = dict[

@@ -20,16 +20,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.cache_utils import Cache
 
 from secateurs.adapters import Adapter, SubBlock, adapter_for
 from secateurs.errors import UnsupportedModelError
 from secateurs.plan import Unit, check_unit_kind
+
+if TYPE_CHECKING:  # annotations only: importing transformers costs seconds
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class SkippedBranch(nn.Module):
         return out, None
 
     def _advance_cache(self, hidden: torch.Tensor, candidates: list[Any]) -> None:
+        from transformers.cache_utils import Cache  # loaded by then: a model is running
+
         cache = next((c for c in candidates if isinstance(c, Cache)), None)
         if cache is None:
             return

@@ -18,19 +18,21 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from transformers import PretrainedConfig, PreTrainedModel
 
 from secateurs.adapters import Adapter, adapter_for
 from secateurs.adapters.base import ExpertLayout
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.plan import Plan
 from secateurs.units.width import slice_param
+
+if TYPE_CHECKING:  # annotations only: importing transformers costs seconds
+    from transformers import PretrainedConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 

@@ -17,15 +17,17 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
 
 from secateurs.adapters import Adapter
 from secateurs.adapters.base import WIDTH_KINDS, ChannelLayout, HeadLayout
 from secateurs.errors import ConfigError, UnsupportedModelError
+
+if TYPE_CHECKING:  # annotations only: importing transformers costs seconds
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +340,8 @@ def _config_accepts(config, adapter: Adapter, w: LayerWidth) -> bool:
     Llama-3 shapes with 6 of 8 KV groups kept)."""
     if adapter.heads is None:
         return True
+    from huggingface_hub.errors import StrictDataclassError
+
     trial = copy.deepcopy(config)
     _set_head_config(trial, adapter.heads, w)
     validate = getattr(trial, "validate", None)
@@ -379,6 +383,8 @@ def update_config(model: PreTrainedModel, adapter: Adapter, original: LayerWidth
 # --- bias compensation (FLAP) -----------------------------------------------------------------
 def bias_flag_supported(config, flag: str | None) -> bool:
     """Whether ``flag`` is a real field of this model type's config (Mistral has none)."""
+    from transformers import AutoConfig
+
     return bool(flag) and flag in AutoConfig.for_model(config.model_type).to_dict()
 
 
