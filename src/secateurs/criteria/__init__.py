@@ -39,6 +39,8 @@ TABLE = (
      "calibration PPL with the unit removed alone (higher = more important)"),
     ("reap", "experts", (), "experts",
      "REAP: mean over routed tokens of gate weight x expert output norm"),
+    ("submodel", "submodel", ("forward",), "heads channels",
+     "re-fit error tr(W_c[(A⁻¹)_cc]⁻¹W_cᵀ) × per-layer loss scale from sub-models"),
     ("taylor", "taylor", (), "block attn mlp heads channels",
      "Σ|W ⊙ ∂L/∂W| over the unit's parameters, gradients summed over calibration batches"),
 )  # fmt: skip
