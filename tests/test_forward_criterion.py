@@ -200,6 +200,7 @@ def test_options_are_validated_and_recorded():
         ({"fraction": 1}, "fraction"),
         ({"damping": 0}, "damping"),
         ({"streams": 0}, "streams"),
+        ({"windows": -1}, "windows"),
     ]:
         with pytest.raises(ConfigError, match=match):
             CRITERIA.get("forward")(**bad)
@@ -211,6 +212,7 @@ def test_options_are_validated_and_recorded():
         "intercept": None,
         "streams": 8,
         "calibrate": True,
+        "windows": 0,
     }
     assert not CRITERIA.get("forward").uses_backward
 
@@ -230,3 +232,17 @@ def test_without_calibration_the_scores_are_the_raw_unit_errors():
     scales = ctx.extras["submodel_scale"]["heads"]
     for layer, (r, c) in enumerate(zip(raw, calibrated, strict=True)):
         assert torch.allclose(r * scales[layer], c, rtol=1e-12)
+
+
+def test_sub_models_on_fewer_windows_are_the_first_windows_of_the_full_measure():
+    model = tiny_model("llama")
+    full, base = measure(
+        scoring_context(model, CALIB, 2), "channels", CRITERIA.get("forward")(), True
+    )
+    few, few_base = measure(
+        scoring_context(model, CALIB, 2), "channels", CRITERIA.get("forward")(windows=3), True
+    )
+    assert len(few_base) == 4  # whole batches: two of two windows
+    assert torch.allclose(few_base, base[:4]) and not torch.allclose(few_base.mean(), base.mean())
+    for f, m in zip(few, full, strict=True):
+        assert torch.equal(f.errors, m.errors) and torch.allclose(f.losses, m.losses[:4])

@@ -71,16 +71,19 @@ class SubModel(Criterion):
         intercept: bool | None = None,
         streams: int = 8,
         calibrate: bool = True,
+        windows: int = 0,
     ) -> None:
         if not 0 < fraction < 1:
             raise ConfigError(f"submodel: fraction must be in (0, 1), got {fraction}.")
         if not damping > 0:
             raise ConfigError(f"submodel: damping must be > 0, got {damping}.")
+        if int(windows) < 0:
+            raise ConfigError(f"submodel: windows must be ≥ 0, got {windows}.")
         if int(streams) < 1:
             raise ConfigError(f"submodel: streams must be ≥ 1, got {streams}.")
         self.fraction, self.damping = float(fraction), float(damping)
         self.intercept, self.at_once = intercept, int(streams)
-        self.calibrate = bool(calibrate)
+        self.calibrate, self.windows = bool(calibrate), int(windows)
 
     def options(self) -> dict[str, object]:
         return {
@@ -89,6 +92,7 @@ class SubModel(Criterion):
             "intercept": self.intercept,
             "streams": self.at_once,
             "calibrate": self.calibrate,
+            "windows": self.windows,
         }
 
     @torch.no_grad()
@@ -191,6 +195,7 @@ def measure(
     measured: list[LayerMeasure | None] = [None] * n
     base = None
     at_once = settings.at_once if settings.calibrate else n
+    batches = sub_batches(ctx.flow, settings.windows)
     for first in range(0, n, at_once):
         chunk = range(first, min(n, first + at_once))
         streams: dict[int, list[torch.Tensor]] = {}
@@ -199,20 +204,22 @@ def measure(
             for layer, hidden in streams.items():
                 streams[layer] = ctx.flow.run(step.index, hidden)
             if step.index in chunk:
-                measured[step.index], hidden = measure_layer(ctx, kind, step, settings, intercept)
+                measured[step.index], hidden = measure_layer(
+                    ctx, kind, step, settings, intercept, batches
+                )
                 if hidden is not None:
                     streams[step.index] = hidden
             final = step.advance()
         if base is None and settings.calibrate:
-            base = ctx.flow.window_losses(final)
+            base = window_losses(ctx.flow, final[:batches])
         for layer, hidden in streams.items():
-            measured[layer].losses = ctx.flow.window_losses(hidden)
+            measured[layer].losses = window_losses(ctx.flow, hidden)
         streams.clear()
     return measured, base
 
 
 def measure_layer(
-    ctx: ScoringContext, kind: str, step, settings: SubModel, intercept: bool
+    ctx: ScoringContext, kind: str, step, settings: SubModel, intercept: bool, batches: int
 ) -> tuple[LayerMeasure, list[torch.Tensor] | None]:
     """Layer ``step.index``'s unit errors from its base inputs, and the output of its
     calibration sub-model (the lowest-error ``fraction`` of groups removed, compensated; None
@@ -233,8 +240,29 @@ def measure_layer(
     delta = compensation(weight, cols, a_inv).to(weight.dtype)
     del a_inv
     with compensated(module, delta.to(module.weight.dtype), weight.shape[1]):
-        hidden = ctx.flow.run(step.index, step.hidden)
+        hidden = ctx.flow.run(step.index, step.hidden[:batches])
     return LayerMeasure(errors.cpu(), removed.cpu()), hidden
+
+
+def sub_batches(flow, windows: int) -> int:
+    """The calibration batches the sub-models run on: enough for ``windows`` (0: all)."""
+    if windows == 0:
+        return len(flow.batches)
+    total = 0
+    for count, batch in enumerate(flow.batches, start=1):
+        total += len(batch)
+        if total >= windows:
+            return count
+    return len(flow.batches)
+
+
+def window_losses(flow, final: list[torch.Tensor]) -> torch.Tensor:
+    """Mean next-token NLL of each window of the first ``len(final)`` batches (float64)."""
+    parts = [
+        flow.session.token_nll(ids, hidden).mean(-1)
+        for ids, hidden in zip(flow.batches, final, strict=False)
+    ]
+    return torch.cat(parts).cpu()
 
 
 # --- loss units ----------------------------------------------------------------------------------
