@@ -12,6 +12,7 @@ from secateurs.criteria import CRITERIA
 from secateurs.criteria.submodel import (
     compensation,
     damped_inverse,
+    held_out,
     layer_scales,
     measure,
     obs_errors,
@@ -75,23 +76,25 @@ def test_unit_error_is_the_least_squares_refit_error_of_removing_it(intercept, m
 
 def test_sub_model_losses_are_those_of_the_pruned_and_refitted_model():
     """Each layer's sub-model stream gives exactly the loss of a copy of the model whose output
-    projection has the removed groups zeroed and the compensation applied."""
+    projection has the removed groups zeroed and the compensation applied, on the held-out
+    windows (the first batch: 4 windows), the fit on the others."""
     model = tiny_model("qwen2")  # o_proj without bias, down_proj without: the delta as a hook
     scorer = CRITERIA.get("forward")(fraction=0.25, streams=2)
     for kind in ("heads", "channels"):
         ctx = scoring_context(model, CALIB, 4)
         measured, base = measure(ctx, kind, scorer, intercept=False)
-        assert torch.allclose(base, _window_losses(model, CALIB), atol=1e-5)
+        assert torch.allclose(base, _window_losses(model, CALIB[:4]), atol=1e-5)
         for layer in (0, 3, 5):
             pruned = copy.deepcopy(model)
             module, columns = ctx.output_projection(layer, kind)
-            x = _projection_inputs(model, module)
+            x = _projection_inputs(model, module, CALIB[4:])
             a_inv = damped_inverse(x.T @ x / len(x), x.shape[1], scorer.damping)
             cols = columns[measured[layer].removed].flatten()
             weight = output_weight_columns(module, False).detach().double()
+            assert torch.allclose(measured[layer].errors, obs_errors(weight, columns, a_inv))
             copy_module, _ = scoring_context(pruned).output_projection(layer, kind)
             copy_module.weight.data = (weight + compensation(weight, cols, a_inv)).float()
-            expected = _window_losses(pruned, CALIB)
+            expected = _window_losses(pruned, CALIB[:4])
             assert torch.allclose(measured[layer].losses, expected, atol=1e-5), (kind, layer)
 
 
@@ -100,11 +103,11 @@ def _window_losses(model, ids):
         return token_nll(model(input_ids=ids, use_cache=False).logits, ids).mean(-1).double()
 
 
-def _projection_inputs(model, module):
+def _projection_inputs(model, module, ids):
     seen = []
     handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     with torch.no_grad():
-        model(input_ids=CALIB, use_cache=False)
+        model(input_ids=ids, use_cache=False)
     handle.remove()
     return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
 
@@ -122,7 +125,11 @@ def test_scores_are_the_removed_error_scaled_to_the_measured_loss_change():
             assert predicted == pytest.approx(float((m.losses - base).mean()), rel=1e-9)
         assert torch.equal(scores[layer].argsort(), m.errors.argsort())  # a scale per layer
     curve = ctx.extras["submodel_convergence"]["channels"]
-    assert [p["windows"] for p in curve] == [1, 2, 4, 8] and curve[-1]["spearman"] == 1.0
+    assert [p["windows"] for p in curve] == [
+        1,
+        2,
+        4,
+    ]  # held out: the first batch and curve[-1]["spearman"] == 1.0
 
 
 def test_a_sub_model_that_helps_gets_a_small_positive_scale():
@@ -210,7 +217,7 @@ def test_options_are_validated_and_recorded():
         "fraction": 0.5,
         "damping": 0.01,
         "intercept": None,
-        "streams": 8,
+        "streams": 32,
         "calibrate": True,
         "windows": 0,
     }
@@ -222,27 +229,21 @@ def test_spearman_of_a_ranking_with_itself_and_its_reverse():
     assert spearman(a, a) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
 
 
-def test_without_calibration_the_scores_are_the_raw_unit_errors():
+def test_without_calibration_the_scores_are_the_raw_unit_errors_on_every_window():
     model = tiny_model("llama")
-    raw = CRITERIA.get("forward")(calibrate=False).score_width(
-        scoring_context(model, CALIB, 4), "heads"
-    )
     ctx = scoring_context(model, CALIB, 4)
-    calibrated = CRITERIA.get("forward")().score_width(ctx, "heads")
-    scales = ctx.extras["submodel_scale"]["heads"]
-    for layer, (r, c) in enumerate(zip(raw, calibrated, strict=True)):
-        assert torch.allclose(r * scales[layer], c, rtol=1e-12)
+    raw = CRITERIA.get("forward")(calibrate=False).score_width(ctx, "channels")
+    assert "submodel_scale" not in ctx.extras
+    for layer in (0, 4):
+        module, columns = ctx.output_projection(layer, "channels")
+        x = _projection_inputs(model, module, CALIB)
+        z = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # llama: an intercept
+        a_inv = damped_inverse(z.T @ z / len(z), x.shape[1], 0.01)
+        weight = module.weight.detach().double()
+        assert torch.allclose(raw[layer], obs_errors(weight, columns, a_inv), rtol=1e-6)
 
 
-def test_sub_models_on_fewer_windows_are_the_first_windows_of_the_full_measure():
-    model = tiny_model("llama")
-    full, base = measure(
-        scoring_context(model, CALIB, 2), "channels", CRITERIA.get("forward")(), True
-    )
-    few, few_base = measure(
-        scoring_context(model, CALIB, 2), "channels", CRITERIA.get("forward")(windows=3), True
-    )
-    assert len(few_base) == 4  # whole batches: two of two windows
-    assert torch.allclose(few_base, base[:4]) and not torch.allclose(few_base.mean(), base.mean())
-    for f, m in zip(few, full, strict=True):
-        assert torch.equal(f.errors, m.errors) and torch.allclose(f.losses, m.losses[:4])
+def test_held_out_windows_are_whole_leading_batches_leaving_one_to_fit():
+    flow = scoring_context(tiny_model("llama"), CALIB, 2).flow  # 4 batches of 2 windows
+    assert [held_out(flow, w) for w in (0, 1, 2, 3, 8)] == [1, 1, 1, 2, 3]
+    assert held_out(scoring_context(tiny_model("llama"), CALIB, 8).flow, 0) == 1  # one batch
