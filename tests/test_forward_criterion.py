@@ -12,17 +12,15 @@ from secateurs.criteria import CRITERIA
 from secateurs.criteria.submodel import (
     compensation,
     damped_inverse,
-    held_out,
     layer_scales,
     measure,
+    measured_batches,
     obs_errors,
     spearman,
 )
 from secateurs.errors import ConfigError
 from secateurs.run import prune
 from secateurs.session.lazy import LazyModel
-from secateurs.session.resident import token_nll
-from secateurs.units.width import output_weight_columns
 from tiny_models import scoring_context, tiny_model, tokens
 
 CALIB = tokens(8, 16, seed=3)
@@ -74,33 +72,37 @@ def test_unit_error_is_the_least_squares_refit_error_of_removing_it(intercept, m
             assert torch.allclose(bias + delta[:, n_in], fitted_bias, atol=1e-9)
 
 
-def test_sub_model_losses_are_those_of_the_pruned_and_refitted_model():
-    """Each layer's sub-model stream gives exactly the loss of a copy of the model whose output
-    projection has the removed groups zeroed and the compensation applied, on the held-out
-    windows (the first batch: 4 windows), the fit on the others."""
-    model = tiny_model("qwen2")  # o_proj without bias, down_proj without: the delta as a hook
-    scorer = CRITERIA.get("forward")(fraction=0.25, streams=2)
+def test_sub_model_divergence_and_injected_error_are_those_of_the_pruned_model():
+    """Each layer's sub-model gives exactly the KL between the model and a copy whose output
+    projection has the removed groups' columns zeroed, on the first ``windows`` windows, and
+    the mean squared change of that projection's output; the errors are the closed form's."""
+    model = tiny_model("qwen2")
+    scorer = CRITERIA.get("forward")(fraction=0.25, windows=4, streams=2)
     for kind in ("heads", "channels"):
-        ctx = scoring_context(model, CALIB, 4)
-        measured, base = measure(ctx, kind, scorer, intercept=False)
-        assert torch.allclose(base, _window_losses(model, CALIB[:4]), atol=1e-5)
+        ctx = scoring_context(model, CALIB, 2)
+        measured = measure(ctx, kind, scorer, intercept=False)
         for layer in (0, 3, 5):
-            pruned = copy.deepcopy(model)
             module, columns = ctx.output_projection(layer, kind)
-            x = _projection_inputs(model, module, CALIB[4:])
+            x = _projection_inputs(model, module, CALIB)
             a_inv = damped_inverse(x.T @ x / len(x), x.shape[1], scorer.damping)
-            cols = columns[measured[layer].removed].flatten()
-            weight = output_weight_columns(module, False).detach().double()
+            weight = module.weight.detach().double()
             assert torch.allclose(measured[layer].errors, obs_errors(weight, columns, a_inv))
+            cols = columns[measured[layer].removed].flatten()
+            pruned = copy.deepcopy(model)
             copy_module, _ = scoring_context(pruned).output_projection(layer, kind)
-            copy_module.weight.data = (weight + compensation(weight, cols, a_inv)).float()
-            expected = _window_losses(pruned, CALIB[:4])
-            assert torch.allclose(measured[layer].losses, expected, atol=1e-5), (kind, layer)
+            copy_module.weight.data[:, cols] = 0
+            kl, injected = _divergence(model, pruned, CALIB[:4], module, cols)
+            assert torch.allclose(measured[layer].divergence, kl, rtol=1e-3, atol=1e-9)
+            assert torch.allclose(measured[layer].injected, injected, rtol=1e-4)
 
 
-def _window_losses(model, ids):
+def _divergence(model, pruned, ids, module, cols):
     with torch.no_grad():
-        return token_nll(model(input_ids=ids, use_cache=False).logits, ids).mean(-1).double()
+        p = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), -1)
+        q = torch.log_softmax(pruned(input_ids=ids).logits[:, :-1].double(), -1)
+    x = _projection_inputs(model, module, ids).reshape(len(ids), ids.shape[1], -1)
+    change = x[..., cols] @ module.weight.detach().double()[:, cols].T
+    return (p.exp() * (p - q)).sum(-1).mean(-1), change.pow(2).sum(-1).mean(-1)
 
 
 def _projection_inputs(model, module, ids):
@@ -112,35 +114,29 @@ def _projection_inputs(model, module, ids):
     return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
 
 
-def test_scores_are_the_removed_error_scaled_to_the_measured_loss_change():
+def test_scores_are_the_errors_scaled_to_the_measured_divergence_per_injected_error():
     model = tiny_model("llama")
-    ctx = scoring_context(model, CALIB, 4)
-    scorer = CRITERIA.get("submodel")()
+    ctx = scoring_context(model, CALIB, 2)
+    scorer = CRITERIA.get("submodel")(windows=0)
     scores = scorer.score_width(ctx, "channels")
-    measured, base = measure(scoring_context(model, CALIB, 4), "channels", scorer, True)
-    changes = ctx.extras["submodel_loss_change"]["channels"]
+    measured = measure(scoring_context(model, CALIB, 2), "channels", scorer, True)
     for layer, m in enumerate(measured):
-        predicted = float(scores[layer][m.removed].sum())
-        if changes[layer] > 0:  # scaled so that the removed set predicts what was measured
-            assert predicted == pytest.approx(float((m.losses - base).mean()), rel=1e-9)
-        assert torch.equal(scores[layer].argsort(), m.errors.argsort())  # a scale per layer
+        scale = float(m.divergence.mean() / m.injected.mean())
+        assert torch.allclose(scores[layer], m.errors * scale, rtol=1e-9)
+        assert len(m.divergence) == len(CALIB) and (m.divergence > 0).all()
     curve = ctx.extras["submodel_convergence"]["channels"]
-    assert [p["windows"] for p in curve] == [
-        1,
-        2,
-        4,
-    ]  # held out: the first batch and curve[-1]["spearman"] == 1.0
+    assert [p["windows"] for p in curve] == [1, 2, 4, 8] and curve[-1]["spearman"] == 1.0
+    assert len(ctx.extras["submodel_scale"]["channels"]) == len(measured)
 
 
-def test_a_sub_model_that_helps_gets_a_small_positive_scale():
+def test_a_removal_that_changed_nothing_gets_the_smallest_scale():
     class Fake:
-        def __init__(self, loss):
+        def __init__(self, kl, injected):
             self.errors, self.removed = torch.tensor([1.0, 2.0]), torch.tensor([0])
-            self.losses = torch.tensor([loss])
+            self.divergence, self.injected = torch.tensor([kl]), torch.tensor([injected])
 
-    scales = layer_scales([Fake(1.5), Fake(0.9), None, Fake(3.0)], torch.tensor([1.0]))
-    assert scales[0] == pytest.approx(0.5) and scales[3] == pytest.approx(2.0)
-    assert scales[1] == pytest.approx(0.05)  # a tenth of the smallest positive one
+    scales = layer_scales([Fake(1.0, 2.0), Fake(0.0, 0.0), None, Fake(3.0, 1.0)])
+    assert scales == [0.5, 0.5, 0.5, 3.0]
 
 
 def test_never_calls_backward_and_leaves_the_model_untouched(monkeypatch):
@@ -217,9 +213,9 @@ def test_options_are_validated_and_recorded():
         "fraction": 0.5,
         "damping": 0.01,
         "intercept": None,
+        "windows": 4,
         "streams": 32,
         "calibrate": True,
-        "windows": 0,
     }
     assert not CRITERIA.get("forward").uses_backward
 
@@ -243,7 +239,6 @@ def test_without_calibration_the_scores_are_the_raw_unit_errors_on_every_window(
         assert torch.allclose(raw[layer], obs_errors(weight, columns, a_inv), rtol=1e-6)
 
 
-def test_held_out_windows_are_whole_leading_batches_leaving_one_to_fit():
+def test_sub_models_run_on_whole_leading_batches():
     flow = scoring_context(tiny_model("llama"), CALIB, 2).flow  # 4 batches of 2 windows
-    assert [held_out(flow, w) for w in (0, 1, 2, 3, 8)] == [1, 1, 1, 2, 3]
-    assert held_out(scoring_context(tiny_model("llama"), CALIB, 8).flow, 0) == 1  # one batch
+    assert [measured_batches(flow, w) for w in (0, 1, 2, 3, 8, 20)] == [4, 1, 1, 2, 4, 4]

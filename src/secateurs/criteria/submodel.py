@@ -1,5 +1,5 @@
 """``submodel`` (alias ``forward``): forward-only importance, the re-fit error of each unit in
-its layer, put in loss units by measuring compensated sub-models. No ``backward()``.
+its layer, put in loss units by measuring sub-models. No ``backward()``.
 
 **Unit scores (closed form, per layer).** For a layer's output projection W (out × in;
 o_proj / down_proj) on inputs z = [x, 1] (the constant where reconstruction fits an intercept),
@@ -14,29 +14,32 @@ curvature S replaced by the identity, so no gradient is needed. It equals min ov
 columns' re-fit of ‖Z_k Ŵ_kᵀ − Z Ŵᵀ‖²/n + λ'(‖Ŵ_k − W_k‖² + ‖W_c‖²), checked by the tests.
 
 **Loss units (forward passes).** e_g is a squared error of one layer's output; how much loss a
-unit of it costs differs by layer. For each layer ℓ, held-out calibration windows (``windows``,
-the first ones; default about 30%: A and e come from the others) are run through the
-*sub-model* that removes the layer's ``fraction`` lowest-e groups with the closed-form
-compensation ΔŴ = −W_R [(A_λ⁻¹)_RR]⁻¹ (A_λ⁻¹)_R,: , from ℓ's input to the loss, and
+unit of it costs differs by layer (the identity stands in for S). For each layer ℓ the first
+``windows`` calibration windows are run through the *sub-model* that removes the layer's
+``fraction`` lowest-e groups (their columns zeroed), from ℓ's input to the output, and
 
-    c_ℓ = (L(sub-model ℓ) − L(model)) / Σ_{g ∈ R} e_g,        score_g = c_ℓ · e_g
+    c_ℓ = KL(model ‖ sub-model ℓ) / E_ℓ,        score_g = c_ℓ · e_g
 
-Holding out matters: with fewer fit tokens than inputs (10 windows of 128 tokens for 1,536
-MLP channels) the re-fit reproduces the fit windows almost exactly, and a scale measured on
-them calls whole MLPs free (SmolLM2-135M, ``global-27``: WikiText-2 PPL 2,324 in-sample).
-Scores are predicted calibration-loss changes (``loss_scores``: global allocation ranks
-them per parameter, no sensitivity probe). A sub-model is a partial forward: the streams of
-``streams`` layers at a time advance in lockstep with the base stream through the one flow,
-each layer loaded once per group of layers, in memory or from disk alike; only the current
-layer's second moment is held, so the peak is that of an inference pass plus those streams.
-The convergence of the ranking with the number of calibration windows is saved
-(``submodel_convergence``: Spearman of the scores from the first n windows with all of them),
-with each layer's scale and measured loss change.
+with KL the mean over predicted tokens of the next-token distributions' divergence and E_ℓ the
+mean squared change the removal made to the layer's output on those tokens (measured by a
+hook). c_ℓ is what a unit of output error at layer ℓ costs downstream — the scalar stand-in
+for S, an expected (Fisher) curvature, so ``influence``'s dropped first-order term stays
+dropped. The sub-model is measured plainly, not compensated: no fit, so no in-sample optimism
+(a compensation fitted on 10 windows of 128 tokens reproduces them exactly — 1,536 MLP inputs —
+and the loss change it shows called whole MLPs free: SmolLM2-135M ``global-27``, WikiText-2
+PPL 2,324; held-out windows made it noise: Δloss < 0 in a third of the layers). Scores are
+predicted calibration-loss changes (``loss_scores``: global allocation ranks them per
+parameter, no sensitivity probe).
+
+A sub-model is a partial forward: the streams of ``streams`` layers at a time advance in
+lockstep with the base stream through the one flow, each layer loaded once per group of
+layers, in memory or from disk alike; only the current layer's second moment is held. The
+convergence of the ranking with the number of windows is saved (``submodel_convergence``:
+Spearman of the scores from the first n windows with all of them), with each layer's scale.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,12 +55,13 @@ from secateurs.units.width import can_add_intercept, output_weight_columns
 
 @dataclass
 class LayerMeasure:
-    """One layer's unit errors (groups,), the calibration sub-model's removed groups and the
-    per-window losses of that sub-model (windows,)."""
+    """One layer's unit errors (groups,), its sub-model's removed groups, and per measured
+    window the squared output change the removal made (``injected``) and the KL it caused."""
 
     errors: torch.Tensor
     removed: torch.Tensor
-    losses: torch.Tensor | None = None
+    injected: torch.Tensor | None = None
+    divergence: torch.Tensor | None = None
 
 
 @CRITERIA.register("submodel", aliases=("forward",))
@@ -73,30 +77,30 @@ class SubModel(Criterion):
         fraction: float = 0.25,
         damping: float = RECONSTRUCT_DAMPING,
         intercept: bool | None = None,
+        windows: int = 4,
         streams: int = 32,
         calibrate: bool = True,
-        windows: int = 0,
     ) -> None:
         if not 0 < fraction < 1:
             raise ConfigError(f"submodel: fraction must be in (0, 1), got {fraction}.")
         if not damping > 0:
             raise ConfigError(f"submodel: damping must be > 0, got {damping}.")
         if int(windows) < 0:
-            raise ConfigError(f"submodel: windows must be ≥ 0, got {windows}.")
+            raise ConfigError(f"submodel: windows must be ≥ 0 (0: all), got {windows}.")
         if int(streams) < 1:
             raise ConfigError(f"submodel: streams must be ≥ 1, got {streams}.")
         self.fraction, self.damping = float(fraction), float(damping)
-        self.intercept, self.at_once = intercept, int(streams)
-        self.calibrate, self.windows = bool(calibrate), int(windows)
+        self.intercept, self.windows, self.at_once = intercept, int(windows), int(streams)
+        self.calibrate = bool(calibrate)
 
     def options(self) -> dict[str, object]:
         return {
             "fraction": self.fraction,
             "damping": self.damping,
             "intercept": self.intercept,
+            "windows": self.windows,
             "streams": self.at_once,
             "calibrate": self.calibrate,
-            "windows": self.windows,
         }
 
     @torch.no_grad()
@@ -108,15 +112,15 @@ class SubModel(Criterion):
         intercept = self.intercept
         if intercept is None:
             intercept = can_add_intercept(ctx.model, ctx.adapter, kind)
-        measured, base = measure(ctx, kind, self, bool(intercept))
+        measured = measure(ctx, kind, self, bool(intercept))
         if not self.calibrate:  # the ablation: raw output errors, one unit for every layer
             return [torch.empty(0) if m is None else m.errors for m in measured]
-        scales = layer_scales(measured, base)
+        scales = layer_scales(measured)
         scores = [
             m.errors * s if m is not None else torch.empty(0, dtype=torch.float64)
             for m, s in zip(measured, scales, strict=True)
         ]
-        record_details(ctx, kind, measured, base, scales)
+        record_details(ctx, kind, measured, scales)
         return scores
 
 
@@ -144,23 +148,18 @@ def obs_errors(weight: torch.Tensor, columns: torch.Tensor, a_inv: torch.Tensor)
 
 def compensation(weight: torch.Tensor, cols: torch.Tensor, a_inv: torch.Tensor) -> torch.Tensor:
     """ΔŴ = −W_R [(A⁻¹)_RR]⁻¹ (A⁻¹)_R,: , (out, len(a_inv)): zeroes the removed columns R and
-    re-fits the others (and the intercept) by damped least squares."""
+    re-fits the others (and the intercept) by damped least squares — the re-fit e_g prices."""
     inv_rr = a_inv[cols][:, cols]
     return -weight[:, cols] @ torch.linalg.solve(inv_rr, a_inv[cols])
 
 
 class Moments:
-    """Σ z zᵀ of a projection's inputs, z = [x, 1] with ``intercept`` (float64), over the
-    batches after the first ``skip`` (the held-out ones)."""
+    """Σ z zᵀ of a projection's inputs, z = [x, 1] with ``intercept`` (float64)."""
 
-    def __init__(self, intercept: bool, skip: int = 0) -> None:
+    def __init__(self, intercept: bool) -> None:
         self.intercept, self.sum, self.tokens = intercept, None, 0
-        self.skip, self.seen = skip, 0
 
     def add(self, x: torch.Tensor) -> None:
-        self.seen += 1
-        if self.seen <= self.skip:
-            return
         z = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         if self.intercept:
             z = torch.cat([z, z.new_ones(len(z), 1)], dim=1)
@@ -173,21 +172,22 @@ class Moments:
 
 
 @contextmanager
-def compensated(module: torch.nn.Module, delta: torch.Tensor, n_in: int) -> Iterator[None]:
-    """``module`` computing (W + ΔW) x + b + Δb while inside (ΔŴ = [ΔW, Δb] in (out, in[+1]))."""
-    weight = delta[:, :n_in].T.contiguous()
-    bias = delta[:, n_in] if delta.shape[1] > n_in else None
+def columns_removed(
+    module: torch.nn.Module, cols: torch.Tensor, weight: torch.Tensor
+) -> Iterator[list[torch.Tensor]]:
+    """``module`` computing W x without the input columns ``cols`` while inside (``weight``:
+    W as (out, in)); yields the per-window mean squared output change, one tensor per batch."""
+    w = weight[:, cols].T.contiguous()  # (|R|, out)
+    injected: list[torch.Tensor] = []
 
     def hook(mod: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        change = x.to(weight.dtype) @ weight
-        if bias is not None:
-            change = change + bias
-        return output + change.to(output.dtype)
+        change = args[0][..., cols].to(w.dtype) @ w
+        injected.append(change.pow(2).sum(-1).flatten(1).mean(1).to(torch.float64).cpu())
+        return output - change.to(output.dtype)
 
     handle = module.register_forward_hook(hook)
     try:
-        yield
+        yield injected
     finally:
         handle.remove()
 
@@ -195,21 +195,19 @@ def compensated(module: torch.nn.Module, delta: torch.Tensor, n_in: int) -> Iter
 # --- the sub-models, through the flow -----------------------------------------------------------
 def measure(
     ctx: ScoringContext, kind: str, settings: SubModel, intercept: bool
-) -> tuple[list[LayerMeasure | None], torch.Tensor]:
-    """Every layer's ``LayerMeasure`` (None: a block the base model removes) and the base
-    model's per-window losses. Layers are taken ``settings.at_once`` at a time: one walk of the
-    flow each, whose base stream gives every layer's input and carries the sub-models' streams
-    (started at their layer) to the loss."""
+) -> list[LayerMeasure | None]:
+    """Every layer's ``LayerMeasure`` (None: a block the base model removes). Layers are taken
+    ``settings.at_once`` at a time: one walk of the flow each, whose base stream gives every
+    layer's input and carries the sub-models' streams (started at their layer) to the output."""
     ctx.flow.set_base(ctx.removed)
     n = ctx.num_layers()
     measured: list[LayerMeasure | None] = [None] * n
-    base = None
     at_once = settings.at_once if settings.calibrate else n
-    batches = held_out(ctx.flow, settings.windows) if settings.calibrate else 0
+    batches = measured_batches(ctx.flow, settings.windows) if settings.calibrate else 0
     for first in range(0, n, at_once):
         chunk = range(first, min(n, first + at_once))
         streams: dict[int, list[torch.Tensor]] = {}
-        final = None
+        final: list[torch.Tensor] = []
         for step in ctx.flow.walk(0, desc=f"submodel ({kind}): layers {chunk[0]}..{chunk[-1]}"):
             for layer, hidden in streams.items():
                 streams[layer] = ctx.flow.run(step.index, hidden)
@@ -220,116 +218,118 @@ def measure(
                 if hidden is not None:
                     streams[step.index] = hidden
             final = step.advance()
-        if base is None and settings.calibrate:
-            base = window_losses(ctx.flow, final[:batches])
-        for layer, hidden in streams.items():
-            measured[layer].losses = window_losses(ctx.flow, hidden)
-        streams.clear()
-    return measured, base
+        divergences(ctx.flow, final[:batches], streams, measured)
+    return measured
 
 
 def measure_layer(
     ctx: ScoringContext, kind: str, step, settings: SubModel, intercept: bool, batches: int
 ) -> tuple[LayerMeasure, list[torch.Tensor] | None]:
-    """Layer ``step.index``'s unit errors from its base inputs, and the output of its
-    calibration sub-model (the lowest-error ``fraction`` of groups removed, compensated; None
-    without ``calibrate``)."""
+    """Layer ``step.index``'s unit errors from its inputs, and the output of its sub-model (the
+    lowest-error ``fraction`` of groups removed) on the first ``batches`` batches (None: 0)."""
     module, columns = ctx.output_projection(step.index, kind)
     conv1d = ctx.adapter.width_layout(kind).conv1d
-    weight = output_weight_columns(module, conv1d).detach().to(torch.float64)
-    moments = Moments(intercept, skip=batches if 0 < batches < len(step.hidden) else 0)
+    weight = output_weight_columns(module, conv1d).detach()
+    moments = Moments(intercept)
     step.run_until(module, moments.add)
     a_inv = damped_inverse(moments.mean(), weight.shape[1], settings.damping)
     del moments
-    errors = obs_errors(weight, columns, a_inv)
+    errors = obs_errors(weight.to(torch.float64), columns, a_inv)
+    del a_inv
     count = max(1, round(settings.fraction * len(errors)))
     removed = errors.argsort()[:count]
-    if not settings.calibrate:
-        return LayerMeasure(errors.cpu(), removed.cpu()), None
+    measure = LayerMeasure(errors.cpu(), removed.cpu())
+    if batches == 0:
+        return measure, None
     cols = columns.to(weight.device)[removed].flatten()
-    delta = compensation(weight, cols, a_inv).to(weight.dtype)
-    del a_inv
-    with compensated(module, delta.to(module.weight.dtype), weight.shape[1]):
+    with columns_removed(module, cols, weight) as injected:
         hidden = ctx.flow.run(step.index, step.hidden[:batches])
-    return LayerMeasure(errors.cpu(), removed.cpu()), hidden
+    measure.injected = torch.cat(injected)
+    return measure, hidden
 
 
-def held_out(flow, windows: int) -> int:
-    """How many of the first batches the sub-models are measured on, held out from the fit:
-    enough for ``windows`` (0: about 30% of the windows), at least one, and at least one left
-    for the fit where there are two batches (one batch: fit and measure on the same)."""
-    if len(flow.batches) == 1:
-        return 1
-    if windows == 0:
-        windows = max(1, round(0.3 * len(flow.tokens)))
+def measured_batches(flow, windows: int) -> int:
+    """The first batches the sub-models run on: enough for ``windows`` (0: all)."""
     total = 0
     for count, batch in enumerate(flow.batches, start=1):
         total += len(batch)
-        if total >= windows:
-            return min(count, len(flow.batches) - 1)
-    return len(flow.batches) - 1
+        if windows and total >= windows:
+            return count
+    return len(flow.batches)
 
 
-def window_losses(flow, final: list[torch.Tensor]) -> torch.Tensor:
-    """Mean next-token NLL of each window of the first ``len(final)`` batches (float64)."""
-    parts = [
-        flow.session.token_nll(ids, hidden).mean(-1)
-        for ids, hidden in zip(flow.batches, final, strict=False)
-    ]
-    return torch.cat(parts).cpu()
+def divergences(
+    flow, final: list[torch.Tensor], streams: dict[int, list[torch.Tensor]], measured: list
+) -> None:
+    """Each stream's per-window KL(model ‖ sub-model) of the next-token distributions, into
+    ``measured[layer].divergence``; batch by batch, the model's log-probabilities computed once."""
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in streams}
+    for b, (ids, hidden) in enumerate(zip(flow.batches, final, strict=False)):
+        base = flow.session.logits(ids, hidden)[:, :-1]
+        for layer, outputs in streams.items():
+            sub = flow.session.logits(ids, outputs[b])[:, :-1]
+            parts[layer].append(kl_per_window(base, sub))
+            del sub
+        del base
+    for layer, values in parts.items():
+        measured[layer].divergence = torch.cat(values)
+
+
+def kl_per_window(base: torch.Tensor, sub: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Mean over positions of KL(softmax(base) ‖ softmax(sub)) per window (B,), float64,
+    ``chunk`` positions at a time (no second logits-sized float64 tensor)."""
+    total = torch.zeros(base.shape[0], dtype=torch.float64)
+    for start in range(0, base.shape[1], chunk):
+        p = torch.log_softmax(base[:, start : start + chunk].to(torch.float64), -1)
+        q = torch.log_softmax(sub[:, start : start + chunk].to(torch.float64), -1)
+        total += (p.exp() * (p - q)).sum((-1, -2)).cpu()
+    return total / base.shape[1]
 
 
 # --- loss units ----------------------------------------------------------------------------------
-def layer_scales(
-    measured: list[LayerMeasure | None], base: torch.Tensor, windows: int | None = None
-) -> list[float]:
-    """c_ℓ = mean Δloss of sub-model ℓ / Σ e of its removed groups (over the first ``windows``
-    windows; all by default). A sub-model measured no worse than the model (Δloss ≤ 0) gets a
-    tenth of the smallest positive scale: its ranking within the layer is kept, the layer is
-    cheap to prune."""
+def layer_scales(measured: list[LayerMeasure | None], windows: int | None = None) -> list[float]:
+    """c_ℓ = mean KL of sub-model ℓ / mean squared output change it injected (over the first
+    ``windows`` measured windows; all by default). A removal that changed nothing (E = 0) gets
+    the smallest measured scale."""
     raw = []
     for m in measured:
         if m is None:
-            raw.append(math.nan)
+            raw.append(0.0)
             continue
-        change = float((m.losses[:windows] - base[:windows]).mean())
-        removed_error = float(m.errors[m.removed].sum())
-        raw.append(change / removed_error if removed_error > 0 else math.nan)
+        injected = float(m.injected[:windows].mean())
+        raw.append(float(m.divergence[:windows].mean()) / injected if injected > 0 else 0.0)
     positive = [c for c in raw if c > 0]
-    floor = 0.1 * min(positive) if positive else 1.0
-    return [c if c > 0 else floor for c in raw]  # NaN (no unit error) too
+    floor = min(positive) if positive else 1.0
+    return [c if c > 0 else floor for c in raw]
 
 
 def record_details(
-    ctx: ScoringContext,
-    kind: str,
-    measured: list[LayerMeasure | None],
-    base: torch.Tensor,
-    scales: list[float],
+    ctx: ScoringContext, kind: str, measured: list[LayerMeasure | None], scales: list[float]
 ) -> None:
-    """Each layer's scale and measured loss change, and the ranking's convergence with the
-    number of calibration windows, in ``ctx.extras`` (saved with the checkpoint's record)."""
-    changes = [None if m is None else round(float((m.losses - base).mean()), 6) for m in measured]
+    """Each layer's scale and sub-model KL, and the ranking's convergence with the number of
+    measured windows, in ``ctx.extras`` (saved with the checkpoint's record)."""
     ctx.extras.setdefault("submodel_scale", {})[kind] = [
         None if m is None else c for m, c in zip(measured, scales, strict=True)
     ]
-    ctx.extras.setdefault("submodel_loss_change", {})[kind] = changes
-    ctx.extras.setdefault("submodel_convergence", {})[kind] = convergence(measured, base)
+    ctx.extras.setdefault("submodel_divergence", {})[kind] = [
+        None if m is None else float(m.divergence.mean()) for m in measured
+    ]
+    ctx.extras.setdefault("submodel_convergence", {})[kind] = convergence(measured)
 
 
-def convergence(measured: list[LayerMeasure | None], base: torch.Tensor) -> list[dict]:
+def convergence(measured: list[LayerMeasure | None]) -> list[dict]:
     """Spearman ρ of the scores from the first n windows (n = 1, 2, 4, …) with all of them."""
     kept = [m for m in measured if m is not None]
-    final = torch.cat([m.errors * c for m, c in zip(kept, layer_scales(kept, base), strict=True)])
-    curve, n = [], 1
-    while n < len(base):
-        scores = torch.cat(
-            [m.errors * c for m, c in zip(kept, layer_scales(kept, base, n), strict=True)]
-        )
-        curve.append({"windows": n, "spearman": round(spearman(scores, final), 4)})
+    windows = len(kept[0].divergence)
+
+    def scores(n: int | None) -> torch.Tensor:
+        return torch.cat([m.errors * c for m, c in zip(kept, layer_scales(kept, n), strict=True)])
+
+    final, curve, n = scores(None), [], 1
+    while n < windows:
+        curve.append({"windows": n, "spearman": round(spearman(scores(n), final), 4)})
         n *= 2
-    curve.append({"windows": len(base), "spearman": 1.0})
-    return curve
+    return [*curve, {"windows": windows, "spearman": 1.0}]
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
