@@ -1,5 +1,5 @@
-"""``submodel`` (alias ``forward``): closed-form re-fit errors in loss units measured by
-compensated sub-models, forward passes only."""
+"""``submodel`` (alias ``forward``): closed-form re-fit errors, in loss units measured on
+pruned sub-models (KL per injected output error), forward passes only."""
 
 from __future__ import annotations
 

@@ -211,29 +211,47 @@ def measure(
         for step in ctx.flow.walk(0, desc=f"submodel ({kind}): layers {chunk[0]}..{chunk[-1]}"):
             for layer, hidden in streams.items():
                 streams[layer] = ctx.flow.run(step.index, hidden)
-            if step.index in chunk:
-                measured[step.index], hidden = measure_layer(
-                    ctx, kind, step, settings, intercept, batches
-                )
-                if hidden is not None:
-                    streams[step.index] = hidden
-            final = step.advance()
+            if step.index not in chunk:
+                final = step.advance()
+                continue
+            final, moments = advance_gathering(ctx, kind, step, intercept)
+            measured[step.index], hidden = measure_layer(
+                ctx, kind, step, settings, moments, batches
+            )
+            if hidden is not None:
+                streams[step.index] = hidden
         divergences(ctx.flow, final[:batches], streams, measured)
     return measured
 
 
+def advance_gathering(
+    ctx: ScoringContext, kind: str, step, intercept: bool
+) -> tuple[list[torch.Tensor], Moments]:
+    """Advance the base stream through layer ``step.index``, gathering its output projection's
+    input moments on the way (no second pass for them)."""
+    moments = Moments(intercept)
+    module, _ = ctx.output_projection(step.index, kind)
+    handle = module.register_forward_pre_hook(lambda m, args: moments.add(args[0]))
+    try:
+        return step.advance(), moments
+    finally:
+        handle.remove()
+
+
 def measure_layer(
-    ctx: ScoringContext, kind: str, step, settings: SubModel, intercept: bool, batches: int
-) -> tuple[LayerMeasure, list[torch.Tensor] | None]:
-    """Layer ``step.index``'s unit errors from its inputs, and the output of its sub-model (the
-    lowest-error ``fraction`` of groups removed) on the first ``batches`` batches (None: 0)."""
+    ctx: ScoringContext, kind: str, step, settings: SubModel, moments: Moments, batches: int
+) -> tuple[LayerMeasure | None, list[torch.Tensor] | None]:
+    """Layer ``step.index``'s unit errors from its inputs' ``moments``, and the output of its
+    sub-model (the lowest-error ``fraction`` of groups removed) on the first ``batches``
+    batches (None: 0). None, None where the projection did not run (a branch the base model
+    removes)."""
+    if moments.tokens == 0:
+        return None, None
     module, columns = ctx.output_projection(step.index, kind)
     conv1d = ctx.adapter.width_layout(kind).conv1d
     weight = output_weight_columns(module, conv1d).detach()
-    moments = Moments(intercept)
-    step.run_until(module, moments.add)
     a_inv = damped_inverse(moments.mean(), weight.shape[1], settings.damping)
-    del moments
+    moments.sum = None
     errors = obs_errors(weight.to(torch.float64), columns, a_inv)
     del a_inv
     count = max(1, round(settings.fraction * len(errors)))
@@ -262,28 +280,33 @@ def divergences(
     flow, final: list[torch.Tensor], streams: dict[int, list[torch.Tensor]], measured: list
 ) -> None:
     """Each stream's per-window KL(model ‖ sub-model) of the next-token distributions, into
-    ``measured[layer].divergence``; batch by batch, the model's log-probabilities computed once."""
+    ``measured[layer].divergence``: ``POSITIONS`` positions of a batch at a time, the model's
+    log-probabilities computed once for all streams (so no logits-sized tensor is held)."""
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in streams}
     for b, (ids, hidden) in enumerate(zip(flow.batches, final, strict=False)):
-        base = flow.session.logits(ids, hidden)[:, :-1]
-        for layer, outputs in streams.items():
-            sub = flow.session.logits(ids, outputs[b])[:, :-1]
-            parts[layer].append(kl_per_window(base, sub))
-            del sub
-        del base
+        totals = {layer: torch.zeros(len(ids), dtype=torch.float64) for layer in streams}
+        steps = ids.shape[1] - 1  # predicted positions
+        for start in range(0, steps, POSITIONS):
+            at = slice(start, min(start + POSITIONS, steps))
+            base = log_probs(flow.session, ids[:, at], hidden[:, at])
+            for layer, outputs in streams.items():
+                sub = log_probs(flow.session, ids[:, at], outputs[b][:, at])
+                totals[layer] += (base.exp() * (base - sub)).sum((-1, -2)).cpu()
+                del sub
+            del base
+        for layer, total in totals.items():
+            parts[layer].append(total / steps)
     for layer, values in parts.items():
         measured[layer].divergence = torch.cat(values)
 
 
-def kl_per_window(base: torch.Tensor, sub: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    """Mean over positions of KL(softmax(base) ‖ softmax(sub)) per window (B,), float64,
-    ``chunk`` positions at a time (no second logits-sized float64 tensor)."""
-    total = torch.zeros(base.shape[0], dtype=torch.float64)
-    for start in range(0, base.shape[1], chunk):
-        p = torch.log_softmax(base[:, start : start + chunk].to(torch.float64), -1)
-        q = torch.log_softmax(sub[:, start : start + chunk].to(torch.float64), -1)
-        total += (p.exp() * (p - q)).sum((-1, -2)).cpu()
-    return total / base.shape[1]
+POSITIONS = 16  # positions whose logits are held at once (float64)
+
+
+def log_probs(session, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities (float64) from last-layer outputs ``hidden`` of positions
+    ``ids`` (every position's logits depend on its own hidden state only)."""
+    return torch.log_softmax(session.logits(ids, hidden).to(torch.float64), -1)
 
 
 # --- loss units ----------------------------------------------------------------------------------
