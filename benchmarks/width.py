@@ -69,6 +69,7 @@ CRITERIA_NAMES = [
     "mini-llm",
     "hywia",
     "influence",
+    "submodel",
 ]
 KINDS = ("heads", "channels")
 SETTINGS = {
@@ -115,8 +116,10 @@ def score_one(args) -> None:
     with phase_peak(memory):
         scores = {kind: scorer.score_width(ctx, kind) for kind in KINDS}
     seconds = time.perf_counter() - start
+    details = {k: v for k, v in ctx.extras.items() if k != "input_mean"}  # as the record's
     extras = {"input_mean": input_means(ctx, KINDS)}  # for FLAP's compensation; not scoring
-    torch.save({"scores": scores, "seconds": seconds, "extras": extras, **memory}, args.out)
+    saved = {"scores": scores, "seconds": seconds, "extras": extras, "details": details}
+    torch.save({**saved, **memory}, args.out)
 
 
 @torch.no_grad()

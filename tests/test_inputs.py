@@ -624,7 +624,7 @@ PRUNE_REFUSALS = {
     "a criterion that cannot score the unit": (
         ["--unit", "heads", "--ratio", "0.2"],
         "Criterion 'ppl' cannot score heads units; criteria that can: activation, fluctuation, "
-        "hywia, influence, magnitude, mini-llm, taylor.",
+        "hywia, influence, magnitude, mini-llm, submodel, taylor.",
     ),
     "unknown criterion option": (
         ["--remove", "1", "--option", "bogus=1"],
