@@ -628,7 +628,18 @@ PRUNE_REFUSALS = {
     ),
     "unknown criterion option": (
         ["--remove", "1", "--option", "bogus=1"],
-        "Criterion 'ppl' has no option bogus; its options: batch_size, objective, top_k.",
+        "Criterion 'ppl' has no option bogus; its options: objective, top_k (with --iterative "
+        "ppl or --unit subblock also the search's: batch_size).",
+    ),
+    "a search option without a search": (
+        ["--unit", "width", "--criterion", "activation", "--ratio", "0.2", "--option", "top_k=8"],
+        "--option top_k: options of the greedy depth search (--iterative with ppl, or --unit "
+        "subblock), which this run does not do.",
+    ),
+    "the search's batch size without a search": (
+        ["--remove", "1", "--option", "batch_size=4"],
+        "--option batch_size: options of the greedy depth search (--iterative with ppl, or "
+        "--unit subblock), which this run does not do.",
     ),
     "option value not YAML": (
         ["--remove", "1", "--criterion", "magnitude", "--option", "p=["],

@@ -205,14 +205,17 @@ class CriterionSpec:
 
         if len(set(self.names)) > 1 and self.options:
             raise ConfigError("Criterion options need one criterion for both kinds (not A,B).")
-        known = set(CRITERIA.fact(self.name, "accepts")) | SEARCH_OPTIONS  # no import
+        own = set(CRITERIA.fact(self.name, "accepts"))  # declared: no import
+        known = own | SEARCH_OPTIONS
         unknown = sorted(set(self.options) - known)
         if unknown:
+            search = ", ".join(sorted(SEARCH_OPTIONS - own))
             raise ConfigError(
                 f"Criterion {self.name!r} has no option {', '.join(unknown)}; its options: "
-                f"{', '.join(sorted(known)) or 'none'}{_suggest(unknown[0], known)}."
+                f"{', '.join(sorted(own)) or 'none'} (with --iterative ppl or --unit subblock "
+                f"also the search's: {search}){_suggest(unknown[0], known)}."
             )
-        if self.options:  # a criterion checks its options' values when built (imports it)
+        if set(self.options) & own:  # the criterion checks their values when built (imports it)
             CRITERIA.get(self.name)(**self.criterion_options())
 
     def criterion_options(self) -> dict[str, Any]:
@@ -707,6 +710,7 @@ def check_applicable(units: tuple[str, ...], given: set[str], selection: Selecti
 def check_spec(spec: PruneSpec) -> None:
     """Rules between the parts of a spec (no model needed)."""
     _check_criterion_units(spec)
+    _check_search_options(spec)
     _check_selection(spec)
     _check_mode(spec)
     if spec.selection.explicit and spec.budget.given:
@@ -718,6 +722,23 @@ def check_spec(spec: PruneSpec) -> None:
         raise ConfigError(
             "Say what to remove: --ratio R (of the decoder's parameters), --remove N, "
             "--params P, --latency F (--unit auto), or an explicit --blocks/--attn/--mlp/--plan."
+        )
+
+
+def _check_search_options(spec: PruneSpec) -> None:
+    """The greedy depth search's options (``--option objective=kl``) without a search would be
+    silently ignored: refused, unless the criterion takes them itself."""
+    from secateurs.criteria import CRITERIA
+
+    own = set(CRITERIA.fact(spec.criterion.name, "accepts"))
+    stray = sorted((set(spec.criterion.options) & SEARCH_OPTIONS) - own)
+    searches = spec.units == ("attn", "mlp") or (
+        spec.selection.iterative and spec.criterion.name == "ppl"
+    )
+    if stray and not searches:
+        raise ConfigError(
+            f"--option {', '.join(stray)}: options of the greedy depth search (--iterative "
+            f"with ppl, or --unit subblock), which this run does not do."
         )
 
 
