@@ -123,3 +123,19 @@ def test_sensitivity_plot_spreads_the_units_near_the_threshold():
     assert ax.get_yscale() == "log" and ax.get_ylim()[0] < 55.0
     _sensitivity_scale(ax, [0.0, -1.0, 2.0])
     assert ax.get_yscale() == "symlog"
+
+
+def test_unscored_protected_units_draw_no_bar_and_no_warning(tmp_path):
+    """A criterion leaves protected blocks unscored (inf): the plot draws no bar for them,
+    without matplotlib's 'invalid value' warning (the quickstart's report printed one)."""
+    import warnings
+
+    dense, cut = _runs(tmp_path)
+    record = json.loads((cut / "secateurs.json").read_text())
+    inf = float("inf")
+    record["scores"] = [{"criterion": "ppl", "unit": "block", "values": [inf, 5, 4, 1, 2, inf]}]
+    (cut / "secateurs.json").write_text(json.dumps(record))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        page = build_report([dense, cut], [], tmp_path / "report")
+    assert (page.parent / "importance_cut_ppl_block.png").stat().st_size > 1000

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,7 +209,9 @@ def _importance_figure(run: RunInfo, entry: dict, removed: set, out: Path) -> Pa
     colors = ["tab:red" if i in gone else "tab:gray" for i in range(len(values))]
     colors = ["lightgray" if i in protected else c for i, c in enumerate(colors)]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-    top.bar(range(len(values)), values, color=colors)
+    # units a criterion does not score (protected: inf) get no bar, not an infinite one
+    drawn = [v if math.isfinite(v) else float("nan") for v in values]
+    top.bar(range(len(values)), drawn, color=colors)
     _sensitivity_scale(top, values)
     top.set_ylabel("score (log)")
     increase = _increase_over_lowest(values)
@@ -227,12 +230,13 @@ def _importance_figure(run: RunInfo, entry: dict, removed: set, out: Path) -> Pa
 
 
 def _increase_over_lowest(values: list[float]) -> list[float]:
-    """``v - min`` with the lowest unit drawn at a floor (1% of the median increase)."""
+    """``v - min`` with the lowest unit drawn at a floor (1% of the median increase); an
+    unscored unit (inf or NaN) gets no bar."""
     finite = [v for v in values if v == v and abs(v) != float("inf")] or [0.0]
     low = min(finite)
     steps = sorted(v - low for v in finite if v > low)
     floor = 0.01 * steps[len(steps) // 2] if steps else 1.0
-    return [max(v - low, floor) if v == v else floor for v in values]
+    return [max(v - low, floor) if math.isfinite(v) else float("nan") for v in values]
 
 
 def _sensitivity_scale(ax, values: list[float]) -> None:
