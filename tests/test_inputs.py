@@ -247,6 +247,22 @@ def test_damaged_gguf_is_named_before_conversion(
     assert code == 2 and heavy == "-" and f"{path} is" in err
 
 
+def test_a_gguf_s_layer_count_refuses_the_budget_before_conversion(
+    gguf_file, tmp_path, no_load, capsys
+):
+    """A GGUF (or an alias's) decoder depth is read from its metadata (``block_count``), so
+    a budget it cannot meet is refused before the file is converted."""
+    from secateurs.modelfiles import read_gguf
+
+    fields = read_gguf(gguf_file).fields
+    layers = int(fields["llama.block_count"].parts[fields["llama.block_count"].data[0]][0])
+    out = tmp_path / "p"
+    argv = ["prune", str(gguf_file), "--remove", str(layers), "--protect", "none", "--out"]
+    assert main([*argv, str(out)]) == 2
+    assert f"only {layers - 1} of {layers} are removable" in _error(capsys)
+    assert not out.exists()
+
+
 def test_undamaged_gguf_passes_the_check(gguf_file):
     check_model_files(gguf_file)  # the reader accepts what secateurs export writes
 

@@ -67,20 +67,40 @@ def check_source(spec: PruneSpec, source: str | os.PathLike, budget: bool = True
     from secateurs.models import check_model_files, check_supported
 
     check_supported(source)  # an architecture without an adapter, from its config alone
-    layers = _layer_count(Path(source).expanduser())
+    layers = _layer_count(source)
     if layers is not None:
         check_layers(spec, layers, budget)
     check_model_files(source, shapes=False)  # damaged files named before anything is read
 
 
-def _layer_count(directory: Path) -> int | None:
+def _layer_count(source: str | os.PathLike) -> int | None:
+    """Decoder layers from ``config.json`` or a GGUF's metadata (an alias: its GGUF); None for
+    a hub id (checked once its config is read)."""
+    from secateurs.models import ALIASES, alias_gguf_path
+
+    text = str(source)
+    directory = Path(text).expanduser()
+    if text.lower() in ALIASES or directory.suffix == ".gguf":
+        path = alias_gguf_path(text.lower()) if text.lower() in ALIASES else directory
+        return _gguf_block_count(path) if path.is_file() else None
     if not (directory / "config.json").is_file():
-        return None  # a GGUF file, an alias or a hub id: checked once its config is read
+        return None
     from secateurs.checkpoint import unmarked_config_dict
 
     config = unmarked_config_dict(directory)
     found = [config[k] for k in LAYER_KEYS if isinstance(config.get(k), int) and config[k] > 0]
     return found[0] if found else None
+
+
+def _gguf_block_count(path: Path) -> int | None:
+    """``{architecture}.block_count`` of a GGUF file (its header only: the file is mapped)."""
+    from secateurs.modelfiles import read_gguf
+
+    fields = read_gguf(path).fields
+    arch = fields.get("general.architecture")
+    name = bytes(arch.parts[arch.data[0]]).decode() if arch else None
+    count = fields.get(f"{name}.block_count") if name else None
+    return int(count.parts[count.data[0]][0]) if count else None
 
 
 def _check_count(kind: str, count: int, n: int, keep: tuple[int, ...]) -> None:
