@@ -263,6 +263,29 @@ def test_a_gguf_s_layer_count_refuses_the_budget_before_conversion(
     assert not out.exists()
 
 
+def test_the_header_reader_agrees_with_gguf_py_on_every_scalar_and_string(gguf_file):
+    """``gguf_header_values`` (the fast path of the layer-count check) reads what gguf-py's
+    full parser reads, for every scalar or string key, arrays skipped correctly on the way."""
+    from gguf import GGUFValueType
+
+    from secateurs.modelfiles import gguf_header_values, read_gguf
+
+    expected = {}
+    for name, field in read_gguf(gguf_file).fields.items():
+        if name.startswith("GGUF."):  # the parser's own entries for the header's counts
+            continue
+        kind = field.types[0] if field.types else None
+        if kind == GGUFValueType.STRING:
+            expected[name] = bytes(field.parts[field.data[0]]).decode()
+        elif kind is not None and kind != GGUFValueType.ARRAY:
+            expected[name] = field.parts[field.data[0]][0].item()
+    assert "llama.block_count" in expected and len(expected) > 5
+    found = gguf_header_values(gguf_file, set(expected))
+    assert found.keys() == expected.keys()
+    for name, value in expected.items():  # float32 values: compared as gguf-py rounds them
+        assert found[name] == (pytest.approx(value) if isinstance(value, float) else value), name
+
+
 def test_undamaged_gguf_passes_the_check(gguf_file):
     check_model_files(gguf_file)  # the reader accepts what secateurs export writes
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +104,58 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             f"({need - size:,} missing). {AGAIN}"
         )
     return tensors
+
+
+# GGUF metadata value types (gguf.GGUFValueType) → struct format of one scalar
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}  # fmt: skip
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_header_values(path: str | os.PathLike, keys: set[str]) -> dict[str, Any]:
+    """The scalar or string metadata ``keys`` of a GGUF file, read from its header in order
+    and stopping once all are found (``GGUFReader`` parses every value, the tokenizer's
+    arrays included: seconds for a 49k-word vocabulary). Missing keys are absent; a file it
+    cannot follow is left to ``read_gguf``'s checks (empty result)."""
+    found: dict[str, Any] = {}
+    try:
+        with Path(path).open("rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                return found
+            _version, _tensors, count = struct.unpack("<IQQ", handle.read(20))
+            for _ in range(count):
+                key = _gguf_string(handle)
+                value = _gguf_value(handle, struct.unpack("<I", handle.read(4))[0])
+                if key in keys:
+                    found[key] = value
+                    if len(found) == len(keys):
+                        break
+    except (struct.error, UnicodeDecodeError, ValueError, OSError):
+        return {}
+    return found
+
+
+def _gguf_string(handle: Any) -> str:
+    (length,) = struct.unpack("<Q", handle.read(8))
+    return handle.read(length).decode("utf-8")
+
+
+def _gguf_value(handle: Any, kind: int) -> Any:
+    """One value of type ``kind``; an array is skipped (None)."""
+    if kind == _GGUF_STRING:
+        return _gguf_string(handle)
+    if kind == _GGUF_ARRAY:
+        item, length = struct.unpack("<IQ", handle.read(12))
+        if item in _GGUF_SCALARS:
+            handle.seek(length * struct.calcsize("<" + _GGUF_SCALARS[item]), os.SEEK_CUR)
+        else:
+            for _ in range(length):
+                _gguf_value(handle, item)
+        return None
+    if kind not in _GGUF_SCALARS:
+        raise ValueError(f"unknown GGUF value type {kind}")
+    fmt = "<" + _GGUF_SCALARS[kind]
+    return struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFReader:

@@ -93,14 +93,13 @@ def _layer_count(source: str | os.PathLike) -> int | None:
 
 
 def _gguf_block_count(path: Path) -> int | None:
-    """``{architecture}.block_count`` of a GGUF file (its header only: the file is mapped)."""
-    from secateurs.modelfiles import read_gguf
+    """``{architecture}.block_count`` of a GGUF file, from the first values of its header."""
+    from secateurs.modelfiles import gguf_header_values
 
-    fields = read_gguf(path).fields
-    arch = fields.get("general.architecture")
-    name = bytes(arch.parts[arch.data[0]]).decode() if arch else None
-    count = fields.get(f"{name}.block_count") if name else None
-    return int(count.parts[count.data[0]][0]) if count else None
+    arch = gguf_header_values(path, {"general.architecture"}).get("general.architecture")
+    key = f"{arch}.block_count"
+    count = gguf_header_values(path, {key}).get(key) if isinstance(arch, str) else None
+    return count if isinstance(count, int) else None
 
 
 def _check_count(kind: str, count: int, n: int, keep: tuple[int, ...]) -> None:
