@@ -75,18 +75,12 @@ def choose(session: Session, spec: PruneSpec, windows: Windows) -> Choice:
         choice = ranked_experts(session, spec, windows)
     elif spec.width_kinds:
         choice = ranked_width(session, spec, windows, budget_params(session, spec))
-    elif searching(spec):
+    elif spec.searches:
         choice = searched(session, spec, windows)
     else:
         choice = ranked_depth(session, spec, windows)
     choice.seconds = time.perf_counter() - start
     return choice
-
-
-def searching(spec: PruneSpec) -> bool:
-    return spec.units == ("attn", "mlp") or (
-        spec.selection.iterative and spec.criterion.name == "ppl"
-    )
 
 
 # --- pieces ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ model's skeleton on the meta device, which costs the torch / transformers import
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -160,10 +161,20 @@ def _gguf_value(handle: Any, kind: int) -> Any:
 
 def read_gguf(path: str | os.PathLike) -> GGUFReader:
     """The parsed GGUF file (header, metadata, tensor table), or an error saying it is not a
-    GGUF file, or is truncated or damaged (the file is memory-mapped, not read)."""
+    GGUF file, or is truncated or damaged (the file is memory-mapped, not read).
+
+    Parsed once per process while the file is unchanged: a run checks it more than once (the
+    CLI before importing torch, the session, the architecture), and gguf-py parses the whole
+    vocabulary each time (3.6 s for SmolLM2's)."""
+    path = Path(path)
+    stat = path.stat()
+    return _parsed_gguf(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_gguf(path: Path, size: int, mtime_ns: int) -> GGUFReader:
     from gguf import GGUFReader
 
-    path = Path(path)
     with path.open("rb") as handle:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
@@ -174,7 +185,6 @@ def read_gguf(path: str | os.PathLike) -> GGUFReader:
     try:
         return GGUFReader(path)
     except Exception as err:  # any parse failure of untrusted bytes means a damaged file
-        size = path.stat().st_size
         what = "truncated" if "reshape" in str(err) else "damaged"
         raise ModelFileError(
             f"{path} is a {what} GGUF file ({size:,} bytes): its header or tensor table cannot "

@@ -521,6 +521,14 @@ class PruneSpec:
         return self.units == ("experts",)
 
     @property
+    def searches(self) -> bool:
+        """The greedy depth search (``--unit subblock``, or ``--iterative`` with ``ppl``): the
+        runs that take the search's options."""
+        return self.units == ("attn", "mlp") or (
+            self.selection.iterative and self.criterion.name == "ppl"
+        )
+
+    @property
     def joint(self) -> bool:
         """``--unit auto``: every layer's form chosen together."""
         return self.units == ("auto",)
@@ -732,10 +740,7 @@ def _check_search_options(spec: PruneSpec) -> None:
 
     own = set(CRITERIA.fact(spec.criterion.name, "accepts"))
     stray = sorted((set(spec.criterion.options) & SEARCH_OPTIONS) - own)
-    searches = spec.units == ("attn", "mlp") or (
-        spec.selection.iterative and spec.criterion.name == "ppl"
-    )
-    if stray and not searches:
+    if stray and not spec.searches:
         raise ConfigError(
             f"--option {', '.join(stray)}: options of the greedy depth search (--iterative "
             f"with ppl, or --unit subblock), which this run does not do."
