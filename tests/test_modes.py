@@ -189,6 +189,62 @@ def test_every_mode_saves_the_same_checkpoint(case, tmp_path):
     assert not result.plan.is_empty
 
 
+def test_the_dual_form_of_reconstruction_is_the_same_in_every_mode(tmp_path, monkeypatch):
+    """The fit's form depends on shapes and token count only, never on the mode."""
+    monkeypatch.setattr("secateurs.fit.reconstruct.FLOAT64_BYTES", 0)
+    source, outs = _source(tmp_path, "llama"), {}
+    for mode in MODES:
+        outs[mode] = tmp_path / mode
+        prune(source, mode=mode, calibration=CALIBRATION[:4], out=outs[mode], progress=False,
+              unit="width", criterion="activation", ratio=0.3)  # fmt: skip
+    assert_same_checkpoint(outs["memory"], outs["sequential"])
+    forms = {row["form"] for row in _record(outs["sequential"])["reconstruction"]["layers"]}
+    assert "dual (tokens < kept columns)" in forms  # MLPs; o_proj keeps fewer columns
+
+
+STORED_LINEARS = {  # width runs whose lazy session may hold 16-bit Linear weights as stored
+    "activation, reconstruction": dict(criterion="activation", ratio=0.3),
+    "fluctuation, compensation": dict(criterion="fluctuation", ratio=0.3, reconstruct=False),
+    "magnitude, global": dict(criterion="magnitude", ratio=0.3, allocation="global"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STORED_LINEARS))
+def test_16_bit_weights_held_as_stored_give_the_float32_model(case, tmp_path):
+    """Layer by layer from a bfloat16 checkpoint, computing in float32, the Linear weights stay
+    in bfloat16 (half the memory) and are widened inside each matmul: the saved model is the
+    in-memory float32 run's, bit for bit."""
+    source = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    outs = {}
+    for mode in MODES:
+        outs[mode] = tmp_path / mode
+        prune(source, mode=mode, dtype="float32", calibration=CALIBRATION, out=outs[mode],
+              progress=False, unit="width", **STORED_LINEARS[case])  # fmt: skip
+    assert_same_checkpoint(outs["memory"], outs["sequential"])
+    record = json.loads((outs["sequential"] / "secateurs.json").read_text())
+    assert record["session"]["linear_weights_held"] == "as stored"
+    assert {t.dtype for t in _tensors(outs["sequential"]).values()} == {torch.bfloat16}
+
+
+def test_weights_are_held_in_the_compute_dtype_where_a_run_differentiates_or_edits_them(
+    tmp_path,
+):
+    source = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    for name, options in {
+        "no stored-weight reader": dict(unit="width", criterion="submodel", ratio=0.3),
+        "healing": dict(unit="block", criterion="block-influence", remove=1, heal=True),
+    }.items():
+        out = tmp_path / name
+        prune(source, mode="sequential", dtype="float32", calibration=CALIBRATION, out=out,
+              progress=False, protect="none", **options)  # fmt: skip
+        record = json.loads((out / "secateurs.json").read_text())
+        assert record["session"]["linear_weights_held"] == "compute dtype", name
+
+
 REPLAYED = ("width, uniform, reconstruction", "experts, uniform", "block,width, --heal",
             "block, --heal")  # fmt: skip
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from secateurs.adapters import adapter_for
 from secateurs.checkpoint import read_record
 from secateurs.errors import UnsupportedModelError
-from secateurs.fit.reconstruct import refit
+from secateurs.fit.reconstruct import NormalEquations, TokenSystem, refit
 from secateurs.plan import Plan
 from secateurs.run import prune
 from secateurs.units.width import group_slices, output_projection, output_weight_columns, widths
@@ -226,3 +226,45 @@ def test_large_systems_are_fitted_in_float32_and_still_reproduce_redundant_units
     assert {row["precision"] for row in record["layers"]} == {"float32"}
     assert max(r["relative_error_reconstructed"] for r in record["layers"]) < 1e-4
     torch.testing.assert_close(_logits(model, ids), expected, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+@pytest.mark.parametrize("tokens_in", [20, 60])  # fewer and more tokens than kept columns
+def test_the_dual_form_gives_the_normal_equations_solution(intercept, tokens_in):
+    """Δᵀ = Zᵀ(ZZᵀ + λI)⁻¹R (an n × n system, for a 14B MLP fitted on few tokens) is the same
+    damped fit as the k × k normal equations, intercept (centring) included, with the same
+    measured errors."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens_in, 64, generator=generator) * torch.rand(64, generator=generator)
+    weight, bias = torch.randn(24, 64, generator=generator), torch.randn(24, generator=generator)
+    kept = torch.arange(0, 60, 2)
+    fits = []
+    for form in (NormalEquations, TokenSystem):
+        system = form(weight, bias, kept, intercept)
+        system.add(x)
+        system.solve(0.01)
+        system.measure(x)
+        fits.append(system.result())
+    primal, dual = fits
+    torch.testing.assert_close(dual.weight.double(), primal.weight.double(), atol=2e-6, rtol=0)
+    if intercept:
+        torch.testing.assert_close(dual.bias.double(), primal.bias.double(), atol=2e-6, rtol=0)
+    assert dual.error_before == primal.error_before
+    assert dual.error_after == pytest.approx(primal.error_after, rel=1e-6)
+
+
+def test_a_large_fit_on_fewer_tokens_than_columns_takes_the_dual_form(monkeypatch):
+    """Where the normal equations would be large and fewer tokens than kept columns come, the
+    fit is solved in its dual form (recorded); undamped, it reproduces every layer's output on
+    those tokens exactly, so the model's logits on them too (elsewhere the under-determined fit
+    is free)."""
+    monkeypatch.setattr("secateurs.fit.reconstruct.FLOAT64_BYTES", 0)
+    model = tiny_model("llama")
+    _duplicate_unit(model, "channels", 0, 1)
+    few = tokens(batch=2, length=8, seed=5)  # 16 tokens, fewer than the kept channels
+    expected = _logits(model, few)
+    plan = _plan(model, None, [(1,)] * LAYERS)
+    record = reconstruct_plan(model, plan, few, damping=0.0)
+    assert {row["form"] for row in record["layers"]} == {"dual (tokens < kept columns)"}
+    assert max(r["relative_error_reconstructed"] for r in record["layers"]) < 1e-8
+    torch.testing.assert_close(_logits(model, few), expected, atol=1e-4, rtol=1e-4)

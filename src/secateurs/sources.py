@@ -139,6 +139,7 @@ def _lazy(location: str, spec: PruneSpec, work: Any, mode: str, tokenizer: Any) 
         raise ConfigError("Reading a checkpoint one layer at a time writes to --out; give one.")
     check_model_files(location)  # weights whose shapes differ from config.json
     lazy = LazyModel(location, _dtype(spec), spec.mode.device)
+    lazy.stored_linears = stored_linears_allowed(spec)
     session = LazySession(lazy, work, tokenizer, stream=mode == "stream")
     from secateurs.shards import checkpoint_dtype
 
@@ -146,4 +147,19 @@ def _lazy(location: str, spec: PruneSpec, work: Any, mode: str, tokenizer: Any) 
     return session
 
 
-__all__ = ["open_session"]
+def stored_linears_allowed(spec: PruneSpec) -> bool:
+    """Whether a lazy session may hold Linear weights in their stored 16-bit dtype: width
+    units scored by a criterion that reads weights only through matmuls and widening copies,
+    and fits that write whole new weights (reconstruction, compensation). Healing, depth
+    surgery and gradients modify or differentiate weights in place, so they get the compute
+    dtype."""
+    from secateurs.criteria import CRITERIA
+
+    if not spec.units or set(spec.units) - {"heads", "channels"}:
+        return False
+    return all(
+        getattr(CRITERIA.get(n), "reads_stored_weights", False) for n in spec.criterion.names
+    )
+
+
+__all__ = ["open_session", "stored_linears_allowed"]

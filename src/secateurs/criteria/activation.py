@@ -13,6 +13,7 @@ from secateurs.criteria.base import (
     Layerwise,
     ProjectionInputs,
     ScoringContext,
+    column_sums,
     columns_per_group,
 )
 from secateurs.units.width import output_weight_columns
@@ -22,6 +23,7 @@ from secateurs.units.width import output_weight_columns
 class Activation(Layerwise):
     name = "activation"
     units = frozenset({"heads", "channels"})
+    reads_stored_weights = True
     summary = "Σ|W_ij|·‖X_j‖₂ over the group's output-projection columns (Wanda, structured)"
 
     def observer(self, ctx: ScoringContext, kind: str, layer: int) -> ProjectionInputs:
@@ -32,6 +34,6 @@ class Activation(Layerwise):
         self, ctx: ScoringContext, kind: str, layer: int, observed: ProjectionInputs
     ) -> torch.Tensor:
         conv1d = ctx.adapter.width_layout(kind).conv1d
-        weight = output_weight_columns(observed.module, conv1d).detach().to(torch.float64)
-        per_column = weight.abs().sum(0) * observed.stats.norm.to(weight.device)
+        weight = output_weight_columns(observed.module, conv1d)
+        per_column = column_sums(weight) * observed.stats.norm.to(weight.device)
         return columns_per_group(per_column, observed.columns)

@@ -86,6 +86,9 @@ class Criterion(ABC):
     units: ClassVar[frozenset[str]] = frozenset({"block", "attn", "mlp"})
     needs_calibration: ClassVar[bool] = True
     uses_backward: ClassVar[bool] = False
+    # reads weights only through matmuls and widening copies, so a lazy session may hold its
+    # Linear weights in their stored 16-bit dtype (half the memory, the same scores)
+    reads_stored_weights: ClassVar[bool] = False
     # width scores are predicted calibration-loss changes, comparable across layers and kinds
     # as they are: global allocation ranks them per parameter and needs no sensitivity probe
     loss_scores: ClassVar[bool] = False
@@ -265,3 +268,17 @@ def input_statistics(ctx: ScoringContext, kind: str) -> list[InputStats | None]:
 def columns_per_group(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Sum a per-column vector over each group's columns: (in,) → (groups,)."""
     return values[columns.to(values.device)].sum(-1)
+
+
+ROWS_AT_ONCE = 1024  # weight rows in float64 at a time: a 14B down_proj whole would be 0.57 GB
+
+
+def column_sums(weight: torch.Tensor, power: int = 1) -> torch.Tensor:
+    """Σ_i |W_ij|^power per column j of ``weight`` (out, in), in float64, a block of rows at a
+    time: the whole float64 copy (and its |·|) would dwarf the layer-by-layer memory budget."""
+    total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], ROWS_AT_ONCE):
+        block = weight[start : start + ROWS_AT_ONCE].detach().to(torch.float64)
+        block = block.abs_() if power == 1 else block.pow_(power).abs_()
+        total += block.sum(0)
+    return total

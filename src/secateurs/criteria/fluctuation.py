@@ -15,6 +15,7 @@ from secateurs.criteria.base import (
     Layerwise,
     ProjectionInputs,
     ScoringContext,
+    column_sums,
     columns_per_group,
 )
 from secateurs.units.width import output_weight_columns
@@ -24,6 +25,7 @@ from secateurs.units.width import output_weight_columns
 class Fluctuation(Layerwise):
     name = "fluctuation"
     units = frozenset({"heads", "channels"})
+    reads_stored_weights = True
     summary = "Var(x_j)·‖W[:, j]‖² of the output projection's inputs, with bias compensation (FLAP)"
 
     def __init__(self, compensate: bool = True) -> None:
@@ -44,6 +46,6 @@ class Fluctuation(Layerwise):
             means[kind] = [None] * ctx.num_layers()  # None: a block the base model removes
         means[kind][layer] = observed.stats.mean
         conv1d = ctx.adapter.width_layout(kind).conv1d
-        weight = output_weight_columns(observed.module, conv1d).detach().to(torch.float64)
-        per_column = observed.stats.variance.to(weight.device) * weight.pow(2).sum(0)
+        weight = output_weight_columns(observed.module, conv1d)
+        per_column = observed.stats.variance.to(weight.device) * column_sums(weight, power=2)
         return columns_per_group(per_column, observed.columns)

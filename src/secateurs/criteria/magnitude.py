@@ -18,6 +18,7 @@ class Magnitude(Layerwise):
     name = "magnitude"
     needs_calibration = False
     units = frozenset({"block", "attn", "mlp", "heads", "channels", "experts"})
+    reads_stored_weights = True
     summary = "Σ|W|^p over the unit's weight matrices (p=1 default)"
 
     def __init__(self, p: float = 1.0) -> None:
@@ -34,7 +35,7 @@ class Magnitude(Layerwise):
     ) -> torch.Tensor:
         if kind in ("heads", "channels"):
             parts = [
-                s.per_group(s.param.detach().abs().pow(self.p)).sum((1, 2))
+                s.per_group(_widened(s.param.detach()).abs().pow(self.p)).sum((1, 2))
                 for s in ctx.groups(layer, kind)
             ]
             return aggregate(parts, "sum")
@@ -60,4 +61,10 @@ class Magnitude(Layerwise):
         from secateurs.units.experts import expert_weights
 
         weights = expert_weights(ctx.model, ctx.adapter, layer)
-        return sum(w.abs().pow(self.p).sum(1).to(torch.float64) for w in weights)
+        return sum(_widened(w).abs().pow(self.p).sum(1).to(torch.float64) for w in weights)
+
+
+def _widened(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in float32 at least: a 16-bit weight a lazy session holds scores as the
+    float32 weight it stands for."""
+    return weight.to(torch.promote_types(weight.dtype, torch.float32))

@@ -22,12 +22,13 @@ checkpoint (DeepSeek-V3's expert-selection bias) are small and loaded once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
@@ -154,6 +156,38 @@ def checkpoint_map(model: PreTrainedModel, keys: Iterable[str]) -> CheckpointMap
     return found
 
 
+class Float32Linears(TorchFunctionMode):
+    """Inside: a linear map whose weight is narrower than its float32 input (a 16-bit weight
+    held by a lazy model) widens the weight for that call, a block of output rows at a time
+    (a whole widened 14B MLP matrix would be 283 MB more). Widening is exact, so the outputs
+    are those of the float32 layer; on a CPU without bfloat16 matrix units this is also ~7×
+    faster than computing in bfloat16."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and len(args) >= 2:
+            x, weight = args[0], args[1]
+            if weight.dtype != x.dtype and x.dtype == torch.float32:
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                return _widened_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+WIDENED_BYTES = 64 * 2**20  # a widened weight block's size at most
+
+
+def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    rows = max(1, WIDENED_BYTES // (4 * weight.shape[1]))
+    if rows >= weight.shape[0]:
+        return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for start in range(0, weight.shape[0], rows):
+        part = slice(start, start + rows)
+        block_bias = None if bias is None else bias[part]
+        out[..., part] = torch.nn.functional.linear(x, weight[part].to(x.dtype), block_bias)
+    return out
+
+
 class LazyModel:
     """The model of ``source`` on ``meta``, with its layers read from disk one at a time."""
 
@@ -170,8 +204,10 @@ class LazyModel:
         self.config = AutoConfig.from_pretrained(source)
         _check_not_quantized(self.config, source)
         with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(
-                self.config, dtype=dtype, attn_implementation=attn_implementation
+            self.model = AutoModelForCausalLM.from_config(  # a copy: from_config sets its
+                copy.deepcopy(self.config),  # dtype to the compute dtype, not the stored one
+                dtype=dtype,
+                attn_implementation=attn_implementation,
             ).eval()
         self.model.tie_weights()  # as from_pretrained does: a tied head is the embedding
         self.model.requires_grad_(False)
@@ -182,6 +218,11 @@ class LazyModel:
         self._check_converted()
         self.names = self._checkpoint_names()
         self.new_parameters: set[str] = set()  # added by surgery (zero biases): not on disk
+        # Linear weights held as the checkpoint stores them (16-bit) and widened to the compute
+        # dtype only inside each matmul (``Float32Linears``): half a float32 layer's memory, the
+        # same numbers (widening is exact). Set by the session's opener for runs that read
+        # weights only through matmuls and float64 copies (``stored_linears_allowed``).
+        self.stored_linears = False
         self._load_resident()
 
     # --- names ---------------------------------------------------------------------------
@@ -246,6 +287,21 @@ class LazyModel:
         return id(self.model.get_parameter(name)) in big
 
     # --- loading -------------------------------------------------------------------------
+    def held_dtype(self, module: nn.Module, name: str, full: str) -> torch.dtype:
+        """The dtype parameter ``name`` of ``module`` (``full``: its whole name) is held in:
+        the compute dtype, or its stored 16-bit dtype for a Linear weight under
+        ``stored_linears``."""
+        if not self.stored_linears or not name.endswith("weight"):
+            return self.dtype
+        owner = module.get_submodule(name.rpartition(".")[0])
+        stored = self.stored_meta(self.names[full]).dtype if full in self.names else self.dtype
+        narrow = stored in (torch.float16, torch.bfloat16) and self.dtype == torch.float32
+        return stored if narrow and isinstance(owner, nn.Linear) else self.dtype
+
+    def computing(self) -> contextlib.AbstractContextManager:
+        """Where loaded layers run: with ``stored_linears``, their matmuls widen the weights."""
+        return Float32Linears() if self.stored_linears else contextlib.nullcontext()
+
     def _read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.reader.read(key).to(dtype or self.dtype)
 
@@ -257,10 +313,10 @@ class LazyModel:
             if full in self.new_parameters:
                 value = torch.zeros(param.shape, dtype=self.dtype)
             elif full in self.names:
-                value = self._read(self.names[full])
+                value = self._read(self.names[full], self.held_dtype(module, name, full))
             else:
                 continue  # converted below
-            set_module_tensor_to_device(module, name, self.device, value=value)
+            set_module_tensor_to_device(module, name, self.device, value=value, dtype=value.dtype)
         for target, sources in self.map.converted.items():
             if target.startswith(prefix):
                 for name, value in self.map.convert(target, sources, self._read, self.model):
@@ -314,7 +370,8 @@ class LazyModel:
     def loaded(self, index: int) -> Iterator[nn.Module]:
         """Layer ``index`` with real weights inside the block, back on ``meta`` after it."""
         try:
-            yield self.load_layer(index)
+            with self.computing():
+                yield self.load_layer(index)
         finally:
             self.release_layer(index)
 
@@ -496,7 +553,8 @@ class LazySession(Session):
         self.lazy.new_parameters |= self._added_parameters()
         layer = self._load(index)
         try:
-            yield layer
+            with self.lazy.computing():
+                yield layer
             if index in self.modified:
                 self._spill(index)
         finally:
@@ -508,8 +566,11 @@ class LazySession(Session):
         layer, prefix = self.lazy.layers[index], self.lazy.layer_prefix(index)
         with safe_open(self.spilled[index], framework="pt") as handle:
             for name, _ in list(layer.named_parameters()):
-                value = handle.get_tensor(prefix + name).to(self.lazy.dtype)
-                set_module_tensor_to_device(layer, name, self.lazy.device, value=value)
+                dtype = self.lazy.held_dtype(layer, name, prefix + name)
+                value = handle.get_tensor(prefix + name).to(dtype)
+                set_module_tensor_to_device(
+                    layer, name, self.lazy.device, value=value, dtype=value.dtype
+                )
         return layer
 
     def _added_parameters(self, kept: tuple[int, ...] | None = None) -> set[str]:
@@ -549,6 +610,7 @@ class LazySession(Session):
         return {
             "name": self.kind,
             "compute_dtype": str(self.lazy.dtype).removeprefix("torch."),
+            "linear_weights_held": "as stored" if self.lazy.stored_linears else "compute dtype",
             "device": str(self.lazy.device),
             **self.notes,
         }
@@ -573,7 +635,17 @@ class LazySession(Session):
                 where[name] = self._location(full, _renumbered(name, prefix, kept), spilled)
             meta = self._meta(*where[name])
             specs[name] = TensorSpec(name, meta.dtype, tuple(meta.shape))
-        return specs, lambda n: self._blocks(*where[n])
+        unread = Counter(file for file, _ in where.values() if file not in ("source", "zeros"))
+
+        def blocks(name: str) -> Iterator[torch.Tensor]:
+            yield from self._blocks(*where[name])
+            file = where[name][0]
+            if file in unread:  # a spilled layer is deleted once written: the disk holds the
+                unread[file] -= 1  # spill and the output together only one layer at a time
+                if unread[file] == 0:
+                    Path(file).unlink(missing_ok=True)
+
+        return specs, blocks
 
     def _location(self, full: str, original: str, spilled: dict[str, Path]) -> tuple[str, str]:
         for key in (full, original):
