@@ -42,6 +42,20 @@ def return_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def map_large_blocks(threshold: int = 128 * 1024) -> None:
+    """Have glibc serve every allocation above ``threshold`` bytes from a mapping of its own,
+    unmapped when freed. By default glibc raises that threshold to each large block freed (up
+    to 32 MB), so a layer-by-layer run's many 1-32 MB temporaries come from the heap, which
+    fragments: at 14B the heap held 1 GB at the peak of a layer's fit; with this, 0.15 GB
+    less at four layers and no growth with depth (docs/scale.md)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
 def versions() -> dict[str, str]:
     return {
         "secateurs": __version__,

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from secateurs.errors import ConfigError
+from secateurs.runinfo import map_large_blocks
 from secateurs.session.base import Session
 from secateurs.session.resident import ResidentSession
 from secateurs.spec import PruneSpec
@@ -139,6 +140,7 @@ def _lazy(location: str, spec: PruneSpec, work: Any, mode: str, tokenizer: Any) 
         raise ConfigError("Reading a checkpoint one layer at a time writes to --out; give one.")
     check_model_files(location)  # weights whose shapes differ from config.json
     lazy = LazyModel(location, _dtype(spec), spec.mode.device)
+    map_large_blocks()  # a long layer-by-layer run's temporaries must not fragment the heap
     lazy.stored_linears = stored_linears_allowed(spec)
     session = LazySession(lazy, work, tokenizer, stream=mode == "stream")
     from secateurs.shards import checkpoint_dtype
