@@ -305,3 +305,28 @@ def test_the_switch_to_layer_by_layer_is_announced_and_recorded(tmp_path, capsys
     assert "reading it one layer at a time" in capsys.readouterr().out
     assert result.record["session"]["name"] == "sequential"
     assert "switched" in result.record["session"]
+
+
+def test_a_layer_by_layer_write_counts_the_spill_it_frees_as_it_goes(tmp_path, monkeypatch):
+    """Each spilled layer is deleted once copied, so the free space asked for is the output
+    less all but the largest spilled layer (at 14B, 22 GB less); none is left after."""
+    import secateurs.writer as writer
+
+    asked, spills = [], {}
+    original = writer.atomic_directory
+
+    def watched(out, overwrite=False, needed=0, **kwargs):
+        asked.append(needed)
+        source_files = set((tmp_path / "llama").glob("*.safetensors"))
+        spills.update({p: p.stat().st_size for p in tmp_path.rglob("*.safetensors")
+                       if p not in source_files})  # fmt: skip
+        return original(out, overwrite=overwrite, needed=needed, **kwargs)
+
+    monkeypatch.setattr(writer, "atomic_directory", watched)
+    source = _source(tmp_path, "llama")
+    prune(source, mode="sequential", calibration=CALIBRATION, out=tmp_path / "out",
+          progress=False, unit="width", criterion="activation", ratio=0.3)  # fmt: skip
+    output = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
+    credit = sum(spills.values()) - max(spills.values())
+    assert len(spills) > 1 and not any(p.exists() for p in spills)
+    assert asked == [pytest.approx(output + (20 << 20) - credit, abs=64 << 10)]

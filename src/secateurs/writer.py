@@ -49,6 +49,7 @@ def write_checkpoint(
     record["parameters"]["saved_dtype"] = str(dtype).removeprefix("torch.")
     specs, read = _tensors(session, kept, dtype)
     needed = sum(spec.nbytes for spec in specs.values()) + (20 << 20)
+    needed -= session.freed_while_writing()
     start = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite, needed=needed) as tmp:
         _write_config(session, dtype, tmp)

@@ -101,6 +101,10 @@ class Session:
         for folder in self.temporary:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def freed_while_writing(self) -> int:
+        """Bytes of disk the write frees as it goes (a lazy session's spilled layers)."""
+        return 0
+
     def record(self) -> dict[str, Any]:
         """How the weights were held, for ``secateurs.json``."""
         return {"name": self.kind, **self.notes}

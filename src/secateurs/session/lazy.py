@@ -606,6 +606,12 @@ class LazySession(Session):
         super().close()
         shutil.rmtree(self.spill, ignore_errors=True)
 
+    def freed_while_writing(self) -> int:
+        """Each spilled layer is deleted once copied (``output_tensors``): at worst all but
+        the largest are gone by the time the output holds them."""
+        sizes = [path.stat().st_size for path in self.spilled.values() if path.exists()]
+        return sum(sizes) - max(sizes, default=0)
+
     def record(self) -> dict[str, Any]:
         return {
             "name": self.kind,
