@@ -302,6 +302,10 @@ class LazyModel:
         """Where loaded layers run: with ``stored_linears``, their matmuls widen the weights."""
         return Float32Linears() if self.stored_linears else contextlib.nullcontext()
 
+    def put(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        """``value`` as parameter ``name`` of ``module``, on the device, in its own dtype."""
+        set_module_tensor_to_device(module, name, self.device, value=value, dtype=value.dtype)
+
     def _read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.reader.read(key).to(dtype or self.dtype)
 
@@ -316,7 +320,7 @@ class LazyModel:
                 value = self._read(self.names[full], self.held_dtype(module, name, full))
             else:
                 continue  # converted below
-            set_module_tensor_to_device(module, name, self.device, value=value, dtype=value.dtype)
+            self.put(module, name, value)
         for target, sources in self.map.converted.items():
             if target.startswith(prefix):
                 for name, value in self.map.convert(target, sources, self._read, self.model):
@@ -567,10 +571,7 @@ class LazySession(Session):
         with safe_open(self.spilled[index], framework="pt") as handle:
             for name, _ in list(layer.named_parameters()):
                 dtype = self.lazy.held_dtype(layer, name, prefix + name)
-                value = handle.get_tensor(prefix + name).to(dtype)
-                set_module_tensor_to_device(
-                    layer, name, self.lazy.device, value=value, dtype=value.dtype
-                )
+                self.lazy.put(layer, name, handle.get_tensor(prefix + name).to(dtype))
         return layer
 
     def _added_parameters(self, kept: tuple[int, ...] | None = None) -> set[str]:
@@ -646,8 +647,8 @@ class LazySession(Session):
         def blocks(name: str) -> Iterator[torch.Tensor]:
             yield from self._blocks(*where[name])
             file = where[name][0]
-            if file in unread:  # a spilled layer is deleted once written: the disk holds the
-                unread[file] -= 1  # spill and the output together only one layer at a time
+            if file in unread:  # a spilled layer is deleted once written: while the output
+                unread[file] -= 1  # is written, each changed layer is on disk once, not twice
                 if unread[file] == 0:
                     Path(file).unlink(missing_ok=True)
 
