@@ -21,6 +21,7 @@ from secateurs.criteria import CRITERIA
 from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.plan import resolve_protected
 from secateurs.spec import DEPTH_KINDS, PruneSpec, scores_file_for
+from secateurs.targets import LATENCY_ENGINES
 
 # config.json keys of the number of decoder layers (transformers maps them all to
 # num_hidden_layers); a config with none of them is checked once transformers reads it
@@ -38,10 +39,8 @@ def check_config(spec: PruneSpec, config: Any, budget: bool = True) -> None:
         adapter.width_layout(kind, config)  # no width support here → its refusal
     if spec.experts:
         _check_experts(spec, adapter, config)
-    if spec.budget.latency is not None:
-        from secateurs.latency.budget import check_config as check_engine
-
-        check_engine(config, spec.budget.engine)
+    if spec.budget.latency is not None:  # the engine, loaded by name, checks what it can time
+        LATENCY_ENGINES.get(spec.budget.engine)().check_model(config)
 
 
 def check_layers(spec: PruneSpec, n: int, budget: bool = True) -> None:

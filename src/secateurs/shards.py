@@ -21,7 +21,6 @@ from typing import Any, BinaryIO
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -64,6 +63,61 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class StoredTensor(TensorSpec):
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file: Path
+    offset: int  # of its first byte, from the start of the file
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (the whole tensor by default) by plain reads into a new tensor.
+
+        Not through a memory map: pages read through a mapping count in this process's RSS
+        until it is closed (hundreds of MB a layer on a 14B model); a read leaves them in the
+        page cache, which the kernel reclaims.
+        """
+        shape = list(self.shape)
+        if shape:
+            stop = shape[0] if stop is None else min(stop, shape[0])
+            shape[0] = max(0, stop - start)
+        out = torch.empty(shape, dtype=self.dtype)
+        row = self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        with open(self.file, "rb", buffering=0) as handle:
+            handle.seek(self.offset + start * row)
+            _read_into(handle, buffer, self)
+        return out
+
+
+def _read_into(handle: BinaryIO, buffer: memoryview, stored: StoredTensor) -> None:
+    done = 0
+    while done < len(buffer):  # one read() returns at most ~2 GiB on Linux
+        got = handle.readinto(buffer[done:])
+        if not got:
+            raise ConfigError(f"{stored.file}: {stored.name} ends before its header says.")
+        done += got
+
+
+def stored_tensors(path: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Every tensor of one safetensors file, from its header alone."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    dtypes = {code: dtype for dtype, (code, _) in SAFETENSORS_DTYPES.items()}
+    found = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in dtypes:
+            raise ConfigError(f"{path}: {name} has dtype {entry['dtype']}, which is not read here.")
+        start, _ = entry["data_offsets"]
+        dtype, shape = dtypes[entry["dtype"]], tuple(entry["shape"])
+        found[name] = StoredTensor(name, dtype, shape, path, 8 + length + start)
+    return found
 
 
 def write_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
@@ -130,6 +184,7 @@ class CheckpointReader:
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self.files = self._weight_map()
+        self._headers: dict[Path, dict[str, StoredTensor]] = {}
 
     def _weight_map(self) -> dict[str, Path]:
         index = self.directory / INDEX_FILE
@@ -142,23 +197,25 @@ class CheckpointReader:
                 f"{self.directory} has no {SINGLE_FILE} or {INDEX_FILE}: streaming needs a "
                 "safetensors checkpoint (GGUF and .bin models take the in-memory path)."
             )
-        with safe_open(single, framework="pt") as handle:
-            return {name: single for name in handle.keys()}  # noqa: SIM118 (not a dict)
+        return dict.fromkeys(stored_tensors(single), single)
 
     def names(self) -> set[str]:
         return set(self.files)
 
+    def stored(self, name: str) -> StoredTensor:
+        """Where ``name`` lies (each file's header read once)."""
+        path = self.files[name]
+        if path not in self._headers:
+            self._headers[path] = stored_tensors(path)
+        return self._headers[path][name]
+
     def meta(self, name: str) -> torch.Tensor:
         """A meta tensor with ``name``'s dtype and shape (nothing read but the header)."""
-        with safe_open(self.files[name], framework="pt") as handle:
-            view = handle.get_slice(name)
-            shape, code = view.get_shape(), view.get_dtype()
-        dtype = next(dt for dt, (c, _) in SAFETENSORS_DTYPES.items() if c == code)
-        return torch.empty(shape, dtype=dtype, device="meta")
+        stored = self.stored(name)
+        return torch.empty(stored.shape, dtype=stored.dtype, device="meta")
 
     def read(self, name: str) -> torch.Tensor:
-        with safe_open(self.files[name], framework="pt") as handle:
-            return handle.get_tensor(name)
+        return self.stored(name).read()
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` (sorted, unique) of a 2-d tensor, read a block at a time."""
@@ -170,30 +227,19 @@ class CheckpointReader:
         return torch.cat(parts)
 
     def blocks(self, name: str, max_bytes: int | None = None) -> Iterator[torch.Tensor]:
-        """``name`` as consecutive row blocks of at most ``max_bytes`` (whole if 0-d/1-d).
-
-        The file is mapped anew for each block: pages read through a mapping count as this
-        process's memory until it is closed.
-        """
-        max_bytes = max_bytes or CHUNK_BYTES
-        with safe_open(self.files[name], framework="pt") as handle:
-            view = handle.get_slice(name)
-            shape, itemsize = view.get_shape(), _itemsize(view.get_dtype())
-        if len(shape) < 2:
-            yield self.read(name)
-            return
-        step = max(1, max_bytes // max(1, torch.Size(shape[1:]).numel() * itemsize))
-        for start in range(0, shape[0], step):
-            with safe_open(self.files[name], framework="pt") as handle:
-                yield handle.get_slice(name)[start : start + step]
+        """``name`` as consecutive row blocks of at most ``max_bytes`` (whole if 0-d/1-d)."""
+        yield from row_blocks(self.stored(name), max_bytes)
 
 
-def _itemsize(safetensors_dtype: str) -> int:
-    sizes = {
-        code: torch.empty((), dtype=dt).element_size()
-        for dt, (code, _) in SAFETENSORS_DTYPES.items()
-    }
-    return sizes[safetensors_dtype]
+def row_blocks(stored: StoredTensor, max_bytes: int | None = None) -> Iterator[torch.Tensor]:
+    """``stored`` as consecutive row blocks of at most ``max_bytes`` (whole if 0-d/1-d)."""
+    if len(stored.shape) < 2:
+        yield stored.read()
+        return
+    row = max(1, stored.nbytes // max(1, stored.shape[0]))
+    step = max(1, (max_bytes or CHUNK_BYTES) // row)
+    for start in range(0, stored.shape[0], step):
+        yield stored.read(start, start + step)
 
 
 def meta_skeleton(source: str | os.PathLike) -> PreTrainedModel:

@@ -149,10 +149,10 @@ class Budget:
         if self.latency is not None and self.include_embeddings:
             raise ConfigError("--include-embeddings counts parameters for --ratio, not --latency.")
         if self.latency is not None:
-            from secateurs.latency.engines import ENGINES
+            from secateurs.targets import LATENCY_ENGINES
 
             try:
-                engine = ENGINES.canonical(self.engine or LATENCY_ENGINE)
+                engine = LATENCY_ENGINES.canonical(self.engine or LATENCY_ENGINE)
             except ConfigError as err:
                 raise ConfigError(f"--engine: {err}") from None
             object.__setattr__(self, "engine", engine)

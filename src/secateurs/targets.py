@@ -16,6 +16,10 @@ finding out at export time:
   ``ffn_mult`` (widths on multiples of 256) and have no output biases (no FLAP compensation).
 
 A user's ``--round-to`` is combined with the target's (least common multiple).
+
+``--engine`` (with ``--latency``): the engines whose measured speed can budget ``--unit auto``,
+declared here so a spec checks the name without importing ``secateurs.latency`` (which builds
+and times models); ``secateurs.latency.engines`` registers each one.
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ for _target in (
     Target("tensorrt-llm", "decilm", 256, ("heads",), biases=False),
 ):
     TARGETS.add(_target.name, _target)
+
+
+# Engines whose per-layer latency table prices --unit auto's candidates (secateurs.latency).
+LATENCY_ENGINES: Registry[Any] = Registry("latency engine")
+LATENCY_ENGINES.declare("llama.cpp", "secateurs.latency.engines", aliases=("llamacpp", "llama-cpp"))
 
 
 def width_constraints(

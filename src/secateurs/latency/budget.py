@@ -19,12 +19,12 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secateurs.errors import ConfigError, SecateursError, UnsupportedModelError
+from secateurs.errors import ConfigError, SecateursError
 from secateurs.evolve import Genome, Goal, Space
 from secateurs.latency.engines import STATISTICS, BenchSettings, Engine, Speed
 from secateurs.latency.measure import (
@@ -223,18 +223,8 @@ def engine_table(
 
 
 def check_config(config: Any, engine: str | Engine = DEFAULT_ENGINE) -> None:
-    """Refuse, from ``config.json`` alone, a model whose latency ``engine`` cannot predict:
-    one it cannot serve, or one whose shape the table cannot describe."""
-    data = config if isinstance(config, Mapping) else config.to_dict()
-    engine = engine_for(engine)
-    try:
-        engine.check_config(dict(data))
-        ModelShape.from_config(data)
-    except (SecateursError, KeyError, TypeError, ValueError) as err:
-        detail = f"no {err}" if isinstance(err, KeyError) else str(err)
-        raise UnsupportedModelError(
-            f"--latency times the model on {engine.name}, which cannot take this one: {detail}"
-        ) from None
+    """Refuse, from ``config.json`` alone, a model whose latency ``engine`` cannot predict."""
+    engine_for(engine).check_model(config)
 
 
 def spec_budget(

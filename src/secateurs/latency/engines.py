@@ -17,15 +17,16 @@ import random
 import subprocess
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 from typing import Any
 
-from secateurs.errors import ConfigError
+from secateurs.errors import ConfigError, SecateursError, UnsupportedModelError
 from secateurs.latency.table import LayerVariant, ModelShape
 from secateurs.registry import Registry
+from secateurs.targets import LATENCY_ENGINES
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,19 @@ class Engine(ABC):
         """Raise if the engine cannot serve a model of this ``config.json`` (any kind of block
         it does not compute); every model is servable unless an engine says not."""
         return None
+
+    def check_model(self, config: Any) -> None:
+        """Refuse, from ``config.json`` alone, a model whose latency this engine cannot
+        predict: one it cannot serve, or one whose shape the table cannot describe."""
+        data = dict(config if isinstance(config, Mapping) else config.to_dict())
+        try:
+            self.check_config(data)
+            ModelShape.from_config(data)
+        except (SecateursError, KeyError, TypeError, ValueError) as err:
+            detail = f"no {err}" if isinstance(err, KeyError) else str(err)
+            raise UnsupportedModelError(
+                f"--latency times the model on {self.name}, which cannot take this one: {detail}"
+            ) from None
 
     def check_dtype(self, dtype: str) -> None:
         if dtype not in self.dtypes:
@@ -306,7 +320,6 @@ class LlamaCpp(Engine):
     def check_config(self, config: dict[str, Any]) -> None:
         """What ``secateurs export --to gguf`` refuses from the config alone: blocks other than
         LLaMA's, an unsupported rotary scaling, an activation other than SiLU."""
-        from secateurs.errors import UnsupportedModelError
         from secateurs.export.layout import Layout, check_family
 
         check_family(Layout(config, ()), "gguf")
@@ -428,5 +441,6 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-ENGINES: Registry[type[Engine]] = Registry("latency engine")
+# declared in secateurs.targets (names checked without importing this module), registered here
+ENGINES: Registry[type[Engine]] = LATENCY_ENGINES
 ENGINES.add(LlamaCpp.name, LlamaCpp, aliases=("llamacpp", "llama-cpp"))

@@ -39,7 +39,6 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -58,11 +57,12 @@ from secateurs.errors import ConfigError, UnsupportedModelError
 from secateurs.runinfo import return_freed_memory
 from secateurs.session.base import Session
 from secateurs.shards import (
-    SAFETENSORS_DTYPES,
     CheckpointReader,
     TensorSpec,
     checkpoint_dtype,
+    row_blocks,
     saved_state,
+    stored_tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -483,15 +483,7 @@ class LazyModel:
 
 
 def _stored_metas(reader: CheckpointReader) -> dict[str, torch.Tensor]:
-    dtypes = {code: dtype for dtype, (code, _) in SAFETENSORS_DTYPES.items()}
-    metas = {}
-    for path in sorted(set(reader.files.values())):
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (not a dict)
-                view = handle.get_slice(name)
-                shape, dtype = view.get_shape(), dtypes[view.get_dtype()]
-                metas[name] = torch.empty(shape, dtype=dtype, device="meta")
-    return metas
+    return {name: reader.meta(name) for name in reader.files}
 
 
 def _check_not_quantized(config: Any, source: Any) -> None:
@@ -568,10 +560,10 @@ class LazySession(Session):
         if index not in self.spilled:
             return self.lazy.load_layer(index)
         layer, prefix = self.lazy.layers[index], self.lazy.layer_prefix(index)
-        with safe_open(self.spilled[index], framework="pt") as handle:
-            for name, _ in list(layer.named_parameters()):
-                dtype = self.lazy.held_dtype(layer, name, prefix + name)
-                self.lazy.put(layer, name, handle.get_tensor(prefix + name).to(dtype))
+        stored = stored_tensors(self.spilled[index])
+        for name, _ in list(layer.named_parameters()):
+            dtype = self.lazy.held_dtype(layer, name, prefix + name)
+            self.lazy.put(layer, name, stored[prefix + name].read().to(dtype))
         return layer
 
     def _added_parameters(self, kept: tuple[int, ...] | None = None) -> set[str]:
@@ -670,8 +662,8 @@ class LazySession(Session):
         if file == "zeros":
             shape = self.model.get_parameter(key).shape
             return torch.empty(shape, dtype=checkpoint_dtype(self.lazy.config), device="meta")
-        with safe_open(file, framework="pt") as handle:
-            return handle.get_tensor(key).to("meta")
+        stored = stored_tensors(file)[key]
+        return torch.empty(stored.shape, dtype=stored.dtype, device="meta")
 
     def _blocks(self, file: str, key: str) -> Iterator[torch.Tensor]:
         if file == "source":
@@ -680,8 +672,7 @@ class LazySession(Session):
         if file == "zeros":
             yield torch.zeros_like(self._meta(file, key), device="cpu")
             return
-        with safe_open(file, framework="pt") as handle:
-            yield handle.get_tensor(key)
+        yield from row_blocks(stored_tensors(file)[key])
 
 
 def _renumbered(name: str, prefix: str, kept: tuple[int, ...]) -> str:
@@ -695,6 +686,5 @@ def _renumbered(name: str, prefix: str, kept: tuple[int, ...]) -> str:
 def _spill_map(files: Iterable[Path]) -> dict[str, Path]:
     found = {}
     for path in files:
-        with safe_open(path, framework="pt") as handle:
-            found.update({name: path for name in handle.keys()})  # noqa: SIM118
+        found.update(dict.fromkeys(stored_tensors(path), path))
     return found
