@@ -72,37 +72,48 @@ def test_unit_error_is_the_least_squares_refit_error_of_removing_it(intercept, m
             assert torch.allclose(bias + delta[:, n_in], fitted_bias, atol=1e-9)
 
 
-def test_sub_model_divergence_and_injected_error_are_those_of_the_pruned_model():
-    """Each layer's sub-model gives exactly the KL between the model and a copy whose output
-    projection has the removed groups' columns zeroed, on the first ``windows`` windows, and
-    the mean squared change of that projection's output; the errors are the closed form's."""
+@pytest.mark.parametrize("loss, centre", [("kl", False), ("nll", False), ("kl", True)])
+def test_sub_model_divergence_and_injected_error_are_those_of_the_pruned_model(loss, centre):
+    """Each layer's sub-model gives exactly the KL (``nll``: the next-token NLL change) between
+    the model and a copy whose output projection has the removed groups' columns zeroed
+    (``centre``: replaced by their calibration mean, as a bias), on the first ``windows``
+    windows, and the mean squared change of that projection's output; the errors are the
+    closed form's."""
     model = tiny_model("qwen2")
-    scorer = CRITERIA.get("forward")(fraction=0.25, windows=4, streams=2)
+    scorer = CRITERIA.get("forward")(fraction=0.25, windows=4, streams=2, loss=loss, centre=centre)
     for kind in ("heads", "channels"):
         ctx = scoring_context(model, CALIB, 2)
-        measured = measure(ctx, kind, scorer, intercept=False)
+        measured = measure(ctx, kind, scorer, intercept=centre)
         for layer in (0, 3, 5):
             module, columns = ctx.output_projection(layer, kind)
             x = _projection_inputs(model, module, CALIB)
-            a_inv = damped_inverse(x.T @ x / len(x), x.shape[1], scorer.damping)
+            z = torch.cat([x, x.new_ones(len(x), 1)], 1) if centre else x
+            a_inv = damped_inverse(z.T @ z / len(z), x.shape[1], scorer.damping)
             weight = module.weight.detach().double()
             assert torch.allclose(measured[layer].errors, obs_errors(weight, columns, a_inv))
             cols = columns[measured[layer].removed].flatten()
+            mean = x[:, cols].mean(0) if centre else torch.zeros(len(cols), dtype=x.dtype)
             pruned = copy.deepcopy(model)
             copy_module, _ = scoring_context(pruned).output_projection(layer, kind)
+            bias = (module.weight.detach().double()[:, cols] @ mean).float()
+            copy_module.register_forward_hook(lambda m, args, out, b=bias: out + b)
             copy_module.weight.data[:, cols] = 0
-            kl, injected = _divergence(model, pruned, CALIB[:4], module, cols)
+            kl, injected = _divergence(model, pruned, CALIB[:4], module, cols, loss, mean)
             assert torch.allclose(measured[layer].divergence, kl, rtol=1e-3, atol=1e-9)
             assert torch.allclose(measured[layer].injected, injected, rtol=1e-4)
 
 
-def _divergence(model, pruned, ids, module, cols):
+def _divergence(model, pruned, ids, module, cols, loss, mean):
     with torch.no_grad():
         p = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), -1)
         q = torch.log_softmax(pruned(input_ids=ids).logits[:, :-1].double(), -1)
     x = _projection_inputs(model, module, ids).reshape(len(ids), ids.shape[1], -1)
-    change = x[..., cols] @ module.weight.detach().double()[:, cols].T
-    return (p.exp() * (p - q)).sum(-1).mean(-1), change.pow(2).sum(-1).mean(-1)
+    change = (x[..., cols] - mean) @ module.weight.detach().double()[:, cols].T
+    if loss == "nll":
+        divergence = (p - q).gather(-1, ids[:, 1:, None])[..., 0].mean(-1)
+    else:
+        divergence = (p.exp() * (p - q)).sum(-1).mean(-1)
+    return divergence, change.pow(2).sum(-1).mean(-1)
 
 
 def _projection_inputs(model, module, ids):
@@ -204,6 +215,7 @@ def test_options_are_validated_and_recorded():
         ({"damping": 0}, "damping"),
         ({"streams": 0}, "streams"),
         ({"windows": -1}, "windows"),
+        ({"loss": "mse"}, "loss must be one of kl, nll"),
     ]:
         with pytest.raises(ConfigError, match=match):
             CRITERIA.get("forward")(**bad)
@@ -216,6 +228,8 @@ def test_options_are_validated_and_recorded():
         "windows": 4,
         "streams": 32,
         "calibrate": True,
+        "loss": "kl",
+        "centre": False,
     }
     assert not CRITERIA.get("forward").uses_backward
 

@@ -53,7 +53,7 @@ TABLE = (
      ""),
     ("submodel", "submodel", ("forward",), "heads channels",
      "re-fit error tr(W_c[(A⁻¹)_cc]⁻¹W_cᵀ) × per-layer loss scale from sub-models",
-     "fraction damping intercept windows streams calibrate"),
+     "fraction damping intercept windows streams calibrate loss centre"),
     ("taylor", "taylor", (), "block attn mlp heads channels",
      "Σ|W ⊙ ∂L/∂W| over the unit's parameters, gradients summed over calibration batches",
      "order aggregation"),

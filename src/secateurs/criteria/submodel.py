@@ -52,6 +52,8 @@ from secateurs.defaults import RECONSTRUCT_DAMPING
 from secateurs.errors import ConfigError
 from secateurs.units.width import can_add_intercept, output_weight_columns
 
+LOSSES = ("kl", "nll")  # what a sub-model's loss change is measured as (kl: the default)
+
 
 @dataclass
 class LayerMeasure:
@@ -80,7 +82,11 @@ class SubModel(Criterion):
         windows: int = 4,
         streams: int = 32,
         calibrate: bool = True,
+        loss: str = "kl",
+        centre: bool = False,
     ) -> None:
+        if loss not in LOSSES:
+            raise ConfigError(f"submodel: loss must be one of {', '.join(LOSSES)}, got {loss!r}.")
         if not 0 < fraction < 1:
             raise ConfigError(f"submodel: fraction must be in (0, 1), got {fraction}.")
         if not damping > 0:
@@ -91,7 +97,7 @@ class SubModel(Criterion):
             raise ConfigError(f"submodel: streams must be ≥ 1, got {streams}.")
         self.fraction, self.damping = float(fraction), float(damping)
         self.intercept, self.windows, self.at_once = intercept, int(windows), int(streams)
-        self.calibrate = bool(calibrate)
+        self.calibrate, self.loss, self.centre = bool(calibrate), loss, bool(centre)
 
     def options(self) -> dict[str, object]:
         return {
@@ -101,6 +107,8 @@ class SubModel(Criterion):
             "windows": self.windows,
             "streams": self.at_once,
             "calibrate": self.calibrate,
+            "loss": self.loss,
+            "centre": self.centre,
         }
 
     @torch.no_grad()
@@ -173,15 +181,22 @@ class Moments:
 
 @contextmanager
 def columns_removed(
-    module: torch.nn.Module, cols: torch.Tensor, weight: torch.Tensor
+    module: torch.nn.Module,
+    cols: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor | None = None,
 ) -> Iterator[list[torch.Tensor]]:
     """``module`` computing W x without the input columns ``cols`` while inside (``weight``:
-    W as (out, in)); yields the per-window mean squared output change, one tensor per batch."""
+    W as (out, in)); with ``mean`` (E[x_cols]) the columns are replaced by their mean instead
+    (the intercept a re-fit would give them); yields the per-window mean squared output
+    change, one tensor per batch."""
     w = weight[:, cols].T.contiguous()  # (|R|, out)
+    centre = None if mean is None else mean.to(w.dtype)
     injected: list[torch.Tensor] = []
 
     def hook(mod: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        change = args[0][..., cols].to(w.dtype) @ w
+        removed = args[0][..., cols].to(w.dtype)
+        change = (removed if centre is None else removed - centre) @ w
         injected.append(change.pow(2).sum(-1).flatten(1).mean(1).to(torch.float64).cpu())
         return output - change.to(output.dtype)
 
@@ -220,7 +235,7 @@ def measure(
             )
             if hidden is not None:
                 streams[step.index] = hidden
-        divergences(ctx.flow, final[:batches], streams, measured)
+        divergences(ctx.flow, final[:batches], streams, measured, settings.loss)
     return measured
 
 
@@ -250,7 +265,10 @@ def measure_layer(
     module, columns = ctx.output_projection(step.index, kind)
     conv1d = ctx.adapter.width_layout(kind).conv1d
     weight = output_weight_columns(module, conv1d).detach()
-    a_inv = damped_inverse(moments.mean(), weight.shape[1], settings.damping)
+    a = moments.mean()
+    centred = settings.centre and moments.intercept
+    mean = a[: weight.shape[1], -1].clone() if centred else None  # E[x]: the intercept column
+    a_inv = damped_inverse(a, weight.shape[1], settings.damping)
     moments.sum = None
     errors = obs_errors(weight.to(torch.float64), columns, a_inv)
     del a_inv
@@ -260,7 +278,8 @@ def measure_layer(
     if batches == 0:
         return measure, None
     cols = columns.to(weight.device)[removed].flatten()
-    with columns_removed(module, cols, weight) as injected:
+    shift = None if mean is None else mean[cols.cpu()].to(weight.device)
+    with columns_removed(module, cols, weight, shift) as injected:
         hidden = ctx.flow.run(step.index, step.hidden[:batches])
     measure.injected = torch.cat(injected)
     return measure, hidden
@@ -277,11 +296,16 @@ def measured_batches(flow, windows: int) -> int:
 
 
 def divergences(
-    flow, final: list[torch.Tensor], streams: dict[int, list[torch.Tensor]], measured: list
+    flow,
+    final: list[torch.Tensor],
+    streams: dict[int, list[torch.Tensor]],
+    measured: list,
+    loss: str = "kl",
 ) -> None:
-    """Each stream's per-window KL(model ‖ sub-model) of the next-token distributions, into
-    ``measured[layer].divergence``: ``POSITIONS`` positions of a batch at a time, the model's
-    log-probabilities computed once for all streams (so no logits-sized tensor is held)."""
+    """Each stream's per-window loss change into ``measured[layer].divergence``: KL(model ‖
+    sub-model) of the next-token distributions (``kl``) or the change of the next-token NLL
+    (``nll``); ``POSITIONS`` positions of a batch at a time, the model's log-probabilities
+    computed once for all streams (so no logits-sized tensor is held)."""
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in streams}
     for b, (ids, hidden) in enumerate(zip(flow.batches, final, strict=False)):
         totals = {layer: torch.zeros(len(ids), dtype=torch.float64) for layer in streams}
@@ -289,9 +313,14 @@ def divergences(
         for start in range(0, steps, POSITIONS):
             at = slice(start, min(start + POSITIONS, steps))
             base = log_probs(flow.session, ids[:, at], hidden[:, at])
+            targets = ids[:, at.start + 1 : at.stop + 1].unsqueeze(-1).to(base.device)
             for layer, outputs in streams.items():
                 sub = log_probs(flow.session, ids[:, at], outputs[b][:, at])
-                totals[layer] += (base.exp() * (base - sub)).sum((-1, -2)).cpu()
+                if loss == "nll":
+                    change = (base - sub).gather(-1, targets)
+                else:
+                    change = base.exp() * (base - sub)
+                totals[layer] += change.sum((-1, -2)).cpu()
                 del sub
             del base
         for layer, total in totals.items():
