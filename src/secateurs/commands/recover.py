@@ -82,14 +82,14 @@ class Recover(Command):
             keep_work=args.keep_work,
         )
         _lib().end_process_group()  # a launched process exits cleanly only without it
-        if int(os.environ.get("RANK", "0")) != 0:
-            return 0  # under accelerate launch / torchrun, rank 0 saves and reports
-        _summary(result.record["recovery"], result.out)
-        if not result.finished:
-            print(
-                "stopped before the budget was spent (--max-steps): nothing saved yet; "
-                "run the same command with --resume to finish"
-            )
+        if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, rank 0 saves and reports
+            _summary(result.record["recovery"], result.out)
+            if not result.finished:
+                print(
+                    "stopped before the budget was spent (--max-steps): nothing saved yet; "
+                    "run the same command with --resume to finish"
+                )
+        _lib().exit_launched_process(0)  # launched: done, without teardown aborts
         return 0
 
 

@@ -9,7 +9,7 @@ DeepSpeed ZeRO-2 (``secateurs.recover.distributed``).
 from secateurs.recover.common import StageResult, TrainConfig, pack_documents, training_blocks
 from secateurs.recover.cpt import train_cpt
 from secateurs.recover.distill import DistillSettings, distillation_kl, train_distill
-from secateurs.recover.distributed import end_process_group
+from secateurs.recover.distributed import end_process_group, exit_launched_process
 from secateurs.recover.lora import LoraSettings, attach_lora, merge_lora, train_lora
 from secateurs.recover.pipeline import (
     DEFAULT_LR,
@@ -32,6 +32,7 @@ __all__ = [
     "attach_lora",
     "distillation_kl",
     "end_process_group",
+    "exit_launched_process",
     "merge_lora",
     "pack_documents",
     "recover",

@@ -21,6 +21,7 @@ import copy
 import importlib.util
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -215,3 +216,21 @@ def end_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_launched_process(code: int = 0) -> None:
+    """End a process that a distributed launcher started, now, without the interpreter's
+    teardown (a no-op in a process of its own: the API and in-process callers go on).
+
+    Called when a launched rank has nothing left to do (output saved, process group torn
+    down, summary printed). Its C++ destructors can still abort at exit ("terminate called
+    without an active exception", SIGABRT: a runtime thread destroyed while joinable) — seen
+    on rank 1 of a two-process CPU run on a busy machine — and the launcher then fails the
+    whole launch after a successful run. ``os._exit`` skips them; the streams are flushed first.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
