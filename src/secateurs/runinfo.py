@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import platform
 import resource
@@ -39,7 +40,7 @@ def return_freed_memory() -> None:
     a tokenizer run, tens of MB per step that a layer-by-layer run would carry to its end."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            _libc().malloc_trim(0)
 
 
 def map_large_blocks(threshold: int = 128 * 1024) -> None:
@@ -50,10 +51,17 @@ def map_large_blocks(threshold: int = 128 * 1024) -> None:
     less at four layers and no growth with depth (docs/scale.md)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+            _libc().mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """glibc, loaded once: each ``CDLL`` builds reference cycles that only the cyclic garbage
+    collector frees (one per released layer, before this)."""
+    return ctypes.CDLL("libc.so.6")
 
 
 def versions() -> dict[str, str]:
