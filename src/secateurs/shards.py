@@ -72,6 +72,11 @@ class StoredTensor(TensorSpec):
     file: Path
     offset: int  # of its first byte, from the start of the file
 
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row (along the first dimension); 0 for a 0-d or empty tensor."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``start:stop`` (the whole tensor by default) by plain reads into a new tensor.
 
@@ -84,10 +89,9 @@ class StoredTensor(TensorSpec):
             stop = shape[0] if stop is None else min(stop, shape[0])
             shape[0] = max(0, stop - start)
         out = torch.empty(shape, dtype=self.dtype)
-        row = self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
         buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
         with open(self.file, "rb", buffering=0) as handle:
-            handle.seek(self.offset + start * row)
+            handle.seek(self.offset + start * self.row_nbytes)
             _read_into(handle, buffer, self)
         return out
 
@@ -236,8 +240,7 @@ def row_blocks(stored: StoredTensor, max_bytes: int | None = None) -> Iterator[t
     if len(stored.shape) < 2:
         yield stored.read()
         return
-    row = max(1, stored.nbytes // max(1, stored.shape[0]))
-    step = max(1, (max_bytes or CHUNK_BYTES) // row)
+    step = max(1, (max_bytes or CHUNK_BYTES) // max(1, stored.row_nbytes))
     for start in range(0, stored.shape[0], step):
         yield stored.read(start, start + step)
 

@@ -267,7 +267,8 @@ def measure_layer(
     weight = output_weight_columns(module, conv1d).detach()
     a = moments.mean()
     centred = settings.centre and moments.intercept
-    mean = a[: weight.shape[1], -1].clone() if centred else None  # E[x]: the intercept column
+    # E[x], the intercept column; a copy, so the matrix itself can be freed after its inverse
+    mean = a[: weight.shape[1], -1].clone() if centred else None
     a_inv = damped_inverse(a, weight.shape[1], settings.damping)
     moments.sum = None
     errors = obs_errors(weight.to(torch.float64), columns, a_inv)

@@ -222,11 +222,6 @@ def engine_table(
     return measure_table(shape, engine=engine, dtype=dtype, cache=cache)
 
 
-def check_config(config: Any, engine: str | Engine = DEFAULT_ENGINE) -> None:
-    """Refuse, from ``config.json`` alone, a model whose latency ``engine`` cannot predict."""
-    engine_for(engine).check_model(config)
-
-
 def spec_budget(
     space: Space, budget: Any, config: Any, table: LatencyTable | None = None
 ) -> LatencyBudget:
