@@ -58,6 +58,17 @@ CASES = {
         "llama",
         dict(unit="attn", criterion="block-influence", remove=2, protect="none", heal=True),
     ),
+    "block, --heal cosine": (
+        "qwen2",
+        dict(
+            unit="block",
+            criterion="magnitude",
+            remove=2,
+            protect="0",
+            heal=True,
+            heal_objective="cosine",
+        ),
+    ),  # fmt: skip
     "mlp, --heal": (
         "gpt2",
         dict(unit="mlp", criterion="ppl", remove=2, protect="none", heal=True),

@@ -13,6 +13,11 @@ HEAL_SAMPLES = 64
 # Healing's ridge λ as a fraction of the mean diagonal of XᵀX (ReplaceMe fits without one).
 HEAL_DAMPING = 0.01
 HEAL_TARGETS = ("local", "dense")
+# What the healing fit minimises: "lsq", the squared error of the stream (closed form); "cosine",
+# ReplaceMe's cosine distance of the healed stream to the target, refined from the least-squares
+# solution by L-BFGS (docs/depth.md has the measurement that chose the default).
+HEAL_OBJECTIVES = ("lsq", "cosine")
+HEAL_OBJECTIVE = "lsq"
 
 # --unit block,width: the share of the parameter budget taken by whole blocks. Decided by
 # benchmarks/combined.py (docs/plans.md): at 20% of SmolLM2-135M, 0.25 was the best mixed split.

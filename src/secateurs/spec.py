@@ -30,6 +30,8 @@ from secateurs.defaults import (
     DEFAULT_SHORTLIST,
     DEPTH_SHARE,
     HEAL_DAMPING,
+    HEAL_OBJECTIVE,
+    HEAL_OBJECTIVES,
     HEAL_SAMPLES,
     HEAL_TARGETS,
     JUDGE_SAMPLES,
@@ -344,6 +346,7 @@ class FitSpec:
     heal_bias: bool = False
     heal_target: str = "local"
     heal_damping: float | str = HEAL_DAMPING  # 'auto': chosen on held-out windows
+    heal_objective: str = HEAL_OBJECTIVE
     reconstruct: bool | None = None
     reconstruct_damping: float = RECONSTRUCT_DAMPING
     reconstruct_samples: int = RECONSTRUCT_SAMPLES
@@ -353,6 +356,10 @@ class FitSpec:
         if self.heal_target not in HEAL_TARGETS:
             raise ConfigError(
                 f"--heal-target must be one of {HEAL_TARGETS}; got {self.heal_target!r}."
+            )
+        if self.heal_objective not in HEAL_OBJECTIVES:
+            raise ConfigError(
+                f"--heal-objective must be one of {HEAL_OBJECTIVES}; got {self.heal_objective!r}."
             )
         for name in ("heal_samples", "reconstruct_samples"):
             if not _whole(getattr(self, name)) or getattr(self, name) < 1:
@@ -688,7 +695,9 @@ WIDTH_OPTIONS = frozenset(
         "target", "reconstruct", "reconstruct_damping", "reconstruct_samples", "compensate",
     }
 )  # fmt: skip
-HEAL_OPTIONS = frozenset({"heal", "heal_samples", "heal_bias", "heal_target", "heal_damping"})
+HEAL_OPTIONS = frozenset(
+    {"heal", "heal_samples", "heal_bias", "heal_target", "heal_damping", "heal_objective"}
+)
 DEPTH_ONLY = frozenset({"iterative", "scores", "blocks", "attn", "mlp"})
 
 

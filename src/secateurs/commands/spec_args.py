@@ -15,6 +15,7 @@ from secateurs.defaults import (
     DEFAULT_SHORTLIST,
     DEPTH_SHARE,
     HEAL_DAMPING,
+    HEAL_OBJECTIVES,
     HEAL_SAMPLES,
     HEAL_TARGETS,
     JUDGE_SAMPLES,
@@ -169,6 +170,13 @@ def add_fit_args(parser: argparse.ArgumentParser) -> None:
         "(default); dense = the dense model's stream after them (also corrects earlier drift)",
     )
     group.add_argument(
+        "--heal-objective",
+        default=None,
+        choices=HEAL_OBJECTIVES,
+        help="what --heal minimises: lsq = the squared error of the stream, in closed form "
+        "(default); cosine = ReplaceMe's cosine distance, refined from the lsq solution",
+    )
+    group.add_argument(
         "--reconstruct",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -318,7 +326,8 @@ def _shortlist(text: str) -> int | str:
 SPEC_FLAGS = (
     "unit", "criterion", "protect", "batch_size", "ratio", "remove", "params",
     "include_embeddings", "iterative", "shortlist", "scores", "blocks", "attn", "mlp", "plan",
-    "heal", "heal_samples", "heal_bias", "heal_target", "heal_damping", "reconstruct",
+    "heal", "heal_samples", "heal_bias", "heal_target", "heal_damping", "heal_objective",
+    "reconstruct",
     "reconstruct_damping", "reconstruct_samples", "compensate", "allocation", "layers",
     "min_ratio", "max_ratio", "round_to", "uniform_widths", "sensitivity", "target",
     "depth_share", "min_keep", "generations", "judge_samples", "latency", "engine",

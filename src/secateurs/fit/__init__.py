@@ -65,7 +65,13 @@ def _fits(session: Session, plan: Plan, spec: PruneSpec, windows: Windows) -> di
     if (spec.fit.heal or spec.joint) and plan.has_depth:  # auto's removals are always healed
         fit = spec.fit
         fits["heal"] = Healing(
-            model, adapter, plan, fit.heal_damping, fit.heal_bias, fit.heal_target
+            model,
+            adapter,
+            plan,
+            fit.heal_damping,
+            fit.heal_bias,
+            fit.heal_target,
+            fit.heal_objective,
         )
     if plan.has_widths and spec.fit.reconstructing and not plan.compensate:
         if windows.available:

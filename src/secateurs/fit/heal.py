@@ -16,6 +16,11 @@ Runs are healed in order as the cut walks the layers, each on the already-pruned
 model's activations (after the layer's own width cut and re-fit). Because ΔW = 0 is a
 candidate, the correction never increases the calibration error ||D − X ΔWᵀ||².
 
+``objective="cosine"`` (ReplaceMe's other estimator) then refines ΔW by Adam to minimise the
+mean cosine distance 1 − cos(h_before + X ΔWᵀ, h_before + D) over the tokens, starting from the
+least-squares ΔW: the next layer normalises its input, so direction is what it reads. It keeps
+the run's X, h_before and D of every fit token in memory (float32).
+
 ``target="dense"`` fits D = (the dense model's stream after a run of whole blocks) − h_before
 instead: it also corrects the drift earlier removals left in the stream. A run is skipped, and
 the record says why, where a linear correction cannot absorb it: no kept projection before it,
@@ -34,7 +39,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from secateurs.adapters import Adapter
-from secateurs.defaults import HEAL_TARGETS
+from secateurs.defaults import HEAL_OBJECTIVES, HEAL_TARGETS
 from secateurs.errors import ConfigError
 from secateurs.plan import Plan, Unit
 from secateurs.session.flow import Step
@@ -48,6 +53,10 @@ DAMP = 0.01
 # exactly singular Gram would make it meaningless).
 DAMPING_GRID = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 FOLDS = 2
+# The cosine refinement: Adam steps, and their size as a fraction of the least-squares ΔW's
+# root mean square entry (docs/depth.md has the curve these were read from).
+COSINE_STEPS = 100
+COSINE_RATE = 0.05
 Sublayer = tuple[int, str]  # (layer, "attn" | "mlp"), in stream order
 PROJECTIONS = {"attn": "o_proj", "mlp": "down_proj"}  # what a run heals into, by target kind
 
@@ -142,6 +151,48 @@ def cross_validated_damping(
     return best, errors
 
 
+def cosine_correction(
+    delta: torch.Tensor,
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    steps: int = COSINE_STEPS,
+    rate: float = COSINE_RATE,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """ΔW refined from ``delta`` (the least-squares one) to minimise the mean over tokens of
+    1 − cos(h + X ΔWᵀ, h + D), ``samples`` the per-batch (X, h, D); and the mean distance of
+    no correction, of ``delta`` and of the result. Adam, full batch, its step ``rate`` × the
+    root mean square of ``delta``'s entries. Not L-BFGS: the gradient is tiny (norm 5e-5
+    against ΔW's 207 on SmolLM2), so its first steps change each token's cosine by less than
+    float32 resolves, and its line search made no progress at all."""
+    tokens = sum(len(x) for x, _, _ in samples)
+
+    def distance(w: torch.Tensor) -> torch.Tensor:
+        total = w.new_zeros((), dtype=torch.float64)
+        for x, base, d in samples:
+            cosine = torch.cosine_similarity(base + x @ w.T, base + d, dim=-1)
+            total = total + (1 - cosine).double().sum()
+        return total / tokens
+
+    start = delta.float()
+    weight = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([weight], lr=rate * float(start.pow(2).mean().sqrt()))
+    best, best_distance = start, float(distance(start))
+    report = {"none": float(distance(torch.zeros_like(start))), "least_squares": best_distance}
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = distance(weight)
+            value = float(loss.detach())
+            if value < best_distance:  # the weight this loss was taken at
+                best, best_distance = weight.detach().clone(), value
+            loss.backward()
+            optimizer.step()
+    final = float(distance(weight.detach()))
+    if final < best_distance:
+        best, best_distance = weight.detach(), final
+    report["refined"] = best_distance
+    return best.to(delta.dtype), report
+
+
 def residual_energy(stats: dict[str, torch.Tensor], delta: torch.Tensor) -> float:
     """||D − X ΔWᵀ||² from the statistics: DᵀD − 2⟨ΔW, (XᵀD)ᵀ⟩ + ⟨ΔW, ΔW XᵀX⟩."""
     return float(
@@ -169,6 +220,9 @@ class SpanStatistics:
 
     intercept: bool
     parts: list[torch.Tensor] = field(default_factory=list)  # D per batch, consumed in order
+    # with bases (h_before per batch), every batch's (X, h_before, D) is kept too, in float32
+    bases: list[torch.Tensor] | None = None
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     folds: list[dict[str, Any]] = field(
         default_factory=lambda: [{"gram": 0, "cross": 0, "energy": 0} for _ in range(FOLDS)]
     )
@@ -183,6 +237,9 @@ class SpanStatistics:
         fold["gram"] = fold["gram"] + x.T @ x
         fold["cross"] = fold["cross"] + x.T @ d
         fold["energy"] = fold["energy"] + (d * d).sum()
+        if self.bases is not None:
+            base = self.bases.pop(0).reshape(len(x), -1).float()
+            self.samples.append((x.float(), base, d.float()))
         self.batches += 1
 
     def as_dict(self) -> dict[str, torch.Tensor]:
@@ -201,16 +258,23 @@ class Healing:
         damp: float | str = DAMP,
         bias: bool = False,
         target: str = "local",
+        objective: str = "lsq",
     ) -> None:
         if target not in HEAL_TARGETS:
             raise ConfigError(f"Healing target must be one of {HEAL_TARGETS}; got {target!r}.")
+        if objective not in HEAL_OBJECTIVES:
+            raise ConfigError(
+                f"Healing objective must be one of {HEAL_OBJECTIVES}; got {objective!r}."
+            )
         self.model, self.adapter, self.plan = model, adapter, plan
-        self.damp, self.target = damp, target
+        self.damp, self.target, self.objective = damp, target, objective
         self.bias = bias and _bias_available(model, adapter)
+        method = "least-squares" if objective == "lsq" else "cosine-distance"
         self.report: dict[str, Any] = {
-            "method": "least-squares output projection" + (" + bias" if self.bias else ""),
+            "method": f"{method} output projection" + (" + bias" if self.bias else ""),
             "damp": damp,
             "target": target,
+            "objective": objective,
             "runs": [],
         }
         self.runs: dict[int, Run] = {}
@@ -258,7 +322,10 @@ class Healing:
         before = self._before_run(step, run)
         after = dense if dense is not None else self._through(step, run, before)
         intercept = self.bias and run.target[1] == "mlp"
-        stats = SpanStatistics(intercept, parts=[a - b for a, b in zip(after, before, strict=True)])
+        parts = [a - b for a, b in zip(after, before, strict=True)]
+        bases = list(before) if self.objective == "cosine" else None
+        stats = SpanStatistics(intercept, parts=parts, bases=bases)
+        del before, after, parts, bases
         step.run_until(target, stats.add)
         self._correct(target, stats, run, intercept)
         return True
@@ -297,6 +364,11 @@ class Healing:
             "error_before": float(stats["energy"]),
             "error_after": residual_energy(stats, delta),
         }
+        if self.objective == "cosine":
+            delta, cosine = cosine_correction(delta, fitted.samples)
+            fitted.samples.clear()
+            entry["cosine_distance"] = cosine
+            entry["error_after"] = residual_energy(stats, delta)
         if intercept:
             target.bias += delta[:, -1].to(target.bias.dtype)
             delta = delta[:, :-1]
