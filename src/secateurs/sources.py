@@ -139,8 +139,10 @@ def _lazy(location: str, spec: PruneSpec, work: Any, mode: str, tokenizer: Any) 
     if work is None:
         raise ConfigError("Reading a checkpoint one layer at a time writes to --out; give one.")
     check_model_files(location)  # weights whose shapes differ from config.json
+    # before the skeleton is built: its parameters are allocated whole and dropped to ``meta``,
+    # which otherwise can leave a heap of ~2 GB (at 14B) that later tensors are carved from
+    map_large_blocks()
     lazy = LazyModel(location, _dtype(spec), spec.mode.device)
-    map_large_blocks()  # a long layer-by-layer run's temporaries must not fragment the heap
     lazy.stored_linears = stored_linears_allowed(spec)
     session = LazySession(lazy, work, tokenizer, stream=mode == "stream")
     from secateurs.shards import checkpoint_dtype
