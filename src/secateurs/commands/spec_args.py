@@ -143,6 +143,11 @@ def add_selection_args(parser: argparse.ArgumentParser) -> None:
 
 def add_fit_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("repair of what remains (closed form, no training)")
+    _add_heal_args(group)
+    _add_width_fit_args(group)
+
+
+def _add_heal_args(group: Any) -> None:  # an argparse argument group
     group.add_argument(
         "--heal",
         action="store_true",
@@ -176,6 +181,9 @@ def add_fit_args(parser: argparse.ArgumentParser) -> None:
         help="what --heal minimises: lsq = the squared error of the stream, in closed form "
         "(default); cosine = ReplaceMe's cosine distance, refined from the lsq solution",
     )
+
+
+def _add_width_fit_args(group: Any) -> None:
     group.add_argument(
         "--reconstruct",
         action=argparse.BooleanOptionalAction,
