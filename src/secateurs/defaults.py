@@ -15,7 +15,7 @@ HEAL_DAMPING = 0.01
 HEAL_TARGETS = ("local", "dense")
 # What the healing fit minimises: "lsq", the squared error of the stream (closed form); "cosine",
 # ReplaceMe's cosine distance of the healed stream to the target, refined from the least-squares
-# solution by L-BFGS (docs/depth.md has the measurement that chose the default).
+# solution by Adam (docs/depth.md has the measurement that kept lsq the default).
 HEAL_OBJECTIVES = ("lsq", "cosine")
 HEAL_OBJECTIVE = "lsq"
 

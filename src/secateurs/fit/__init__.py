@@ -68,10 +68,10 @@ def _fits(session: Session, plan: Plan, spec: PruneSpec, windows: Windows) -> di
             model,
             adapter,
             plan,
-            fit.heal_damping,
-            fit.heal_bias,
-            fit.heal_target,
-            fit.heal_objective,
+            damp=fit.heal_damping,
+            bias=fit.heal_bias,
+            target=fit.heal_target,
+            objective=fit.heal_objective,
         )
     if plan.has_widths and spec.fit.reconstructing and not plan.compensate:
         if windows.available:

@@ -54,7 +54,7 @@ DAMP = 0.01
 DAMPING_GRID = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 FOLDS = 2
 # The cosine refinement: Adam steps, and their size as a fraction of the least-squares ΔW's
-# root mean square entry (docs/depth.md has the curve these were read from).
+# root mean square entry (docs/depth.md has the convergence they were read from).
 COSINE_STEPS = 100
 COSINE_RATE = 0.05
 Sublayer = tuple[int, str]  # (layer, "attn" | "mlp"), in stream order
