@@ -323,7 +323,7 @@ class Healing:
         after = dense if dense is not None else self._through(step, run, before)
         intercept = self.bias and run.target[1] == "mlp"
         parts = [a - b for a, b in zip(after, before, strict=True)]
-        bases = list(before) if self.objective == "cosine" else None
+        bases = before if self.objective == "cosine" else None
         stats = SpanStatistics(intercept, parts=parts, bases=bases)
         del before, after, parts, bases
         step.run_until(target, stats.add)
@@ -358,17 +358,18 @@ class Healing:
             damp, errors = cross_validated_damping(fitted.folds)
             chosen = {"damp": damp, "held_out_error": {str(k): v for k, v in errors.items()}}
         delta = fit_correction(stats["gram"], stats["cross"], damp)
+        refined = {}
+        if self.objective == "cosine":
+            delta, distances = cosine_correction(delta, fitted.samples)
+            fitted.samples.clear()
+            refined["cosine_distance"] = distances
         entry = {
             **run.describe(),
             **chosen,
             "error_before": float(stats["energy"]),
             "error_after": residual_energy(stats, delta),
+            **refined,
         }
-        if self.objective == "cosine":
-            delta, cosine = cosine_correction(delta, fitted.samples)
-            fitted.samples.clear()
-            entry["cosine_distance"] = cosine
-            entry["error_after"] = residual_energy(stats, delta)
         if intercept:
             target.bias += delta[:, -1].to(target.bias.dtype)
             delta = delta[:, :-1]
